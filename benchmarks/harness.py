@@ -1,0 +1,130 @@
+"""Measurement helpers shared by the benchmark scripts: presets, timing, peak memory, reports.
+
+Times are medians of repeated calls after warm-up (CUDA events on a GPU, ``perf_counter`` on the CPU).
+Peak memory is what a call adds beyond what was live before it: the CUDA allocator's peak statistics
+on a GPU, the peak resident set size on a Linux CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+# SPEC "Reference configurations": B images, N regions, D width, C classes.
+HEAD_PRESETS = {
+    "voc": dict(B=64, N=256, D=512, C=20),
+    "coco": dict(B=64, N=196, D=512, C=80),
+    "nuswide": dict(B=192, N=196, D=512, C=81),
+    "zsl": dict(B=64, N=49, D=1024, C=1006),
+    "openimages": dict(B=64, N=196, D=512, C=9605),
+}
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time_ms(fn, device: torch.device, *, min_repeats: int, budget_s: float) -> float:
+    """Median wall time of ``fn`` in ms: at least ``min_repeats`` calls, more while within ``budget_s``."""
+    samples: list[float] = []
+    started = time.perf_counter()
+    while len(samples) < min_repeats or (time.perf_counter() - started < budget_s and len(samples) < 200):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            samples.append(begin.elapsed_time(end))
+        else:
+            begin_s = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin_s) * 1e3)
+    return statistics.median(samples)
+
+
+def _resident_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M)[1])
+
+
+def _return_large_blocks_to_the_os() -> None:
+    """Make glibc mmap (and unmap on free) every block of 64 KiB or more, so that resident memory
+    follows live tensors instead of keeping freed blocks around (mallopt M_MMAP_THRESHOLD)."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)
+
+
+def peak_memory_mib(fn, device: torch.device) -> float | None:
+    """Peak memory one call of ``fn`` adds to what was live before it, in MiB.
+
+    CUDA: the caching allocator's peak statistics. CPU (Linux): the peak resident set size, reset
+    through ``/proc/self/clear_refs``; None where /proc does not offer that.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        _return_large_blocks_to_the_os()
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current resident size
+        before = _resident_kib("VmRSS")
+        fn()
+        return (_resident_kib("VmHWM") - before) / 1024
+    except OSError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    info = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A plain-text table; ``columns`` maps row keys to headers, floats get 3 significant digits."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return "-" if value is None else str(value)
+
+    body = [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(header), *(len(line[i]) for line in body)) for i, (_, header) in enumerate(columns)]
+    lines = ["  ".join(header.ljust(width) for (_, header), width in zip(columns, widths))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(value.rjust(width) for value, width in zip(line, widths)) for line in body]
+    return "\n".join(lines)
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")

@@ -1,0 +1,57 @@
+"""Backend registry: which implementations of an op exist, and which one ``backend=...`` selects.
+
+Each op (the head, the loss) keeps its backends in priority order, fastest first. ``"auto"`` takes the
+first one available for the tensors' device; an explicit name that is unknown or unavailable raises a
+``ValueError`` that lists what is available and why the others are not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    function: Callable
+    # Returns why the backend cannot run on this device, or None when it can.
+    unavailable_reason: Callable[[torch.device], "str | None"]
+
+
+class BackendRegistry:
+    def __init__(self, op_name: str):
+        self.op_name = op_name
+        self._backends: list[Backend] = []
+
+    def register(self, name: str, function: Callable, unavailable_reason=lambda device: None) -> None:
+        """Add a backend; register faster ones first, since ``auto`` takes the first available."""
+        self._backends.append(Backend(name, function, unavailable_reason))
+
+    def names(self) -> list[str]:
+        return [backend.name for backend in self._backends]
+
+    def available(self, device: torch.device) -> list[str]:
+        return [b.name for b in self._backends if b.unavailable_reason(device) is None]
+
+    def check_known(self, name: str) -> None:
+        """Fail early (e.g. in a module's constructor) on a name that no device could run."""
+        if name != "auto" and name not in self.names():
+            raise ValueError(f"unknown backend {name!r} for {self.op_name}; known: {['auto', *self.names()]}")
+
+    def resolve(self, name: str, device: torch.device) -> Backend:
+        self.check_known(name)
+        candidates = self._backends if name == "auto" else [b for b in self._backends if b.name == name]
+        reasons = {}
+        for backend in candidates:
+            reason = backend.unavailable_reason(device)
+            if reason is None:
+                return backend
+            reasons[backend.name] = reason
+        why = "; ".join(f"{backend}: {reason}" for backend, reason in reasons.items())
+        raise ValueError(
+            f"backend {name!r} of {self.op_name} is not available on {device} ({why}); "
+            f"available: {['auto', *self.available(device)]}"
+        )

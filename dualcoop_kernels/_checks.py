@@ -1,0 +1,144 @@
+"""Argument checks shared by the public entry points.
+
+Every failure is a ``ValueError`` or ``TypeError`` that names the argument and what was expected, so
+that nothing reaches a kernel with a shape or dtype it cannot handle. Checks that read tensor values
+(finiteness, label values) are skipped while ``torch.compile`` traces, where they would break the graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .reference import WTA_MODES
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _reads_values() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def check_tensor(name: str, value, rank: int, shape_doc: str) -> torch.Tensor:
+    """``value`` must be a tensor of the given rank; ``shape_doc`` spells the expected shape."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(value).__name__}")
+    if value.dim() != rank:
+        raise ValueError(f"{name} must have shape {shape_doc} ({rank}-d), got {tuple(value.shape)}")
+    return value
+
+
+def check_float(name: str, value: torch.Tensor) -> None:
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {value.dtype}"
+        )
+
+
+def check_same_device(named: dict[str, torch.Tensor]) -> None:
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_same_dtype(named: dict[str, torch.Tensor]) -> None:
+    dtypes = {name: t.dtype for name, t in named.items()}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{name} is {dtype}" for name, dtype in dtypes.items())
+        raise TypeError(f"these tensors must share one dtype, got {listing}")
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta: str):
+    """Validate the head's inputs; returns ``log_spatial_temp`` as a 0-d tensor.
+
+    ``log_spatial_temp`` may be a one-element tensor of any floating dtype, or a Python number
+    (a fixed temperature, as in the original DualCoOp), which becomes a constant tensor.
+    """
+    check_choice("wta", wta, WTA_MODES)
+    check_tensor("features", features, 3, "B x N x D")
+    check_float("features", features)
+    batch, regions, width = features.shape
+    if regions == 0 or width == 0:
+        raise ValueError(f"features must have N >= 1 regions and D >= 1 channels, got {tuple(features.shape)}")
+    texts = {"text_evidence": text_evidence, "text_pos": text_pos, "text_neg": text_neg}
+    for name, text in texts.items():
+        check_tensor(name, text, 2, f"C x D with D = {width}")
+        check_float(name, text)
+        if text.shape[1] != width:
+            raise ValueError(f"{name} must have shape C x {width} (D of features), got {tuple(text.shape)}")
+    classes = {name: t.shape[0] for name, t in texts.items()}
+    if len(set(classes.values())) > 1:
+        raise ValueError(f"text_evidence, text_pos and text_neg must have the same C, got {classes}")
+    if text_pos.shape[0] == 0:
+        raise ValueError("text_evidence, text_pos and text_neg must have C >= 1 classes, got C = 0")
+    check_same_dtype({"features": features, **texts})
+
+    if isinstance(log_spatial_temp, (int, float)) and not isinstance(log_spatial_temp, bool):
+        dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+        log_spatial_temp = torch.tensor(float(log_spatial_temp), dtype=dtype, device=features.device)
+    if not isinstance(log_spatial_temp, torch.Tensor):
+        raise TypeError(
+            f"log_spatial_temp must be a 0-d floating tensor or a number, got {type(log_spatial_temp).__name__}"
+        )
+    if log_spatial_temp.numel() != 1:
+        raise ValueError(
+            f"log_spatial_temp must be a scalar (0-d tensor), got shape {tuple(log_spatial_temp.shape)}"
+        )
+    check_float("log_spatial_temp", log_spatial_temp)
+    check_same_device({"features": features, **texts, "log_spatial_temp": log_spatial_temp})
+    if _reads_values() and not bool(torch.isfinite(log_spatial_temp).all()):
+        raise ValueError(f"log_spatial_temp must be finite, got {log_spatial_temp.item()}")
+    return log_spatial_temp.reshape(())
+
+
+def check_asl_options(gamma_neg, gamma_pos, clip, eps, reduction: str) -> None:
+    check_choice("reduction", reduction, ("sum", "mean", "none"))
+    for name, value in (("gamma_neg", gamma_neg), ("gamma_pos", gamma_pos), ("clip", clip), ("eps", eps)):
+        check_finite_number(name, value)
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_asl_inputs(logits, targets, mask):
+    """Validate the loss's tensors; returns ``(targets, mask)``."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must have shape B x C (sigmoid form) or B x 2 x C (two-way form), got {shape}")
+    check_float("logits", logits)
+    if logits.dim() == 3 and logits.shape[1] != 2:
+        raise ValueError(f"two-way logits must have shape B x 2 x C, got {tuple(logits.shape)}")
+    label_shape = (logits.shape[0], logits.shape[-1])
+    doc = f"B x C = {label_shape[0]} x {label_shape[1]}"
+    check_tensor("targets", targets, 2, doc)
+    if tuple(targets.shape) != label_shape:
+        raise ValueError(f"targets must have shape {doc}, got {tuple(targets.shape)}")
+    if targets.is_complex():
+        raise TypeError(f"targets must be real (bool, integer or floating), got {targets.dtype}")
+    named = {"logits": logits, "targets": targets}
+    if mask is not None:
+        check_tensor("mask", mask, 2, doc)
+        if tuple(mask.shape) != label_shape:
+            raise ValueError(f"mask must have shape {doc}, got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = known label), got {mask.dtype}")
+        named["mask"] = mask
+    check_same_device(named)
+    if _reads_values():
+        valid = (targets == 0) | (targets == 1)
+        if mask is not None:
+            valid = valid | ~mask
+        if not bool(valid.all()):
+            raise ValueError("targets must be 0 or 1 at every known label (use mask for unknown ones)")
+    return targets, mask
+
+
+def check_finite_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")

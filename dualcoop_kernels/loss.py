@@ -1,0 +1,118 @@
+"""The asymmetric loss with partial labels: public function, module, label helper."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._backends import BackendRegistry
+from ._checks import check_asl_inputs, check_asl_options, check_tensor
+from .reference import asymmetric_loss_reference
+
+ASL_BACKENDS = BackendRegistry("asymmetric_loss")
+ASL_BACKENDS.register("reference", asymmetric_loss_reference)
+
+
+def asymmetric_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    gamma_neg: float = 4.0,
+    gamma_pos: float = 1.0,
+    clip: float = 0.05,
+    eps: float = 1e-8,
+    focal_grad: bool = False,
+    reduction: str = "sum",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Asymmetric loss (ASL, Ridnik et al. 2021) for multi-label scores with partial labels.
+
+    Args:
+        logits: B x C scores of the sigmoid form, or the B x 2 x C output of the head (two-way form,
+            ``[:, 0]`` negative, ``[:, 1]`` positive), which is the sigmoid form on ``P+ - P-``.
+            float16, bfloat16, float32 or float64.
+        targets: B x C labels, 1 (present) or 0 (absent) at every known position; bool, integer or
+            floating. Values at unknown positions are ignored.
+        mask: B x C bool, True where the label is known; None when all are. Unknown labels add
+            nothing to the loss and get zero gradient. ``split_signed_labels`` builds it.
+        gamma_neg, gamma_pos: focusing exponents of negatives and positives (DualCoOp++ trains with 2, 1).
+        clip: probability shift of the negatives, ``q = min(1 - p + clip, 1)``; 0 disables it.
+        eps: clamp of the probabilities inside the logarithms.
+        focal_grad: let gradient flow through the focusing weight (the ASL library's "optimized"
+            variant); False detaches it, as the library does by default.
+        reduction: ``"sum"`` (the ASL library; DualCoOp++ then scales by 0.02), ``"mean"`` over the
+            known labels (0 when none is known), or ``"none"`` for the B x C elements (0 where unknown).
+        backend: ``"auto"`` or a registered name; see ``available_backends("asymmetric_loss")``.
+
+    Returns:
+        A 0-d tensor (``sum``, ``mean``) or a B x C tensor (``none``) in the dtype of ``logits``.
+    """
+    check_asl_options(gamma_neg, gamma_pos, clip, eps, reduction)
+    targets, mask = check_asl_inputs(logits, targets, mask)
+    implementation = ASL_BACKENDS.resolve(backend, logits.device).function
+    return implementation(
+        logits,
+        targets,
+        mask,
+        gamma_neg=float(gamma_neg),
+        gamma_pos=float(gamma_pos),
+        clip=float(clip),
+        eps=float(eps),
+        focal_grad=bool(focal_grad),
+        reduction=reduction,
+    )
+
+
+class AsymmetricLoss(nn.Module):
+    """Module form of :func:`asymmetric_loss`; ``forward(logits, targets, mask=None)``.
+
+    The constructor takes the keyword arguments of :func:`asymmetric_loss` and checks them at once.
+    """
+
+    def __init__(
+        self,
+        gamma_neg: float = 4.0,
+        gamma_pos: float = 1.0,
+        clip: float = 0.05,
+        eps: float = 1e-8,
+        focal_grad: bool = False,
+        reduction: str = "sum",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        check_asl_options(gamma_neg, gamma_pos, clip, eps, reduction)
+        ASL_BACKENDS.check_known(backend)
+        self.options = dict(
+            gamma_neg=gamma_neg,
+            gamma_pos=gamma_pos,
+            clip=clip,
+            eps=eps,
+            focal_grad=focal_grad,
+            reduction=reduction,
+            backend=backend,
+        )
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return asymmetric_loss(logits, targets, mask, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+
+
+def split_signed_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split DualCoOp++ signed labels into ``(targets, mask)`` for :func:`asymmetric_loss`.
+
+    Args:
+        labels: B x C with +1 (present), -1 (absent) and 0 (unknown), any real dtype.
+
+    Returns:
+        ``targets``: B x C in {0, 1} with the dtype of ``labels`` (1 where +1);
+        ``mask``: B x C bool, True where the label is known (not 0).
+    """
+    check_tensor("labels", labels, 2, "B x C")
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be a signed real tensor with values +1 / -1 / 0, got {labels.dtype}")
+    if not torch.compiler.is_compiling() and not bool(((labels == 1) | (labels == -1) | (labels == 0)).all()):
+        raise ValueError("labels must hold only +1 (present), -1 (absent) and 0 (unknown)")
+    return (labels == 1).to(labels.dtype), labels != 0

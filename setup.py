@@ -1,0 +1,27 @@
+"""Installs the Python package only. Nothing here imports torch: the optional C++/CUDA extension is
+built separately (just in time on first use, or ahead of time by its own documented command)."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "dualcoop_kernels" / "__init__.py").read_text(), re.M)[1]
+
+setup(
+    name="dualcoop_kernels",
+    version=VERSION,
+    description="Fused Triton and C++/CUDA kernels for the DualCoOp++ multi-label head and asymmetric loss",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["dualcoop_kernels", "dualcoop_kernels.*"]),
+    python_requires=">=3.9",
+    # No upper pins: GPU users keep their own torch. CI pins live in constraints/cpu.txt.
+    install_requires=["torch>=2.4", "numpy", 'triton; platform_system == "Linux"'],
+    extras_require={
+        "clip": ["open_clip_torch>=2.24"],
+        "test": ["pytest", "pytest-benchmark", "ninja"],
+    },
+)

@@ -1,0 +1,199 @@
+"""Public API: names, modules, backend selection, empty batches, and every input validation error."""
+
+import math
+
+import pytest
+import torch
+from utils import asl_inputs, head_inputs
+
+import dualcoop_kernels as dk
+from dualcoop_kernels._backends import BackendRegistry
+from dualcoop_kernels.reference import dualcoop_head_reference
+
+
+def test_public_names():
+    assert isinstance(dk.__version__, str) and dk.__version__
+    for name in dk.__all__:
+        assert getattr(dk, name) is not None
+    for function in (dk.dualcoop_head, dk.asymmetric_loss, dk.split_signed_labels, dk.available_backends):
+        assert function.__doc__ and function.__annotations__
+
+
+def test_head_function_and_module_agree():
+    features, te, tp, tn, _ = head_inputs(2, 7, 6, 5, dtype=torch.float32, requires_grad=False)
+    head = dk.DualCoOpHead(wta="pos200")
+    assert head.log_spatial_temp.item() == 3.0 and head.log_spatial_temp.requires_grad
+    out = head(features, te, tp, tn)
+    assert out.shape == (2, 2, 5) and out.dtype == torch.float32
+    torch.testing.assert_close(out, dk.dualcoop_head(features, te, tp, tn, head.log_spatial_temp, wta="pos200"))
+    out.sum().backward()
+    assert head.log_spatial_temp.grad is not None and head.log_spatial_temp.grad.item() != 0
+    assert "pos200" in repr(head)
+
+
+def test_log_spatial_temp_forms():
+    features, te, tp, tn, _ = head_inputs(2, 5, 4, 3, requires_grad=False)
+    expected = dk.dualcoop_head(features, te, tp, tn, torch.tensor(2.5, dtype=torch.float64))
+    torch.testing.assert_close(dk.dualcoop_head(features, te, tp, tn, 2.5), expected)
+    torch.testing.assert_close(dk.dualcoop_head(features, te, tp, tn, torch.tensor([2.5], dtype=torch.float64)), expected)
+
+
+def test_non_contiguous_inputs():
+    features, te, tp, tn, log_temp = head_inputs(3, 6, 5, 4, requires_grad=False)
+    strided = features.transpose(0, 1).contiguous().transpose(0, 1)
+    texts_t = [t.T.contiguous().T for t in (te, tp, tn)]
+    assert not strided.is_contiguous() and not texts_t[0].is_contiguous()
+    torch.testing.assert_close(dk.dualcoop_head(strided, *texts_t, log_temp), dk.dualcoop_head(features, te, tp, tn, log_temp))
+
+
+def test_loss_function_and_module_agree():
+    logits, targets, mask = asl_inputs(3, 6, two_way=True)
+    module = dk.AsymmetricLoss(gamma_neg=2.0, reduction="mean")
+    torch.testing.assert_close(module(logits, targets, mask), dk.asymmetric_loss(logits, targets, mask, gamma_neg=2.0, reduction="mean"))
+    assert "gamma_neg=2.0" in repr(module)
+
+
+def test_split_signed_labels():
+    labels = torch.tensor([[1, -1, 0], [0, 1, -1]])
+    targets, mask = dk.split_signed_labels(labels)
+    assert torch.equal(targets, torch.tensor([[1, 0, 0], [0, 1, 0]]))
+    assert torch.equal(mask, torch.tensor([[True, True, False], [False, True, True]]))
+    float_targets, _ = dk.split_signed_labels(labels.float())
+    assert float_targets.dtype == torch.float32
+    with pytest.raises(ValueError, match="labels"):
+        dk.split_signed_labels(torch.tensor([[2, 0]]))
+    with pytest.raises(ValueError, match="labels"):
+        dk.split_signed_labels(torch.tensor([1, 0]))
+    with pytest.raises(TypeError, match="labels"):
+        dk.split_signed_labels(torch.tensor([[True, False]]))
+
+
+def test_backend_selection():
+    assert dk.available_backends("dualcoop_head") == ["reference"]
+    assert dk.available_backends("asymmetric_loss", "cpu") == ["reference"]
+    features, te, tp, tn, log_temp = head_inputs(1, 3, 4, 2, requires_grad=False)
+    auto = dk.dualcoop_head(features, te, tp, tn, log_temp, backend="auto")
+    torch.testing.assert_close(auto, dualcoop_head_reference(features, te, tp, tn, log_temp))
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda-magic'.*'reference'"):
+        dk.dualcoop_head(features, te, tp, tn, log_temp, backend="cuda-magic")
+    with pytest.raises(ValueError, match="unknown backend"):
+        dk.DualCoOpHead(backend="nope")
+    with pytest.raises(ValueError, match=r"unknown backend.*'reference'"):
+        dk.asymmetric_loss(*asl_inputs(2, 3, False), backend="nope")
+    with pytest.raises(ValueError, match="op must be one of"):
+        dk.available_backends("conv")
+
+
+def test_unavailable_backend_says_why():
+    registry = BackendRegistry("some_op")
+    registry.register("gpu-only", dualcoop_head_reference, lambda device: "needs a GPU")
+    registry.register("reference", dualcoop_head_reference)
+    assert registry.resolve("auto", torch.device("cpu")).name == "reference"
+    with pytest.raises(ValueError, match=r"'gpu-only'.*not available on cpu.*needs a GPU.*available: \['auto', 'reference'\]"):
+        registry.resolve("gpu-only", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("wta", ["pos_norm", "pos200", "none"])
+def test_empty_batch(wta):
+    features, te, tp, tn, log_temp = head_inputs(0, 5, 4, 3)
+    out = dk.dualcoop_head(features, te, tp, tn, log_temp, wta=wta)
+    assert out.shape == (0, 2, 3)
+    out.sum().backward()
+    assert torch.all(te.grad == 0)
+    logits = torch.zeros(0, 2, 3, requires_grad=True)
+    for reduction in ("sum", "mean"):
+        assert dk.asymmetric_loss(logits, torch.zeros(0, 3), reduction=reduction).item() == 0.0
+    assert dk.asymmetric_loss(logits, torch.zeros(0, 3), reduction="none").shape == (0, 3)
+
+
+# Each case: (change to the valid inputs, error type, words the message must contain).
+def _head_args():
+    features, te, tp, tn, log_temp = head_inputs(2, 5, 4, 3, dtype=torch.float32, requires_grad=False)
+    return dict(features=features, text_evidence=te, text_pos=tp, text_neg=tn, log_spatial_temp=log_temp)
+
+
+HEAD_ERRORS = [
+    (dict(features=torch.randn(5, 4)), ValueError, r"features must have shape B x N x D"),
+    (dict(features=[[1.0]]), TypeError, r"features must be a torch.Tensor"),
+    (dict(features=torch.randint(0, 3, (2, 5, 4))), TypeError, r"features must be a floating tensor"),
+    (dict(features=torch.zeros(2, 5, 4, dtype=torch.bool)), TypeError, r"features must be a floating tensor"),
+    (dict(features=torch.randn(2, 0, 4)), ValueError, r"features must have N >= 1"),
+    (dict(text_pos=torch.randn(3, 4, 1)), ValueError, r"text_pos must have shape C x D"),
+    (dict(text_neg=torch.randn(3, 6)), ValueError, r"text_neg must have shape C x 4"),
+    (dict(text_evidence=torch.randn(7, 4)), ValueError, r"same C.*text_evidence.*7"),
+    (dict(text_evidence=torch.randn(0, 4), text_pos=torch.randn(0, 4), text_neg=torch.randn(0, 4)), ValueError, r"C >= 1"),
+    (dict(text_pos=torch.randn(3, 4, dtype=torch.float64)), TypeError, r"share one dtype.*text_pos is torch.float64"),
+    (dict(text_evidence=torch.randn(3, 4).to("meta")), ValueError, r"one device.*text_evidence on meta"),
+    (dict(log_spatial_temp=torch.tensor([1.0, 2.0])), ValueError, r"log_spatial_temp must be a scalar"),
+    (dict(log_spatial_temp=torch.tensor(float("nan"))), ValueError, r"log_spatial_temp must be finite"),
+    (dict(log_spatial_temp=torch.tensor(float("inf"))), ValueError, r"log_spatial_temp must be finite"),
+    (dict(log_spatial_temp=torch.tensor(3)), TypeError, r"log_spatial_temp must be a floating tensor"),
+    (dict(log_spatial_temp="3.0"), TypeError, r"log_spatial_temp must be a 0-d floating tensor or a number"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", HEAD_ERRORS)
+def test_head_rejects_bad_input(change, error, message):
+    args = {**_head_args(), **change}
+    with pytest.raises(error, match=message):
+        dk.dualcoop_head(**args)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(wta="max"), r"wta must be one of \('pos_norm', 'pos200', 'none'\)"),
+        (dict(wta_gamma=float("nan")), r"wta_gamma must be a finite real number"),
+        (dict(logit_scale="20"), r"logit_scale must be a finite real number"),
+    ],
+)
+def test_head_rejects_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        dk.dualcoop_head(**_head_args(), **options)
+    with pytest.raises(ValueError, match=message):
+        dk.DualCoOpHead(**options)
+
+
+def _asl_args():
+    logits, targets, mask = asl_inputs(2, 3, two_way=True, dtype=torch.float32)
+    return dict(logits=logits, targets=targets, mask=mask)
+
+
+ASL_ERRORS = [
+    (dict(logits=torch.randn(2, 3, 3)), ValueError, r"two-way logits must have shape B x 2 x C"),
+    (dict(logits=torch.randn(6)), ValueError, r"logits must have shape B x C .* or B x 2 x C"),
+    (dict(logits=torch.ones(2, 2, 3, dtype=torch.int64)), TypeError, r"logits must be a floating tensor"),
+    (dict(targets=torch.zeros(2, 4)), ValueError, r"targets must have shape B x C = 2 x 3"),
+    (dict(targets=torch.zeros(6)), ValueError, r"targets must have shape B x C = 2 x 3"),
+    (dict(targets=torch.full((2, 3), 2.0), mask=None), ValueError, r"targets must be 0 or 1"),
+    (dict(targets=-torch.ones(2, 3), mask=None), ValueError, r"targets must be 0 or 1"),
+    (dict(mask=torch.ones(3, 2, dtype=torch.bool)), ValueError, r"mask must have shape B x C = 2 x 3"),
+    (dict(mask=torch.ones(2, 3)), TypeError, r"mask must be a bool tensor"),
+    (dict(mask=torch.ones(2, 3, dtype=torch.bool, device="meta")), ValueError, r"one device.*mask on meta"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", ASL_ERRORS)
+def test_loss_rejects_bad_input(change, error, message):
+    with pytest.raises(error, match=message):
+        dk.asymmetric_loss(**{**_asl_args(), **change})
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(reduction="avg"), r"reduction must be one of \('sum', 'mean', 'none'\)"),
+        (dict(gamma_neg=-1.0), r"gamma_neg must be >= 0"),
+        (dict(clip=float("inf")), r"clip must be a finite real number"),
+        (dict(eps=None), r"eps must be a finite real number"),
+    ],
+)
+def test_loss_rejects_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        dk.asymmetric_loss(**_asl_args(), **options)
+    with pytest.raises(ValueError, match=message):
+        dk.AsymmetricLoss(**options)
+
+
+def test_logit_scale_default_is_e_cubed():
+    assert dk.DualCoOpHead().logit_scale == pytest.approx(math.exp(3.0))

@@ -1,0 +1,20 @@
+"""Input factories shared by the tests."""
+
+import torch
+
+
+def head_inputs(B, N, D, C, dtype=torch.float64, requires_grad=True, device="cpu"):
+    """Random head inputs: features, the three text sets and the log temperature (about 3)."""
+    features = torch.randn(B, N, D, dtype=dtype, device=device).requires_grad_(requires_grad)
+    texts = [torch.randn(C, D, dtype=dtype, device=device).requires_grad_(requires_grad) for _ in range(3)]
+    log_temp = (3.0 + 0.1 * torch.randn((), dtype=dtype, device=device)).requires_grad_(requires_grad)
+    return features, *texts, log_temp
+
+
+def asl_inputs(B, C, two_way, dtype=torch.float64, unknown_fraction=0.3, scale=2.0):
+    """Random logits (requiring grad), 0/1 targets and a mask with about ``unknown_fraction`` unknown."""
+    shape = (B, 2, C) if two_way else (B, C)
+    logits = (scale * torch.randn(shape, dtype=dtype)).requires_grad_()
+    targets = (torch.rand(B, C) < 0.4).to(dtype)
+    mask = torch.rand(B, C) >= unknown_fraction
+    return logits, targets, mask
