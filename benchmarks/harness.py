@@ -61,10 +61,13 @@ def _resident_kib(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M)[1])
 
 
-def _return_large_blocks_to_the_os() -> None:
-    """Make glibc mmap (and unmap on free) every block of 64 KiB or more, so that resident memory
-    follows live tensors instead of keeping freed blocks around (mallopt M_MMAP_THRESHOLD)."""
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)
+def _release_free_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim), so that reusing it shows up in the
+    resident set again and a peak is not hidden by blocks an earlier call left behind."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: peaks may undercount
+        pass
 
 
 def peak_memory_mib(fn, device: torch.device) -> float | None:
@@ -80,8 +83,8 @@ def peak_memory_mib(fn, device: torch.device) -> float | None:
         fn()
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    _release_free_heap()
     try:
-        _return_large_blocks_to_the_os()
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # resets VmHWM to the current resident size
         before = _resident_kib("VmRSS")
