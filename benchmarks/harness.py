@@ -1,6 +1,7 @@
 """Measurement helpers shared by the benchmark scripts: presets, timing, peak memory, reports.
 
-Times are medians of repeated calls after warm-up (CUDA events on a GPU, ``perf_counter`` on the CPU).
+Times are medians of repeated calls after warm-up (``triton.testing.do_bench`` on a GPU, ``perf_counter``
+on the CPU).
 Peak memory is what a call adds beyond what was live before it: the CUDA allocator's peak statistics
 on a GPU, the peak resident set size on a Linux CPU.
 """
@@ -38,21 +39,18 @@ def synchronize(device: torch.device) -> None:
 
 
 def median_time_ms(fn, device: torch.device, *, min_repeats: int, budget_s: float) -> float:
-    """Median wall time of ``fn`` in ms: at least ``min_repeats`` calls, more while within ``budget_s``."""
+    """Median time of ``fn`` in ms. CUDA: ``triton.testing.do_bench`` (device events, L2 flushed
+    between calls). CPU: ``perf_counter`` over at least ``min_repeats`` calls, more within ``budget_s``."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=max(100, int(budget_s * 1000)), return_mode="median")
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < min_repeats or (time.perf_counter() - started < budget_s and len(samples) < 200):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            samples.append(begin.elapsed_time(end))
-        else:
-            begin_s = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - begin_s) * 1e3)
+        begin = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(samples)
 
 
@@ -116,7 +114,7 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
     def cell(value) -> str:
         if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+            return f"{value:.3g}" if abs(value) < 1e3 else f"{value:.0f}"
         return "-" if value is None else str(value)
 
     body = [[cell(row.get(key)) for key, _ in columns] for row in rows]

@@ -19,6 +19,8 @@ class Backend:
     function: Callable
     # Returns why the backend cannot run on this device, or None when it can.
     unavailable_reason: Callable[[torch.device], "str | None"]
+    # Device types where "auto" may pick it (None: all); the Triton interpreter runs on the CPU, slowly.
+    auto_devices: "tuple[str, ...] | None" = None
 
 
 class BackendRegistry:
@@ -26,9 +28,9 @@ class BackendRegistry:
         self.op_name = op_name
         self._backends: list[Backend] = []
 
-    def register(self, name: str, function: Callable, unavailable_reason=lambda device: None) -> None:
+    def register(self, name: str, function: Callable, unavailable_reason=lambda device: None, auto_devices=None):
         """Add a backend; register faster ones first, since ``auto`` takes the first available."""
-        self._backends.append(Backend(name, function, unavailable_reason))
+        self._backends.append(Backend(name, function, unavailable_reason, auto_devices))
 
     def names(self) -> list[str]:
         return [backend.name for backend in self._backends]
@@ -43,7 +45,10 @@ class BackendRegistry:
 
     def resolve(self, name: str, device: torch.device) -> Backend:
         self.check_known(name)
-        candidates = self._backends if name == "auto" else [b for b in self._backends if b.name == name]
+        if name == "auto":
+            candidates = [b for b in self._backends if b.auto_devices is None or device.type in b.auto_devices]
+        else:
+            candidates = [b for b in self._backends if b.name == name]
         reasons = {}
         for backend in candidates:
             reason = backend.unavailable_reason(device)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import torch
 from torch import nn
@@ -13,7 +15,24 @@ from .reference import WTA_MODES, dualcoop_head_reference
 
 DEFAULT_LOGIT_SCALE = math.exp(3.0)
 
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton needs a CUDA device (or TRITON_INTERPRET=1 for its CPU interpreter)"
+    return None
+
+
+def _triton_head(*args, **kwargs):
+    from .head_triton import dualcoop_head_triton  # imports triton only when first used
+
+    return dualcoop_head_triton(*args, **kwargs)
+
+
 HEAD_BACKENDS = BackendRegistry("dualcoop_head")
+HEAD_BACKENDS.register("triton", _triton_head, _triton_unavailable, auto_devices=("cuda",))
 HEAD_BACKENDS.register("reference", dualcoop_head_reference)
 
 

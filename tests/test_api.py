@@ -8,6 +8,7 @@ from utils import asl_inputs, head_inputs
 
 import dualcoop_kernels as dk
 from dualcoop_kernels._backends import BackendRegistry
+from dualcoop_kernels.head import HEAD_BACKENDS
 from dualcoop_kernels.reference import dualcoop_head_reference
 
 
@@ -69,7 +70,10 @@ def test_split_signed_labels():
 
 
 def test_backend_selection():
-    assert dk.available_backends("dualcoop_head") == ["reference"]
+    # the Triton head runs here in its interpreter, but "auto" keeps it for CUDA tensors
+    assert dk.available_backends("dualcoop_head") == ["triton", "reference"]
+    assert HEAD_BACKENDS.resolve("auto", torch.device("cpu")).name == "reference"
+    assert HEAD_BACKENDS.resolve("auto", torch.device("cuda")).name == "triton"
     assert dk.available_backends("asymmetric_loss", "cpu") == ["reference"]
     features, te, tp, tn, log_temp = head_inputs(1, 3, 4, 2, requires_grad=False)
     auto = dk.dualcoop_head(features, te, tp, tn, log_temp, backend="auto")
@@ -82,6 +86,14 @@ def test_backend_selection():
         dk.asymmetric_loss(*asl_inputs(2, 3, False), backend="nope")
     with pytest.raises(ValueError, match="op must be one of"):
         dk.available_backends("conv")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert dk.available_backends("dualcoop_head", "cpu") == ["reference"]
+    features, te, tp, tn, log_temp = head_inputs(1, 3, 4, 2, requires_grad=False)
+    with pytest.raises(ValueError, match=r"'triton'.*not available on cpu.*CUDA device.*TRITON_INTERPRET=1"):
+        dk.dualcoop_head(features, te, tp, tn, log_temp, backend="triton")
 
 
 def test_unavailable_backend_says_why():

@@ -1,0 +1,699 @@
+"""Fused Triton head: kernels, host functions, and the torch.library operators with their autograd.
+
+The decomposition follows SPEC "One workable decomposition". Texts are normalised on the host (C x D,
+cheap, and autograd takes care of that step); features are normalised inside the kernels through their
+inverse row norms. Launches:
+
+forward
+  region stats  (WTA modes)  grid (B, region tiles), sweeping all class tiles: M = max_m s+, max_m u,
+                             log-sum-exp of u (pos200), both arg-maxima, s+ at the arg-max of u
+  main                       grid (B, class tiles), sweeping region tiles: the three similarity tiles,
+                             WTA weights, online softmax over regions; writes P-, P+ and the region
+                             softmax's log-sum-exp per (image, class)
+backward
+  region sums   (WTA modes)  grid (B, region tiles): the per-region sums over classes of the WTA backward
+  text grads                 grid (class tiles, D chunks, splits): dS tiles fed into dT = dS^T f with
+                             the D chunk held in registers, one partial per split (no atomics), and the
+                             partial sums of dL/dtheta
+  feature grads (if needed)  grid (B, region tiles, D chunks): dS tiles fed into dF = dS t, then the
+                             row-normalisation step
+
+Nothing of size B x N x C is written: the backward recomputes similarity tiles. Saved for the backward:
+the inputs, the logits in the compute dtype, and O(B*C + B*N) statistics. Arithmetic is float32 for
+fp16, bf16 and fp32 inputs, with IEEE-accurate dots (WTA amplifies TF32 error, SPEC "Numerics"), and
+float64 for float64 inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+WTA_CODES = {"none": 0, "pos_norm": 1, "pos200": 2}
+NORM_EPS = 1e-12  # as F.normalize
+
+# Per-region float statistics, stacked along dim 0 of one (4, B, N) tensor (constexpr: kernels read them).
+STAT_MAX, STAT_MAX_U, STAT_LSE_U, STAT_S_AT_ARGMAX_U = (tl.constexpr(i) for i in range(4))
+# Per-region indices, stacked along dim 0 of one (2, B, N) int32 tensor.
+INDEX_ARGMAX_S, INDEX_ARGMAX_U = tl.constexpr(0), tl.constexpr(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tile helpers shared by the kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC: tl.constexpr):
+    offsets = regions.to(tl.int64)[:, None] * stride_fn + dims.to(tl.int64)[None, :] * stride_fd
+    return tl.load(f_ptr + offsets, mask=region_mask[:, None] & dim_mask[None, :], other=0.0).to(ACC)
+
+
+@triton.jit
+def _similarity_tiles(
+    f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm,
+    t_ptr, set_stride, D, classes, class_mask,
+    WANT_E: tl.constexpr, WANT_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Cosine similarities of a region tile with a class tile of each prompt set: (s^e, s^+, s^-).
+
+    ``f_ptr`` points at the image's first region, ``t_ptr`` at the (3, C, D) normalised prompts.
+    Unwanted sets come back as zeros; masked rows and columns are zero.
+    """
+    sim_e = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
+    sim_p = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
+    sim_n = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
+    text_rows = t_ptr + classes.to(tl.int64)[:, None] * D
+    for d_start in range(0, D, BLOCK_D):
+        dims = d_start + tl.arange(0, BLOCK_D)
+        dim_mask = dims < D
+        f = _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC)
+        text_ptrs = text_rows + dims[None, :]
+        text_mask = class_mask[:, None] & dim_mask[None, :]
+        t_p = tl.load(text_ptrs + set_stride, mask=text_mask, other=0.0)
+        sim_p += tl.dot(f, tl.trans(t_p), input_precision=PRECISION, out_dtype=ACC)
+        if WANT_E:
+            t_e = tl.load(text_ptrs, mask=text_mask, other=0.0)
+            sim_e += tl.dot(f, tl.trans(t_e), input_precision=PRECISION, out_dtype=ACC)
+        if WANT_N:
+            t_n = tl.load(text_ptrs + 2 * set_stride, mask=text_mask, other=0.0)
+            sim_n += tl.dot(f, tl.trans(t_n), input_precision=PRECISION, out_dtype=ACC)
+    scale = inv_norm[:, None]
+    return sim_e * scale, sim_p * scale, sim_n * scale
+
+
+@triton.jit
+def _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA: tl.constexpr):
+    """WTA weights of a tile from the per-region statistics: (w, sigma, M).
+
+    ``WTA`` 0 (none): w = 1; 1 (pos_norm): w = exp(u - max u); 2 (pos200): w = 1 + sigma with
+    sigma = softmax_m(u), returned on its own because w - 1 would round small sigmas away.
+    Where sigma is not defined it is w. M = max_m s+ per row.
+    """
+    best = tl.load(stats_ptr + STAT_MAX * stat_stride + offsets, mask=region_mask, other=0.0)
+    if WTA == 0:
+        weights = tl.full(sim_p.shape, 1.0, sim_p.dtype)
+        sigma = weights
+    elif WTA == 1:
+        max_u = tl.load(stats_ptr + STAT_MAX_U * stat_stride + offsets, mask=region_mask, other=0.0)
+        weights = tl.exp(gamma * best[:, None] * sim_p - max_u[:, None])
+        sigma = weights
+    else:
+        lse_u = tl.load(stats_ptr + STAT_LSE_U * stat_stride + offsets, mask=region_mask, other=0.0)
+        sigma = tl.exp(gamma * best[:, None] * sim_p - lse_u[:, None])
+        weights = 1.0 + sigma
+    return weights, sigma, best
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _region_stats_kernel(
+    f_ptr, stride_fb, stride_fn, stride_fd, t_ptr, set_stride, inv_norm_ptr, stats_ptr, index_ptr, stat_stride,
+    N, C, D, gamma,
+    WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    image = tl.program_id(0).to(tl.int64)
+    regions = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    region_mask = regions < N
+    f_ptr += image * stride_fb
+    offsets = image * N + regions  # into (B, N) arrays
+    inv_norm = tl.load(inv_norm_ptr + offsets, mask=region_mask, other=0.0)
+
+    run_max = tl.full((BLOCK_N,), float("-inf"), ACC)
+    run_min = tl.full((BLOCK_N,), float("inf"), ACC)
+    arg_max = tl.zeros((BLOCK_N,), tl.int32)
+    arg_min = tl.zeros((BLOCK_N,), tl.int32)
+    for c_start in range(0, C, BLOCK_C):
+        classes = c_start + tl.arange(0, BLOCK_C)
+        class_mask = classes < C
+        _, sim_p, _ = _similarity_tiles(
+            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, t_ptr, set_stride, D, classes,
+            class_mask, False, False, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+        )
+        for_max = tl.where(class_mask[None, :], sim_p, float("-inf"))
+        for_min = tl.where(class_mask[None, :], sim_p, float("inf"))
+        tile_max = tl.max(for_max, axis=1)
+        tile_min = tl.min(for_min, axis=1)
+        # strict comparisons keep the first arg-max across tiles, as tl.argmax does within one
+        arg_max = tl.where(tile_max > run_max, tl.argmax(for_max, axis=1) + c_start, arg_max)
+        arg_min = tl.where(tile_min < run_min, tl.argmin(for_min, axis=1) + c_start, arg_min)
+        run_max = tl.maximum(run_max, tile_max)
+        run_min = tl.minimum(run_min, tile_min)
+
+    # u = gamma * M * s+ peaks where s+ does when M >= 0, and where s+ is smallest when M < 0
+    nonnegative = run_max >= 0
+    s_at_argmax_u = tl.where(nonnegative, run_max, run_min)
+    max_u = gamma * run_max * s_at_argmax_u
+    tl.store(stats_ptr + STAT_MAX * stat_stride + offsets, run_max, mask=region_mask)
+    tl.store(stats_ptr + STAT_MAX_U * stat_stride + offsets, max_u, mask=region_mask)
+    tl.store(stats_ptr + STAT_S_AT_ARGMAX_U * stat_stride + offsets, s_at_argmax_u, mask=region_mask)
+    tl.store(index_ptr + INDEX_ARGMAX_S * stat_stride + offsets, arg_max, mask=region_mask)
+    tl.store(index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, tl.where(nonnegative, arg_max, arg_min),
+             mask=region_mask)
+
+    if WTA == 2:  # pos200 needs log sum_m exp(u), and u needs M: a second sweep
+        total = tl.zeros((BLOCK_N,), ACC)
+        for c_start in range(0, C, BLOCK_C):
+            classes = c_start + tl.arange(0, BLOCK_C)
+            class_mask = classes < C
+            _, sim_p, _ = _similarity_tiles(
+                f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, t_ptr, set_stride, D, classes,
+                class_mask, False, False, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+            )
+            terms = tl.exp(gamma * run_max[:, None] * sim_p - max_u[:, None])
+            total += tl.sum(tl.where(class_mask[None, :], terms, 0.0), axis=1)
+        tl.store(stats_ptr + STAT_LSE_U * stat_stride + offsets, max_u + tl.log(total), mask=region_mask)
+
+
+@triton.jit
+def _head_forward_kernel(
+    f_ptr, stride_fb, stride_fn, stride_fd, t_ptr, set_stride, inv_norm_ptr, stats_ptr, stat_stride,
+    log_temp_ptr, logits_ptr, lse_ptr,
+    N, C, D, gamma, logit_scale,
+    WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    image = tl.program_id(0).to(tl.int64)
+    classes = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    class_mask = classes < C
+    f_ptr += image * stride_fb
+    tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
+
+    run_max = tl.full((BLOCK_C,), float("-inf"), ACC)
+    run_sum = tl.zeros((BLOCK_C,), ACC)
+    acc_pos = tl.zeros((BLOCK_C,), ACC)
+    acc_neg = tl.zeros((BLOCK_C,), ACC)
+    for n_start in range(0, N, BLOCK_N):
+        regions = n_start + tl.arange(0, BLOCK_N)
+        region_mask = regions < N
+        offsets = image * N + regions
+        inv_norm = tl.load(inv_norm_ptr + offsets, mask=region_mask, other=0.0)
+        sim_e, sim_p, sim_n = _similarity_tiles(
+            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, t_ptr, set_stride, D, classes,
+            class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+        )
+        weights, _, _ = _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA)
+        # online softmax over regions (as in flash attention): rescale the sums so far to the new max
+        logits = tl.where(region_mask[:, None], tau * sim_e, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(logits, axis=0))
+        rescale = tl.exp(run_max - new_max)
+        p = tl.exp(logits - new_max[None, :])
+        run_sum = run_sum * rescale + tl.sum(p, axis=0)
+        acc_pos = acc_pos * rescale + tl.sum(p * sim_p * weights, axis=0)
+        acc_neg = acc_neg * rescale + tl.sum(p * sim_n, axis=0)
+        run_max = new_max
+
+    pair = logits_ptr + image * 2 * C + classes
+    tl.store(pair, logit_scale * acc_neg / run_sum, mask=class_mask)
+    tl.store(pair + C, logit_scale * acc_pos / run_sum, mask=class_mask)
+    tl.store(lse_ptr + image * C + classes, run_max + tl.log(run_sum), mask=class_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attention_and_h(
+    image, classes, class_mask, region_mask, sim_e, sim_p, lse_ptr, grad_ptr, tau, logit_scale, C,
+):
+    """Region softmax a (zero outside the tile's valid part), g-, g+ and h = dL/dw = a k s+ g+."""
+    lse = tl.load(lse_ptr + image * C + classes, mask=class_mask, other=0.0)
+    valid = region_mask[:, None] & class_mask[None, :]
+    attention = tl.where(valid, tl.exp(tau * sim_e - lse[None, :]), 0.0)
+    pair = image * 2 * C + classes
+    grad_neg = tl.load(grad_ptr + pair, mask=class_mask, other=0.0)
+    grad_pos = tl.load(grad_ptr + pair + C, mask=class_mask, other=0.0)
+    h = attention * logit_scale * sim_p * grad_pos[None, :]
+    return attention, grad_neg, grad_pos, h
+
+
+@triton.jit
+def _region_sums_kernel(
+    f_ptr, stride_fb, stride_fn, stride_fd, t_ptr, set_stride, inv_norm_ptr, stats_ptr, index_ptr, stat_stride,
+    log_temp_ptr, lse_ptr, grad_ptr, sums_ptr,
+    N, C, D, gamma, logit_scale,
+    WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per-region sums over all classes for the WTA backward (SPEC), in forms where the winning class
+    drops out exactly instead of cancelling (it dominates when gamma is large):
+    pos_norm, a = argmax u:  sum_{m != a} w h  and  sum (s+ - s+_a) w h
+    pos200, sigma = w - 1:   sum sigma h,  sum (s+ - M) sigma h  and  sum (s+ - M) sigma"""
+    image = tl.program_id(0).to(tl.int64)
+    regions = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    region_mask = regions < N
+    f_ptr += image * stride_fb
+    tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
+    offsets = image * N + regions
+    inv_norm = tl.load(inv_norm_ptr + offsets, mask=region_mask, other=0.0)
+    if WTA == 1:
+        winner = tl.load(index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, mask=region_mask, other=-1)
+        shift = tl.load(stats_ptr + STAT_S_AT_ARGMAX_U * stat_stride + offsets, mask=region_mask, other=0.0)
+    else:
+        shift = tl.load(stats_ptr + STAT_MAX * stat_stride + offsets, mask=region_mask, other=0.0)
+
+    sum_0 = tl.zeros((BLOCK_N,), ACC)
+    sum_1 = tl.zeros((BLOCK_N,), ACC)
+    sum_2 = tl.zeros((BLOCK_N,), ACC)
+    for c_start in range(0, C, BLOCK_C):
+        classes = c_start + tl.arange(0, BLOCK_C)
+        class_mask = classes < C
+        sim_e, sim_p, _ = _similarity_tiles(
+            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, t_ptr, set_stride, D, classes,
+            class_mask, True, False, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+        )
+        _, _, _, h = _attention_and_h(
+            image, classes, class_mask, region_mask, sim_e, sim_p, lse_ptr, grad_ptr, tau, logit_scale, C
+        )
+        weights, sigma, _ = _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA)
+        shifted = sim_p - shift[:, None]
+        if WTA == 1:
+            weighted_h = weights * h  # zero outside the valid part, as h is
+            sum_0 += tl.sum(tl.where(classes[None, :] == winner[:, None], 0.0, weighted_h), axis=1)
+            sum_1 += tl.sum(shifted * weighted_h, axis=1)
+        else:
+            sigma = tl.where(class_mask[None, :], sigma, 0.0)
+            sum_0 += tl.sum(sigma * h, axis=1)
+            sum_1 += tl.sum(shifted * sigma * h, axis=1)
+            sum_2 += tl.sum(shifted * sigma, axis=1)
+    tl.store(sums_ptr + offsets, sum_0, mask=region_mask)
+    tl.store(sums_ptr + stat_stride + offsets, sum_1, mask=region_mask)
+    tl.store(sums_ptr + 2 * stat_stride + offsets, sum_2, mask=region_mask)
+
+
+@triton.jit
+def _grad_similarity_tiles(
+    f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm,
+    t_ptr, set_stride, D, classes, class_mask,
+    stats_ptr, index_ptr, sums_ptr, stat_stride, lse_ptr, logits_ptr, grad_ptr,
+    tau, gamma, logit_scale, N, C,
+    WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """SPEC backward on one (region tile, class tile): the similarities and dL/ds of the three sets."""
+    sim_e, sim_p, sim_n = _similarity_tiles(
+        f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, t_ptr, set_stride, D, classes,
+        class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+    )
+    attention, grad_neg, grad_pos, h = _attention_and_h(
+        image, classes, class_mask, region_mask, sim_e, sim_p, lse_ptr, grad_ptr, tau, logit_scale, C
+    )
+    offsets = image * N + regions
+    weights, sigma, best = _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA)
+    pair = logits_ptr + image * 2 * C + classes
+    logit_neg = tl.load(pair, mask=class_mask, other=0.0)
+    logit_pos = tl.load(pair + C, mask=class_mask, other=0.0)
+
+    # softmax over regions: dL/d(tau s^e) = a (v - sum_i a v), and sum_i a v = P+ g+ + P- g-
+    v = logit_scale * (sim_p * weights * grad_pos[None, :] + sim_n * grad_neg[None, :])
+    mean_v = logit_pos * grad_pos + logit_neg * grad_neg
+    grad_e = tau * attention * (v - mean_v[None, :])
+    grad_n = attention * logit_scale * grad_neg[None, :]
+    grad_p = attention * logit_scale * weights * grad_pos[None, :]
+    if WTA != 0:
+        sum_0 = tl.load(sums_ptr + offsets, mask=region_mask, other=0.0)
+        sum_1 = tl.load(sums_ptr + stat_stride + offsets, mask=region_mask, other=0.0)
+        if WTA == 1:  # du = w h - onehot(a) sum(w h), which is -sum_{m != a} w h at a itself (w_a = 1)
+            winner = tl.load(index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, mask=region_mask, other=-1)
+            grad_u = tl.where(classes[None, :] == winner[:, None], -sum_0[:, None], weights * h)
+            grad_best = gamma * sum_1
+        else:  # du = sigma (h - sum(sigma h))
+            sum_2 = tl.load(sums_ptr + 2 * stat_stride + offsets, mask=region_mask, other=0.0)
+            grad_u = sigma * (h - sum_0[:, None])
+            grad_best = gamma * (sum_1 - sum_0 * sum_2)
+        argmax_s = tl.load(index_ptr + INDEX_ARGMAX_S * stat_stride + offsets, mask=region_mask, other=-1)
+        grad_p += gamma * best[:, None] * grad_u
+        grad_p += tl.where(classes[None, :] == argmax_s[:, None], grad_best[:, None], 0.0)
+    valid = region_mask[:, None] & class_mask[None, :]
+    grad_e = tl.where(valid, grad_e, 0.0)
+    grad_p = tl.where(valid, grad_p, 0.0)
+    grad_n = tl.where(valid, grad_n, 0.0)
+    return sim_e, sim_p, sim_n, grad_e, grad_p, grad_n
+
+
+@triton.jit
+def _text_grad_kernel(
+    f_ptr, stride_fb, stride_fn, stride_fd, t_ptr, set_stride, inv_norm_ptr,
+    stats_ptr, index_ptr, sums_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr,
+    grad_text_ptr, grad_temp_ptr,
+    N, C, D, region_tiles, total_tiles, gamma, logit_scale,
+    WANT_TEXT: tl.constexpr, WTA: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dL/dt for a class tile and a D chunk, summed over this split's (image, region tile) pairs,
+    into partial ``grad_text[split]``; programs of D chunk 0 also sum dL/dtheta = sum s^e dL/ds^e."""
+    class_tile = tl.program_id(0)
+    d_chunk = tl.program_id(1)
+    split = tl.program_id(2)
+    splits = tl.num_programs(2)
+    classes = class_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    class_mask = classes < C
+    dims = d_chunk * BLOCK_DT + tl.arange(0, BLOCK_DT)
+    dim_mask = dims < D
+    tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
+
+    acc_e = tl.zeros((BLOCK_C, BLOCK_DT), ACC)
+    acc_p = tl.zeros((BLOCK_C, BLOCK_DT), ACC)
+    acc_n = tl.zeros((BLOCK_C, BLOCK_DT), ACC)
+    acc_temp = tl.zeros((BLOCK_C,), ACC)
+    for tile in range(split, total_tiles, splits):
+        image = (tile // region_tiles).to(tl.int64)
+        regions = (tile % region_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        region_mask = regions < N
+        image_f_ptr = f_ptr + image * stride_fb
+        inv_norm = tl.load(inv_norm_ptr + image * N + regions, mask=region_mask, other=0.0)
+        sim_e, _, _, grad_e, grad_p, grad_n = _grad_similarity_tiles(
+            image_f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm,
+            t_ptr, set_stride, D, classes, class_mask,
+            stats_ptr, index_ptr, sums_ptr, stat_stride, lse_ptr, logits_ptr, grad_ptr,
+            tau, gamma, logit_scale, N, C, WTA, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+        )
+        acc_temp += tl.sum(sim_e * grad_e, axis=0)
+        if WANT_TEXT:
+            # dL/dt^x = (dL/ds^x)^T f with f = F * inv_norm: fold the norm into dS's rows
+            f = _load_feature_chunk(image_f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC)
+            scale = inv_norm[:, None]
+            acc_e += tl.dot(tl.trans(grad_e * scale), f, input_precision=PRECISION, out_dtype=ACC)
+            acc_p += tl.dot(tl.trans(grad_p * scale), f, input_precision=PRECISION, out_dtype=ACC)
+            acc_n += tl.dot(tl.trans(grad_n * scale), f, input_precision=PRECISION, out_dtype=ACC)
+    if WANT_TEXT:
+        out = grad_text_ptr + split.to(tl.int64) * 3 * set_stride + classes.to(tl.int64)[:, None] * D + dims[None, :]
+        out_mask = class_mask[:, None] & dim_mask[None, :]
+        tl.store(out, acc_e, mask=out_mask)
+        tl.store(out + set_stride, acc_p, mask=out_mask)
+        tl.store(out + 2 * set_stride, acc_n, mask=out_mask)
+    if d_chunk == 0:
+        tl.store(grad_temp_ptr + class_tile * splits + split, tl.sum(acc_temp))
+
+
+@triton.jit
+def _feature_grad_kernel(
+    f_ptr, stride_fb, stride_fn, stride_fd, t_ptr, set_stride, inv_norm_ptr,
+    stats_ptr, index_ptr, sums_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr,
+    grad_features_ptr,
+    N, C, D, gamma, logit_scale,
+    WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dL/dF for a region tile and a D chunk: G = sum_x dS^x t^x over all classes, then through the
+    normalisation f = F / |F|: dL/dF = (G - f <f, G>) / |F|, where <f, G> = sum_x sum_m dS^x s^x."""
+    image = tl.program_id(0).to(tl.int64)
+    regions = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    region_mask = regions < N
+    dims = tl.program_id(2) * BLOCK_DT + tl.arange(0, BLOCK_DT)
+    dim_mask = dims < D
+    f_ptr += image * stride_fb
+    tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
+    offsets = image * N + regions
+    inv_norm = tl.load(inv_norm_ptr + offsets, mask=region_mask, other=0.0)
+
+    grad_unit = tl.zeros((BLOCK_N, BLOCK_DT), ACC)
+    projection = tl.zeros((BLOCK_N,), ACC)
+    for c_start in range(0, C, BLOCK_C):
+        classes = c_start + tl.arange(0, BLOCK_C)
+        class_mask = classes < C
+        sim_e, sim_p, sim_n, grad_e, grad_p, grad_n = _grad_similarity_tiles(
+            f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm,
+            t_ptr, set_stride, D, classes, class_mask,
+            stats_ptr, index_ptr, sums_ptr, stat_stride, lse_ptr, logits_ptr, grad_ptr,
+            tau, gamma, logit_scale, N, C, WTA, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+        )
+        projection += tl.sum(grad_e * sim_e + grad_p * sim_p + grad_n * sim_n, axis=1)
+        text_ptrs = t_ptr + classes.to(tl.int64)[:, None] * D + dims[None, :]
+        text_mask = class_mask[:, None] & dim_mask[None, :]
+        t_e = tl.load(text_ptrs, mask=text_mask, other=0.0)
+        t_p = tl.load(text_ptrs + set_stride, mask=text_mask, other=0.0)
+        t_n = tl.load(text_ptrs + 2 * set_stride, mask=text_mask, other=0.0)
+        grad_unit += tl.dot(grad_e, t_e, input_precision=PRECISION, out_dtype=ACC)
+        grad_unit += tl.dot(grad_p, t_p, input_precision=PRECISION, out_dtype=ACC)
+        grad_unit += tl.dot(grad_n, t_n, input_precision=PRECISION, out_dtype=ACC)
+    features = _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC)
+    unit = features * inv_norm[:, None]
+    grad = (grad_unit - unit * projection[:, None]) * inv_norm[:, None]
+    out = grad_features_ptr + offsets[:, None] * D + dims[None, :]
+    tl.store(out, grad, mask=region_mask[:, None] & dim_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadBlocks:
+    """Tile sizes: regions, classes, the D step of the similarity GEMM, the D chunk of the gradient
+    GEMMs (held in registers), and how many partial sums the text gradient splits its regions into."""
+
+    n: int
+    c: int
+    d: int
+    d_grad: int
+    splits: int
+    num_warps: int = 4
+
+
+def _pow2_between(value: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(value)))
+
+
+def choose_blocks(B: int, N: int, C: int, D: int, device: torch.device) -> HeadBlocks:
+    """Tile sizes for a shape. tl.dot needs every side >= 16."""
+    block_n = _pow2_between(N, 16, 64)
+    block_c = _pow2_between(C, 16, 64)
+    block_d = _pow2_between(D, 16, 64)
+    block_d_grad = _pow2_between(D, 16, 128)
+    programs = triton.cdiv(C, block_c) * triton.cdiv(D, block_d_grad)
+    region_tiles = B * triton.cdiv(N, block_n)
+    if device.type == "cuda":  # enough programs for every SM, a few times over
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, min(region_tiles, triton.cdiv(target, programs)))
+    else:
+        splits = 1
+    return HeadBlocks(block_n, block_c, block_d, block_d_grad, splits)
+
+
+def _kernel_output(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer the kernels fill completely; the tests poison it to prove they do."""
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernel_constants(compute: torch.dtype, blocks: HeadBlocks, wta: str) -> dict:
+    return dict(
+        WTA=WTA_CODES[wta],
+        BLOCK_N=blocks.n,
+        BLOCK_C=blocks.c,
+        BLOCK_D=blocks.d,
+        ACC=tl.float64 if compute == torch.float64 else tl.float32,
+        # fp32 needs float32-accurate products (WTA amplifies TF32 error): 3xTF32 on tensor cores
+        PRECISION="ieee" if compute == torch.float64 else "tf32x3",
+        num_warps=blocks.num_warps,
+    )
+
+
+def _common_args(features, texts, inv_norm):
+    B, N, D = features.shape
+    C = texts.shape[1]
+    return (features, *features.stride(), texts, C * D, inv_norm)
+
+
+@torch.library.custom_op("dualcoop_kernels::head_forward", mutates_args=())
+def head_forward(
+    features: torch.Tensor,
+    texts: torch.Tensor,
+    log_spatial_temp: torch.Tensor,
+    wta: str,
+    wta_gamma: float,
+    logit_scale: float,
+    blocks: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward. ``texts``: (3, C, D) normalised prompts in the compute dtype.
+
+    Returns the B x 2 x C logits in the compute dtype, and for the backward the (B, C) log-sum-exp of
+    the region softmax, the (B, N) inverse feature norms, the (4, B, N) region statistics and the
+    (2, B, N) arg-maxima.
+    """
+    B, N, D = features.shape
+    C = texts.shape[1]
+    compute = texts.dtype
+    block = HeadBlocks(*blocks)
+    logits = _kernel_output(B, 2, C, device=features.device, dtype=compute)
+    lse = _kernel_output(B, C, device=features.device, dtype=compute)
+    stats = _kernel_output(4, B, N, device=features.device, dtype=compute)
+    index = _kernel_output(2, B, N, device=features.device, dtype=torch.int32)
+    norms = torch.linalg.vector_norm(features, dim=-1, dtype=compute)
+    inv_norm = norms.clamp_min(NORM_EPS).reciprocal()
+    if B == 0:
+        return logits, lse, inv_norm, stats, index
+    constants = _kernel_constants(compute, block, wta)
+    common = _common_args(features, texts, inv_norm)
+    if wta != "none":
+        grid = (B, triton.cdiv(N, block.n))
+        _region_stats_kernel[grid](*common, stats, index, B * N, N, C, D, wta_gamma, **constants)
+    grid = (B, triton.cdiv(C, block.c))
+    _head_forward_kernel[grid](
+        *common, stats, B * N, log_spatial_temp, logits, lse, N, C, D, wta_gamma, logit_scale, **constants
+    )
+    return logits, lse, inv_norm, stats, index
+
+
+@head_forward.register_fake
+def _(features, texts, log_spatial_temp, wta, wta_gamma, logit_scale, blocks):
+    B, N, _ = features.shape
+    C = texts.shape[1]
+    new = texts.new_empty
+    return (new(B, 2, C), new(B, C), new(B, N), new(4, B, N), new((2, B, N), dtype=torch.int32))
+
+
+@torch.library.custom_op("dualcoop_kernels::head_backward", mutates_args=())
+def head_backward(
+    grad_logits: torch.Tensor,
+    features: torch.Tensor,
+    texts: torch.Tensor,
+    log_spatial_temp: torch.Tensor,
+    logits: torch.Tensor,
+    lse: torch.Tensor,
+    inv_norm: torch.Tensor,
+    stats: torch.Tensor,
+    index: torch.Tensor,
+    wta: str,
+    wta_gamma: float,
+    logit_scale: float,
+    blocks: list[int],
+    want_features: bool,
+    want_texts: bool,
+    want_temp: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward: gradients to ``features``, to the normalised ``texts`` and to
+    ``log_spatial_temp``; each is an empty tensor unless wanted, and costs nothing then."""
+    B, N, D = features.shape
+    C = texts.shape[1]
+    compute = texts.dtype
+    block = HeadBlocks(*blocks)
+    device = features.device
+    if B == 0:
+        return (
+            torch.zeros_like(features) if want_features else features.new_empty(0),
+            torch.zeros_like(texts) if want_texts else texts.new_empty(0),
+            torch.zeros_like(log_spatial_temp) if want_temp else log_spatial_temp.new_empty(0),
+        )
+    grad_logits = grad_logits.to(compute).contiguous()
+    constants = _kernel_constants(compute, block, wta)
+    common = _common_args(features, texts, inv_norm)
+    region_tiles = triton.cdiv(N, block.n)
+    class_tiles = triton.cdiv(C, block.c)
+
+    sums = _kernel_output(3, B, N, device=device, dtype=compute)
+    if wta != "none":
+        _region_sums_kernel[(B, region_tiles)](
+            *common, stats, index, B * N, log_spatial_temp, lse, grad_logits, sums, N, C, D, wta_gamma,
+            logit_scale, **constants,
+        )
+    backward_state = (stats, index, sums, B * N, log_spatial_temp, lse, logits, grad_logits)
+
+    d_chunks = triton.cdiv(D, block.d_grad) if want_texts else 1
+    grad_text_parts = _kernel_output(block.splits if want_texts else 0, 3, C, D, device=device, dtype=compute)
+    grad_temp_parts = _kernel_output(class_tiles, block.splits, device=device, dtype=compute)
+    if want_texts or want_temp:
+        _text_grad_kernel[(class_tiles, d_chunks, block.splits)](
+            *common, *backward_state, grad_text_parts, grad_temp_parts,
+            N, C, D, region_tiles, B * region_tiles, wta_gamma, logit_scale,
+            WANT_TEXT=want_texts, BLOCK_DT=block.d_grad, **constants,
+        )
+    grad_texts = grad_text_parts.sum(0) if want_texts else texts.new_empty(0)
+    grad_temp = grad_temp_parts.sum() if want_temp else log_spatial_temp.new_empty(0)
+
+    if want_features:
+        grad_features = _kernel_output(B, N, D, device=device, dtype=compute)
+        _feature_grad_kernel[(B, region_tiles, triton.cdiv(D, block.d_grad))](
+            *common, *backward_state, grad_features, N, C, D, wta_gamma, logit_scale,
+            BLOCK_DT=block.d_grad, **constants,
+        )
+        grad_features = grad_features.to(features.dtype)
+    else:
+        grad_features = features.new_empty(0)
+    return grad_features, grad_texts, grad_temp
+
+
+@head_backward.register_fake
+def _(grad_logits, features, texts, log_spatial_temp, logits, lse, inv_norm, stats, index,
+      wta, wta_gamma, logit_scale, blocks, want_features, want_texts, want_temp):
+    grad_features = features.new_empty(features.shape if want_features else (0,))
+    grad_texts = texts.new_empty(texts.shape if want_texts else (0,))
+    return grad_features, grad_texts, log_spatial_temp.new_empty(() if want_temp else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    features, texts, log_spatial_temp, wta, wta_gamma, logit_scale, blocks = inputs
+    logits, lse, inv_norm, stats, index = output
+    ctx.save_for_backward(features, texts, log_spatial_temp, logits, lse, inv_norm, stats, index)
+    ctx.options = (wta, wta_gamma, logit_scale, blocks)
+    ctx.mark_non_differentiable(lse, inv_norm, stats, index)
+
+
+def _backward(ctx, grad_logits, *_unused_grads):
+    want_features, want_texts, want_temp = ctx.needs_input_grad[:3]
+    if not (want_features or want_texts or want_temp):
+        return (None,) * 7
+    grad_features, grad_texts, grad_temp = head_backward(
+        grad_logits, *ctx.saved_tensors, *ctx.options, want_features, want_texts, want_temp
+    )
+    return (
+        grad_features if want_features else None,
+        grad_texts if want_texts else None,
+        grad_temp if want_temp else None,
+        None, None, None, None,
+    )
+
+
+head_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dualcoop_head_triton(
+    features: torch.Tensor,
+    text_evidence: torch.Tensor,
+    text_pos: torch.Tensor,
+    text_neg: torch.Tensor,
+    log_spatial_temp: torch.Tensor,
+    *,
+    wta: str = "pos_norm",
+    wta_gamma: float = 200.0,
+    logit_scale: float = 20.085536923187668,
+    blocks: HeadBlocks | None = None,
+) -> torch.Tensor:
+    """The head through the fused kernels; same contract as ``dualcoop_head_reference``.
+
+    ``blocks`` overrides the tile sizes (tests use it to force several tiles on small shapes).
+    """
+    B, N, D = features.shape
+    C = text_pos.shape[0]
+    compute = _compute_dtype(features.dtype)
+    blocks = blocks or choose_blocks(B, N, C, D, features.device)
+    texts = F.normalize(torch.stack([text_evidence, text_pos, text_neg]).to(compute), dim=-1, eps=NORM_EPS)
+    logits = head_forward(
+        features,
+        texts.contiguous(),
+        log_spatial_temp.to(compute),
+        wta,
+        wta_gamma,
+        logit_scale,
+        [blocks.n, blocks.c, blocks.d, blocks.d_grad, blocks.splits, blocks.num_warps],
+    )[0]
+    return logits.to(features.dtype)

@@ -1,0 +1,149 @@
+"""The Triton head against the reference: outputs and every gradient, on fresh random inputs.
+
+On a CPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), which computes dots
+exactly, so float64 is compared tightly and low precisions by the twice-the-reference-error rule.
+"""
+
+import pytest
+import torch
+from utils import assert_within_twice_reference_error, head_inputs
+
+import dualcoop_kernels as dk
+from dualcoop_kernels import head_triton
+from dualcoop_kernels.head_triton import HeadBlocks, dualcoop_head_triton
+from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
+
+SMALL_TILES = HeadBlocks(n=16, c=16, d=16, d_grad=16, splits=2)
+
+# (B, N, D, C, tiles, gamma): odd sizes; several region, class and D tiles; N = C = 1; splits that do
+# not divide the region tiles; None means the tiles the library picks for the shape.
+SHAPES = [
+    pytest.param(2, 37, 24, 21, SMALL_TILES, 5.0, id="multi-tile"),
+    pytest.param(1, 1, 5, 1, None, 200.0, id="one-region-one-class"),
+    pytest.param(3, 70, 40, 130, None, 5.0, id="default-tiles-N>64-C>64"),
+    pytest.param(2, 19, 33, 67, HeadBlocks(16, 32, 16, 32, 3), 200.0, id="uneven-splits"),
+    # gamma 200 with C = 101: pos200's small softmax weights once lost precision as (1 + sigma) - 1
+    pytest.param(3, 37, 64, 101, None, 200.0, id="sharp-wta-many-classes"),
+]
+
+# Extra error allowed beyond twice the eager reference's, relative to the result's scale.
+EXTRA_ERROR = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def run_head(head, inputs, grad_output, **options):
+    """Output and the gradients of every input that requires grad."""
+    out = head(*inputs, **options)
+    wanted = [t for t in inputs if t.requires_grad]
+    return [out, *torch.autograd.grad(out, wanted, grad_output)]
+
+
+@pytest.mark.parametrize("wta", WTA_MODES)
+@pytest.mark.parametrize("B, N, D, C, tiles, gamma", SHAPES)
+def test_float64_matches_reference(wta, B, N, D, C, tiles, gamma):
+    inputs = head_inputs(B, N, D, C)
+    grad_output = torch.randn(B, 2, C, dtype=torch.float64)
+    options = dict(wta=wta, wta_gamma=gamma)
+    expected = run_head(dualcoop_head_reference, inputs, grad_output, **options)
+    got = run_head(dualcoop_head_triton, inputs, grad_output, blocks=tiles, **options)
+    names = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
+    for name, ours, theirs in zip(names, got, expected):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("wta", WTA_MODES)
+@pytest.mark.parametrize("B, N, D, C, tiles, gamma", [SHAPES[0], SHAPES[3], SHAPES[4]])
+def test_low_precision_within_twice_reference_error(dtype, wta, B, N, D, C, tiles, gamma):
+    exact_inputs = head_inputs(B, N, D, C, requires_grad=False)
+    inputs = [t.to(dtype).requires_grad_() for t in exact_inputs[:4]] + [exact_inputs[4].float().requires_grad_()]
+    exact_inputs = [t.to(dtype).double().requires_grad_() for t in inputs]  # same rounded values
+    grad_output = torch.randn(B, 2, C, dtype=torch.float64)
+    options = dict(wta=wta, wta_gamma=gamma)
+    exact = run_head(dualcoop_head_reference, exact_inputs, grad_output, **options)
+    eager = run_head(dualcoop_head_reference, inputs, grad_output.to(dtype), **options)
+    got = run_head(dualcoop_head_triton, inputs, grad_output.to(dtype), blocks=tiles, **options)
+    names = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
+    for name, ours, theirs, truth in zip(names, got, eager, exact):
+        assert ours.dtype == theirs.dtype
+        assert_within_twice_reference_error(ours, theirs, truth, EXTRA_ERROR[dtype], f"{dtype} {wta} {name}")
+
+
+def poisoned_output(*shape, device, dtype):
+    fill = float("nan") if dtype.is_floating_point else 2**30
+    return torch.full(shape, fill, device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("wta", WTA_MODES)
+def test_kernels_write_every_output_element(monkeypatch, wta):
+    monkeypatch.setattr(head_triton, "_kernel_output", poisoned_output)
+    inputs = head_inputs(2, 37, 24, 21)
+    grad_output = torch.randn(2, 2, 21, dtype=torch.float64)
+    expected = run_head(dualcoop_head_reference, inputs, grad_output, wta=wta)
+    got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta, blocks=SMALL_TILES)
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+
+
+class RefusesLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("this kernel should not run: nothing it computes is needed")
+
+
+def test_no_feature_gradient_work_for_frozen_features(monkeypatch):
+    monkeypatch.setattr(head_triton, "_feature_grad_kernel", RefusesLaunch())
+    features, *rest = head_inputs(2, 9, 16, 5)
+    out = dualcoop_head_triton(features.detach(), *rest)
+    out.sum().backward()
+    assert all(t.grad is not None for t in rest)
+
+
+def test_no_text_gradient_work_when_only_features_learn(monkeypatch):
+    monkeypatch.setattr(head_triton, "_text_grad_kernel", RefusesLaunch())
+    features, *rest = head_inputs(2, 9, 16, 5)
+    out = dualcoop_head_triton(features, *[t.detach() for t in rest])
+    (grad,) = torch.autograd.grad(out.sum(), features)
+    expected = torch.autograd.grad(dualcoop_head_reference(features, *[t.detach() for t in rest]).sum(), features)[0]
+    torch.testing.assert_close(grad, expected)
+
+
+def test_non_contiguous_inputs():
+    B, N, D, C = 2, 21, 18, 11
+    base = torch.randn(B, D, N, dtype=torch.float64)
+    features = base.transpose(1, 2).requires_grad_()  # strides (D*N, 1, N)
+    texts = [torch.randn(D, C, dtype=torch.float64).T.requires_grad_() for _ in range(3)]
+    log_temp = torch.tensor(2.7, dtype=torch.float64, requires_grad=True)
+    assert not features.is_contiguous() and not texts[0].is_contiguous()
+    inputs = [features, *texts, log_temp]
+    grad_output = torch.randn(B, 2, C, dtype=torch.float64)
+    expected = run_head(dualcoop_head_reference, inputs, grad_output)
+    got = run_head(dualcoop_head_triton, inputs, grad_output, blocks=SMALL_TILES)
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+
+
+def test_public_backend_and_empty_batch():
+    assert "triton" in dk.available_backends("dualcoop_head", "cpu")  # through the interpreter
+    features, te, tp, tn, log_temp = head_inputs(3, 9, 16, 5)
+    module = dk.DualCoOpHead(backend="triton")
+    torch.testing.assert_close(
+        dk.dualcoop_head(features, te, tp, tn, log_temp, backend="triton"),
+        dk.dualcoop_head(features, te, tp, tn, log_temp, backend="reference"),
+    )
+    assert module(features.float(), te.float(), tp.float(), tn.float()).shape == (3, 2, 5)
+    empty = dk.dualcoop_head(features[:0], te, tp, tn, log_temp, backend="triton")
+    assert empty.shape == (0, 2, 5)
+    empty.sum().backward()
+    assert torch.all(te.grad == 0) and log_temp.grad.item() == 0
+
+
+def test_compiles_without_graph_breaks():
+    """fullgraph=True fails on any graph break; aot_eager runs the custom operators' fake and
+    autograd registrations without a C++ compiler."""
+    head = dk.DualCoOpHead(wta="pos200", backend="triton").double()
+    features, te, tp, tn, _ = head_inputs(2, 9, 16, 5)
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
+    out = compiled(features, te, tp, tn)
+    out.sum().backward()
+    expected = dk.DualCoOpHead(wta="pos200", backend="reference").double()(features, te, tp, tn)
+    torch.testing.assert_close(out, expected)
+    assert head.log_spatial_temp.grad is not None and te.grad is not None
