@@ -1,8 +1,8 @@
 """Fused Triton head: kernels, host functions, and the torch.library operators with their autograd.
 
-The decomposition follows SPEC "One workable decomposition". Texts are normalised on the host (C x D,
-cheap, and autograd takes care of that step); features are normalised inside the kernels through their
-inverse row norms. Launches:
+The decomposition follows SPEC "One workable decomposition". Nothing is normalised in memory: the
+kernels fold the inverse row norms of the features (B x N) and of the prompts (3 x C) into every
+similarity tile, and the backward applies the normalisation's own gradient. Launches:
 
 forward
   region stats  (WTA modes)  grid (B, region tiles), sweeping all class tiles: M = max_m s+, max_m u,
@@ -13,28 +13,29 @@ forward
 backward
   region sums   (WTA modes)  grid (B, region tiles): the per-region sums over classes of the WTA backward
   text grads                 grid (class tiles, D chunks, splits): dS tiles fed into dT = dS^T f with
-                             the D chunk held in registers, one partial per split (no atomics), and the
-                             partial sums of dL/dtheta
+                             the D chunk in registers, one partial per split (no atomics), plus the
+                             partial sums of dL/dtheta and of <t, dT> for the normalisation step
+  text finish                grid (prompt rows, D chunks): sums the splits, applies the normalisation
   feature grads (if needed)  grid (B, region tiles, D chunks): dS tiles fed into dF = dS t, then the
-                             row-normalisation step
+                             normalisation step
 
 Nothing of size B x N x C is written: the backward recomputes similarity tiles. Saved for the backward:
 the inputs, the logits in the compute dtype, and O(B*C + B*N) statistics. Arithmetic is float32 for
-fp16, bf16 and fp32 inputs, with IEEE-accurate dots (WTA amplifies TF32 error, SPEC "Numerics"), and
+fp16, bf16 and fp32 inputs, with float32-accurate dots (WTA amplifies TF32 error, SPEC "Numerics"), and
 float64 for float64 inputs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 WTA_CODES = {"none": 0, "pos_norm": 1, "pos200": 2}
 NORM_EPS = 1e-12  # as F.normalize
+PARTIALS_BYTES = 32 * 2**20  # most memory the text gradient's per-split partial sums may take
 
 # Per-region float statistics, stacked along dim 0 of one (4, B, N) tensor (constexpr: kernels read them).
 STAT_MAX, STAT_MAX_U, STAT_LSE_U, STAT_S_AT_ARGMAX_U = (tl.constexpr(i) for i in range(4))
@@ -54,38 +55,48 @@ def _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims,
 
 
 @triton.jit
+def _load_text_chunk(t_ptr, classes, class_mask, dims, dim_mask, D, ACC: tl.constexpr):
+    offsets = classes.to(tl.int64)[:, None] * D + dims[None, :]
+    return tl.load(t_ptr + offsets, mask=class_mask[:, None] & dim_mask[None, :], other=0.0).to(ACC)
+
+
+@triton.jit
 def _similarity_tiles(
     f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm,
-    t_ptr, set_stride, D, classes, class_mask,
+    te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, C, D, classes, class_mask,
     WANT_E: tl.constexpr, WANT_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Cosine similarities of a region tile with a class tile of each prompt set: (s^e, s^+, s^-).
 
-    ``f_ptr`` points at the image's first region, ``t_ptr`` at the (3, C, D) normalised prompts.
+    ``f_ptr`` points at the image's first region; ``inv_norm`` holds the tile's inverse feature norms.
     Unwanted sets come back as zeros; masked rows and columns are zero.
     """
     sim_e = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
     sim_p = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
     sim_n = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
-    text_rows = t_ptr + classes.to(tl.int64)[:, None] * D
     for d_start in range(0, D, BLOCK_D):
         dims = d_start + tl.arange(0, BLOCK_D)
         dim_mask = dims < D
         f = _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC)
-        text_ptrs = text_rows + dims[None, :]
-        text_mask = class_mask[:, None] & dim_mask[None, :]
-        t_p = tl.load(text_ptrs + set_stride, mask=text_mask, other=0.0)
+        t_p = _load_text_chunk(tp_ptr, classes, class_mask, dims, dim_mask, D, ACC)
         sim_p += tl.dot(f, tl.trans(t_p), input_precision=PRECISION, out_dtype=ACC)
         if WANT_E:
-            t_e = tl.load(text_ptrs, mask=text_mask, other=0.0)
+            t_e = _load_text_chunk(te_ptr, classes, class_mask, dims, dim_mask, D, ACC)
             sim_e += tl.dot(f, tl.trans(t_e), input_precision=PRECISION, out_dtype=ACC)
         if WANT_N:
-            t_n = tl.load(text_ptrs + 2 * set_stride, mask=text_mask, other=0.0)
+            t_n = _load_text_chunk(tn_ptr, classes, class_mask, dims, dim_mask, D, ACC)
             sim_n += tl.dot(f, tl.trans(t_n), input_precision=PRECISION, out_dtype=ACC)
+    text_scale_e = tl.load(text_inv_norm_ptr + classes, mask=class_mask, other=0.0)
+    text_scale_p = tl.load(text_inv_norm_ptr + C + classes, mask=class_mask, other=0.0)
+    text_scale_n = tl.load(text_inv_norm_ptr + 2 * C + classes, mask=class_mask, other=0.0)
     scale = inv_norm[:, None]
-    return sim_e * scale, sim_p * scale, sim_n * scale
+    return (
+        sim_e * scale * text_scale_e[None, :],
+        sim_p * scale * text_scale_p[None, :],
+        sim_n * scale * text_scale_n[None, :],
+    )
 
 
 @triton.jit
@@ -118,7 +129,8 @@ def _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA
 
 @triton.jit
 def _region_stats_kernel(
-    f_ptr, stride_fb, stride_fn, stride_fd, t_ptr, set_stride, inv_norm_ptr, stats_ptr, index_ptr, stat_stride,
+    f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
+    stats_ptr, index_ptr, stat_stride,
     N, C, D, gamma,
     WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -138,8 +150,8 @@ def _region_stats_kernel(
         classes = c_start + tl.arange(0, BLOCK_C)
         class_mask = classes < C
         _, sim_p, _ = _similarity_tiles(
-            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, t_ptr, set_stride, D, classes,
-            class_mask, False, False, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr,
+            text_inv_norm_ptr, C, D, classes, class_mask, False, False, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
         )
         for_max = tl.where(class_mask[None, :], sim_p, float("-inf"))
         for_min = tl.where(class_mask[None, :], sim_p, float("inf"))
@@ -168,8 +180,9 @@ def _region_stats_kernel(
             classes = c_start + tl.arange(0, BLOCK_C)
             class_mask = classes < C
             _, sim_p, _ = _similarity_tiles(
-                f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, t_ptr, set_stride, D, classes,
-                class_mask, False, False, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+                f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr,
+                text_inv_norm_ptr, C, D, classes, class_mask, False, False, BLOCK_N, BLOCK_C, BLOCK_D, ACC,
+                PRECISION,
             )
             terms = tl.exp(gamma * run_max[:, None] * sim_p - max_u[:, None])
             total += tl.sum(tl.where(class_mask[None, :], terms, 0.0), axis=1)
@@ -178,8 +191,8 @@ def _region_stats_kernel(
 
 @triton.jit
 def _head_forward_kernel(
-    f_ptr, stride_fb, stride_fn, stride_fd, t_ptr, set_stride, inv_norm_ptr, stats_ptr, stat_stride,
-    log_temp_ptr, logits_ptr, lse_ptr,
+    f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
+    stats_ptr, stat_stride, log_temp_ptr, logits_ptr, lse_ptr,
     N, C, D, gamma, logit_scale,
     WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -200,8 +213,8 @@ def _head_forward_kernel(
         offsets = image * N + regions
         inv_norm = tl.load(inv_norm_ptr + offsets, mask=region_mask, other=0.0)
         sim_e, sim_p, sim_n = _similarity_tiles(
-            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, t_ptr, set_stride, D, classes,
-            class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr,
+            text_inv_norm_ptr, C, D, classes, class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
         )
         weights, _, _ = _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA)
         # online softmax over regions (as in flash attention): rescale the sums so far to the new max
@@ -229,21 +242,23 @@ def _head_forward_kernel(
 def _attention_and_h(
     image, classes, class_mask, region_mask, sim_e, sim_p, lse_ptr, grad_ptr, tau, logit_scale, C,
 ):
-    """Region softmax a (zero outside the tile's valid part), g-, g+ and h = dL/dw = a k s+ g+."""
+    """Region softmax a and its log (both zero outside the tile's valid part), g-, g+ and
+    h = dL/dw = a k s+ g+."""
     lse = tl.load(lse_ptr + image * C + classes, mask=class_mask, other=0.0)
     valid = region_mask[:, None] & class_mask[None, :]
-    attention = tl.where(valid, tl.exp(tau * sim_e - lse[None, :]), 0.0)
+    log_attention = tl.where(valid, tau * sim_e - lse[None, :], 0.0)
+    attention = tl.where(valid, tl.exp(log_attention), 0.0)
     pair = image * 2 * C + classes
     grad_neg = tl.load(grad_ptr + pair, mask=class_mask, other=0.0)
     grad_pos = tl.load(grad_ptr + pair + C, mask=class_mask, other=0.0)
     h = attention * logit_scale * sim_p * grad_pos[None, :]
-    return attention, grad_neg, grad_pos, h
+    return attention, log_attention, grad_neg, grad_pos, h
 
 
 @triton.jit
 def _region_sums_kernel(
-    f_ptr, stride_fb, stride_fn, stride_fd, t_ptr, set_stride, inv_norm_ptr, stats_ptr, index_ptr, stat_stride,
-    log_temp_ptr, lse_ptr, grad_ptr, sums_ptr,
+    f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
+    stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, grad_ptr, sums_ptr,
     N, C, D, gamma, logit_scale,
     WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -272,10 +287,10 @@ def _region_sums_kernel(
         classes = c_start + tl.arange(0, BLOCK_C)
         class_mask = classes < C
         sim_e, sim_p, _ = _similarity_tiles(
-            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, t_ptr, set_stride, D, classes,
-            class_mask, True, False, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr,
+            text_inv_norm_ptr, C, D, classes, class_mask, True, False, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
         )
-        _, _, _, h = _attention_and_h(
+        _, _, _, _, h = _attention_and_h(
             image, classes, class_mask, region_mask, sim_e, sim_p, lse_ptr, grad_ptr, tau, logit_scale, C
         )
         weights, sigma, _ = _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA)
@@ -297,18 +312,21 @@ def _region_sums_kernel(
 @triton.jit
 def _grad_similarity_tiles(
     f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm,
-    t_ptr, set_stride, D, classes, class_mask,
-    stats_ptr, index_ptr, sums_ptr, stat_stride, lse_ptr, logits_ptr, grad_ptr,
-    tau, gamma, logit_scale, N, C,
+    te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, classes, class_mask,
+    stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr,
+    gamma, logit_scale, N, C, D,
     WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """SPEC backward on one (region tile, class tile): the similarities and dL/ds of the three sets."""
+    """SPEC backward on one (region tile, class tile): the similarities, dL/ds of the three sets, and
+    s^e - lse / tau (= log(a) / tau): since sum_i dL/ds^e = 0 for every (image, class), sums over
+    regions of s^e dL/ds^e may use it instead of s^e and so avoid cancelling large terms."""
+    tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
     sim_e, sim_p, sim_n = _similarity_tiles(
-        f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, t_ptr, set_stride, D, classes,
-        class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+        f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr,
+        text_inv_norm_ptr, C, D, classes, class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
     )
-    attention, grad_neg, grad_pos, h = _attention_and_h(
+    attention, log_attention, grad_neg, grad_pos, h = _attention_and_h(
         image, classes, class_mask, region_mask, sim_e, sim_p, lse_ptr, grad_ptr, tau, logit_scale, C
     )
     offsets = image * N + regions
@@ -341,111 +359,172 @@ def _grad_similarity_tiles(
     grad_e = tl.where(valid, grad_e, 0.0)
     grad_p = tl.where(valid, grad_p, 0.0)
     grad_n = tl.where(valid, grad_n, 0.0)
-    return sim_e, sim_p, sim_n, grad_e, grad_p, grad_n
+    return sim_e, sim_p, sim_n, log_attention / tau, grad_e, grad_p, grad_n
 
 
 @triton.jit
 def _text_grad_kernel(
-    f_ptr, stride_fb, stride_fn, stride_fd, t_ptr, set_stride, inv_norm_ptr,
-    stats_ptr, index_ptr, sums_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr,
-    grad_text_ptr, grad_temp_ptr,
-    N, C, D, region_tiles, total_tiles, gamma, logit_scale,
+    f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
+    stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr,
+    grad_text_ptr, projection_ptr, grad_temp_ptr,
+    N, C, D, set_stride, region_tiles, total_tiles, gamma, logit_scale,
     WANT_TEXT: tl.constexpr, WTA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dL/dt for a class tile and a D chunk, summed over this split's (image, region tile) pairs,
-    into partial ``grad_text[split]``; programs of D chunk 0 also sum dL/dtheta = sum s^e dL/ds^e."""
+    """For a class tile, over this split's (image, region tile) pairs: the partial gradient to the unit
+    prompts, G = dS^T f, accumulated in place in ``grad_text[split]`` (the program owns it: no
+    atomics), and the partial sums of <t, G> = sum_i dS s per prompt (for the normalisation step) and
+    of dL/dtheta = sum s^e dL/ds^e."""
     class_tile = tl.program_id(0)
-    d_chunk = tl.program_id(1)
-    split = tl.program_id(2)
-    splits = tl.num_programs(2)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
     classes = class_tile * BLOCK_C + tl.arange(0, BLOCK_C)
     class_mask = classes < C
-    dims = d_chunk * BLOCK_DT + tl.arange(0, BLOCK_DT)
-    dim_mask = dims < D
-    tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
+    rows = grad_text_ptr + split.to(tl.int64) * 3 * set_stride + classes.to(tl.int64)[:, None] * D
 
-    acc_e = tl.zeros((BLOCK_C, BLOCK_DT), ACC)
-    acc_p = tl.zeros((BLOCK_C, BLOCK_DT), ACC)
-    acc_n = tl.zeros((BLOCK_C, BLOCK_DT), ACC)
-    acc_temp = tl.zeros((BLOCK_C,), ACC)
+    projection_e = tl.zeros((BLOCK_C,), ACC)
+    projection_p = tl.zeros((BLOCK_C,), ACC)
+    projection_n = tl.zeros((BLOCK_C,), ACC)
     for tile in range(split, total_tiles, splits):
         image = (tile // region_tiles).to(tl.int64)
         regions = (tile % region_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
         region_mask = regions < N
         image_f_ptr = f_ptr + image * stride_fb
         inv_norm = tl.load(inv_norm_ptr + image * N + regions, mask=region_mask, other=0.0)
-        sim_e, _, _, grad_e, grad_p, grad_n = _grad_similarity_tiles(
+        _, sim_p, sim_n, centered_e, grad_e, grad_p, grad_n = _grad_similarity_tiles(
             image_f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm,
-            t_ptr, set_stride, D, classes, class_mask,
-            stats_ptr, index_ptr, sums_ptr, stat_stride, lse_ptr, logits_ptr, grad_ptr,
-            tau, gamma, logit_scale, N, C, WTA, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+            te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, classes, class_mask,
+            stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr,
+            gamma, logit_scale, N, C, D, WTA, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
         )
-        acc_temp += tl.sum(sim_e * grad_e, axis=0)
+        projection_e += tl.sum(centered_e * grad_e, axis=0)  # also dL/dtheta's terms
         if WANT_TEXT:
-            # dL/dt^x = (dL/ds^x)^T f with f = F * inv_norm: fold the norm into dS's rows
-            f = _load_feature_chunk(image_f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC)
-            scale = inv_norm[:, None]
-            acc_e += tl.dot(tl.trans(grad_e * scale), f, input_precision=PRECISION, out_dtype=ACC)
-            acc_p += tl.dot(tl.trans(grad_p * scale), f, input_precision=PRECISION, out_dtype=ACC)
-            acc_n += tl.dot(tl.trans(grad_n * scale), f, input_precision=PRECISION, out_dtype=ACC)
+            projection_p += tl.sum(sim_p * grad_p, axis=0)
+            projection_n += tl.sum(sim_n * grad_n, axis=0)
+            # G += dS^T f with f = F * inv_norm: fold the norm into dS's rows, then sweep D
+            scaled_e = tl.trans(grad_e * inv_norm[:, None])
+            scaled_p = tl.trans(grad_p * inv_norm[:, None])
+            scaled_n = tl.trans(grad_n * inv_norm[:, None])
+            adds = tile != split  # the split's first tile writes, the others add
+            for d_start in range(0, D, BLOCK_DT):
+                dims = d_start + tl.arange(0, BLOCK_DT)
+                dim_mask = dims < D
+                f = _load_feature_chunk(image_f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC)
+                out = rows + dims[None, :]
+                mask = class_mask[:, None] & dim_mask[None, :]
+                add_mask = mask & adds
+                part_e = tl.load(out, mask=add_mask, other=0.0)
+                part_p = tl.load(out + set_stride, mask=add_mask, other=0.0)
+                part_n = tl.load(out + 2 * set_stride, mask=add_mask, other=0.0)
+                tl.store(out, part_e + tl.dot(scaled_e, f, input_precision=PRECISION, out_dtype=ACC), mask=mask)
+                tl.store(out + set_stride, part_p + tl.dot(scaled_p, f, input_precision=PRECISION, out_dtype=ACC),
+                         mask=mask)
+                tl.store(out + 2 * set_stride,
+                         part_n + tl.dot(scaled_n, f, input_precision=PRECISION, out_dtype=ACC), mask=mask)
+            tl.debug_barrier()  # this tile's stores are seen by every thread's loads for the next
     if WANT_TEXT:
-        out = grad_text_ptr + split.to(tl.int64) * 3 * set_stride + classes.to(tl.int64)[:, None] * D + dims[None, :]
-        out_mask = class_mask[:, None] & dim_mask[None, :]
-        tl.store(out, acc_e, mask=out_mask)
-        tl.store(out + set_stride, acc_p, mask=out_mask)
-        tl.store(out + 2 * set_stride, acc_n, mask=out_mask)
-    if d_chunk == 0:
-        tl.store(grad_temp_ptr + class_tile * splits + split, tl.sum(acc_temp))
+        rows = projection_ptr + split * 3 * C + classes
+        tl.store(rows, projection_e, mask=class_mask)
+        tl.store(rows + C, projection_p, mask=class_mask)
+        tl.store(rows + 2 * C, projection_n, mask=class_mask)
+    tl.store(grad_temp_ptr + class_tile * splits + split, tl.sum(projection_e))
+
+
+@triton.jit
+def _text_grad_finish_kernel(
+    te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, grad_text_ptr, projection_ptr,
+    out_e_ptr, out_p_ptr, out_n_ptr, C, D, set_stride, splits,
+    BLOCK_C: tl.constexpr, BLOCK_DT: tl.constexpr, ACC: tl.constexpr,
+):
+    """Sum the splits' partials and apply the normalisation t = T / |T|:
+    dL/dT = (G - t <t, G>) / |T|, for one prompt set (program axis 2), a class tile and a D chunk."""
+    classes = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    class_mask = classes < C
+    dims = tl.program_id(1) * BLOCK_DT + tl.arange(0, BLOCK_DT)
+    dim_mask = dims < D
+    prompt_set = tl.program_id(2)
+    if prompt_set == 0:
+        text_ptr = te_ptr
+        out_ptr = out_e_ptr
+    elif prompt_set == 1:
+        text_ptr = tp_ptr
+        out_ptr = out_p_ptr
+    else:
+        text_ptr = tn_ptr
+        out_ptr = out_n_ptr
+    offsets = classes.to(tl.int64)[:, None] * D + dims[None, :]
+    mask = class_mask[:, None] & dim_mask[None, :]
+    grad = tl.zeros((BLOCK_C, BLOCK_DT), ACC)
+    projection = tl.zeros((BLOCK_C,), ACC)
+    for split in range(0, splits):
+        part = (split * 3 + prompt_set).to(tl.int64)
+        grad += tl.load(grad_text_ptr + part * set_stride + offsets, mask=mask, other=0.0)
+        projection += tl.load(projection_ptr + part * C + classes, mask=class_mask, other=0.0)
+    inv_norm = tl.load(text_inv_norm_ptr + prompt_set * C + classes, mask=class_mask, other=0.0)
+    unit = tl.load(text_ptr + offsets, mask=mask, other=0.0).to(ACC) * inv_norm[:, None]
+    result = (grad - unit * projection[:, None]) * inv_norm[:, None]
+    tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _feature_grad_kernel(
-    f_ptr, stride_fb, stride_fn, stride_fd, t_ptr, set_stride, inv_norm_ptr,
-    stats_ptr, index_ptr, sums_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr,
-    grad_features_ptr,
+    f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
+    stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr,
+    scratch_ptr, grad_features_ptr,
     N, C, D, gamma, logit_scale,
     WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dL/dF for a region tile and a D chunk: G = sum_x dS^x t^x over all classes, then through the
-    normalisation f = F / |F|: dL/dF = (G - f <f, G>) / |F|, where <f, G> = sum_x sum_m dS^x s^x."""
+    """dL/dF for a region tile: G = sum_x dS^x t^x over all classes, accumulated in place in the
+    program's rows of ``scratch`` (compute dtype), then through the normalisation f = F / |F|:
+    dL/dF = (G - f <f, G>) / |F|, where <f, G> = sum_x sum_m dS^x s^x."""
     image = tl.program_id(0).to(tl.int64)
     regions = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     region_mask = regions < N
-    dims = tl.program_id(2) * BLOCK_DT + tl.arange(0, BLOCK_DT)
-    dim_mask = dims < D
     f_ptr += image * stride_fb
-    tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
     offsets = image * N + regions
     inv_norm = tl.load(inv_norm_ptr + offsets, mask=region_mask, other=0.0)
+    rows = offsets[:, None] * D
 
-    grad_unit = tl.zeros((BLOCK_N, BLOCK_DT), ACC)
     projection = tl.zeros((BLOCK_N,), ACC)
     for c_start in range(0, C, BLOCK_C):
         classes = c_start + tl.arange(0, BLOCK_C)
         class_mask = classes < C
-        sim_e, sim_p, sim_n, grad_e, grad_p, grad_n = _grad_similarity_tiles(
+        sim_e, sim_p, sim_n, _, grad_e, grad_p, grad_n = _grad_similarity_tiles(
             f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm,
-            t_ptr, set_stride, D, classes, class_mask,
-            stats_ptr, index_ptr, sums_ptr, stat_stride, lse_ptr, logits_ptr, grad_ptr,
-            tau, gamma, logit_scale, N, C, WTA, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+            te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, classes, class_mask,
+            stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr,
+            gamma, logit_scale, N, C, D, WTA, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
         )
         projection += tl.sum(grad_e * sim_e + grad_p * sim_p + grad_n * sim_n, axis=1)
-        text_ptrs = t_ptr + classes.to(tl.int64)[:, None] * D + dims[None, :]
-        text_mask = class_mask[:, None] & dim_mask[None, :]
-        t_e = tl.load(text_ptrs, mask=text_mask, other=0.0)
-        t_p = tl.load(text_ptrs + set_stride, mask=text_mask, other=0.0)
-        t_n = tl.load(text_ptrs + 2 * set_stride, mask=text_mask, other=0.0)
-        grad_unit += tl.dot(grad_e, t_e, input_precision=PRECISION, out_dtype=ACC)
-        grad_unit += tl.dot(grad_p, t_p, input_precision=PRECISION, out_dtype=ACC)
-        grad_unit += tl.dot(grad_n, t_n, input_precision=PRECISION, out_dtype=ACC)
-    features = _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC)
-    unit = features * inv_norm[:, None]
-    grad = (grad_unit - unit * projection[:, None]) * inv_norm[:, None]
-    out = grad_features_ptr + offsets[:, None] * D + dims[None, :]
-    tl.store(out, grad, mask=region_mask[:, None] & dim_mask[None, :])
+        # G += dS^x t^x with t = T * text_inv_norm: fold the norm into dS's columns, then sweep D
+        scaled_e = grad_e * tl.load(text_inv_norm_ptr + classes, mask=class_mask, other=0.0)[None, :]
+        scaled_p = grad_p * tl.load(text_inv_norm_ptr + C + classes, mask=class_mask, other=0.0)[None, :]
+        scaled_n = grad_n * tl.load(text_inv_norm_ptr + 2 * C + classes, mask=class_mask, other=0.0)[None, :]
+        for d_start in range(0, D, BLOCK_DT):
+            dims = d_start + tl.arange(0, BLOCK_DT)
+            dim_mask = dims < D
+            mask = region_mask[:, None] & dim_mask[None, :]
+            out = scratch_ptr + rows + dims[None, :]
+            partial = tl.load(out, mask=mask & (c_start > 0), other=0.0)  # the first class tile writes
+            t_e = _load_text_chunk(te_ptr, classes, class_mask, dims, dim_mask, D, ACC)
+            t_p = _load_text_chunk(tp_ptr, classes, class_mask, dims, dim_mask, D, ACC)
+            t_n = _load_text_chunk(tn_ptr, classes, class_mask, dims, dim_mask, D, ACC)
+            partial += tl.dot(scaled_e, t_e, input_precision=PRECISION, out_dtype=ACC)
+            partial += tl.dot(scaled_p, t_p, input_precision=PRECISION, out_dtype=ACC)
+            partial += tl.dot(scaled_n, t_n, input_precision=PRECISION, out_dtype=ACC)
+            tl.store(out, partial, mask=mask)
+        tl.debug_barrier()  # this class tile's stores are seen by every thread's loads for the next
+    for d_start in range(0, D, BLOCK_DT):
+        dims = d_start + tl.arange(0, BLOCK_DT)
+        dim_mask = dims < D
+        mask = region_mask[:, None] & dim_mask[None, :]
+        grad_unit = tl.load(scratch_ptr + rows + dims[None, :], mask=mask, other=0.0)
+        unit = _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC)
+        unit = unit * inv_norm[:, None]
+        grad = (grad_unit - unit * projection[:, None]) * inv_norm[:, None]
+        tl.store(grad_features_ptr + rows + dims[None, :], grad.to(grad_features_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -456,14 +535,19 @@ def _feature_grad_kernel(
 @dataclass(frozen=True)
 class HeadBlocks:
     """Tile sizes: regions, classes, the D step of the similarity GEMM, the D chunk of the gradient
-    GEMMs (held in registers), and how many partial sums the text gradient splits its regions into."""
+    GEMMs (held in registers), how many partial sums the text gradient splits its regions into, and
+    the launch options."""
 
     n: int
     c: int
     d: int
     d_grad: int
-    splits: int
-    num_warps: int = 4
+    splits: int = 1
+    num_warps: int = 8
+    num_stages: int = 1
+
+    def as_list(self) -> list[int]:
+        return [self.n, self.c, self.d, self.d_grad, self.splits, self.num_warps, self.num_stages]
 
 
 def _pow2_between(value: int, low: int, high: int) -> int:
@@ -471,19 +555,17 @@ def _pow2_between(value: int, low: int, high: int) -> int:
 
 
 def choose_blocks(B: int, N: int, C: int, D: int, device: torch.device) -> HeadBlocks:
-    """Tile sizes for a shape. tl.dot needs every side >= 16."""
-    block_n = _pow2_between(N, 16, 64)
-    block_c = _pow2_between(C, 16, 64)
-    block_d = _pow2_between(D, 16, 64)
-    block_d_grad = _pow2_between(D, 16, 128)
-    programs = triton.cdiv(C, block_c) * triton.cdiv(D, block_d_grad)
-    region_tiles = B * triton.cdiv(N, block_n)
-    if device.type == "cuda":  # enough programs for every SM, a few times over
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(1, min(region_tiles, triton.cdiv(target, programs)))
-    else:
-        splits = 1
-    return HeadBlocks(block_n, block_c, block_d, block_d_grad, splits)
+    """Tile sizes for a shape, and enough text-gradient splits to give every multiprocessor a few
+    programs, as far as ``PARTIALS_BYTES`` allows. tl.dot needs every side >= 16. The sizes keep every kernel but the feature gradient free
+    of register spills on sm_90 with 3xTF32 dots (``benchmarks/kernel_resources.py`` shows them); a
+    16-wide D step is what does it: wider steps spill the similarity loop."""
+    tiles = HeadBlocks(n=_pow2_between(N, 16, 64), c=_pow2_between(C, 16, 32), d=16, d_grad=_pow2_between(D, 16, 64))
+    if device.type != "cuda":
+        return tiles
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    by_parallelism = triton.cdiv(target, triton.cdiv(C, tiles.c))
+    by_memory = PARTIALS_BYTES // (3 * C * D * 4)  # each split keeps a float32 partial of the prompts
+    return replace(tiles, splits=max(1, min(by_parallelism, by_memory)))
 
 
 def _kernel_output(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -502,75 +584,91 @@ def _kernel_constants(compute: torch.dtype, blocks: HeadBlocks, wta: str) -> dic
         BLOCK_C=blocks.c,
         BLOCK_D=blocks.d,
         ACC=tl.float64 if compute == torch.float64 else tl.float32,
-        # fp32 needs float32-accurate products (WTA amplifies TF32 error): 3xTF32 on tensor cores
+        # float32 needs float32-accurate products (WTA amplifies TF32 error): 3xTF32 on tensor cores
         PRECISION="ieee" if compute == torch.float64 else "tf32x3",
         num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
     )
 
 
-def _common_args(features, texts, inv_norm):
-    B, N, D = features.shape
-    C = texts.shape[1]
-    return (features, *features.stride(), texts, C * D, inv_norm)
+def _inverse_norms(rows: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """1 / max(|row|, eps) along the last dim, as F.normalize divides."""
+    return torch.linalg.vector_norm(rows, dim=-1, dtype=compute).clamp_min(NORM_EPS).reciprocal()
+
+
+def _common_args(features, texts, text_inv_norm, inv_norm):
+    """The arguments every kernel starts with: features and strides, the prompts, both inverse norms."""
+    return (features, *features.stride(), *texts, text_inv_norm, inv_norm)
 
 
 @torch.library.custom_op("dualcoop_kernels::head_forward", mutates_args=())
 def head_forward(
     features: torch.Tensor,
-    texts: torch.Tensor,
+    text_evidence: torch.Tensor,
+    text_pos: torch.Tensor,
+    text_neg: torch.Tensor,
     log_spatial_temp: torch.Tensor,
     wta: str,
     wta_gamma: float,
     logit_scale: float,
     blocks: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused forward. ``texts``: (3, C, D) normalised prompts in the compute dtype.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward; the prompt sets are C x D and contiguous.
 
-    Returns the B x 2 x C logits in the compute dtype, and for the backward the (B, C) log-sum-exp of
-    the region softmax, the (B, N) inverse feature norms, the (4, B, N) region statistics and the
+    Returns the B x 2 x C logits in the compute dtype and, for the backward, the (B, C) log-sum-exp of
+    the region softmax, the (B, N) and (3, C) inverse norms, the (4, B, N) region statistics and the
     (2, B, N) arg-maxima.
     """
     B, N, D = features.shape
-    C = texts.shape[1]
-    compute = texts.dtype
+    C = text_pos.shape[0]
+    texts = (text_evidence, text_pos, text_neg)
+    compute = _compute_dtype(features.dtype)
     block = HeadBlocks(*blocks)
-    logits = _kernel_output(B, 2, C, device=features.device, dtype=compute)
-    lse = _kernel_output(B, C, device=features.device, dtype=compute)
-    stats = _kernel_output(4, B, N, device=features.device, dtype=compute)
-    index = _kernel_output(2, B, N, device=features.device, dtype=torch.int32)
-    norms = torch.linalg.vector_norm(features, dim=-1, dtype=compute)
-    inv_norm = norms.clamp_min(NORM_EPS).reciprocal()
+    device = features.device
+    logits = _kernel_output(B, 2, C, device=device, dtype=compute)
+    lse = _kernel_output(B, C, device=device, dtype=compute)
+    stats = _kernel_output(4, B, N, device=device, dtype=compute)
+    index = _kernel_output(2, B, N, device=device, dtype=torch.int32)
+    inv_norm = _inverse_norms(features, compute)
+    text_inv_norm = _inverse_norms(torch.stack(texts), compute)  # (3, C): small
     if B == 0:
-        return logits, lse, inv_norm, stats, index
+        return logits, lse, inv_norm, text_inv_norm, stats, index
     constants = _kernel_constants(compute, block, wta)
-    common = _common_args(features, texts, inv_norm)
+    common = _common_args(features, texts, text_inv_norm, inv_norm)
     if wta != "none":
-        grid = (B, triton.cdiv(N, block.n))
-        _region_stats_kernel[grid](*common, stats, index, B * N, N, C, D, wta_gamma, **constants)
-    grid = (B, triton.cdiv(C, block.c))
-    _head_forward_kernel[grid](
+        _region_stats_kernel[(B, triton.cdiv(N, block.n))](
+            *common, stats, index, B * N, N, C, D, wta_gamma, **constants
+        )
+    _head_forward_kernel[(B, triton.cdiv(C, block.c))](
         *common, stats, B * N, log_spatial_temp, logits, lse, N, C, D, wta_gamma, logit_scale, **constants
     )
-    return logits, lse, inv_norm, stats, index
+    return logits, lse, inv_norm, text_inv_norm, stats, index
 
 
 @head_forward.register_fake
-def _(features, texts, log_spatial_temp, wta, wta_gamma, logit_scale, blocks):
+def _(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_gamma, logit_scale, blocks):
     B, N, _ = features.shape
-    C = texts.shape[1]
-    new = texts.new_empty
-    return (new(B, 2, C), new(B, C), new(B, N), new(4, B, N), new((2, B, N), dtype=torch.int32))
+    C = text_pos.shape[0]
+    compute = _compute_dtype(features.dtype)
+
+    def new(*shape, dtype=compute):
+        return features.new_empty(shape, dtype=dtype)
+
+    return new(B, 2, C), new(B, C), new(B, N), new(3, C), new(4, B, N), new(2, B, N, dtype=torch.int32)
 
 
 @torch.library.custom_op("dualcoop_kernels::head_backward", mutates_args=())
 def head_backward(
     grad_logits: torch.Tensor,
     features: torch.Tensor,
-    texts: torch.Tensor,
+    text_evidence: torch.Tensor,
+    text_pos: torch.Tensor,
+    text_neg: torch.Tensor,
     log_spatial_temp: torch.Tensor,
     logits: torch.Tensor,
     lse: torch.Tensor,
     inv_norm: torch.Tensor,
+    text_inv_norm: torch.Tensor,
     stats: torch.Tensor,
     index: torch.Tensor,
     wta: str,
@@ -580,23 +678,29 @@ def head_backward(
     want_features: bool,
     want_texts: bool,
     want_temp: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused backward: gradients to ``features``, to the normalised ``texts`` and to
-    ``log_spatial_temp``; each is an empty tensor unless wanted, and costs nothing then."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward: gradients to ``features``, to the three prompt sets and to ``log_spatial_temp``,
+    each in its input's dtype; an empty tensor for each one not wanted, which costs nothing."""
     B, N, D = features.shape
-    C = texts.shape[1]
-    compute = texts.dtype
+    C = text_pos.shape[0]
+    texts = (text_evidence, text_pos, text_neg)
+    compute = logits.dtype
     block = HeadBlocks(*blocks)
     device = features.device
+
+    def nothing():  # a fresh one each time: a custom op's outputs must not alias each other
+        return features.new_empty(0)
+
+    grad_texts = [_kernel_output(C, D, device=device, dtype=t.dtype) if want_texts else nothing() for t in texts]
     if B == 0:
         return (
-            torch.zeros_like(features) if want_features else features.new_empty(0),
-            torch.zeros_like(texts) if want_texts else texts.new_empty(0),
-            torch.zeros_like(log_spatial_temp) if want_temp else log_spatial_temp.new_empty(0),
+            torch.zeros_like(features) if want_features else nothing(),
+            *[g.zero_() for g in grad_texts],
+            torch.zeros_like(log_spatial_temp) if want_temp else nothing(),
         )
     grad_logits = grad_logits.to(compute).contiguous()
     constants = _kernel_constants(compute, block, wta)
-    common = _common_args(features, texts, inv_norm)
+    common = _common_args(features, texts, text_inv_norm, inv_norm)
     region_tiles = triton.cdiv(N, block.n)
     class_tiles = triton.cdiv(C, block.c)
 
@@ -606,61 +710,74 @@ def head_backward(
             *common, stats, index, B * N, log_spatial_temp, lse, grad_logits, sums, N, C, D, wta_gamma,
             logit_scale, **constants,
         )
-    backward_state = (stats, index, sums, B * N, log_spatial_temp, lse, logits, grad_logits)
+    state = (stats, index, B * N, log_spatial_temp, lse, logits, grad_logits, sums)
 
-    d_chunks = triton.cdiv(D, block.d_grad) if want_texts else 1
-    grad_text_parts = _kernel_output(block.splits if want_texts else 0, 3, C, D, device=device, dtype=compute)
-    grad_temp_parts = _kernel_output(class_tiles, block.splits, device=device, dtype=compute)
+    grad_temp = nothing()
     if want_texts or want_temp:
-        _text_grad_kernel[(class_tiles, d_chunks, block.splits)](
-            *common, *backward_state, grad_text_parts, grad_temp_parts,
-            N, C, D, region_tiles, B * region_tiles, wta_gamma, logit_scale,
+        splits = min(block.splits, B * region_tiles)  # every split gets a tile, so writes its partial
+        parts = splits if want_texts else 0
+        grad_text_parts = _kernel_output(parts, 3, C, D, device=device, dtype=compute)
+        projection_parts = _kernel_output(parts, 3, C, device=device, dtype=compute)
+        grad_temp_parts = _kernel_output(class_tiles, splits, device=device, dtype=compute)
+        _text_grad_kernel[(class_tiles, splits)](
+            *common, *state, grad_text_parts, projection_parts, grad_temp_parts,
+            N, C, D, C * D, region_tiles, B * region_tiles, wta_gamma, logit_scale,
             WANT_TEXT=want_texts, BLOCK_DT=block.d_grad, **constants,
         )
-    grad_texts = grad_text_parts.sum(0) if want_texts else texts.new_empty(0)
-    grad_temp = grad_temp_parts.sum() if want_temp else log_spatial_temp.new_empty(0)
+        if want_texts:
+            _text_grad_finish_kernel[(class_tiles, triton.cdiv(D, block.d_grad), 3)](
+                *texts, text_inv_norm, grad_text_parts, projection_parts, *grad_texts, C, D, C * D, splits,
+                BLOCK_C=block.c, BLOCK_DT=block.d_grad, ACC=constants["ACC"], num_warps=block.num_warps,
+            )
+        if want_temp:
+            grad_temp = grad_temp_parts.sum().to(log_spatial_temp.dtype)
 
+    grad_features = nothing()
     if want_features:
-        grad_features = _kernel_output(B, N, D, device=device, dtype=compute)
-        _feature_grad_kernel[(B, region_tiles, triton.cdiv(D, block.d_grad))](
-            *common, *backward_state, grad_features, N, C, D, wta_gamma, logit_scale,
-            BLOCK_DT=block.d_grad, **constants,
+        scratch = _kernel_output(B, N, D, device=device, dtype=compute)
+        grad_features = _kernel_output(B, N, D, device=device, dtype=features.dtype)
+        _feature_grad_kernel[(B, region_tiles)](
+            *common, *state, scratch, grad_features, N, C, D, wta_gamma, logit_scale, BLOCK_DT=block.d_grad,
+            **constants,
         )
-        grad_features = grad_features.to(features.dtype)
-    else:
-        grad_features = features.new_empty(0)
-    return grad_features, grad_texts, grad_temp
+    return grad_features, *grad_texts, grad_temp
 
 
 @head_backward.register_fake
-def _(grad_logits, features, texts, log_spatial_temp, logits, lse, inv_norm, stats, index,
-      wta, wta_gamma, logit_scale, blocks, want_features, want_texts, want_temp):
-    grad_features = features.new_empty(features.shape if want_features else (0,))
-    grad_texts = texts.new_empty(texts.shape if want_texts else (0,))
-    return grad_features, grad_texts, log_spatial_temp.new_empty(() if want_temp else (0,))
+def _(grad_logits, features, text_evidence, text_pos, text_neg, log_spatial_temp, logits, lse, inv_norm,
+      text_inv_norm, stats, index, wta, wta_gamma, logit_scale, blocks, want_features, want_texts, want_temp):
+    def like(tensor, wanted):
+        return tensor.new_empty(tensor.shape) if wanted else features.new_empty(0)
+
+    return (
+        like(features, want_features),
+        *(like(t, want_texts) for t in (text_evidence, text_pos, text_neg)),
+        like(log_spatial_temp, want_temp),
+    )
 
 
 def _setup_context(ctx, inputs, output):
-    features, texts, log_spatial_temp, wta, wta_gamma, logit_scale, blocks = inputs
-    logits, lse, inv_norm, stats, index = output
-    ctx.save_for_backward(features, texts, log_spatial_temp, logits, lse, inv_norm, stats, index)
+    features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_gamma, logit_scale, blocks = inputs
+    logits, lse, inv_norm, text_inv_norm, stats, index = output
+    ctx.save_for_backward(
+        features, text_evidence, text_pos, text_neg, log_spatial_temp, logits, lse, inv_norm, text_inv_norm,
+        stats, index,
+    )
     ctx.options = (wta, wta_gamma, logit_scale, blocks)
-    ctx.mark_non_differentiable(lse, inv_norm, stats, index)
+    ctx.mark_non_differentiable(lse, inv_norm, text_inv_norm, stats, index)
 
 
 def _backward(ctx, grad_logits, *_unused_grads):
-    want_features, want_texts, want_temp = ctx.needs_input_grad[:3]
+    want_features = ctx.needs_input_grad[0]
+    want_texts = any(ctx.needs_input_grad[1:4])
+    want_temp = ctx.needs_input_grad[4]
     if not (want_features or want_texts or want_temp):
-        return (None,) * 7
-    grad_features, grad_texts, grad_temp = head_backward(
+        return (None,) * 9
+    grad_features, *grad_texts, grad_temp = head_backward(
         grad_logits, *ctx.saved_tensors, *ctx.options, want_features, want_texts, want_temp
     )
-    return (
-        grad_features if want_features else None,
-        grad_texts if want_texts else None,
-        grad_temp if want_temp else None,
-        None, None, None, None,
-    )
+    grads = (grad_features, *grad_texts, grad_temp)
+    return (*(g if wanted else None for g, wanted in zip(grads, ctx.needs_input_grad[:5])), None, None, None, None)
 
 
 head_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -680,20 +797,21 @@ def dualcoop_head_triton(
 ) -> torch.Tensor:
     """The head through the fused kernels; same contract as ``dualcoop_head_reference``.
 
+    ``features`` may have any strides; the prompt sets are made contiguous (a no-op when they are).
     ``blocks`` overrides the tile sizes (tests use it to force several tiles on small shapes).
     """
     B, N, D = features.shape
     C = text_pos.shape[0]
-    compute = _compute_dtype(features.dtype)
     blocks = blocks or choose_blocks(B, N, C, D, features.device)
-    texts = F.normalize(torch.stack([text_evidence, text_pos, text_neg]).to(compute), dim=-1, eps=NORM_EPS)
     logits = head_forward(
         features,
-        texts.contiguous(),
-        log_spatial_temp.to(compute),
+        text_evidence.contiguous(),
+        text_pos.contiguous(),
+        text_neg.contiguous(),
+        log_spatial_temp,
         wta,
         wta_gamma,
         logit_scale,
-        [blocks.n, blocks.c, blocks.d, blocks.d_grad, blocks.splits, blocks.num_warps],
+        blocks.as_list(),
     )[0]
     return logits.to(features.dtype)

@@ -20,8 +20,8 @@ SMALL_TILES = HeadBlocks(n=16, c=16, d=16, d_grad=16, splits=2)
 SHAPES = [
     pytest.param(2, 37, 24, 21, SMALL_TILES, 5.0, id="multi-tile"),
     pytest.param(1, 1, 5, 1, None, 200.0, id="one-region-one-class"),
-    pytest.param(3, 70, 40, 130, None, 5.0, id="default-tiles-N>64-C>64"),
-    pytest.param(2, 19, 33, 67, HeadBlocks(16, 32, 16, 32, 3), 200.0, id="uneven-splits"),
+    pytest.param(3, 70, 40, 130, None, 5.0, id="default-tiles"),
+    pytest.param(2, 19, 33, 67, HeadBlocks(16, 32, 16, 32, splits=3), 200.0, id="uneven-splits"),
     # gamma 200 with C = 101: pos200's small softmax weights once lost precision as (1 + sigma) - 1
     pytest.param(3, 37, 64, 101, None, 200.0, id="sharp-wta-many-classes"),
 ]

@@ -1,0 +1,112 @@
+"""Compile every Triton head kernel for a CUDA architecture without a GPU and print what ptxas reports:
+registers per thread and bytes spilled to local memory. A spill is a slow kernel on the GPU; this
+shows it on any machine.
+
+    python benchmarks/kernel_resources.py                      # the tiles choose_blocks picks, sm_90a
+    python benchmarks/kernel_resources.py --tiles 64,32,16,64 --num-warps 8 --num-stages 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from harness import format_table
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dualcoop_kernels import head_triton
+from dualcoop_kernels.head_triton import WTA_CODES, HeadBlocks, choose_blocks
+
+
+def ptxas_path() -> str:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    found = str(bundled) if bundled.exists() else shutil.which("ptxas")
+    if found is None:
+        sys.exit("no ptxas: neither triton's bundled one nor one on PATH")
+    return found
+
+
+def signature(kernel, constexprs: dict) -> dict:
+    """Types of a kernel's arguments, by the naming rules of head_triton."""
+    types = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name == "index_ptr":
+            types[name] = "*i32"
+        elif name.endswith("_ptr"):
+            types[name] = "*fp32"
+        elif name in ("gamma", "logit_scale"):
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+def resources(kernel, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> dict:
+    names = list(inspect.signature(kernel.fn).parameters)
+    source = ASTSource(
+        fn=kernel,
+        signature=signature(kernel, constexprs),
+        constexprs={(names.index(name),): value for name, value in constexprs.items()},
+    )
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    target = re.search(r"^\.target (\S+)", compiled.asm["ptx"], re.M)[1]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        report = subprocess.run([ptxas_path(), f"-arch={target}", "-v", ptx.name, "-o", "/dev/null"],
+                                capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return dict(registers=int(re.search(r"Used (\d+) registers", report)[1]),
+                spill_bytes=int(spills[1]) if spills else 0, shared_bytes=compiled.metadata.shared)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100")
+    parser.add_argument("--tiles", help="n,c,d,d_grad (default: choose_blocks for the coco preset)")
+    parser.add_argument("--num-warps", type=int)
+    parser.add_argument("--num-stages", type=int)
+    args = parser.parse_args(argv)
+    blocks = choose_blocks(64, 196, 80, 512, torch.device("cpu"))
+    if args.tiles:
+        n, c, d, d_grad = map(int, args.tiles.split(","))
+        blocks = HeadBlocks(n, c, d, d_grad)
+    num_warps = args.num_warps or blocks.num_warps
+    num_stages = args.num_stages or blocks.num_stages
+    tiles = dict(BLOCK_N=blocks.n, BLOCK_C=blocks.c, BLOCK_D=blocks.d, ACC=tl.float32, PRECISION="tf32x3")
+    rows = []
+    for wta, code in WTA_CODES.items():
+        kernels = [
+            (head_triton._head_forward_kernel, {}),
+            (head_triton._text_grad_kernel, dict(WANT_TEXT=True, BLOCK_DT=blocks.d_grad)),
+            (head_triton._feature_grad_kernel, dict(BLOCK_DT=blocks.d_grad)),
+        ]
+        if wta != "none":
+            kernels += [(head_triton._region_stats_kernel, {}), (head_triton._region_sums_kernel, {})]
+        for kernel, extra in kernels:
+            found = resources(kernel, dict(tiles, WTA=code, **extra), args.arch, num_warps, num_stages)
+            rows.append(dict(kernel=kernel.fn.__name__, wta=wta, **found))
+    finish = dict(BLOCK_C=blocks.c, BLOCK_DT=blocks.d_grad, ACC=tl.float32)
+    rows.append(dict(kernel="_text_grad_finish_kernel", wta="-",
+                     **resources(head_triton._text_grad_finish_kernel, finish, args.arch, num_warps, num_stages)))
+    print(f"sm_{args.arch}, tiles {blocks}, num_warps {num_warps}, num_stages {num_stages}, triton {triton.__version__}")
+    print(format_table(rows, [("kernel", "kernel"), ("wta", "wta"), ("registers", "registers"),
+                              ("spill_bytes", "spill bytes"), ("shared_bytes", "shared bytes")]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
