@@ -2,8 +2,10 @@
 registers per thread and bytes spilled to local memory. A spill is a slow kernel on the GPU; this
 shows it on any machine.
 
-    python benchmarks/kernel_resources.py                      # the tiles choose_blocks picks, sm_90a
-    python benchmarks/kernel_resources.py --tiles 64,32,16,64 --num-warps 8 --num-stages 1
+    python benchmarks/kernel_resources.py                      # fp32, the tiles choose_blocks picks, sm_90
+    python benchmarks/kernel_resources.py --dtype bfloat16 --tiles 64,32,16,64 --num-warps 8 --num-stages 1
+
+It also shows that every kernel compiles for the GPU, which Triton's CPU interpreter never checks.
 """
 
 from __future__ import annotations
@@ -36,16 +38,30 @@ def ptxas_path() -> str:
     return found
 
 
-def signature(kernel, constexprs: dict) -> dict:
+# Pointers to the user's tensors (features, prompts, their gradients) have the input dtype; the
+# others hold the compute dtype, but for the arg-max indices and the log temperature.
+INPUT_POINTERS = {"f_ptr", "te_ptr", "tp_ptr", "tn_ptr", "grad_features_ptr", "out_e_ptr", "out_p_ptr", "out_n_ptr"}
+DTYPES = {  # input dtype: (its pointer type, compute pointer type, accumulator, dot precision)
+    "float32": ("*fp32", "*fp32", tl.float32, "tf32x3"),
+    "bfloat16": ("*bf16", "*fp32", tl.float32, "tf32x3"),
+    "float16": ("*fp16", "*fp32", tl.float32, "tf32x3"),
+    "float64": ("*fp64", "*fp64", tl.float64, "ieee"),
+}
+
+
+def signature(kernel, constexprs: dict, dtype: str) -> dict:
     """Types of a kernel's arguments, by the naming rules of head_triton."""
+    input_pointer, compute_pointer, _, _ = DTYPES[dtype]
     types = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in constexprs:
             types[name] = "constexpr"
         elif name == "index_ptr":
             types[name] = "*i32"
-        elif name.endswith("_ptr"):
+        elif name == "log_temp_ptr":
             types[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            types[name] = input_pointer if name in INPUT_POINTERS else compute_pointer
         elif name in ("gamma", "logit_scale"):
             types[name] = "fp32"
         else:
@@ -53,11 +69,11 @@ def signature(kernel, constexprs: dict) -> dict:
     return types
 
 
-def resources(kernel, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> dict:
+def resources(kernel, constexprs: dict, dtype: str, arch: int, num_warps: int, num_stages: int) -> dict:
     names = list(inspect.signature(kernel.fn).parameters)
     source = ASTSource(
         fn=kernel,
-        signature=signature(kernel, constexprs),
+        signature=signature(kernel, constexprs, dtype),
         constexprs={(names.index(name),): value for name, value in constexprs.items()},
     )
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
@@ -79,6 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiles", help="n,c,d,d_grad (default: choose_blocks for the coco preset)")
     parser.add_argument("--num-warps", type=int)
     parser.add_argument("--num-stages", type=int)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the inputs' dtype")
     args = parser.parse_args(argv)
     blocks = choose_blocks(64, 196, 80, 512, torch.device("cpu"))
     if args.tiles:
@@ -86,7 +103,8 @@ def main(argv=None) -> int:
         blocks = HeadBlocks(n, c, d, d_grad)
     num_warps = args.num_warps or blocks.num_warps
     num_stages = args.num_stages or blocks.num_stages
-    tiles = dict(BLOCK_N=blocks.n, BLOCK_C=blocks.c, BLOCK_D=blocks.d, ACC=tl.float32, PRECISION="tf32x3")
+    _, _, accumulator, precision = DTYPES[args.dtype]
+    tiles = dict(BLOCK_N=blocks.n, BLOCK_C=blocks.c, BLOCK_D=blocks.d, ACC=accumulator, PRECISION=precision)
     rows = []
     for wta, code in WTA_CODES.items():
         kernels = [
@@ -97,12 +115,13 @@ def main(argv=None) -> int:
         if wta != "none":
             kernels += [(head_triton._region_stats_kernel, {}), (head_triton._region_sums_kernel, {})]
         for kernel, extra in kernels:
-            found = resources(kernel, dict(tiles, WTA=code, **extra), args.arch, num_warps, num_stages)
+            found = resources(kernel, dict(tiles, WTA=code, **extra), args.dtype, args.arch, num_warps, num_stages)
             rows.append(dict(kernel=kernel.fn.__name__, wta=wta, **found))
-    finish = dict(BLOCK_C=blocks.c, BLOCK_DT=blocks.d_grad, ACC=tl.float32)
-    rows.append(dict(kernel="_text_grad_finish_kernel", wta="-",
-                     **resources(head_triton._text_grad_finish_kernel, finish, args.arch, num_warps, num_stages)))
-    print(f"sm_{args.arch}, tiles {blocks}, num_warps {num_warps}, num_stages {num_stages}, triton {triton.__version__}")
+    finish = dict(BLOCK_C=blocks.c, BLOCK_DT=blocks.d_grad, ACC=accumulator)
+    found = resources(head_triton._text_grad_finish_kernel, finish, args.dtype, args.arch, num_warps, num_stages)
+    rows.append(dict(kernel="_text_grad_finish_kernel", wta="-", **found))
+    print(f"{args.dtype} inputs, sm_{args.arch}, tiles {blocks}, num_warps {num_warps}, num_stages {num_stages}, "
+          f"triton {triton.__version__}")
     print(format_table(rows, [("kernel", "kernel"), ("wta", "wta"), ("registers", "registers"),
                               ("spill_bytes", "spill bytes"), ("shared_bytes", "shared bytes")]))
     return 0

@@ -61,6 +61,18 @@ def _load_text_chunk(t_ptr, classes, class_mask, dims, dim_mask, D, ACC: tl.cons
 
 
 @triton.jit
+def _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N: tl.constexpr):
+    """The (image, region tile) of a program on grid axes 0 and 1: the image, its regions and their
+    mask, the image's features, the regions' offsets into (B, N) arrays and their inverse norms."""
+    image = tl.program_id(0).to(tl.int64)
+    regions = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    region_mask = regions < N
+    offsets = image * N + regions
+    inv_norm = tl.load(inv_norm_ptr + offsets, mask=region_mask, other=0.0)
+    return image, regions, region_mask, f_ptr + image * stride_fb, offsets, inv_norm
+
+
+@triton.jit
 def _similarity_tiles(
     f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm,
     te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, C, D, classes, class_mask,
@@ -135,13 +147,7 @@ def _region_stats_kernel(
     WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    image = tl.program_id(0).to(tl.int64)
-    regions = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    region_mask = regions < N
-    f_ptr += image * stride_fb
-    offsets = image * N + regions  # into (B, N) arrays
-    inv_norm = tl.load(inv_norm_ptr + offsets, mask=region_mask, other=0.0)
-
+    image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     run_max = tl.full((BLOCK_N,), float("-inf"), ACC)
     run_min = tl.full((BLOCK_N,), float("inf"), ACC)
     arg_max = tl.zeros((BLOCK_N,), tl.int32)
@@ -267,13 +273,8 @@ def _region_sums_kernel(
     drops out exactly instead of cancelling (it dominates when gamma is large):
     pos_norm, a = argmax u:  sum_{m != a} w h  and  sum (s+ - s+_a) w h
     pos200, sigma = w - 1:   sum sigma h,  sum (s+ - M) sigma h  and  sum (s+ - M) sigma"""
-    image = tl.program_id(0).to(tl.int64)
-    regions = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    region_mask = regions < N
-    f_ptr += image * stride_fb
+    image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
-    offsets = image * N + regions
-    inv_norm = tl.load(inv_norm_ptr + offsets, mask=region_mask, other=0.0)
     if WTA == 1:
         winner = tl.load(index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, mask=region_mask, other=-1)
         shift = tl.load(stats_ptr + STAT_S_AT_ARGMAX_U * stat_stride + offsets, mask=region_mask, other=0.0)
@@ -479,12 +480,7 @@ def _feature_grad_kernel(
     """dL/dF for a region tile: G = sum_x dS^x t^x over all classes, accumulated in place in the
     program's rows of ``scratch`` (compute dtype), then through the normalisation f = F / |F|:
     dL/dF = (G - f <f, G>) / |F|, where <f, G> = sum_x sum_m dS^x s^x."""
-    image = tl.program_id(0).to(tl.int64)
-    regions = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    region_mask = regions < N
-    f_ptr += image * stride_fb
-    offsets = image * N + regions
-    inv_norm = tl.load(inv_norm_ptr + offsets, mask=region_mask, other=0.0)
+    image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     rows = offsets[:, None] * D
 
     projection = tl.zeros((BLOCK_N,), ACC)

@@ -43,3 +43,4 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     assert {row["backend"] for row in report["results"]} == {"eager", "triton"}
     assert len(report["checks"]) == 75 and all(check["passed"] for check in report["checks"])
     assert "Correctness: 75 of 75 checks pass" in next(tmp_path.glob("*.md")).read_text()
+
