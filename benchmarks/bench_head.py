@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -66,16 +67,24 @@ def triton_is_interpreted(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-def candidates(device: torch.device, use_compile: bool, interpreted_triton: bool) -> dict:
-    """Label -> head function with the reference's signature; the eager reference comes first."""
-    found = {"eager": dualcoop_head_reference}
-    if use_compile:
-        found["torch.compile"] = torch.compile(dualcoop_head_reference)
+def library_backends(device: torch.device, interpreted_triton: bool) -> dict:
+    """Label -> head function for every backend of the library but the reference."""
+    found = {}
     for name in available_backends("dualcoop_head", device):
         if name == "reference" or (name == "triton" and triton_is_interpreted(device) and not interpreted_triton):
             continue
         found[name] = lambda *args, backend=name, **kw: dualcoop_head(*args, backend=backend, **kw)
     return found
+
+
+def candidates(device: torch.device, use_compile: bool, interpreted_triton: bool) -> dict:
+    """Label -> head function with the reference's signature: eager first, then torch.compile of the
+    reference (a fresh one with static shapes: call this once per preset), then the library's backends."""
+    found = {"eager": dualcoop_head_reference}
+    if use_compile:
+        torch._dynamo.reset()  # no earlier preset's graphs, no recompile limit reached
+        found["torch.compile"] = torch.compile(dualcoop_head_reference, dynamic=False)
+    return {**found, **library_backends(device, interpreted_triton)}
 
 
 def bench_preset(preset, shape, device, dtype, heads, wta, min_repeats, budget_s):
@@ -152,8 +161,6 @@ def check_preset(preset, shape, device, dtype, heads, wta) -> list[dict]:
     names = ["logits", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
     rows = []
     for label, head in heads.items():
-        if label == "eager":
-            continue
         got = output_and_gradients(head, inputs, wta)
         for name, ours, theirs, truth in zip(names, got, eager, exact):
             scale = max(1.0, truth.abs().max().item())
@@ -241,6 +248,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(HEAD_PRESETS), default="coco")
     parser.add_argument("--all", action="store_true", help="run every preset")
+    parser.add_argument("--presets", help="comma-separated presets, for --all or --gpu-check (e.g. a rerun)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--wta", choices=WTA_MODES, default="pos_norm")
@@ -259,11 +267,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    started = time.perf_counter()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.gpu_check and device.type != "cuda" and not args.quick:
         sys.exit("--gpu-check needs a CUDA device (add --quick for a CPU smoke run of the check)")
     presets = list(HEAD_PRESETS) if args.all or args.gpu_check else [args.preset]
-    heads = candidates(device, not args.no_compile, args.interpreted_triton or args.gpu_check)
+    if args.presets:
+        presets = args.presets.split(",")
+        unknown = set(presets) - set(HEAD_PRESETS)
+        if unknown:
+            sys.exit(f"unknown presets {sorted(unknown)}; known: {list(HEAD_PRESETS)}")
+    interpreted_triton = args.interpreted_triton or args.gpu_check
 
     def shape_of(preset):
         return quick_shape(HEAD_PRESETS[preset]) if args.quick else HEAD_PRESETS[preset]
@@ -273,10 +287,12 @@ def main(argv=None) -> int:
         for preset in presets:
             for wta in WTA_MODES:
                 progress(f"check {preset} {wta} {shape_of(preset)} {args.dtype} on {device}")
-                checks += check_preset(preset, shape_of(preset), device, dtype, heads, wta)
+                checks += check_preset(preset, shape_of(preset), device, dtype,
+                                       library_backends(device, interpreted_triton), wta)
     rows = []
     for number, preset in enumerate(presets, 1):
         progress(f"[{number}/{len(presets)}] {preset} {shape_of(preset)} {args.dtype} {args.wta} on {device}")
+        heads = candidates(device, not args.no_compile, interpreted_triton)
         rows += bench_preset(preset, shape_of(preset), device, dtype, heads, args.wta, args.min_repeats, args.budget)
 
     env = environment(device)
@@ -291,7 +307,8 @@ def main(argv=None) -> int:
     if args.gpu_check:
         path = write_gpu_report(env, checks, rows, goals, Path(args.results_dir))
         failed = [c for c in checks if not c["passed"]]
-        print(f"checks: {len(checks) - len(failed)} of {len(checks)} pass; report: {path}")
+        print(f"checks: {len(checks) - len(failed)} of {len(checks)} pass; report: {path}; "
+              f"{time.perf_counter() - started:.0f} s in all")
         if failed:
             print(format_table(failed, CHECK_COLUMNS))
             return 1

@@ -626,7 +626,7 @@ def head_forward(
     stats = _kernel_output(4, B, N, device=device, dtype=compute)
     index = _kernel_output(2, B, N, device=device, dtype=torch.int32)
     inv_norm = _inverse_norms(features, compute)
-    text_inv_norm = _inverse_norms(torch.stack(texts), compute)  # (3, C): small
+    text_inv_norm = torch.stack([_inverse_norms(text, compute) for text in texts])  # (3, C)
     if B == 0:
         return logits, lse, inv_norm, text_inv_norm, stats, index
     constants = _kernel_constants(compute, block, wta)
