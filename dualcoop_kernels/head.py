@@ -16,7 +16,6 @@ from .reference import WTA_MODES, dualcoop_head_reference
 DEFAULT_LOGIT_SCALE = math.exp(3.0)
 
 
-
 def _triton_unavailable(device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
@@ -64,8 +63,9 @@ def dualcoop_head(
             ``exp(u - max u)``), ``"pos200"`` (VOC and NUS-WIDE, ``1 + softmax(u)``) or ``"none"``.
         wta_gamma: WTA sharpness gamma in ``u = gamma * max_m(s+) * s+``.
         logit_scale: k, the constant scale of the logits (e^3 in DualCoOp++).
-        backend: ``"auto"`` (the fastest correct one for the device), ``"reference"``, or another
-            registered name; see ``available_backends("dualcoop_head")``.
+        backend: ``"auto"`` (the fused Triton kernels for CUDA tensors, the reference elsewhere),
+            ``"triton"`` (also on the CPU under ``TRITON_INTERPRET=1``, slowly) or ``"reference"``
+            (eager PyTorch); see ``available_backends("dualcoop_head")``.
 
     Returns:
         B x 2 x C logits in the dtype of ``features``: ``[:, 0]`` is P- (evidence of absence) and
