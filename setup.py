@@ -16,12 +16,16 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=find_packages(include=["dualcoop_kernels", "dualcoop_kernels.*"]),
+    # csrc/ travels inside the package as dualcoop_kernels/csrc, for just-in-time builds of the extension
+    packages=[*find_packages(include=["dualcoop_kernels", "dualcoop_kernels.*"]), "dualcoop_kernels.csrc"],
+    package_dir={"dualcoop_kernels.csrc": "csrc"},
+    package_data={"dualcoop_kernels.csrc": ["*.h", "*.cpp", "*.cu"]},
     python_requires=">=3.9",
     # No upper pins: GPU users keep their own torch. CI pins live in constraints/cpu.txt.
     install_requires=["torch>=2.4", "numpy", 'triton; platform_system == "Linux"'],
     extras_require={
         "clip": ["open_clip_torch>=2.24"],
+        "extension": ["ninja"],  # builds the optional C++/CUDA loss (also needs a C++ compiler)
         "test": ["pytest", "pytest-benchmark", "ninja"],
     },
 )

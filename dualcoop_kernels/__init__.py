@@ -2,13 +2,15 @@
 
 Public API: :func:`dualcoop_head` and :class:`DualCoOpHead` (the head), :func:`asymmetric_loss` and
 :class:`AsymmetricLoss` (the loss), :func:`split_signed_labels` (label encoding), and
-:func:`available_backends`. The math is in SPEC.md; ``reference`` holds the pure PyTorch versions.
+:func:`available_backends`, and :func:`extension_status` and :func:`build_extension` for the optional
+C++/CUDA loss extension. The math is in SPEC.md; ``reference`` holds the pure PyTorch versions.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .asl_extension import build_extension, extension_status
 from .head import HEAD_BACKENDS, DualCoOpHead, dualcoop_head
 from .loss import ASL_BACKENDS, AsymmetricLoss, asymmetric_loss, split_signed_labels
 
@@ -31,6 +33,8 @@ __all__ = [
     "__version__",
     "asymmetric_loss",
     "available_backends",
+    "build_extension",
     "dualcoop_head",
+    "extension_status",
     "split_signed_labels",
 ]

@@ -19,8 +19,10 @@ class Backend:
     function: Callable
     # Returns why the backend cannot run on this device, or None when it can.
     unavailable_reason: Callable[[torch.device], "str | None"]
-    # Device types where "auto" may pick it (None: all); the Triton interpreter runs on the CPU, slowly.
-    auto_devices: "tuple[str, ...] | None" = None
+    # Whether "auto" may pick it for a device (it may still be unavailable there).
+    use_in_auto: Callable[[torch.device], bool]
+    # Run before the backend is considered for a call: may make it available (build it, say).
+    prepare: Callable[[torch.device], None]
 
 
 class BackendRegistry:
@@ -28,9 +30,17 @@ class BackendRegistry:
         self.op_name = op_name
         self._backends: list[Backend] = []
 
-    def register(self, name: str, function: Callable, unavailable_reason=lambda device: None, auto_devices=None):
-        """Add a backend; register faster ones first, since ``auto`` takes the first available."""
-        self._backends.append(Backend(name, function, unavailable_reason, auto_devices))
+    def register(
+        self,
+        name: str,
+        function: Callable,
+        unavailable_reason=lambda device: None,
+        use_in_auto=lambda device: True,
+        prepare=lambda device: None,
+    ) -> None:
+        """Add a backend; register faster ones first, since ``auto`` takes the first available.
+        ``unavailable_reason`` and ``use_in_auto`` must be cheap and free of side effects."""
+        self._backends.append(Backend(name, function, unavailable_reason, use_in_auto, prepare))
 
     def names(self) -> list[str]:
         return [backend.name for backend in self._backends]
@@ -46,11 +56,12 @@ class BackendRegistry:
     def resolve(self, name: str, device: torch.device) -> Backend:
         self.check_known(name)
         if name == "auto":
-            candidates = [b for b in self._backends if b.auto_devices is None or device.type in b.auto_devices]
+            candidates = [b for b in self._backends if b.use_in_auto(device)]
         else:
             candidates = [b for b in self._backends if b.name == name]
         reasons = {}
         for backend in candidates:
+            backend.prepare(device)
             reason = backend.unavailable_reason(device)
             if reason is None:
                 return backend

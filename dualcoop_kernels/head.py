@@ -31,7 +31,8 @@ def _triton_head(*args, **kwargs):
 
 
 HEAD_BACKENDS = BackendRegistry("dualcoop_head")
-HEAD_BACKENDS.register("triton", _triton_head, _triton_unavailable, auto_devices=("cuda",))
+# the interpreter runs Triton on the CPU too, but slowly: "auto" keeps it for CUDA tensors
+HEAD_BACKENDS.register("triton", _triton_head, _triton_unavailable, use_in_auto=lambda device: device.type == "cuda")
 HEAD_BACKENDS.register("reference", dualcoop_head_reference)
 
 

@@ -74,7 +74,7 @@ def test_backend_selection():
     assert dk.available_backends("dualcoop_head") == ["triton", "reference"]
     assert HEAD_BACKENDS.resolve("auto", torch.device("cpu")).name == "reference"
     assert HEAD_BACKENDS.resolve("auto", torch.device("cuda")).name == "triton"
-    assert dk.available_backends("asymmetric_loss", "cpu") == ["reference"]
+    assert dk.available_backends("asymmetric_loss", "cpu")[-1] == "reference"  # the extension, once built
     features, te, tp, tn, log_temp = head_inputs(1, 3, 4, 2, requires_grad=False)
     auto = dk.dualcoop_head(features, te, tp, tn, log_temp, backend="auto")
     torch.testing.assert_close(auto, dualcoop_head_reference(features, te, tp, tn, log_temp))

@@ -1,0 +1,276 @@
+"""The optional C++/CUDA extension of the asymmetric loss: building, loading, status, autograd.
+
+The sources are in ``csrc/``: ``asl_cpu.cpp`` defines the ``dualcoop_asl`` operators and their CPU
+kernels, ``asl_cuda.cu`` their CUDA kernels. They are compiled with ninja by
+``torch.utils.cpp_extension.load`` into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), which later processes reuse. The first loss call that considers the
+extension (``backend="auto"`` or ``"extension"``) builds it, once a process, unless
+``DUALCOOP_KERNELS_NO_BUILD=1``; ahead of time: ``python -m dualcoop_kernels.build_extension``. A build
+that fails leaves the PyTorch path running, with one warning that says why.
+
+The CUDA part is built where torch has CUDA and nvcc is found, for the visible GPU's architecture (sm_90
+when there is none, which still checks that it compiles). The forward computes the loss and its
+gradient to every logit in one pass and keeps the gradient (B x C floats); the backward only scales it.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import functools
+import os
+import platform
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}  # as csrc/asl_math.h numbers them
+DEFAULT_CUDA_ARCH = "90"  # compiled for when no GPU is visible
+
+
+def _sources() -> Path:
+    """``csrc`` inside the installed package, or beside it in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / "asl_cpu.cpp").exists():
+            return candidate
+    raise FileNotFoundError(f"the extension's sources (asl_cpu.cpp) are not in {here / 'csrc'} or {here.parent / 'csrc'}")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> tuple[str, list[str], list[str]]:
+    """The CPU library's name and compile and link flags: OpenMP (ATen's parallel_for is OpenMP in
+    its headers, serial without the flag), vectorised math (glibc's libmvec under -ffast-math) for the
+    instruction set this machine has, which the name records."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    cflags = ["-O3", "-ffast-math", "-fopenmp"]
+    ldflags = ["-fopenmp"]
+    if platform.machine() == "x86_64" and capability.startswith("avx"):
+        cflags += ["-mavx2", "-mfma", "-mf16c"]
+        capability = "avx2"
+    if ctypes.util.find_library("mvec"):
+        ldflags.append("-lmvec")
+    return f"dualcoop_asl_cpu_{capability}", cflags, ldflags
+
+
+def _cuda_arch() -> str:
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}{minor}"
+    return os.environ.get("DUALCOOP_CUDA_ARCH", DEFAULT_CUDA_ARCH)
+
+
+def _cuda_unbuildable() -> str | None:
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        return "this torch has no CUDA"
+    home = cpp_extension.CUDA_HOME
+    if home is None or not (Path(home) / "bin" / "nvcc").exists():
+        return f"nvcc not found (CUDA_HOME={home}); set CUDA_HOME to a CUDA toolkit"
+    if not any((Path(home) / folder / "libcudart.so").exists() for folder in ("lib64", "lib")):
+        return f"CUDA_HOME={home} has no lib64/libcudart.so to link; set CUDA_HOME to a CUDA toolkit"
+    return None
+
+
+def _cuda_include_paths() -> list[str]:
+    """pip's CUDA headers (nvidia/cu13/include and the like), which torch's own headers may need."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return [str(path) for root in nvidia.__path__ for path in Path(root).glob("cu*/include")]
+
+
+def _build_directory(name: str) -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(name, verbose=False))
+
+
+@dataclass
+class ExtensionStatus:
+    """What :func:`extension_status` reports."""
+
+    cpu_built: bool = False
+    cuda_built: bool = False
+    cpu_library: str | None = None
+    cuda_library: str | None = None
+    cache_directory: str | None = None
+    why_not: dict = field(default_factory=dict)  # part -> reason it is missing
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Loader:
+    """Loads and builds the two parts, at most once a process each: the loss asks on every call."""
+
+    def __init__(self):
+        self.status = ExtensionStatus()
+        self.looked = False  # the cache has been looked at
+        self.build_tried = False
+        self.failed: set[str] = set()  # parts whose build failed: it would fail the same way again
+
+    def built(self, part: str) -> bool:
+        return getattr(self.status, f"{part}_built")
+
+    def load(self, build: bool) -> ExtensionStatus:
+        if self.looked and (self.build_tried or not build):
+            return self.status
+        self.looked = True
+        self.build_tried |= build
+        name, cflags, ldflags = _cpu_flags()
+        self.status.cache_directory = str(_build_directory(name).parent)
+        sources = _sources()
+        if not self._load_part("cpu", name, build, sources=[str(sources / "asl_cpu.cpp")],
+                               extra_cflags=cflags, extra_ldflags=ldflags):
+            return self.status
+        _register_python_side()
+        reason = _cuda_unbuildable()
+        if reason:
+            self.status.why_not["cuda"] = reason
+            return self.status
+        arch = _cuda_arch()
+        self._load_part(
+            "cuda", f"dualcoop_asl_cuda_sm{arch}", build,
+            sources=[str(sources / "asl_cuda.cu")],
+            extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+            extra_include_paths=_cuda_include_paths(),
+        )
+        return self.status
+
+    def _load_part(self, part: str, name: str, build: bool, **load_arguments) -> bool:
+        """Load one part from the cache, building it first if asked to."""
+        from torch.utils import cpp_extension
+
+        if self.built(part):
+            return True
+        if part in self.failed:
+            return False
+        library = _build_directory(name) / f"{name}.so"
+        if not build and not library.exists():
+            self.status.why_not[part] = "not built yet (python -m dualcoop_kernels.build_extension builds it)"
+            return False
+        try:
+            cpp_extension.load(name=name, is_python_module=False, verbose=False, **load_arguments)
+        except Exception as error:  # a compiler error, no compiler, a link error
+            self.status.why_not[part] = f"build failed: {str(error).strip()[-2000:]}"
+            self.failed.add(part)
+            return False
+        setattr(self.status, f"{part}_built", True)
+        setattr(self.status, f"{part}_library", str(library))
+        self.status.why_not.pop(part, None)
+        return True
+
+
+_LOADER = _Loader()
+
+
+def build_extension() -> ExtensionStatus:
+    """Build (or load from the cache) every part this machine can build, and say what happened.
+    The same as ``python -m dualcoop_kernels.build_extension``."""
+    return _LOADER.load(build=True)
+
+
+def extension_status() -> dict:
+    """What of the extension is loaded in this process or built in the cache, where the cache is, and
+    why a part is missing. Loads what is already built; never compiles."""
+    return _LOADER.load(build=False).as_dict()
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(part: str) -> None:
+    warnings.warn(
+        f"dualcoop_kernels: the {part.upper()} part of the asymmetric-loss extension is not available, so "
+        f"the PyTorch path runs instead: {_LOADER.status.why_not.get(part, 'unknown reason')[-600:]} "
+        "(dualcoop_kernels.extension_status() tells more)",
+        stacklevel=5,
+    )
+
+
+def prepare(device: torch.device) -> None:
+    """Before the loss considers the extension for a device: build what it needs, once a process, and
+    warn once if that fails. ``DUALCOOP_KERNELS_NO_BUILD=1`` keeps it to what is built already."""
+    if device.type not in ("cpu", "cuda") or _LOADER.built(device.type):
+        return
+    _LOADER.load(build=os.environ.get("DUALCOOP_KERNELS_NO_BUILD") != "1")
+    broken = next((part for part in (device.type, "cpu") if part in _LOADER.failed), None)
+    if broken:
+        _warn_once(broken)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the extension cannot run on this device now (None when it can); never compiles."""
+    if device.type not in ("cpu", "cuda"):
+        return f"it has kernels for the CPU and CUDA only, not {device.type}"
+    if built_for(device):
+        return None
+    why = _LOADER.status.why_not
+    return why.get(device.type) or why.get("cpu", "it is not built")
+
+
+def built_for(device: torch.device) -> bool:
+    """Whether the extension's part for this device is loaded (or built and now loaded); never compiles."""
+    if device.type not in ("cpu", "cuda"):
+        return False
+    _LOADER.load(build=False)
+    return _LOADER.built(device.type)
+
+
+@functools.lru_cache(maxsize=None)
+def _register_python_side() -> None:
+    """Fake (shape) implementations and autograd of the C++ operators, once they exist."""
+    torch.library.register_fake("dualcoop_asl::asl_forward")(_fake_forward)
+    torch.library.register_fake("dualcoop_asl::asl_backward")(_fake_backward)
+    torch.library.register_autograd("dualcoop_asl::asl_forward", _backward, setup_context=_setup_context)
+
+
+def _fake_forward(logits, targets, mask, gamma_neg, gamma_pos, clip, eps, focal_grad, reduction, need_grad):
+    rows, cols = logits.shape[0], logits.shape[-1]
+    loss = logits.new_empty((rows, cols) if reduction == REDUCTIONS["none"] else ())
+    grad_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    grad = logits.new_empty((rows, cols) if need_grad else (0, 0), dtype=grad_dtype)
+    return loss, grad
+
+
+def _fake_backward(grad_loss, grad, two_way, dtype):
+    rows, cols = grad.shape
+    return grad.new_empty((rows, 2, cols) if two_way else (rows, cols), dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    logits = inputs[0]
+    ctx.two_way = logits.dim() == 3
+    ctx.dtype = logits.dtype
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    grad_logits = torch.ops.dualcoop_asl.asl_backward(grad_loss, grad, ctx.two_way, ctx.dtype)
+    return (grad_logits,) + (None,) * 9
+
+
+def asymmetric_loss_extension(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    gamma_neg: float = 4.0,
+    gamma_pos: float = 1.0,
+    clip: float = 0.05,
+    eps: float = 1e-8,
+    focal_grad: bool = False,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """The loss through the extension; same contract as ``asymmetric_loss_reference``."""
+    if targets.dtype != logits.dtype:
+        targets = targets.to(logits.dtype)
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = torch.ops.dualcoop_asl.asl_forward(
+        logits, targets, mask, gamma_neg, gamma_pos, clip, eps, focal_grad, REDUCTIONS[reduction], need_grad
+    )
+    return loss

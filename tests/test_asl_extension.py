@@ -1,0 +1,206 @@
+"""The C++/CUDA asymmetric loss against the reference: loss and gradient for every option, extreme
+logits, unknown labels, empty and strided inputs; building, status, fallback and compilation."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from utils import assert_within_twice_reference_error
+
+import dualcoop_kernels as dk
+from dualcoop_kernels import asl_extension
+from dualcoop_kernels.loss import ASL_BACKENDS
+from dualcoop_kernels.reference import asymmetric_loss_reference
+
+HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
+pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the extension cannot be built here")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    status = asl_extension.build_extension()
+    assert status.cpu_built, status.why_not  # where there is a compiler, the CPU part must build
+    return status
+
+
+def devices():
+    found = ["cpu"]
+    if torch.cuda.is_available() and asl_extension.build_extension().cuda_built:
+        found.append("cuda")
+    return found
+
+
+def random_case(B, C, two_way, dtype=torch.float64, device="cpu", unknown=0.3, extreme=True):
+    """Logits around +-3 with some at +-50 (where the eps clamp and the clip decide), 0/1 targets and a
+    mask with about ``unknown`` of the labels unknown."""
+    shape = (B, 2, C) if two_way else (B, C)
+    logits = 3 * torch.randn(shape, dtype=torch.float64)
+    if extreme:
+        logits = torch.where(torch.rand(shape) < 0.1, 50 * torch.sign(logits), logits)
+    targets = (torch.rand(B, C) < 0.4).to(dtype)
+    mask = torch.rand(B, C) >= unknown
+    return logits.to(device, dtype).requires_grad_(), targets.to(device), mask.to(device)
+
+
+def loss_and_grad(backend, logits, targets, mask, grad_output=None, **options):
+    loss = dk.asymmetric_loss(logits, targets, mask, backend=backend, **options)
+    grad_output = torch.ones_like(loss) if grad_output is None else grad_output
+    (grad,) = torch.autograd.grad(loss, logits, grad_output)
+    return loss, grad
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("two_way", [False, True])
+@pytest.mark.parametrize("focal_grad", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_float64_matches_reference(device, two_way, focal_grad, reduction, with_mask):
+    logits, targets, mask = random_case(9, 37, two_way, device=device)
+    mask = mask if with_mask else None
+    options = dict(gamma_neg=2.0, gamma_pos=1.0, clip=0.05, focal_grad=focal_grad, reduction=reduction)
+    grad_output = torch.randn(9, 37, dtype=torch.float64, device=device) if reduction == "none" else None
+    expected = loss_and_grad("reference", logits, targets, mask, grad_output, **options)
+    got = loss_and_grad("extension", logits, targets, mask, grad_output, **options)
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("two_way", [False, True])
+@pytest.mark.parametrize("focal_grad", [False, True])
+def test_low_precision_within_twice_reference_error(device, dtype, two_way, focal_grad):
+    logits, targets, mask = random_case(16, 101, two_way, dtype=dtype, device=device)
+    exact_logits = logits.detach().double().requires_grad_()
+    options = dict(gamma_neg=4.0, gamma_pos=1.0, clip=0.05, focal_grad=focal_grad, reduction="sum")
+    exact = loss_and_grad("reference", exact_logits, targets.double(), mask, **options)
+    eager = loss_and_grad("reference", logits, targets, mask, **options)
+    got = loss_and_grad("extension", logits, targets, mask, **options)
+    for what, ours, theirs, truth in zip(("loss", "grad"), got, eager, exact):
+        assert ours.dtype == dtype
+        assert_within_twice_reference_error(ours, theirs, truth, 1e-6 if dtype == torch.float32 else 4e-3, what)
+
+
+@pytest.mark.parametrize("two_way", [False, True])
+@pytest.mark.parametrize("focal_grad, gammas", [(True, (3.0, 1.5)), (False, (0.0, 0.0))])
+def test_gradcheck(two_way, focal_grad, gammas):
+    """gradcheck differentiates the focusing weight too: the detached one is checked at gamma 0 here,
+    and at other gammas by the comparison with the reference above."""
+    logits, targets, mask = random_case(4, 11, two_way, extreme=False)
+    gamma_neg, gamma_pos = gammas
+
+    def loss(z):
+        return dk.asymmetric_loss(z, targets, mask, gamma_neg=gamma_neg, gamma_pos=gamma_pos,
+                                  focal_grad=focal_grad, reduction="none", backend="extension")
+
+    assert torch.autograd.gradcheck(loss, (logits,))
+
+
+def test_extreme_logits():
+    logits = torch.tensor([[-50.0, 50.0, -50.0, 50.0, 0.0]], dtype=torch.float32, requires_grad=True)
+    targets = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]])
+    for focal_grad in (False, True):
+        got = loss_and_grad("extension", logits, targets, None, focal_grad=focal_grad, reduction="none")
+        exact = loss_and_grad("reference", logits.detach().double().requires_grad_(), targets.double(), None,
+                              focal_grad=focal_grad, reduction="none")
+        for ours, truth in zip(got, exact):
+            assert torch.isfinite(ours).all()
+            torch.testing.assert_close(ours.double(), truth, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_all_unknown_and_empty(device):
+    logits, targets, _ = random_case(5, 7, two_way=True, device=device)
+    nothing_known = torch.zeros(5, 7, dtype=torch.bool, device=device)
+    for reduction in ("sum", "mean", "none"):
+        loss, grad = loss_and_grad("extension", logits, targets, nothing_known, reduction=reduction)
+        assert torch.all(loss == 0) and torch.all(grad == 0)
+    empty = torch.zeros(0, 2, 7, dtype=torch.float64, device=device, requires_grad=True)
+    for reduction in ("sum", "mean"):
+        loss, grad = loss_and_grad("extension", empty, targets[:0], None, reduction=reduction)
+        assert loss.item() == 0 and grad.shape == (0, 2, 7)
+    assert dk.asymmetric_loss(empty, targets[:0], reduction="none", backend="extension").shape == (0, 7)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_non_contiguous_inputs(device):
+    B, C = 6, 19
+    logits = (3 * torch.randn(C, 2, B, dtype=torch.float64, device=device)).permute(2, 1, 0).requires_grad_()
+    targets = (torch.rand(C, B, device=device) < 0.5).double().T
+    mask = (torch.rand(C, B, device=device) < 0.7).T
+    assert not logits.is_contiguous() and not targets.is_contiguous() and not mask.is_contiguous()
+    expected = loss_and_grad("reference", logits, targets, mask, reduction="mean")
+    got = loss_and_grad("extension", logits, targets, mask, reduction="mean")
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_targets_of_other_dtypes():
+    logits, targets, mask = random_case(4, 9, two_way=False)
+    expected = dk.asymmetric_loss(logits, targets, mask, backend="reference")
+    for other in (torch.bool, torch.int64, torch.float32):
+        torch.testing.assert_close(dk.asymmetric_loss(logits, targets.to(other), mask, backend="extension"), expected)
+
+
+def test_auto_takes_the_built_extension_and_status_says_so():
+    assert ASL_BACKENDS.resolve("auto", torch.device("cpu")).name == "extension"
+    assert dk.available_backends("asymmetric_loss", "cpu") == ["extension", "reference"]
+    status = dk.extension_status()
+    assert status["cpu_built"] and os.path.exists(status["cpu_library"])
+    assert status["cache_directory"] and "cpu" not in status["why_not"]
+
+
+def test_compiles_without_graph_breaks():
+    logits, targets, mask = random_case(3, 8, two_way=True)
+    loss_fn = dk.AsymmetricLoss(gamma_neg=2.0, backend="extension")
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    got = loss_and_grad("extension", logits, targets, mask)
+    loss = compiled(logits, targets, mask)
+    (grad,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(loss, dk.asymmetric_loss(logits, targets, mask, gamma_neg=2.0, backend="extension"))
+    assert grad.shape == got[1].shape
+
+
+NO_COMPILER_SCRIPT = """
+import warnings, torch, dualcoop_kernels as dk
+logits = torch.randn(3, 2, 5, requires_grad=True)
+targets = (torch.rand(3, 5) < 0.5).float()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    loss = dk.asymmetric_loss(logits, targets)          # auto: tries to build, falls back
+    loss = dk.asymmetric_loss(logits, targets)          # no second try, no second warning
+loss.backward()
+ours = [str(w.message) for w in caught if "dualcoop_kernels" in str(w.message)]
+print("WARNINGS", len(ours))
+print(ours[0])
+torch.testing.assert_close(loss, dk.asymmetric_loss(logits, targets, backend="reference"))
+try:
+    dk.asymmetric_loss(logits, targets, backend="extension")
+except ValueError as error:
+    print("ERROR", error)
+print("STATUS", dk.extension_status()["cpu_built"])
+"""
+
+
+def test_without_a_compiler_the_pytorch_path_runs_with_one_warning(tmp_path):
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache")}
+    finished = subprocess.run([sys.executable, "-c", NO_COMPILER_SCRIPT], capture_output=True, text=True,
+                              env=env, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    out = finished.stdout
+    assert "WARNINGS 1" in out
+    assert "the PyTorch path runs instead" in out and "build failed" in out
+    assert "ERROR backend 'extension' of asymmetric_loss is not available on cpu" in out
+    assert "available: ['auto', 'reference']" in out
+    assert "STATUS False" in out
+
+
+def test_cuda_part_compiles_where_nvcc_is_found(built):
+    """With a CUDA build of torch and nvcc, the CUDA source compiles and links, GPU or not."""
+    reason = asl_extension._cuda_unbuildable()
+    if reason:
+        pytest.skip(f"CUDA part not buildable here: {reason}")
+    assert built.cuda_built, built.why_not.get("cuda")
