@@ -204,3 +204,10 @@ def test_cuda_part_compiles_where_nvcc_is_found(built):
     if reason:
         pytest.skip(f"CUDA part not buildable here: {reason}")
     assert built.cuda_built, built.why_not.get("cuda")
+
+
+def test_ahead_of_time_build_command():
+    finished = subprocess.run([sys.executable, "-m", "dualcoop_kernels.build_extension"], capture_output=True,
+                              text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert '"cpu_built": true' in finished.stdout
