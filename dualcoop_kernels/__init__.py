@@ -2,8 +2,9 @@
 
 Public API: :func:`dualcoop_head` and :class:`DualCoOpHead` (the head), :func:`asymmetric_loss` and
 :class:`AsymmetricLoss` (the loss), :func:`split_signed_labels` (label encoding), and
-:func:`available_backends`, and :func:`extension_status` and :func:`build_extension` for the optional
-C++/CUDA loss extension. The math is in SPEC.md; ``reference`` holds the pure PyTorch versions.
+:func:`available_backends`, :func:`extension_status` and :func:`build_extension` for the optional
+C++/CUDA loss extension, and :class:`DualCoOpPlusPlus`, the whole model on a frozen open_clip CLIP
+(needs the ``clip`` extra). The math is in SPEC.md; ``reference`` holds the pure PyTorch versions.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from .asl_extension import build_extension, extension_status
 from .head import HEAD_BACKENDS, DualCoOpHead, dualcoop_head
 from .loss import ASL_BACKENDS, AsymmetricLoss, asymmetric_loss, split_signed_labels
+from .model import DualCoOpPlusPlus
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,7 @@ def available_backends(op: str = "dualcoop_head", device: torch.device | str = "
 __all__ = [
     "AsymmetricLoss",
     "DualCoOpHead",
+    "DualCoOpPlusPlus",
     "__version__",
     "asymmetric_loss",
     "available_backends",

@@ -1,0 +1,174 @@
+"""DualCoOp++ on a frozen open_clip model: region features, learned prompts, the head.
+
+Only the prompt contexts (and, in DualCoOp++, the log spatial temperature) learn; the CLIP weights are
+frozen and stay in eval mode. The original DualCoOp (NeurIPS 2022) is ``variant="dualcoop"``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import torch
+from torch import nn
+
+from ._checks import check_choice
+from .clip_regions import region_features
+from .head import DualCoOpHead, dualcoop_head
+from .prompts import PromptLearner, TextEncoder
+
+VARIANTS = ("dualcoop++", "dualcoop")
+ORIGINAL_TEMPERATURE, ORIGINAL_LOGIT_SCALE = 20.0, 100.0  # the original DualCoOp's fixed tau and k
+
+
+def _open_clip():
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ImportError("the CLIP model needs open_clip_torch: pip install 'dualcoop_kernels[clip]'") from error
+    return open_clip
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
+    """An open_clip model by name, with weights from a local checkpoint file or an open_clip tag
+    (from its download cache, or downloaded), or randomly initialised when ``pretrained`` is None.
+
+    Offline, a tag that is not in the cache fails at once with a clear message instead of retrying;
+    with ``HF_HUB_OFFLINE=1`` open_clip looks in its cache only.
+    """
+    open_clip = _open_clip()
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r}; e.g. RN50, RN101, RN50x4, ViT-B-16, ViT-L-14")
+    if pretrained is None or os.path.isfile(pretrained):
+        return open_clip.create_model(model_name, pretrained=pretrained)
+    if pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
+        raise ValueError(
+            f"pretrained={pretrained!r} is neither a file nor an open_clip tag of {model_name}; "
+            f"tags: {open_clip.list_pretrained_tags_by_model(model_name)}"
+        )
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and not _reachable("huggingface.co"):
+        raise RuntimeError(
+            f"cannot download the {pretrained!r} weights of {model_name}: huggingface.co is unreachable. "
+            "Pass pretrained=<a checkpoint file>, or set HF_HUB_OFFLINE=1 to use open_clip's download cache."
+        )
+    return open_clip.create_model(model_name, pretrained=pretrained)
+
+
+class DualCoOpPlusPlus(nn.Module):
+    """Multi-label recognition with learned prompts on a frozen CLIP (DualCoOp++, or the original DualCoOp).
+
+    Args:
+        clip: an open_clip model name (e.g. ``"RN101"``, ``"ViT-B-16"``) or an open_clip CLIP model.
+        classnames: the C class names, in the order of the logits.
+        pretrained: with a model name: a checkpoint file or an open_clip tag (e.g. ``"openai"``); None
+            leaves the CLIP weights random (for tests).
+        n_ctx: context tokens per prompt (21); ctx_init: a phrase to start every context from (its token
+            count is then n_ctx); csc: class-specific contexts (True) or one shared by all classes.
+        wta: the head's winner-take-all mode; head_backend: the head's backend (``"auto"``, ``"triton"``,
+            ``"reference"``).
+        variant: ``"dualcoop++"`` (three prompts, learned temperature starting at ``spatial_temp_init``,
+            logit scale e^3, WTA) or ``"dualcoop"`` (two prompts, the positive one as evidence, tau 20,
+            logit scale 100, no WTA, mean token and positional embedding in the ResNet tokens).
+
+    ``forward(images)`` returns B x 2 x C logits (``[:, 0]`` negative, ``[:, 1]`` positive);
+    ``forward(regions=...)`` takes cached :meth:`encode_regions` output instead.
+    """
+
+    def __init__(
+        self,
+        clip: str | nn.Module,
+        classnames: list[str],
+        *,
+        pretrained: str | None = None,
+        n_ctx: int | None = None,
+        ctx_init: str | None = None,
+        csc: bool = True,
+        wta: str = "pos_norm",
+        head_backend: str = "auto",
+        variant: str = "dualcoop++",
+        spatial_temp_init: float = 3.0,
+    ):
+        super().__init__()
+        check_choice("variant", variant, VARIANTS)
+        if isinstance(clip, str):
+            tokenizer = _open_clip().get_tokenizer(clip)
+            clip = load_clip(clip, pretrained)
+        else:
+            tokenizer = _open_clip().get_tokenizer("RN50")  # the CLIP BPE tokenizer that every CLIP model uses
+        self.clip = clip.requires_grad_(False).eval()
+        self.variant = variant
+        original = variant == "dualcoop"
+        prompt_sets = ("pos", "neg") if original else ("evidence", "pos", "neg")
+        self.prompts = PromptLearner(clip, tokenizer, list(classnames), prompt_sets, n_ctx, ctx_init, csc)
+        self.text_encoder = TextEncoder(clip)
+        if original:
+            self.head = None
+            self.head_backend = head_backend
+        else:
+            self.head = DualCoOpHead(wta=wta, spatial_temp_init=spatial_temp_init, backend=head_backend)
+        self._text_cache: tuple | None = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # frozen, batch norm statistics included
+        return self
+
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def encode_regions(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W images -> B x N x D region features of the frozen CLIP (cacheable: they never
+        change while the prompts learn)."""
+        return region_features(self.clip.visual, images, with_positions=self.variant == "dualcoop")
+
+    def text_features(self) -> list[torch.Tensor]:
+        """One C x D tensor per prompt set. Outside autograd (inference) they are computed once and
+        reused until a context changes (in-place updates bump its version)."""
+        contexts = list(self.prompts.contexts().values())
+        tracked = torch.is_grad_enabled() and any(c.requires_grad for c in contexts)
+        key = tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in contexts)
+        if not tracked and self._text_cache is not None and self._text_cache[0] == key:
+            return self._text_cache[1]
+        classes = self.prompts.token_prefix.shape[0]
+        features = self.text_encoder(self.prompts(), self.prompts.tokenized.repeat(len(contexts), 1))
+        features = list(features.split(classes))
+        self._text_cache = None if tracked else (key, features)
+        return features
+
+    def forward(self, images: torch.Tensor | None = None, *, regions: torch.Tensor | None = None) -> torch.Tensor:
+        if (images is None) == (regions is None):
+            raise ValueError("pass images (B x 3 x H x W) or regions (B x N x D from encode_regions), one of them")
+        regions = self.encode_regions(images) if regions is None else regions
+        texts = self.text_features()
+        if self.head is not None:
+            evidence, positive, negative = texts
+            return self.head(regions, evidence.to(regions.dtype), positive.to(regions.dtype), negative.to(regions.dtype))
+        positive, negative = (t.to(regions.dtype) for t in texts)
+        return dualcoop_head(regions, positive, positive, negative, math.log(ORIGINAL_TEMPERATURE), wta="none",
+                             logit_scale=ORIGINAL_LOGIT_SCALE, backend=self.head_backend)
+
+    def prompt_state_dict(self) -> dict[str, torch.Tensor]:
+        """The learned state alone (the contexts, and the log temperature), without the CLIP weights."""
+        return {name: tensor.detach().clone() for name, tensor in self.named_parameters() if tensor.requires_grad}
+
+    def load_prompt_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`prompt_state_dict` returned; the names and shapes must match this model's."""
+        own = dict((name, p) for name, p in self.named_parameters() if p.requires_grad)
+        if set(state) != set(own):
+            raise ValueError(f"prompt state has {sorted(state)}, this model learns {sorted(own)}")
+        for name, value in state.items():
+            if value.shape != own[name].shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} in the state, {tuple(own[name].shape)} here")
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)

@@ -1,0 +1,103 @@
+"""Learned prompts and the frozen text encoder that turns them into one D-vector per class and prompt.
+
+A prompt is ``[SOS] ctx_1 ... ctx_n classname . [EOS]``: the class name at the end (CoOp's "end"
+position), the ``n`` context vectors learned. DualCoOp++ learns three sets (evidential, positive,
+negative), the original DualCoOp two (positive, negative); each class has its own contexts (``csc``,
+the default) or all classes share one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DEFAULT_N_CTX = 21  # DualCoOp++'s context length
+PLACEHOLDER = "X"  # stands for a learned context token in the tokenized prompt
+
+
+class PromptLearner(nn.Module):
+    """The learnable contexts of every prompt set, and the fixed token embeddings around them.
+
+    Args:
+        clip_model: an open_clip CLIP (its token embedding gives the fixed tokens; nothing of it is kept).
+        tokenizer: its open_clip tokenizer.
+        classnames: the C class names ("_" reads as a space).
+        prompt_sets: names of the sets, e.g. ``("evidence", "pos", "neg")``; parameter ``ctx_<name>`` each.
+        n_ctx: context tokens per prompt (21 when None); with ``ctx_init`` it must match the phrase's
+            token count, or be None.
+        ctx_init: a phrase (e.g. "a photo of a") whose token embeddings start every context; None: N(0, 0.02).
+        csc: class-specific contexts (C x n_ctx x width) rather than one shared (n_ctx x width).
+    """
+
+    def __init__(self, clip_model, tokenizer, classnames, prompt_sets, n_ctx=None, ctx_init=None, csc=True):
+        super().__init__()
+        if not classnames:
+            raise ValueError("classnames must name at least one class")
+        embedding = clip_model.token_embedding
+        width = embedding.weight.shape[1]
+        if ctx_init:
+            phrase_tokens = tokenizer([ctx_init])[0]
+            length = int(phrase_tokens.argmax()) - 1  # between [SOS] and [EOS] (the largest id)
+            if n_ctx not in (None, length):
+                raise ValueError(f"ctx_init {ctx_init!r} has {length} tokens but n_ctx is {n_ctx}")
+            n_ctx, prefix = length, ctx_init
+            with torch.no_grad():
+                start = embedding(phrase_tokens[None, 1 : 1 + n_ctx].to(embedding.weight.device))[0]
+        else:
+            n_ctx = DEFAULT_N_CTX if n_ctx is None else n_ctx
+            prefix = " ".join([PLACEHOLDER] * n_ctx)
+            start = None
+        if n_ctx < 1:
+            raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
+        self.n_ctx, self.csc, self.prompt_sets = n_ctx, csc, tuple(prompt_sets)
+        shape = (len(classnames), n_ctx, width) if csc else (n_ctx, width)
+        for name in self.prompt_sets:
+            context = torch.empty(shape, dtype=embedding.weight.dtype)
+            if start is None:
+                nn.init.normal_(context, std=0.02)
+            else:
+                context.copy_(start.expand(shape))
+            self.register_parameter(f"ctx_{name}", nn.Parameter(context))
+
+        tokenized = tokenizer([f"{prefix} {name.replace('_', ' ')}." for name in classnames])
+        with torch.no_grad():
+            fixed = embedding(tokenized.to(embedding.weight.device))
+        # derived from the class names, so not part of the learned state (persistent=False)
+        self.register_buffer("tokenized", tokenized, persistent=False)
+        self.register_buffer("token_prefix", fixed[:, :1], persistent=False)  # [SOS]
+        self.register_buffer("token_suffix", fixed[:, 1 + n_ctx :], persistent=False)  # name . [EOS] pad
+
+    def contexts(self) -> dict[str, nn.Parameter]:
+        return {name: getattr(self, f"ctx_{name}") for name in self.prompt_sets}
+
+    def forward(self) -> torch.Tensor:
+        """Prompt embeddings of every set, stacked: (S*C) x L x width, set by set."""
+        classes = self.token_prefix.shape[0]
+        prompts = []
+        for context in self.contexts().values():
+            context = context if self.csc else context.expand(classes, -1, -1)
+            prompts.append(torch.cat([self.token_prefix, context.to(self.token_prefix.dtype), self.token_suffix], 1))
+        return torch.cat(prompts)
+
+
+class TextEncoder(nn.Module):
+    """open_clip's text tower fed prompt embeddings instead of token ids: positional embedding,
+    causal transformer, final layer norm, the features at the [EOS] token, the text projection.
+    Holds references to the CLIP model's own (frozen) modules."""
+
+    def __init__(self, clip_model):
+        super().__init__()
+        for part in ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection"):
+            if not hasattr(clip_model, part):
+                raise TypeError(f"the CLIP model has no {part}: only open_clip CLIP models (not CustomTextCLIP) work")
+        self.clip = [clip_model]  # a list: not a submodule, so its weights are not registered twice
+
+    def forward(self, prompts: torch.Tensor, tokenized: torch.Tensor) -> torch.Tensor:
+        clip = self.clip[0]
+        dtype = clip.transformer.get_cast_dtype()
+        x = prompts.to(dtype) + clip.positional_embedding.to(dtype)
+        x = clip.transformer(x, attn_mask=clip.attn_mask)
+        x = clip.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), tokenized.argmax(dim=-1)]  # [EOS]: the largest id
+        projection = clip.text_projection
+        return projection(x) if isinstance(projection, nn.Linear) else x @ projection

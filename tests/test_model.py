@@ -1,0 +1,201 @@
+"""DualCoOp++ on randomly initialised open_clip models (RN50, RN101, ViT-B-16) and small inputs."""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+open_clip = pytest.importorskip("open_clip")
+
+import dualcoop_kernels as dk  # noqa: E402
+from dualcoop_kernels.clip_regions import region_features  # noqa: E402
+
+CLASSES = ["cat", "dog", "traffic_light"]
+
+
+@pytest.fixture(scope="module")
+def rn50():
+    return open_clip.create_model("RN50").eval()
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return open_clip.create_model("ViT-B-16").eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return open_clip.get_tokenizer("RN50")
+
+
+@pytest.mark.parametrize("size, regions", [((64, 64), 4), ((96, 128), 12)])
+def test_resnet_region_shapes(rn50, size, regions):
+    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4)
+    features = model.encode_regions(torch.randn(2, 3, *size))
+    assert features.shape == (2, regions, 1024) and not features.requires_grad
+    assert model(torch.randn(2, 3, *size)).shape == (2, 2, 3)
+
+
+@pytest.mark.parametrize("size, regions", [((224, 224), 196), ((64, 80), 20)])
+def test_vit_region_shapes(vit, size, regions):
+    model = dk.DualCoOpPlusPlus(vit, CLASSES, n_ctx=4)
+    assert model.encode_regions(torch.randn(1, 3, *size)).shape == (1, regions, 512)
+    assert model(torch.randn(1, 3, *size)).shape == (1, 2, 3)
+
+
+def test_resnet_regions_are_per_token_attention_pool_projections(rn50):
+    """The layer4 output of CLIP's own forward (at its own input size), through v_proj and c_proj."""
+    images = torch.randn(2, 3, 224, 224)
+    captured = {}
+    hook = rn50.visual.layer4.register_forward_hook(lambda module, args, out: captured.update(layer4=out))
+    with torch.no_grad():
+        rn50.visual(images)
+    hook.remove()
+    tokens = captured["layer4"].flatten(2).transpose(1, 2)
+    pool = rn50.visual.attnpool
+    expected = pool.c_proj(pool.v_proj(tokens))
+    torch.testing.assert_close(region_features(rn50.visual, images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_regions_are_self_attention_only_in_the_last_block(vit):
+    """CLIP's own forward up to the last block, then that block with a mask that lets every token
+    attend only to itself, ln_post and the projection: what the library computes without attention."""
+    images = torch.randn(1, 3, 224, 224)
+    captured = {}
+    last = vit.visual.transformer.resblocks[-1]
+    hook = last.register_forward_pre_hook(lambda module, args: captured.update(x=args[0]))
+    with torch.no_grad():
+        vit.visual(images)
+    hook.remove()
+    x = captured["x"]
+    tokens = x.shape[1]
+    only_self = torch.full((tokens, tokens), float("-inf")).fill_diagonal_(0.0)
+    with torch.no_grad():
+        y = last.ln_1(x)
+        x = x + last.ls_1(last.attn(y, y, y, need_weights=False, attn_mask=only_self)[0])
+        x = x + last.ls_2(last.mlp(last.ln_2(x)))
+        expected = vit.visual.ln_post(x[:, 1:]) @ vit.visual.proj
+    torch.testing.assert_close(region_features(vit.visual, images), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_text_features_equal_encode_text_for_a_real_phrase(rn50, tokenizer):
+    model = dk.DualCoOpPlusPlus(rn50, CLASSES, ctx_init="a photo of a")
+    assert model.prompts.n_ctx == 4
+    with torch.no_grad():
+        evidence, positive, negative = model.text_features()
+        expected = rn50.encode_text(tokenizer([f"a photo of a {name.replace('_', ' ')}." for name in CLASSES]))
+    for features in (evidence, positive, negative):
+        torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_only_prompts_and_temperature_learn(rn50):
+    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4).train()
+    assert not rn50.training  # CLIP stays in eval mode, batch norm statistics included
+    clip_before = {k: v.clone() for k, v in rn50.state_dict().items()}
+    learned_before = model.prompt_state_dict()
+    optimizer = torch.optim.Adam(model.learnable_parameters(), lr=0.01)  # moves every parameter with a gradient
+    logits = model(torch.randn(2, 3, 64, 64))
+    targets, mask = dk.split_signed_labels(torch.tensor([[1, -1, 0], [-1, 1, 1]]))
+    dk.asymmetric_loss(logits, targets, mask, gamma_neg=2.0, backend="reference").backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {"prompts.ctx_evidence", "prompts.ctx_pos", "prompts.ctx_neg", "head.log_spatial_temp"}
+    optimizer.step()
+    for name, value in model.prompt_state_dict().items():
+        assert not torch.equal(value, learned_before[name]), name
+    for name, value in rn50.state_dict().items():
+        assert torch.equal(value, clip_before[name]), name
+
+
+def test_head_backends_give_the_same_logits(rn50):
+    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4, head_backend="reference")
+    regions = model.encode_regions(torch.randn(2, 3, 96, 96))
+    expected = model(regions=regions)
+    model.head.backend = "triton"  # Triton's interpreter on this CPU
+    torch.testing.assert_close(model(regions=regions), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_count_of_coco_with_rn101():
+    """3 * n_ctx * width * C + 1 = 3 * 21 * 512 * 80 + 1."""
+    model = dk.DualCoOpPlusPlus("RN101", [f"class {i}" for i in range(80)])
+    assert sum(p.numel() for p in model.learnable_parameters()) == 2_580_481
+    shared = dk.DualCoOpPlusPlus(model.clip, ["cat", "dog"], csc=False)
+    assert sum(p.numel() for p in shared.learnable_parameters()) == 3 * 21 * 512 + 1
+
+
+def test_prompt_state_round_trip(rn50, tmp_path):
+    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4)
+    with torch.no_grad():
+        model.head.log_spatial_temp.fill_(2.5)
+    path = tmp_path / "prompts.pt"
+    torch.save(model.prompt_state_dict(), path)
+    assert set(torch.load(path)) == {"prompts.ctx_evidence", "prompts.ctx_pos", "prompts.ctx_neg", "head.log_spatial_temp"}
+    fresh = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4)
+    regions = model.encode_regions(torch.randn(2, 3, 64, 64))
+    assert not torch.allclose(fresh(regions=regions), model(regions=regions))
+    fresh.load_prompt_state_dict(torch.load(path))
+    torch.testing.assert_close(fresh(regions=regions), model(regions=regions))
+    with pytest.raises(ValueError, match="shape"):
+        dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=5).load_prompt_state_dict(torch.load(path))
+
+
+def test_text_features_are_cached_at_inference_until_the_prompts_change(rn50):
+    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4)
+    with torch.no_grad():
+        first = model.text_features()
+        assert all(a is b for a, b in zip(first, model.text_features()))
+        model.prompts.ctx_pos.add_(0.1)  # what an optimizer step does: an in-place update
+        changed = model.text_features()
+    assert changed[0] is not first[0] and not torch.allclose(changed[1], first[1])
+    assert model.text_features()[0].requires_grad  # with autograd on, fresh features with a graph
+
+
+def test_a_checkpoint_loads_through_the_pretrained_path(rn50, tmp_path):
+    path = tmp_path / "rn50.pt"
+    torch.save(rn50.state_dict(), path)
+    model = dk.DualCoOpPlusPlus("RN50", CLASSES, pretrained=str(path), n_ctx=4)
+    for name, value in model.clip.state_dict().items():
+        torch.testing.assert_close(value, rn50.state_dict()[name])
+
+
+def test_bad_model_and_pretrained_arguments():
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        dk.DualCoOpPlusPlus("RN51", CLASSES)
+    with pytest.raises(ValueError, match="neither a file nor an open_clip tag"):
+        dk.DualCoOpPlusPlus("RN50", CLASSES, pretrained="/no/such/file.pt")
+    with pytest.raises(ValueError, match="variant"):
+        dk.DualCoOpPlusPlus("RN50", CLASSES, variant="dualcoop+++")
+
+
+def test_an_unreachable_download_fails_at_once(monkeypatch):
+    from dualcoop_kernels import model as model_module
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    if model_module._reachable("huggingface.co"):
+        pytest.skip("huggingface.co is reachable here")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="huggingface.co is unreachable.*pretrained=<a checkpoint file>"):
+        dk.DualCoOpPlusPlus("RN50", CLASSES, pretrained="openai")
+    assert time.monotonic() - started < 15
+
+
+def test_context_options(rn50):
+    assert dk.DualCoOpPlusPlus(rn50, CLASSES).prompts.n_ctx == 21
+    with pytest.raises(ValueError, match="has 4 tokens but n_ctx is 6"):
+        dk.DualCoOpPlusPlus(rn50, CLASSES, ctx_init="a photo of a", n_ctx=6)
+    with pytest.raises(ValueError, match="images .* or regions"):
+        dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=2)()
+
+
+def test_original_dualcoop_variant(rn50):
+    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4, variant="dualcoop")
+    assert sum(p.numel() for p in model.learnable_parameters()) == 2 * 4 * 512 * 3  # no temperature
+    images = torch.randn(2, 3, 64, 64)
+    regions = model.encode_regions(images)
+    assert not torch.allclose(regions, region_features(rn50.visual, images))  # mean token + positions
+    positive, negative = model.text_features()
+    f = F.normalize(regions, dim=-1)
+    s_pos, s_neg = f @ F.normalize(positive, dim=-1).T, f @ F.normalize(negative, dim=-1).T
+    attention = torch.softmax(20 * s_pos, dim=1)
+    expected = torch.stack([100 * (attention * s_neg).sum(1), 100 * (attention * s_pos).sum(1)], dim=1)
+    torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-4)
