@@ -81,13 +81,12 @@ std::tuple<at::Tensor, at::Tensor> asl_forward_cuda(const at::Tensor& logits, co
                                                     double gamma_pos, double clip, double eps, bool focal_grad,
                                                     int64_t reduction, bool need_grad) {
   const AslInputs in = prepare(logits, targets, mask);
-  const auto acc_dtype = at::toOpMathType(logits.scalar_type());
+  ForwardBuffers buffers = forward_buffers(in, logits, reduction, need_grad);
+  at::Tensor loss = buffers.loss, grad = buffers.grad;
   const bool store_loss = reduction == kNone;
-  at::Tensor loss = at::empty({store_loss ? in.rows : 0, store_loss ? in.cols : 0}, logits.options());
-  at::Tensor grad = at::empty({need_grad ? in.rows : 0, need_grad ? in.cols : 0}, logits.options().dtype(acc_dtype));
   const double scale = gradient_scale(in, reduction);
   const int blocks = blocks_for(in.rows * in.cols);
-  at::Tensor block_sums = at::zeros({blocks}, logits.options().dtype(acc_dtype));
+  at::Tensor block_sums = at::zeros({blocks}, grad.options());
   if (in.rows * in.cols > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "asl_forward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -108,8 +107,7 @@ at::Tensor asl_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grad
   const int64_t rows = grad.size(0), cols = grad.size(1);
   const bool elementwise = grad_loss.dim() == 2;
   const at::Tensor incoming = grad_loss.to(grad.scalar_type()).contiguous();
-  at::Tensor out = at::empty(two_way ? at::IntArrayRef{rows, 2, cols} : at::IntArrayRef{rows, cols},
-                             grad.options().dtype(dtype));
+  at::Tensor out = backward_output(grad, two_way, dtype);
   if (rows * cols == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "asl_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/util/Optional.h>
 
 #include <type_traits>
@@ -47,6 +48,26 @@ inline double gradient_scale(const AslInputs& in, int64_t reduction) {
   if (reduction != kMean) return 1.0;
   const int64_t known = in.mask.defined() ? in.mask.sum().item<int64_t>() : in.rows * in.cols;
   return 1.0 / static_cast<double>(known > 0 ? known : 1);
+}
+
+// asl_forward's outputs: the per-element losses (reduction none; else empty, the sum is returned as a
+// 0-d tensor) and d loss / d z in the compute dtype (empty unless need_grad).
+struct ForwardBuffers {
+  at::Tensor loss, grad;
+};
+
+inline ForwardBuffers forward_buffers(const AslInputs& in, const at::Tensor& logits, int64_t reduction,
+                                      bool need_grad) {
+  const bool store_loss = reduction == kNone;
+  const auto acc_dtype = at::toOpMathType(logits.scalar_type());
+  return {at::empty({store_loss ? in.rows : 0, store_loss ? in.cols : 0}, logits.options()),
+          at::empty({need_grad ? in.rows : 0, need_grad ? in.cols : 0}, logits.options().dtype(acc_dtype))};
+}
+
+// asl_backward's output: laid out like the logits, B x C or B x 2 x C.
+inline at::Tensor backward_output(const at::Tensor& grad, bool two_way, at::ScalarType dtype) {
+  const int64_t rows = grad.size(0), cols = grad.size(1);
+  return at::empty(two_way ? at::IntArrayRef{rows, 2, cols} : at::IntArrayRef{rows, cols}, grad.options().dtype(dtype));
 }
 
 template <typename acc_t>
