@@ -205,18 +205,11 @@ def unavailable_reason(device: torch.device) -> str | None:
     """Why the extension cannot run on this device now (None when it can); never compiles."""
     if device.type not in ("cpu", "cuda"):
         return f"it has kernels for the CPU and CUDA only, not {device.type}"
-    if built_for(device):
+    _LOADER.load(build=False)  # what is in the cache, looked at once
+    if _LOADER.built(device.type):
         return None
     why = _LOADER.status.why_not
     return why.get(device.type) or why.get("cpu", "it is not built")
-
-
-def built_for(device: torch.device) -> bool:
-    """Whether the extension's part for this device is loaded (or built and now loaded); never compiles."""
-    if device.type not in ("cpu", "cuda"):
-        return False
-    _LOADER.load(build=False)
-    return _LOADER.built(device.type)
 
 
 @functools.lru_cache(maxsize=None)

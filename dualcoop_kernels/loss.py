@@ -5,33 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import asl_extension
 from ._backends import BackendRegistry
 from ._checks import check_asl_inputs, check_asl_options, check_tensor
 from .reference import asymmetric_loss_reference
 
-
-
-def _extension_loss(*args, **kwargs):
-    from .asl_extension import asymmetric_loss_extension
-
-    return asymmetric_loss_extension(*args, **kwargs)
-
-
-def _extension_unavailable(device: torch.device) -> str | None:
-    from .asl_extension import unavailable_reason
-
-    return unavailable_reason(device)
-
-
-def _build_extension_for(device: torch.device) -> None:
-    from .asl_extension import prepare
-
-    prepare(device)
-
-
 ASL_BACKENDS = BackendRegistry("asymmetric_loss")
 # Built just in time by its first call, "auto" or by name (unless DUALCOOP_KERNELS_NO_BUILD=1), then cached.
-ASL_BACKENDS.register("extension", _extension_loss, _extension_unavailable, prepare=_build_extension_for)
+ASL_BACKENDS.register(
+    "extension", asl_extension.asymmetric_loss_extension, asl_extension.unavailable_reason, prepare=asl_extension.prepare
+)
 ASL_BACKENDS.register("reference", asymmetric_loss_reference)
 
 
