@@ -15,7 +15,7 @@ from torch import nn
 
 from ._checks import check_choice
 from .clip_regions import region_features
-from .head import DualCoOpHead, dualcoop_head
+from .head import DualCoOpHead
 from .prompts import PromptLearner, TextEncoder
 
 VARIANTS = ("dualcoop++", "dualcoop")
@@ -110,9 +110,10 @@ class DualCoOpPlusPlus(nn.Module):
         prompt_sets = ("pos", "neg") if original else ("evidence", "pos", "neg")
         self.prompts = PromptLearner(clip, tokenizer, list(classnames), prompt_sets, n_ctx, ctx_init, csc)
         self.text_encoder = TextEncoder(clip)
-        if original:
-            self.head = None
-            self.head_backend = head_backend
+        if original:  # the same head: the positive prompts as evidence, a fixed temperature, no WTA
+            self.head = DualCoOpHead(wta="none", logit_scale=ORIGINAL_LOGIT_SCALE,
+                                     spatial_temp_init=math.log(ORIGINAL_TEMPERATURE), backend=head_backend)
+            self.head.log_spatial_temp.requires_grad_(False)
         else:
             self.head = DualCoOpHead(wta=wta, spatial_temp_init=spatial_temp_init, backend=head_backend)
         self._text_cache: tuple | None = None
@@ -149,13 +150,9 @@ class DualCoOpPlusPlus(nn.Module):
         if (images is None) == (regions is None):
             raise ValueError("pass images (B x 3 x H x W) or regions (B x N x D from encode_regions), one of them")
         regions = self.encode_regions(images) if regions is None else regions
-        texts = self.text_features()
-        if self.head is not None:
-            evidence, positive, negative = texts
-            return self.head(regions, evidence.to(regions.dtype), positive.to(regions.dtype), negative.to(regions.dtype))
-        positive, negative = (t.to(regions.dtype) for t in texts)
-        return dualcoop_head(regions, positive, positive, negative, math.log(ORIGINAL_TEMPERATURE), wta="none",
-                             logit_scale=ORIGINAL_LOGIT_SCALE, backend=self.head_backend)
+        texts = [t.to(regions.dtype) for t in self.text_features()]
+        evidence, positive, negative = texts if len(texts) == 3 else (texts[0], *texts)
+        return self.head(regions, evidence, positive, negative)
 
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """The learned state alone (the contexts, and the log temperature), without the CLIP weights."""
