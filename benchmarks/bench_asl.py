@@ -15,7 +15,7 @@ import argparse
 import sys
 
 import torch
-from harness import environment, format_table, median_time_ms, peak_memory_mib, progress, write_json
+from harness import add_ratios, environment, format_table, median_time_ms, peak_memory_mib, progress, write_json
 
 from dualcoop_kernels import asymmetric_loss, build_extension
 from dualcoop_kernels.reference import asymmetric_loss_reference
@@ -64,10 +64,7 @@ def bench_device(device: torch.device, min_repeats: int, budget_s: float) -> lis
                 peak_mib=peak_memory_mib(forward_backward, device),
                 relative_error=abs(loss - expected) / max(abs(expected), 1e-30),
             ))
-    for row in rows:  # ratios to eager at the same shape
-        eager = next(r for r in rows if (r["device"], r["B"], r["C"], r["backend"]) == (row["device"], row["B"], row["C"], "eager"))
-        row["speedup"] = eager["time_ms"] / row["time_ms"]
-        row["memory_ratio"] = row["peak_mib"] / eager["peak_mib"] if row["peak_mib"] and eager["peak_mib"] else None
+    add_ratios(rows, same=("device", "B", "C"))
     return rows
 
 

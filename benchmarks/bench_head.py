@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from harness import (
     HEAD_PRESETS,
+    add_ratios,
     environment,
     format_table,
     median_time_ms,
@@ -127,19 +128,8 @@ def bench_preset(preset, shape, device, dtype, heads, wta, min_repeats, budget_s
                 dict(preset=preset, **shape, wta=wta, backend=label, mode=mode, time_ms=time_ms,
                      peak_mib=memory, max_abs_error=max_error)
             )
-    add_ratios(rows)
+    add_ratios(rows, same=("mode",))
     return rows
-
-
-def add_ratios(rows: list[dict]) -> None:
-    """Speed-up (eager time / time) and memory ratio (peak / eager peak) against the eager row."""
-    eager = {row["mode"]: row for row in rows if row["backend"] == "eager"}
-    for row in rows:
-        base = eager[row["mode"]]
-        ok = row["time_ms"] and base["time_ms"]
-        row["speedup"] = base["time_ms"] / row["time_ms"] if ok else None
-        ok = row["peak_mib"] and base["peak_mib"]
-        row["memory_ratio"] = row["peak_mib"] / base["peak_mib"] if ok else None
 
 
 def output_and_gradients(head, inputs: dict, wta: str) -> list[torch.Tensor]:

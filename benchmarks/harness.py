@@ -92,6 +92,18 @@ def peak_memory_mib(fn, device: torch.device) -> float | None:
         return None
 
 
+def add_ratios(rows: list[dict], same: tuple[str, ...]) -> None:
+    """Add each row's speed-up (eager time / time) and memory ratio (peak / eager peak) against the
+    row with backend "eager" that agrees with it on the ``same`` keys; None where a number is missing."""
+    eager = {tuple(row[key] for key in same): row for row in rows if row["backend"] == "eager"}
+    for row in rows:
+        base = eager[tuple(row[key] for key in same)]
+        ok = row["time_ms"] and base["time_ms"]
+        row["speedup"] = base["time_ms"] / row["time_ms"] if ok else None
+        ok = row["peak_mib"] and base["peak_mib"]
+        row["memory_ratio"] = row["peak_mib"] / base["peak_mib"] if ok else None
+
+
 def environment(device: torch.device) -> dict:
     info = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
