@@ -1,5 +1,6 @@
 // The asymmetric loss operators: schemas, and the CPU implementation (at::parallel_for over rows,
-// an inner loop over classes that the compiler vectorises: build with -O3 -ffast-math -fopenmp).
+// an inner loop over classes that the compiler vectorises: build with -O3 -ffast-math -fopenmp, and
+// -lmvec for glibc's vector exp and log; asl_element keeps NaN logits NaN under -ffast-math).
 //
 // asl_forward computes, in one pass over the logits, the loss (reduced, or per element) and, when
 // need_grad, d loss / d z for every element (z the logit, or P+ - P- in the two-way form), already
@@ -37,12 +38,11 @@ double forward_rows(const AslInputs& in, const AslOptions<at::opmath_type<scalar
 #pragma omp simd reduction(+ : row_total)
     for (int64_t c = 0; c < cols; ++c) {
       const acc_t z = TWO_WAY ? acc_t(pos[c]) - acc_t(neg[c]) : acc_t(pos[c]);
-      const AslTerms<acc_t> t = asl_terms<acc_t>(z, acc_t(target[c]) > acc_t(0.5), o);
       const bool counts = HAS_MASK ? known[c] != 0 : true;
-      const acc_t loss = counts ? t.loss : acc_t(0);
-      row_total += loss;
-      if (STORE_LOSS) loss_row[c] = scalar_t(loss);
-      if (WANT_GRAD) grad_row[c] = counts ? scale * t.grad : acc_t(0);
+      const AslTerms<acc_t> t = asl_element<acc_t>(z, acc_t(target[c]) > acc_t(0.5), counts, o, scale);
+      row_total += t.loss;
+      if (STORE_LOSS) loss_row[c] = scalar_t(t.loss);
+      if (WANT_GRAD) grad_row[c] = t.grad;
     }
     total += row_total;
   }

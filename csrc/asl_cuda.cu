@@ -43,12 +43,11 @@ __global__ void forward_kernel(Rows<scalar_t> pos, Rows<scalar_t> neg, Rows<scal
     const int64_t row = i / cols, col = i % cols;
     acc_t z = acc_t(pos.at(row, col));
     if (neg.data != nullptr) z -= acc_t(neg.at(row, col));
-    const AslTerms<acc_t> t = asl_terms<acc_t>(z, acc_t(targets.at(row, col)) > acc_t(0.5), o);
     const bool counts = mask.data == nullptr || mask.at(row, col);
-    const acc_t loss = counts ? t.loss : acc_t(0);
-    total += loss;
-    if (loss_out != nullptr) loss_out[i] = scalar_t(loss);
-    if (grad_out != nullptr) grad_out[i] = counts ? grad_scale * t.grad : acc_t(0);
+    const AslTerms<acc_t> t = asl_element<acc_t>(z, acc_t(targets.at(row, col)) > acc_t(0.5), counts, o, grad_scale);
+    total += t.loss;
+    if (loss_out != nullptr) loss_out[i] = scalar_t(t.loss);
+    if (grad_out != nullptr) grad_out[i] = t.grad;
   }
   partial[threadIdx.x] = total;
   __syncthreads();

@@ -6,6 +6,8 @@
 
 #include <c10/macros/Macros.h>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 namespace dualcoop_asl {
 
@@ -60,6 +62,42 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE AslTerms<acc_t> asl_terms(acc_t z, bool positi
   // d focus / dz = gamma * base^(gamma - 1) * (-dprob), and 0 at gamma = 0 as torch.pow gives
   const acc_t dfocus_dbase = gamma == zero ? zero : gamma * focus / base;
   return {-log_prob * focus, -dlog * focus + o.focal_grad * log_prob * dfocus_dbase * dprob};
+}
+
+// IEEE bit layout: a value is NaN or infinite exactly when its exponent bits are all ones.
+template <typename acc_t>
+struct IeeeBits;
+template <>
+struct IeeeBits<float> {
+  using type = uint32_t;
+  static constexpr type exponent = 0x7f800000u, quiet_nan = 0x7fc00000u;
+};
+template <>
+struct IeeeBits<double> {
+  using type = uint64_t;
+  static constexpr type exponent = 0x7ff0000000000000ull, quiet_nan = 0x7ff8000000000000ull;
+};
+
+template <typename To, typename From>
+C10_HOST_DEVICE C10_ALWAYS_INLINE To bits_as(From from) {
+  To to;
+  memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+// What one element adds: its loss and its gradient (times grad_scale) where the label is known, 0
+// where it is not, and NaN for both wherever the logit is NaN or infinite, known label or not: a
+// diverging model must not train on with a finite loss. The test and the NaN are integer bit
+// patterns because the CPU kernel is built with -ffast-math, whose finite-math assumption lets the
+// compiler drop a floating-point NaN test (asl_terms alone turns NaN into a number).
+template <typename acc_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE AslTerms<acc_t> asl_element(acc_t z, bool positive, bool known,
+                                                              AslOptions<acc_t> o, acc_t grad_scale) {
+  using Bits = IeeeBits<acc_t>;
+  const AslTerms<acc_t> t = asl_terms<acc_t>(z, positive, o);
+  const bool finite = (bits_as<typename Bits::type>(z) & Bits::exponent) != Bits::exponent;
+  const acc_t nan = bits_as<acc_t>(Bits::quiet_nan);
+  return {finite ? (known ? t.loss : acc_t(0)) : nan, finite ? (known ? grad_scale * t.grad : acc_t(0)) : nan};
 }
 
 // Reductions, as the Python side numbers them.

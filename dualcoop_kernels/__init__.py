@@ -9,24 +9,13 @@ C++/CUDA loss extension, and :class:`DualCoOpPlusPlus`, the whole model on a fro
 
 from __future__ import annotations
 
-import torch
-
+from ._backends import available_backends
 from .asl_extension import build_extension, extension_status
-from .head import HEAD_BACKENDS, DualCoOpHead, dualcoop_head
-from .loss import ASL_BACKENDS, AsymmetricLoss, asymmetric_loss, split_signed_labels
+from .head import DualCoOpHead, dualcoop_head
+from .loss import AsymmetricLoss, asymmetric_loss, split_signed_labels
 from .model import DualCoOpPlusPlus
 
 __version__ = "0.1.0"
-
-_REGISTRIES = {"dualcoop_head": HEAD_BACKENDS, "asymmetric_loss": ASL_BACKENDS}
-
-
-def available_backends(op: str = "dualcoop_head", device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends of ``op`` (``"dualcoop_head"`` or ``"asymmetric_loss"``) that run on
-    ``device``, fastest first; ``backend="auto"`` picks the first."""
-    if op not in _REGISTRIES:
-        raise ValueError(f"op must be one of {tuple(_REGISTRIES)}, got {op!r}")
-    return _REGISTRIES[op].available(torch.device(device))
 
 
 __all__ = [

@@ -2,7 +2,9 @@
 
 Each op (the head, the loss) keeps its backends in priority order, fastest first. ``"auto"`` takes the
 first one available for the tensors' device; an explicit name that is unknown or unavailable raises a
-``ValueError`` that lists what is available and why the others are not.
+``ValueError`` that lists what is available and why the others are not. The choice runs as plain
+Python even while ``torch.compile`` traces (preparing a backend may build C++ or read files), and the
+traced graph keeps it.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ class Backend:
     prepare: Callable[[torch.device], None]
 
 
+REGISTRIES: dict[str, "BackendRegistry"] = {}  # op name -> its registry
+
+
 class BackendRegistry:
     def __init__(self, op_name: str):
         self.op_name = op_name
         self._backends: list[Backend] = []
+        REGISTRIES[op_name] = self
 
     def register(
         self,
@@ -54,6 +60,11 @@ class BackendRegistry:
             raise ValueError(f"unknown backend {name!r} for {self.op_name}; known: {['auto', *self.names()]}")
 
     def resolve(self, name: str, device: torch.device) -> Backend:
+        """The backend that ``backend=name`` runs on ``device``, prepared (built, say) if need be."""
+        chosen = _choose_backend(self.op_name, name, device)
+        return next(backend for backend in self._backends if backend.name == chosen)
+
+    def _choose(self, name: str, device: torch.device) -> str:
         self.check_known(name)
         if name == "auto":
             candidates = [b for b in self._backends if b.use_in_auto(device)]
@@ -64,10 +75,25 @@ class BackendRegistry:
             backend.prepare(device)
             reason = backend.unavailable_reason(device)
             if reason is None:
-                return backend
+                return backend.name
             reasons[backend.name] = reason
         why = "; ".join(f"{backend}: {reason}" for backend, reason in reasons.items())
         raise ValueError(
             f"backend {name!r} of {self.op_name} is not available on {device} ({why}); "
             f"available: {['auto', *self.available(device)]}"
         )
+
+
+@torch.compiler.assume_constant_result
+def _choose_backend(op_name: str, name: str, device: torch.device) -> str:
+    """The name of the backend chosen; torch.compile runs this eagerly and keeps its result."""
+    return REGISTRIES[op_name]._choose(name, device)
+
+
+def available_backends(op: str = "dualcoop_head", device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends of ``op`` (``"dualcoop_head"`` or ``"asymmetric_loss"``) that run on
+    ``device``, fastest first; ``backend="auto"`` picks the first. A backend that the first call
+    builds (the loss extension, where a compiler is found) counts as available."""
+    if op not in REGISTRIES:
+        raise ValueError(f"op must be one of {tuple(REGISTRIES)}, got {op!r}")
+    return REGISTRIES[op].available(torch.device(device))

@@ -2,12 +2,15 @@
 
 Every failure is a ``ValueError`` or ``TypeError`` that names the argument and what was expected, so
 that nothing reaches a kernel with a shape or dtype it cannot handle. Checks that read tensor values
-(finiteness, label values) are skipped while ``torch.compile`` traces, where they would break the graph.
+(finiteness, label values) are skipped while ``torch.compile`` traces, where they would break the graph,
+and on the meta device, where there are no values.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import numbers
 
 import torch
 
@@ -16,8 +19,9 @@ from .reference import WTA_MODES
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _reads_values() -> bool:
-    return not torch.compiler.is_compiling()
+def has_values(*tensors: torch.Tensor) -> bool:
+    """Whether checks may read the values of these tensors (see the module doc)."""
+    return not torch.compiler.is_compiling() and all(t.device.type != "meta" for t in tensors)
 
 
 def check_tensor(name: str, value, rank: int, shape_doc: str) -> torch.Tensor:
@@ -93,17 +97,26 @@ def check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_t
         )
     check_float("log_spatial_temp", log_spatial_temp)
     check_same_device({"features": features, **texts, "log_spatial_temp": log_spatial_temp})
-    if _reads_values() and not bool(torch.isfinite(log_spatial_temp).all()):
+    if has_values(log_spatial_temp) and not bool(torch.isfinite(log_spatial_temp).all()):
         raise ValueError(f"log_spatial_temp must be finite, got {log_spatial_temp.item()}")
     return log_spatial_temp.reshape(())
 
 
-def check_asl_options(gamma_neg, gamma_pos, clip, eps, reduction: str) -> None:
+def check_asl_options(gamma_neg, gamma_pos, clip, eps, reduction: str) -> dict:
+    """Validate the loss's options; returns the numbers as floats, by name."""
     check_choice("reduction", reduction, ("sum", "mean", "none"))
-    for name, value in (("gamma_neg", gamma_neg), ("gamma_pos", gamma_pos), ("clip", clip), ("eps", eps)):
-        check_finite_number(name, value)
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    values = {name: finite_number(name, value) for name, value in
+               (("gamma_neg", gamma_neg), ("gamma_pos", gamma_pos), ("clip", clip), ("eps", eps))}
+    for name in ("gamma_neg", "gamma_pos"):
+        if values[name] < 0:
+            raise ValueError(f"{name} must be >= 0, got {values[name]}")
+    # clip shifts a probability: above 1 it would zero every negative's loss, below 0 make it negative
+    if not 0 <= values["clip"] <= 1:
+        raise ValueError(f"clip must be in [0, 1] (a probability shift; 0 disables it), got {values['clip']}")
+    # eps floors a probability inside a log: 0 lets the loss reach infinity, 1 zeroes it
+    if not 0 < values["eps"] < 1:
+        raise ValueError(f"eps must be in (0, 1), got {values['eps']}")
+    return values
 
 
 def check_asl_inputs(logits, targets, mask):
@@ -130,7 +143,7 @@ def check_asl_inputs(logits, targets, mask):
             raise TypeError(f"mask must be a bool tensor (True = known label), got {mask.dtype}")
         named["mask"] = mask
     check_same_device(named)
-    if _reads_values():
+    if has_values(targets, *([] if mask is None else [mask])):
         valid = (targets == 0) | (targets == 1)
         if mask is not None:
             valid = valid | ~mask
@@ -139,6 +152,40 @@ def check_asl_inputs(logits, targets, mask):
     return targets, mask
 
 
-def check_finite_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def finite_number(name: str, value) -> float:
+    """A finite real number, given as a Python or NumPy number or a one-element tensor, as a float.
+    A tensor that requires grad is refused: these are constants, and its gradient would be lost."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(
+                f"{name} must be a finite real number (or a one-element real tensor), got a {value.dtype} "
+                f"tensor of shape {tuple(value.shape)}"
+            )
+        if value.requires_grad:
+            raise ValueError(f"{name} is a constant and gets no gradient: pass a number or a detached tensor")
+        if torch.compiler.is_compiling():
+            raise ValueError(f"{name} must be a Python number inside torch.compile, which cannot read a tensor")
+        if value.device.type == "meta":
+            raise ValueError(f"{name} must be a number, got a meta tensor, which has no value")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def check_classnames(classnames) -> list[str]:
+    """A list (or tuple) of distinct, non-empty class names; returned as a list."""
+    if isinstance(classnames, str) or not isinstance(classnames, (list, tuple)):
+        raise TypeError(
+            f"classnames must be a list of class names (e.g. ['cat', 'dog']), got {type(classnames).__name__}"
+            + (f" {classnames!r}" if isinstance(classnames, str) else "")
+        )
+    if not classnames:
+        raise ValueError("classnames must name at least one class")
+    bad = [name for name in classnames if not isinstance(name, str) or not name.strip()]
+    if bad:
+        raise TypeError(f"every class name must be a non-empty string, got {bad[:5]}")
+    repeated = sorted(name for name, count in collections.Counter(classnames).items() if count > 1)
+    if repeated:
+        raise ValueError(f"class names must be distinct, these repeat: {repeated[:5]}")
+    return list(classnames)

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import ctypes.util
 import functools
+import glob
+import logging
 import os
 import platform
+import re
+import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +31,13 @@ import torch
 
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}  # as csrc/asl_math.h numbers them
 DEFAULT_CUDA_ARCH = "90"  # compiled for when no GPU is visible
+SOURCE_SUFFIXES = (".h", ".cpp", ".cu")
+PARTS = ("cpu", "cuda")  # each needs the ones before it
+NOT_BUILT_YET = (
+    "not built yet: the first loss call that considers it builds it, about a minute, once "
+    "(or ahead of time: python -m dualcoop_kernels.build_extension)"
+)
+LOG = logging.getLogger("dualcoop_kernels")
 
 
 def _sources() -> Path:
@@ -41,8 +52,9 @@ def _sources() -> Path:
 @functools.lru_cache(maxsize=None)
 def _cpu_flags() -> tuple[str, list[str], list[str]]:
     """The CPU library's name and compile and link flags: OpenMP (ATen's parallel_for is OpenMP in
-    its headers, serial without the flag), vectorised math (glibc's libmvec under -ffast-math) for the
-    instruction set this machine has, which the name records."""
+    its headers, serial without the flag), vectorised math (glibc's libmvec under -ffast-math, whose
+    finite-math assumption is what lets maxima before exp vectorise as such; csrc/asl_math.h keeps
+    NaN in the integer domain) for the instruction set this machine has, which the name records."""
     capability = torch.backends.cpu.get_cpu_capability().lower()
     cflags = ["-O3", "-ffast-math", "-fopenmp"]
     ldflags = ["-fopenmp"]
@@ -61,17 +73,74 @@ def _cuda_arch() -> str:
     return os.environ.get("DUALCOOP_CUDA_ARCH", DEFAULT_CUDA_ARCH)
 
 
-def _cuda_unbuildable() -> str | None:
+def _is_cuda_toolkit(home: str | None) -> bool:
+    return bool(home) and (Path(home) / "bin" / "nvcc").exists() and any(
+        (Path(home) / folder / "libcudart.so").exists() for folder in ("lib64", "lib")
+    )
+
+
+def _version_key(path: str) -> tuple[int, ...]:
+    return tuple(int(number) for number in re.findall(r"\d+", Path(path).name))
+
+
+def _cuda_home() -> str | None:
+    """The CUDA toolkit to build with. ``CUDA_HOME`` (or ``CUDA_PATH``) when set, as torch reads it.
+    Otherwise torch's guess, which is the folder above the first nvcc on PATH, when that is a whole
+    toolkit; else the toolkit behind that nvcc (a link), ``/usr/local/cuda`` or the newest
+    ``/usr/local/cuda-*``. torch's guess alone misses a toolkit whose nvcc is linked or wrapped
+    from ``/usr/local/bin``."""
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:
+        return explicit
     from torch.utils import cpp_extension
 
+    nvcc = shutil.which("nvcc")
+    candidates = [
+        cpp_extension.CUDA_HOME,
+        str(Path(nvcc).resolve().parent.parent) if nvcc else None,
+        "/usr/local/cuda",
+        *sorted(glob.glob("/usr/local/cuda-*"), key=_version_key, reverse=True),
+    ]
+    return next((home for home in candidates if _is_cuda_toolkit(home)), cpp_extension.CUDA_HOME)
+
+
+def _cuda_unbuildable() -> str | None:
     if torch.version.cuda is None:
         return "this torch has no CUDA"
-    home = cpp_extension.CUDA_HOME
+    home = _cuda_home()
     if home is None or not (Path(home) / "bin" / "nvcc").exists():
         return f"nvcc not found (CUDA_HOME={home}); set CUDA_HOME to a CUDA toolkit"
-    if not any((Path(home) / folder / "libcudart.so").exists() for folder in ("lib64", "lib")):
+    if not _is_cuda_toolkit(home):
         return f"CUDA_HOME={home} has no lib64/libcudart.so to link; set CUDA_HOME to a CUDA toolkit"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _ninja_missing() -> bool:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return not is_ninja_available()
+
+
+def _unbuildable() -> str | None:
+    """Why nothing can be built here now (None when the CPU part can be): builds switched off, or no
+    compiler, or no ninja."""
+    if os.environ.get("DUALCOOP_KERNELS_NO_BUILD") == "1":
+        return "DUALCOOP_KERNELS_NO_BUILD=1 stops builds"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler: {compiler!r} (CXX) is not found"
+    if _ninja_missing():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _sources_changed_since(library: Path) -> bool:
+    """Whether the library is missing or older than a source file (a new version of the package)."""
+    if not library.exists():
+        return True
+    built = library.stat().st_mtime
+    return any(source.stat().st_mtime > built for source in _sources().iterdir() if source.suffix in SOURCE_SUFFIXES)
 
 
 def _cuda_include_paths() -> list[str]:
@@ -110,21 +179,24 @@ class _Loader:
     def __init__(self):
         self.status = ExtensionStatus()
         self.looked = False  # the cache has been looked at
-        self.build_tried = False
+        self.build_tried: set[str] = set()
         self.failed: set[str] = set()  # parts whose build failed: it would fail the same way again
 
     def built(self, part: str) -> bool:
         return getattr(self.status, f"{part}_built")
 
-    def load(self, build: bool) -> ExtensionStatus:
-        if self.looked and (self.build_tried or not build):
+    def load(self, build: tuple[str, ...] = ()) -> ExtensionStatus:
+        """Load the parts that are built; build those named in ``build`` first if they are missing or
+        stale. The CUDA part needs the CPU part, which defines the operators."""
+        wanted = set(build) - self.build_tried
+        if self.looked and not wanted:
             return self.status
         self.looked = True
-        self.build_tried |= build
+        self.build_tried |= wanted
         name, cflags, ldflags = _cpu_flags()
         self.status.cache_directory = str(_build_directory(name).parent)
         sources = _sources()
-        if not self._load_part("cpu", name, build, sources=[str(sources / "asl_cpu.cpp")],
+        if not self._load_part("cpu", name, "cpu" in build, sources=[str(sources / "asl_cpu.cpp")],
                                extra_cflags=cflags, extra_ldflags=ldflags):
             return self.status
         _register_python_side()
@@ -134,7 +206,7 @@ class _Loader:
             return self.status
         arch = _cuda_arch()
         self._load_part(
-            "cuda", f"dualcoop_asl_cuda_sm{arch}", build,
+            "cuda", f"dualcoop_asl_cuda_sm{arch}", "cuda" in build,
             sources=[str(sources / "asl_cuda.cu")],
             extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
             extra_include_paths=_cuda_include_paths(),
@@ -142,7 +214,7 @@ class _Loader:
         return self.status
 
     def _load_part(self, part: str, name: str, build: bool, **load_arguments) -> bool:
-        """Load one part from the cache, building it first if asked to."""
+        """Load one part from the cache, building it first if asked to and it is missing or stale."""
         from torch.utils import cpp_extension
 
         if self.built(part):
@@ -150,12 +222,24 @@ class _Loader:
         if part in self.failed:
             return False
         library = _build_directory(name) / f"{name}.so"
-        if not build and not library.exists():
-            self.status.why_not[part] = "not built yet (python -m dualcoop_kernels.build_extension builds it)"
-            return False
+        if _sources_changed_since(library):
+            if not build:  # loading would compile
+                self.status.why_not[part] = NOT_BUILT_YET
+                return False
+            reason = _unbuildable()
+            if reason:
+                self.status.why_not[part] = f"cannot be built here: {reason}"
+                self.failed.add(part)
+                return False
+            LOG.warning(
+                "dualcoop_kernels: building the %s part of the asymmetric-loss extension, about a minute, once "
+                "(cached in %s)", part.upper(), library.parent,
+            )
+        if part == "cuda":  # torch builds with its own guess of the toolkit, read when it compiles
+            cpp_extension.CUDA_HOME = _cuda_home()
         try:
             cpp_extension.load(name=name, is_python_module=False, verbose=False, **load_arguments)
-        except Exception as error:  # a compiler error, no compiler, a link error
+        except Exception as error:  # a compiler error, a link error
             self.status.why_not[part] = f"build failed: {str(error).strip()[-2000:]}"
             self.failed.add(part)
             return False
@@ -171,13 +255,13 @@ _LOADER = _Loader()
 def build_extension() -> ExtensionStatus:
     """Build (or load from the cache) every part this machine can build, and say what happened.
     The same as ``python -m dualcoop_kernels.build_extension``."""
-    return _LOADER.load(build=True)
+    return _LOADER.load(build=PARTS)
 
 
 def extension_status() -> dict:
     """What of the extension is loaded in this process or built in the cache, where the cache is, and
     why a part is missing. Loads what is already built; never compiles."""
-    return _LOADER.load(build=False).as_dict()
+    return _LOADER.load().as_dict()
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,23 +277,31 @@ def _warn_once(part: str) -> None:
 def prepare(device: torch.device) -> None:
     """Before the loss considers the extension for a device: build what it needs, once a process, and
     warn once if that fails. ``DUALCOOP_KERNELS_NO_BUILD=1`` keeps it to what is built already."""
-    if device.type not in ("cpu", "cuda") or _LOADER.built(device.type):
+    if device.type not in PARTS or _LOADER.built(device.type):
         return
-    _LOADER.load(build=os.environ.get("DUALCOOP_KERNELS_NO_BUILD") != "1")
+    builds_allowed = os.environ.get("DUALCOOP_KERNELS_NO_BUILD") != "1"
+    _LOADER.load(build=PARTS[: PARTS.index(device.type) + 1] if builds_allowed else ())
     broken = next((part for part in (device.type, "cpu") if part in _LOADER.failed), None)
     if broken:
         _warn_once(broken)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """Why the extension cannot run on this device now (None when it can); never compiles."""
+    """Why the extension cannot run on this device (None when it can: built, or to be built by the
+    first call that considers it, which :func:`prepare` does); never compiles."""
     if device.type not in ("cpu", "cuda"):
         return f"it has kernels for the CPU and CUDA only, not {device.type}"
-    _LOADER.load(build=False)  # what is in the cache, looked at once
+    _LOADER.load()  # what is in the cache, looked at once
     if _LOADER.built(device.type):
         return None
-    why = _LOADER.status.why_not
-    return why.get(device.type) or why.get("cpu", "it is not built")
+    parts = ("cpu",) if device.type == "cpu" else ("cpu", "cuda")
+    broken = next((part for part in parts if part in _LOADER.failed), None)
+    if broken is None:
+        reason = _unbuildable() or (_cuda_unbuildable() if device.type == "cuda" else None)
+        if reason is None:
+            return None
+        return f"not built, and it cannot be built here: {reason}"
+    return _LOADER.status.why_not.get(broken, "it is not built")
 
 
 @functools.lru_cache(maxsize=None)

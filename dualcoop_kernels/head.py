@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from ._backends import BackendRegistry
-from ._checks import check_choice, check_finite_number, check_head_inputs
+from ._checks import check_choice, check_head_inputs, finite_number
 from .reference import WTA_MODES, dualcoop_head_reference
 
 DEFAULT_LOGIT_SCALE = math.exp(3.0)
@@ -33,7 +34,7 @@ def _triton_head(*args, **kwargs):
 HEAD_BACKENDS = BackendRegistry("dualcoop_head")
 # the interpreter runs Triton on the CPU too, but slowly: "auto" keeps it for CUDA tensors
 HEAD_BACKENDS.register("triton", _triton_head, _triton_unavailable, use_in_auto=lambda device: device.type == "cuda")
-HEAD_BACKENDS.register("reference", dualcoop_head_reference)
+HEAD_BACKENDS.register("reference", functools.partial(dualcoop_head_reference, upcast=True))
 
 
 def dualcoop_head(
@@ -52,7 +53,8 @@ def dualcoop_head(
 
     Args:
         features: B x N x D region features of a frozen CLIP image encoder (N regions per image, D the
-            joint embedding width), float16, bfloat16, float32 or float64. Normalised inside.
+            joint embedding width), float16, bfloat16, float32 or float64 (fp16 and bf16 are computed
+            in float32 by every backend). Normalised inside.
         text_evidence: C x D text features of the evidential prompts; their similarity to each region
             decides how much that region counts for the class (softmax over regions). Same dtype.
         text_pos: C x D text features of the positive prompts ("the class is present").
@@ -62,8 +64,10 @@ def dualcoop_head(
             for a fixed temperature.
         wta: winner-take-all across classes per region: ``"pos_norm"`` (COCO setting,
             ``exp(u - max u)``), ``"pos200"`` (VOC and NUS-WIDE, ``1 + softmax(u)``) or ``"none"``.
-        wta_gamma: WTA sharpness gamma in ``u = gamma * max_m(s+) * s+``.
-        logit_scale: k, the constant scale of the logits (e^3 in DualCoOp++).
+        wta_gamma: WTA sharpness gamma in ``u = gamma * max_m(s+) * s+``: a number, or a one-element
+            tensor that does not require grad.
+        logit_scale: k, the constant scale of the logits (e^3 in DualCoOp++); a number or a tensor
+            as ``wta_gamma``.
         backend: ``"auto"`` (the fused Triton kernels for CUDA tensors, the reference elsewhere),
             ``"triton"`` (also on the CPU under ``TRITON_INTERPRET=1``, slowly) or ``"reference"``
             (eager PyTorch); see ``available_backends("dualcoop_head")``.
@@ -73,18 +77,12 @@ def dualcoop_head(
         ``[:, 1]`` is P+ (evidence of presence); ``sigmoid(P+ - P-)`` is the class probability.
     """
     log_spatial_temp = check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta)
-    check_finite_number("wta_gamma", wta_gamma)
-    check_finite_number("logit_scale", logit_scale)
+    wta_gamma = finite_number("wta_gamma", wta_gamma)
+    logit_scale = finite_number("logit_scale", logit_scale)
     implementation = HEAD_BACKENDS.resolve(backend, features.device).function
     return implementation(
-        features,
-        text_evidence,
-        text_pos,
-        text_neg,
-        log_spatial_temp,
-        wta=wta,
-        wta_gamma=float(wta_gamma),
-        logit_scale=float(logit_scale),
+        features, text_evidence, text_pos, text_neg, log_spatial_temp,
+        wta=wta, wta_gamma=wta_gamma, logit_scale=logit_scale,
     )
 
 
@@ -109,15 +107,12 @@ class DualCoOpHead(nn.Module):
     ):
         super().__init__()
         check_choice("wta", wta, WTA_MODES)
-        check_finite_number("wta_gamma", wta_gamma)
-        check_finite_number("logit_scale", logit_scale)
-        check_finite_number("spatial_temp_init", spatial_temp_init)
         HEAD_BACKENDS.check_known(backend)
         self.wta = wta
-        self.wta_gamma = wta_gamma
-        self.logit_scale = logit_scale
+        self.wta_gamma = finite_number("wta_gamma", wta_gamma)
+        self.logit_scale = finite_number("logit_scale", logit_scale)
         self.backend = backend
-        self.log_spatial_temp = nn.Parameter(torch.tensor(float(spatial_temp_init)))
+        self.log_spatial_temp = nn.Parameter(torch.tensor(finite_number("spatial_temp_init", spatial_temp_init)))
 
     def forward(
         self,

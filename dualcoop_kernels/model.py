@@ -6,6 +6,7 @@ frozen and stay in eval mode. The original DualCoOp (NeurIPS 2022) is ``variant=
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -13,12 +14,16 @@ import socket
 import torch
 from torch import nn
 
-from ._checks import check_choice
+from ._checks import check_choice, check_classnames, check_float, check_tensor, has_values
 from .clip_regions import region_features
 from .head import DualCoOpHead
 from .prompts import PromptLearner, TextEncoder
 
 VARIANTS = ("dualcoop++", "dualcoop")
+# CLIP's image normalisation, for models that do not carry their own
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+# Normalised images lie within about [-1.8, 2.2]; pixels in 0..255 are far outside
+MAX_NORMALISED_PIXEL = 10.0
 ORIGINAL_TEMPERATURE, ORIGINAL_LOGIT_SCALE = 20.0, 100.0  # the original DualCoOp's fixed tau and k
 
 
@@ -55,12 +60,60 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
             f"pretrained={pretrained!r} is neither a file nor an open_clip tag of {model_name}; "
             f"tags: {open_clip.list_pretrained_tags_by_model(model_name)}"
         )
-    if os.environ.get("HF_HUB_OFFLINE") != "1" and not _reachable("huggingface.co"):
+    offline = _hub_offline()
+    if not offline and not _reachable("huggingface.co"):
         raise RuntimeError(
             f"cannot download the {pretrained!r} weights of {model_name}: huggingface.co is unreachable. "
             "Pass pretrained=<a checkpoint file>, or set HF_HUB_OFFLINE=1 to use open_clip's download cache."
         )
-    return open_clip.create_model(model_name, pretrained=pretrained)
+    with _hub_offline_now(offline):
+        try:
+            return open_clip.create_model(model_name, pretrained=pretrained)
+        except Exception as error:
+            if not offline:
+                raise
+            raise RuntimeError(
+                f"the {pretrained!r} weights of {model_name} are not in the download cache and HF_HUB_OFFLINE "
+                f"is set ({error}); pass pretrained=<a checkpoint file>, or download them once online"
+            ) from error
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (1, true, yes or on)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+@contextlib.contextmanager
+def _hub_offline_now(offline: bool):
+    """huggingface_hub reads HF_HUB_OFFLINE once, when it is imported; this applies the variable as it
+    is now, so that setting it from Python after the import works too (instead of retrying downloads)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = offline or before
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def check_images(images) -> None:
+    """Images must be normalised float batches: integer pixels, or 0..255 floats, would be scored
+    without a word."""
+    hint = "model.image_transform() turns PIL images or uint8 tensors into them"
+    check_tensor("images", images, 4, "B x 3 x H x W")
+    if images.shape[1] != 3:
+        raise ValueError(f"images must have shape B x 3 x H x W (RGB), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be normalised floating tensors, got {images.dtype}: {hint}")
+    if has_values(images) and images.numel() and float(images.abs().amax()) > MAX_NORMALISED_PIXEL:
+        raise ValueError(
+            f"images must be normalised with CLIP's mean and std (values within about [-2, 2.5]), got values "
+            f"up to {float(images.abs().amax()):.4g}, as 0..255 pixels would be: {hint}"
+        )
 
 
 class DualCoOpPlusPlus(nn.Module):
@@ -79,8 +132,9 @@ class DualCoOpPlusPlus(nn.Module):
             logit scale e^3, WTA) or ``"dualcoop"`` (two prompts, the positive one as evidence, tau 20,
             logit scale 100, no WTA, mean token and positional embedding in the ResNet tokens).
 
-    ``forward(images)`` returns B x 2 x C logits (``[:, 0]`` negative, ``[:, 1]`` positive);
-    ``forward(regions=...)`` takes cached :meth:`encode_regions` output instead.
+    ``forward(images)`` takes B x 3 x H x W images normalised as :meth:`image_transform` does and
+    returns B x 2 x C logits (``[:, 0]`` negative, ``[:, 1]`` positive); ``forward(regions=...)``
+    takes cached :meth:`encode_regions` output instead.
     """
 
     def __init__(
@@ -99,6 +153,7 @@ class DualCoOpPlusPlus(nn.Module):
     ):
         super().__init__()
         check_choice("variant", variant, VARIANTS)
+        classnames = check_classnames(classnames)  # before loading CLIP, which takes a while
         if isinstance(clip, str):
             tokenizer = _open_clip().get_tokenizer(clip)
             clip = load_clip(clip, pretrained)
@@ -108,7 +163,7 @@ class DualCoOpPlusPlus(nn.Module):
         self.variant = variant
         original = variant == "dualcoop"
         prompt_sets = ("pos", "neg") if original else ("evidence", "pos", "neg")
-        self.prompts = PromptLearner(clip, tokenizer, list(classnames), prompt_sets, n_ctx, ctx_init, csc)
+        self.prompts = PromptLearner(clip, tokenizer, classnames, prompt_sets, n_ctx, ctx_init, csc)
         self.text_encoder = TextEncoder(clip)
         if original:  # the same head: the positive prompts as evidence, a fixed temperature, no WTA
             self.head = DualCoOpHead(wta="none", logit_scale=ORIGINAL_LOGIT_SCALE,
@@ -126,10 +181,37 @@ class DualCoOpPlusPlus(nn.Module):
     def learnable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    @property
+    def embed_dim(self) -> int:
+        """D, the width of the joint image-text space: of the region features and the text features."""
+        projection = self.clip.text_projection
+        return projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1]
+
+    def image_transform(self, image_size: int | None = None):
+        """The preprocessing the model expects, as a torchvision transform: PIL images or uint8 tensors
+        (3 x H x W, or B x 3 x H x W) to float32, resized to a square of ``image_size`` pixels (bicubic;
+        the CLIP model's own size when None; DualCoOp++ trains at 448) and normalised with CLIP's mean
+        and standard deviation."""
+        from torchvision.transforms import InterpolationMode, v2
+
+        visual = self.clip.visual
+        side = image_size or visual.image_size
+        side = side if isinstance(side, int) else side[0]
+        mean = getattr(visual, "image_mean", None) or OPENAI_MEAN
+        std = getattr(visual, "image_std", None) or OPENAI_STD
+        return v2.Compose([
+            v2.ToImage(),
+            v2.RGB(),
+            v2.Resize((side, side), interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ])
+
     @torch.no_grad()
     def encode_regions(self, images: torch.Tensor) -> torch.Tensor:
-        """B x 3 x H x W images -> B x N x D region features of the frozen CLIP (cacheable: they never
-        change while the prompts learn)."""
+        """B x 3 x H x W normalised images (see :meth:`image_transform`) -> B x N x D region features
+        of the frozen CLIP (cacheable: they never change while the prompts learn)."""
+        check_images(images)
         return region_features(self.clip.visual, images, with_positions=self.variant == "dualcoop")
 
     def text_features(self) -> list[torch.Tensor]:
@@ -149,7 +231,14 @@ class DualCoOpPlusPlus(nn.Module):
     def forward(self, images: torch.Tensor | None = None, *, regions: torch.Tensor | None = None) -> torch.Tensor:
         if (images is None) == (regions is None):
             raise ValueError("pass images (B x 3 x H x W) or regions (B x N x D from encode_regions), one of them")
-        regions = self.encode_regions(images) if regions is None else regions
+        if regions is None:
+            regions = self.encode_regions(images)
+        else:
+            doc = f"B x N x {self.embed_dim} (N regions of this model's width, as encode_regions gives them)"
+            check_tensor("regions", regions, 3, doc)
+            check_float("regions", regions)
+            if regions.shape[-1] != self.embed_dim:
+                raise ValueError(f"regions must have shape {doc}, got {tuple(regions.shape)}")
         texts = [t.to(regions.dtype) for t in self.text_features()]
         evidence, positive, negative = texts if len(texts) == 3 else (texts[0], *texts)
         return self.head(regions, evidence, positive, negative)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._checks import check_classnames
+
 DEFAULT_N_CTX = 21  # DualCoOp++'s context length
 PLACEHOLDER = "X"  # stands for a learned context token in the tokenized prompt
 
@@ -31,8 +33,7 @@ class PromptLearner(nn.Module):
 
     def __init__(self, clip_model, tokenizer, classnames, prompt_sets, n_ctx=None, ctx_init=None, csc=True):
         super().__init__()
-        if not classnames:
-            raise ValueError("classnames must name at least one class")
+        classnames = check_classnames(classnames)
         embedding = clip_model.token_embedding
         width = embedding.weight.shape[1]
         if ctx_init:
@@ -47,8 +48,13 @@ class PromptLearner(nn.Module):
             n_ctx = DEFAULT_N_CTX if n_ctx is None else n_ctx
             prefix = " ".join([PLACEHOLDER] * n_ctx)
             start = None
-        if n_ctx < 1:
-            raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
+        context_length = clip_model.positional_embedding.shape[0]
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 1 <= n_ctx <= context_length - 4:
+            raise ValueError(
+                f"n_ctx must be an integer from 1 to {context_length - 4} (the text context holds "
+                f"{context_length} tokens, of which [SOS], the class name, '.' and [EOS] take at least 4), "
+                f"got {n_ctx!r}"
+            )
         self.n_ctx, self.csc, self.prompt_sets = n_ctx, csc, tuple(prompt_sets)
         shape = (len(classnames), n_ctx, width) if csc else (n_ctx, width)
         for name in self.prompt_sets:
@@ -59,7 +65,8 @@ class PromptLearner(nn.Module):
                 context.copy_(start.expand(shape))
             self.register_parameter(f"ctx_{name}", nn.Parameter(context))
 
-        tokenized = tokenizer([f"{prefix} {name.replace('_', ' ')}." for name in classnames])
+        texts = [f"{prefix} {name.replace('_', ' ')}." for name in classnames]
+        tokenized = _tokenize_whole(tokenizer, texts, classnames, n_ctx, context_length)
         with torch.no_grad():
             fixed = embedding(tokenized.to(embedding.weight.device))
         # derived from the class names, so not part of the learned state (persistent=False)
@@ -78,6 +85,22 @@ class PromptLearner(nn.Module):
             context = context if self.csc else context.expand(classes, -1, -1)
             prompts.append(torch.cat([self.token_prefix, context.to(self.token_prefix.dtype), self.token_suffix], 1))
         return torch.cat(prompts)
+
+
+def _tokenize_whole(tokenizer, texts, classnames, n_ctx, context_length) -> torch.Tensor:
+    """Token ids of the prompts, refusing any that the text context would cut off: the tokenizer
+    truncates silently. One token more than the context shows the overflow ([EOS] lands past it)."""
+    longer = tokenizer(texts, context_length=context_length + 1)
+    too_long = (longer.argmax(dim=-1) >= context_length).nonzero().flatten().tolist()  # [EOS]: the largest id
+    if too_long:
+        name = classnames[too_long[0]]
+        needed = int(tokenizer([texts[too_long[0]]], context_length=4 * context_length)[0].argmax()) + 1
+        raise ValueError(
+            f"class name {name!r} does not fit the text context: its prompt needs {needed} tokens with "
+            f"n_ctx={n_ctx}, and the context holds {context_length} ({len(too_long)} class(es) too long); "
+            "shorten the name or lower n_ctx"
+        )
+    return longer[:, :context_length].contiguous()
 
 
 class TextEncoder(nn.Module):

@@ -83,15 +83,23 @@ def asymmetric_loss_reference(
     eps: float = 1e-8,
     focal_grad: bool = False,
     reduction: str = "sum",
+    upcast: bool = False,
 ) -> torch.Tensor:
     """Asymmetric loss (Ridnik et al. 2021) with partial labels, as in SPEC "Asymmetric loss".
 
     ``logits`` is B x C (sigmoid form) or B x 2 x C (two-way form, ``[:, 0]`` negative), ``targets``
     B x C in {0, 1}, ``mask`` B x C bool (True = known) or None. Unknown elements add nothing and get
-    zero gradient. ``mean`` divides by the number of known elements (0 when none is known).
+    zero gradient. ``mean`` divides by the number of known elements (0 when none is known). A NaN or
+    infinite logit makes its element's loss NaN, known label or not. With ``upcast`` fp16 and bf16
+    logits are computed in float32 and the loss is cast back.
     """
+    out_dtype = logits.dtype
+    (logits,) = _upcast([logits], upcast)
     if logits.dim() == 3:
         logits = logits[:, 1] - logits[:, 0]
+    # 0 * z is 0 for a finite logit and NaN for a NaN or infinite one (whose sigmoid saturates to a
+    # finite loss): NaN in, NaN out. Its gradient is exactly 0 elsewhere.
+    logits = logits + 0 * logits
     targets = targets.to(logits.dtype)
     prob = torch.sigmoid(logits)
     prob_neg = (1.0 - prob + clip).clamp(max=1.0) if clip > 0 else 1.0 - prob
@@ -105,10 +113,10 @@ def asymmetric_loss_reference(
         focusing = focusing.detach()
     loss = -log_likelihood * focusing
     if mask is not None:
-        loss = torch.where(mask, loss, torch.zeros_like(loss))
+        loss = loss * mask  # not torch.where: a NaN at an unknown label stays NaN
     if reduction == "none":
-        return loss
+        return loss.to(out_dtype)
     if reduction == "sum":
-        return loss.sum()
+        return loss.sum().to(out_dtype)
     known = loss.numel() if mask is None else mask.sum()
-    return loss.sum() / torch.clamp(torch.as_tensor(known, device=loss.device), min=1)
+    return (loss.sum() / torch.clamp(torch.as_tensor(known, device=loss.device), min=1)).to(out_dtype)

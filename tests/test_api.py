@@ -1,7 +1,9 @@
 """Public API: names, modules, backend selection, empty batches, and every input validation error."""
 
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from utils import asl_inputs, head_inputs
@@ -54,6 +56,44 @@ def test_loss_function_and_module_agree():
     assert "gamma_neg=2.0" in repr(module)
 
 
+def test_numbers_may_be_one_element_tensors_or_numpy_numbers():
+    features, te, tp, tn, log_temp = head_inputs(2, 5, 4, 3, requires_grad=False)
+    expected = dk.dualcoop_head(features, te, tp, tn, log_temp, logit_scale=20.0, wta_gamma=50.0)
+    got = dk.dualcoop_head(features, te, tp, tn, log_temp, logit_scale=torch.tensor(20.0),
+                           wta_gamma=np.float32(50.0))
+    torch.testing.assert_close(got, expected)
+    assert dk.DualCoOpHead(logit_scale=torch.tensor([20.0])).logit_scale == 20.0
+    logits, targets, mask = asl_inputs(2, 3, two_way=True)
+    torch.testing.assert_close(dk.asymmetric_loss(logits, targets, mask, clip=torch.tensor(0.05, dtype=torch.float64)),
+                               dk.asymmetric_loss(logits, targets, mask, clip=0.05))
+    with pytest.raises(ValueError, match="logit_scale is a constant and gets no gradient"):
+        dk.dualcoop_head(features, te, tp, tn, log_temp, logit_scale=torch.tensor(20.0, requires_grad=True))
+
+
+def test_meta_tensors_pass_the_checks_that_need_no_values():
+    """On the meta device there are no values to check: shapes flow through, as for a model built
+    on meta to count its memory."""
+    features, te, tp, tn, log_temp = (t.to("meta") for t in head_inputs(2, 5, 4, 3, requires_grad=False))
+    out = dk.dualcoop_head(features, te, tp, tn, log_temp)
+    assert out.device.type == "meta" and out.shape == (2, 2, 3)
+    targets, mask = dk.split_signed_labels(torch.zeros(2, 3, device="meta"))
+    loss = dk.asymmetric_loss(out, targets, mask, reduction="mean")
+    assert loss.device.type == "meta" and loss.shape == ()
+    with pytest.raises(ValueError, match="logit_scale must be a number, got a meta tensor"):
+        dk.dualcoop_head(features, te, tp, tn, log_temp, logit_scale=torch.tensor(20.0, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_public_head_computes_low_precision_in_float32(backend, dtype):
+    inputs = head_inputs(2, 9, 16, 5, dtype=torch.float32, requires_grad=False)
+    low = [t.to(dtype) for t in inputs[:4]] + [inputs[4]]
+    expected = dualcoop_head_reference(*[t.float() for t in low]).to(dtype)
+    got = dk.dualcoop_head(*low, backend=backend)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, expected, rtol=1e-2 if backend == "triton" else 0, atol=1e-2 if backend == "triton" else 0)
+
+
 def test_split_signed_labels():
     labels = torch.tensor([[1, -1, 0], [0, 1, -1]])
     targets, mask = dk.split_signed_labels(labels)
@@ -67,6 +107,16 @@ def test_split_signed_labels():
         dk.split_signed_labels(torch.tensor([1, 0]))
     with pytest.raises(TypeError, match="labels"):
         dk.split_signed_labels(torch.tensor([[True, False]]))
+
+
+def test_split_signed_labels_warns_on_what_looks_like_0_1_labels():
+    with pytest.warns(UserWarning, match=r"no label is -1.*pass them to asymmetric_loss as targets directly"):
+        _, mask = dk.split_signed_labels(torch.tensor([[1, 0, 1], [0, 0, 1]]))
+    assert mask.sum() == 3  # as documented: 0 reads as unknown
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dk.split_signed_labels(torch.tensor([[1, 0, -1]]))
+        dk.split_signed_labels(torch.zeros(0, 3))
 
 
 def test_backend_selection():
@@ -197,7 +247,14 @@ def test_loss_rejects_bad_input(change, error, message):
         (dict(reduction="avg"), r"reduction must be one of \('sum', 'mean', 'none'\)"),
         (dict(gamma_neg=-1.0), r"gamma_neg must be >= 0"),
         (dict(clip=float("inf")), r"clip must be a finite real number"),
+        (dict(clip=1.5), r"clip must be in \[0, 1\]"),  # would zero every negative's loss
+        (dict(clip=-0.1), r"clip must be in \[0, 1\]"),
         (dict(eps=None), r"eps must be a finite real number"),
+        (dict(eps=0.0), r"eps must be in \(0, 1\)"),
+        (dict(eps=1.0), r"eps must be in \(0, 1\)"),
+        (dict(gamma_pos="1"), r"gamma_pos must be a finite real number"),
+        (dict(gamma_neg=torch.ones(2)), r"gamma_neg must be a finite real number .*one-element"),
+        (dict(gamma_neg=torch.tensor(2.0, requires_grad=True)), r"gamma_neg is a constant and gets no gradient"),
     ],
 )
 def test_loss_rejects_bad_options(options, message):

@@ -1,10 +1,13 @@
 """The C++/CUDA asymmetric loss against the reference: loss and gradient for every option, extreme
 logits, unknown labels, empty and strided inputs; building, status, fallback and compilation."""
 
+import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +114,29 @@ def test_extreme_logits():
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("two_way", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_non_finite_logits_give_nan_as_the_reference_does(device, dtype, two_way, reduction):
+    """The CPU kernel is built with -ffast-math, under which a NaN test may be compiled away: NaN and
+    infinite logits, at known and unknown labels, must still give NaN loss and gradient elements,
+    exactly where the reference has them."""
+    logits, targets, mask = random_case(5, 37, two_way, dtype=dtype, device=device, extreme=False)
+    with torch.no_grad():
+        flat = logits.view(-1)
+        flat[3], flat[40], flat[77] = math.nan, math.inf, -math.inf
+    mask[0, 3] = False  # one non-finite logit under an unknown label
+    expected = loss_and_grad("reference", logits, targets, mask, reduction=reduction)
+    got = loss_and_grad("extension", logits, targets, mask, reduction=reduction)
+    for ours, theirs in zip(got, expected):
+        assert torch.isnan(ours).any()
+        torch.testing.assert_close(torch.isnan(ours), torch.isnan(theirs))
+        finite = ~torch.isnan(theirs)
+        torch.testing.assert_close(ours[finite], theirs[finite], equal_nan=True,
+                                   **({} if dtype == torch.float64 else dict(rtol=2e-2, atol=1e-3)))
+
+
+@pytest.mark.parametrize("device", devices())
 def test_all_unknown_and_empty(device):
     logits, targets, _ = random_case(5, 7, two_way=True, device=device)
     nothing_known = torch.zeros(5, 7, dtype=torch.bool, device=device)
@@ -184,6 +210,7 @@ print("STATUS", dk.extension_status()["cpu_built"])
 """
 
 
+@pytest.mark.slow
 def test_without_a_compiler_the_pytorch_path_runs_with_one_warning(tmp_path):
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache")}
     finished = subprocess.run([sys.executable, "-c", NO_COMPILER_SCRIPT], capture_output=True, text=True,
@@ -191,10 +218,106 @@ def test_without_a_compiler_the_pytorch_path_runs_with_one_warning(tmp_path):
     assert finished.returncode == 0, finished.stderr[-3000:]
     out = finished.stdout
     assert "WARNINGS 1" in out
-    assert "the PyTorch path runs instead" in out and "build failed" in out
+    assert "the PyTorch path runs instead" in out and "cannot be built here: no C++ compiler" in out
     assert "ERROR backend 'extension' of asymmetric_loss is not available on cpu" in out
     assert "available: ['auto', 'reference']" in out
     assert "STATUS False" in out
+
+
+@pytest.fixture
+def fresh_loader(tmp_path, monkeypatch):
+    """A loader that has seen nothing, over an empty extension cache in tmp_path."""
+    monkeypatch.setattr(asl_extension, "_LOADER", asl_extension._Loader())
+    monkeypatch.setattr(asl_extension, "_build_directory", lambda name: tmp_path / name)
+    return asl_extension._LOADER
+
+
+def test_the_first_build_is_announced_once(fresh_loader, monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    compiled = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, **kwargs: compiled.append(name))
+    with caplog.at_level(logging.WARNING, logger="dualcoop_kernels"):
+        for _ in range(3):
+            asl_extension.prepare(torch.device("cpu"))
+    notices = [r.getMessage() for r in caplog.records if "building" in r.getMessage()]
+    assert len(compiled) == 1 and len(notices) == 1, notices
+    assert "building the CPU part of the asymmetric-loss extension, about a minute, once" in notices[0]
+    assert not any("CUDA" in notice for notice in notices)  # a CPU loss builds the CPU part only
+
+
+def test_available_backends_counts_a_backend_built_on_first_use(fresh_loader, monkeypatch):
+    cpu = torch.device("cpu")
+    assert asl_extension.unavailable_reason(cpu) is None  # not built, but the first call builds it
+    assert dk.available_backends("asymmetric_loss", "cpu") == ["extension", "reference"]
+    assert "not built yet: the first loss call" in dk.extension_status()["why_not"]["cpu"]
+    monkeypatch.setenv("DUALCOOP_KERNELS_NO_BUILD", "1")
+    assert "DUALCOOP_KERNELS_NO_BUILD=1 stops builds" in asl_extension.unavailable_reason(cpu)
+    assert dk.available_backends("asymmetric_loss", "cpu") == ["reference"]
+    monkeypatch.delenv("DUALCOOP_KERNELS_NO_BUILD")
+    monkeypatch.setenv("CXX", "/no/such/compiler")
+    assert "no C++ compiler: '/no/such/compiler' (CXX) is not found" in asl_extension.unavailable_reason(cpu)
+
+
+COMPILE_FIRST_SCRIPT = """
+import torch, dualcoop_kernels as dk
+logits = torch.randn(3, 2, 5, requires_grad=True)
+targets = (torch.rand(3, 5) < 0.5).float()
+loss = torch.compile(dk.asymmetric_loss, fullgraph=True, backend="aot_eager")(logits, targets)
+loss.backward()
+torch.testing.assert_close(loss, dk.asymmetric_loss(logits, targets, backend="reference"))
+print("BACKENDS", dk.available_backends("asymmetric_loss"))
+"""
+
+
+@pytest.mark.slow
+def test_compiled_loss_as_the_first_call_of_a_process():
+    """Choosing the backend (which may load or build the extension) runs outside the traced graph."""
+    finished = subprocess.run([sys.executable, "-c", COMPILE_FIRST_SCRIPT], capture_output=True, text=True,
+                              timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "BACKENDS ['extension', 'reference']" in finished.stdout
+
+
+def make_toolkit(root: Path) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (root / "bin" / "nvcc").chmod(0o755)
+    (root / "lib64").mkdir()
+    (root / "lib64" / "libcudart.so").touch()
+    return root
+
+
+def test_cuda_toolkit_behind_a_linked_nvcc(tmp_path, monkeypatch):
+    """torch guesses CUDA_HOME as the folder above the nvcc on PATH: wrong for /usr/local/bin/nvcc
+    linking to /usr/local/cuda-X/bin/nvcc. The library follows the link; CUDA_HOME set wins."""
+    from torch.utils import cpp_extension
+
+    toolkit = make_toolkit(tmp_path / "cuda-12.4")
+    (tmp_path / "local" / "bin").mkdir(parents=True)
+    (tmp_path / "local" / "bin" / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'local' / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "local"))  # torch's guess
+    assert asl_extension._cuda_home() == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", "/opt/my-cuda")
+    assert asl_extension._cuda_home() == "/opt/my-cuda"
+
+
+def test_cuda_toolkit_behind_a_wrapper_script(monkeypatch):
+    """Where /usr/local/bin/nvcc is a script that runs the toolkit's nvcc (as on this project's CI
+    machines), the toolkit is found in /usr/local/cuda or /usr/local/cuda-*."""
+    from torch.utils import cpp_extension
+
+    toolkits = [home for home in ("/usr/local/cuda", *Path("/usr/local").glob("cuda-*"))
+                if asl_extension._is_cuda_toolkit(str(home))]
+    if not toolkits:
+        pytest.skip("no CUDA toolkit in /usr/local here")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local")
+    assert asl_extension._cuda_home() in [str(home) for home in toolkits]
 
 
 def test_cuda_part_compiles_where_nvcc_is_found(built):
@@ -205,6 +328,7 @@ def test_cuda_part_compiles_where_nvcc_is_found(built):
     assert built.cuda_built, built.why_not.get("cuda")
 
 
+@pytest.mark.slow
 def test_ahead_of_time_build_command():
     finished = subprocess.run([sys.executable, "-m", "dualcoop_kernels.build_extension"], capture_output=True,
                               text=True, timeout=900)

@@ -135,3 +135,36 @@ def test_extreme_logits_stay_finite(two_way):
         loss = asymmetric_loss(logits, targets, mask, focal_grad=focal_grad)
         (grad,) = torch.autograd.grad(loss, logits)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("two_way", [False, True])
+@pytest.mark.parametrize("known", [True, False])
+def test_non_finite_logit_gives_nan_loss_and_gradient(bad, two_way, known):
+    """NaN in, NaN out: a diverging model must not train on with a finite loss (the sigmoid of an
+    infinite logit saturates to a finite loss unless the loss says otherwise), known label or not."""
+    logits, targets, mask = asl_inputs(3, 7, two_way)
+    with torch.no_grad():
+        logits[0, ..., 4].view(-1)[0] = bad  # P- in the two-way form
+    mask[0, 4] = known
+    for reduction in ("sum", "mean", "none"):
+        loss = asymmetric_loss(logits, targets, mask, reduction=reduction)
+        (grad,) = torch.autograd.grad(loss.sum(), logits)
+        assert torch.isnan(loss).any() and torch.isnan(grad).any(), reduction
+    finite = torch.isfinite(logits).all(dim=1) if two_way else torch.isfinite(logits)
+    per_label = asymmetric_loss(logits, targets, mask, reduction="none")
+    assert torch.isfinite(per_label[finite]).all() and torch.isnan(per_label[~finite]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_public_loss_computes_low_precision_in_float32(dtype):
+    """fp16 cannot hold eps = 1e-8: computed in fp16, large logits give NaN; the public function
+    computes in float32 on every backend and casts the loss back."""
+    logits, targets, mask = asl_inputs(4, 9, two_way=True, dtype=torch.float32, scale=30.0)
+    low = logits.detach().to(dtype).requires_grad_()
+    loss = asymmetric_loss(low, targets, mask)
+    (grad,) = torch.autograd.grad(loss, low)
+    expected = asymmetric_loss(low.detach().float(), targets, mask)
+    assert loss.dtype == dtype and grad.dtype == dtype
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, expected.to(dtype), rtol=0, atol=0)
