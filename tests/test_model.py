@@ -1,5 +1,8 @@
 """DualCoOp++ on randomly initialised open_clip models (RN50, RN101, ViT-B-16) and small inputs."""
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -199,3 +202,98 @@ def test_original_dualcoop_variant(rn50):
     attention = torch.softmax(20 * s_pos, dim=1)
     expected = torch.stack([100 * (attention * s_neg).sum(1), 100 * (attention * s_pos).sum(1)], dim=1)
     torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "classnames, error, message",
+    [
+        ("cat", TypeError, r"classnames must be a list of class names .*got str 'cat'"),
+        (["cat", 3], TypeError, r"every class name must be a non-empty string, got \[3\]"),
+        (["cat", " "], TypeError, r"non-empty string"),
+        (["cat", "dog", "cat"], ValueError, r"class names must be distinct, these repeat: \['cat'\]"),
+        ([], ValueError, r"at least one class"),
+    ],
+)
+def test_bad_class_names(rn50, classnames, error, message):
+    with pytest.raises(error, match=message):
+        dk.DualCoOpPlusPlus(rn50, classnames, n_ctx=4)
+    with pytest.raises(error, match=message):  # refused before a CLIP is loaded
+        dk.DualCoOpPlusPlus("RN50", classnames, pretrained="/no/such/file.pt")
+
+
+def test_class_names_and_contexts_must_fit_the_text_context(rn50):
+    """The tokenizer would cut a long prompt off silently, [EOS] and all."""
+    long_name = " ".join(["hippopotamus"] * 40)
+    with pytest.raises(ValueError, match=r"class name 'hippopotamus .*' does not fit the text context: its prompt "
+                                         r"needs \d+ tokens with n_ctx=21, and the context holds 77"):
+        dk.DualCoOpPlusPlus(rn50, ["cat", long_name])
+    with pytest.raises(ValueError, match=r"n_ctx must be an integer from 1 to 73 .* got 80"):
+        dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=80)
+    with pytest.raises(ValueError, match=r"n_ctx must be an integer from 1 to 73 .* got 0"):
+        dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=0)
+    fits = " ".join(["a"] * (77 - 3 - 21))  # [SOS], 21 contexts, the name, '.', [EOS]: exactly 77 tokens
+    model = dk.DualCoOpPlusPlus(rn50, ["cat", fits])
+    assert int(model.prompts.tokenized[1].argmax()) == 76  # [EOS] last
+    with pytest.raises(ValueError, match="needs 78 tokens"):
+        dk.DualCoOpPlusPlus(rn50, ["cat", fits + " a"])
+
+
+def test_images_must_be_normalised_floats(rn50):
+    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4)
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r"images must be normalised floating tensors, got torch.uint8.*image_transform"):
+        model(pixels)
+    with pytest.raises(ValueError, match=r"normalised with CLIP's mean and std.*as 0..255 pixels would be"):
+        model(pixels.float())
+    with pytest.raises(ValueError, match=r"images must have shape B x 3 x H x W \(RGB\)"):
+        model(torch.randn(2, 1, 64, 64))
+    normalised = model.image_transform(64)(pixels)
+    assert normalised.dtype == torch.float32 and normalised.shape == (2, 3, 64, 64)
+    assert model(normalised).shape == (2, 2, 3)
+
+
+def test_image_transform_is_clips_preprocessing(rn50):
+    from PIL import Image
+
+    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4)
+    gray = Image.new("L", (50, 30), color=128)
+    out = model.image_transform()(gray)  # the model's own side, RGB
+    assert out.shape == (3, 224, 224)
+    mean, std = torch.tensor(rn50.visual.image_mean), torch.tensor(rn50.visual.image_std)
+    torch.testing.assert_close(out[:, 0, 0], (128 / 255 - mean) / std)
+    assert model.image_transform(448)(torch.zeros(3, 100, 80, dtype=torch.uint8)).shape == (3, 448, 448)
+
+
+def test_regions_of_the_wrong_width_are_named(rn50):
+    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4)
+    assert model.embed_dim == 1024
+    with pytest.raises(ValueError, match=r"regions must have shape B x N x 1024 \(N regions of this model's width"):
+        model(regions=torch.randn(2, 5, 512))
+    with pytest.raises(TypeError, match=r"regions must be a floating tensor"):
+        model(regions=torch.ones(2, 5, 1024, dtype=torch.int64))
+
+
+OFFLINE_AFTER_IMPORT_SCRIPT = """
+import os, time
+import huggingface_hub, dualcoop_kernels as dk   # huggingface_hub reads HF_HUB_OFFLINE here
+os.environ["HF_HUB_OFFLINE"] = "1"                  # set afterwards, from Python
+started = time.monotonic()
+try:
+    dk.DualCoOpPlusPlus("RN50", ["cat"], pretrained="openai")
+except RuntimeError as error:
+    print("ERROR", error)
+print("SECONDS", time.monotonic() - started)
+"""
+
+
+@pytest.mark.slow
+def test_offline_set_after_import_takes_effect(tmp_path):
+    """With HF_HUB_OFFLINE=1 set from Python after import, a tag that is not in the cache fails at
+    once with a clear message (open_clip, left alone, retries the download for most of a minute)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env["HF_HOME"] = str(tmp_path / "empty-hub-cache")
+    finished = subprocess.run([sys.executable, "-c", OFFLINE_AFTER_IMPORT_SCRIPT], capture_output=True, text=True,
+                              env=env, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "not in the download cache and HF_HUB_OFFLINE is set" in finished.stdout, finished.stdout
+    assert float(finished.stdout.split("SECONDS")[1]) < 15
