@@ -15,7 +15,16 @@ import argparse
 import sys
 
 import torch
-from harness import add_ratios, environment, format_table, median_time_ms, peak_memory_mib, progress, write_json
+from harness import (
+    add_ratios,
+    environment,
+    format_table,
+    machine_line,
+    median_time_ms,
+    peak_memory_mib,
+    progress,
+    write_json,
+)
 
 from dualcoop_kernels import asymmetric_loss, build_extension
 from dualcoop_kernels.reference import asymmetric_loss_reference
@@ -84,14 +93,16 @@ def main(argv=None) -> int:
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     status = build_extension()
     progress(f"extension: cpu {status.cpu_built}, cuda {status.cuda_built}, cache {status.cache_directory}")
+    env = environment(torch.device(devices[-1]))  # before the run: the load average says what else runs
     rows = []
     for name in devices:
         device = torch.device(name)
         if not getattr(status, f"{device.type}_built"):
             sys.exit(f"the extension's {device.type} part is not built: {status.why_not.get(device.type)}")
         rows += bench_device(device, args.min_repeats, args.budget)
-    env = environment(torch.device(devices[-1]))
     print(f"asymmetric loss, two-way form, fp32, 30% unknown labels; {env['device']}, torch {env['torch']}")
+    if "cpu" in devices:
+        print(machine_line(env))
     print(format_table(rows, COLUMNS))
     if args.out:
         write_json(args.out, dict(environment=env, extension=status.as_dict(), options=OPTIONS, results=rows))

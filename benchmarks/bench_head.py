@@ -18,6 +18,7 @@ the targets of the Triton head, and writes ``benchmarks/results/<gpu>.md`` and `
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -29,13 +30,16 @@ from harness import (
     add_ratios,
     environment,
     format_table,
+    machine_line,
     median_time_ms,
     peak_memory_mib,
     progress,
+    recorded_results,
     write_json,
 )
 
 from dualcoop_kernels import available_backends, dualcoop_head
+from dualcoop_kernels.head import HEAD_BACKENDS
 from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -68,14 +72,20 @@ def triton_is_interpreted(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-def library_backends(device: torch.device, interpreted_triton: bool) -> dict:
-    """Label -> head function for every backend of the library but the reference."""
+def library_backends(device: torch.device, interpreted_triton: bool) -> tuple[dict, dict]:
+    """Label -> head function for every backend of the library but the reference that runs here, and
+    label -> why it was left out for the others."""
     found = {}
+    left_out = HEAD_BACKENDS.unavailable(device)
     for name in available_backends("dualcoop_head", device):
-        if name == "reference" or (name == "triton" and triton_is_interpreted(device) and not interpreted_triton):
+        if name == "reference":
+            continue
+        if name == "triton" and triton_is_interpreted(device) and not interpreted_triton:
+            left_out[name] = "on the CPU it runs in Triton's interpreter, which says nothing of its speed " \
+                             "(--interpreted-triton includes it)"
             continue
         found[name] = lambda *args, backend=name, **kw: dualcoop_head(*args, backend=backend, **kw)
-    return found
+    return found, left_out
 
 
 def candidates(device: torch.device, use_compile: bool, interpreted_triton: bool) -> dict:
@@ -85,7 +95,7 @@ def candidates(device: torch.device, use_compile: bool, interpreted_triton: bool
     if use_compile:
         torch._dynamo.reset()  # no earlier preset's graphs, no recompile limit reached
         found["torch.compile"] = torch.compile(dualcoop_head_reference, dynamic=False)
-    return {**found, **library_backends(device, interpreted_triton)}
+    return {**found, **library_backends(device, interpreted_triton)[0]}
 
 
 def bench_preset(preset, shape, device, dtype, heads, wta, min_repeats, budget_s):
@@ -268,25 +278,35 @@ def main(argv=None) -> int:
         if unknown:
             sys.exit(f"unknown presets {sorted(unknown)}; known: {list(HEAD_PRESETS)}")
     interpreted_triton = args.interpreted_triton or args.gpu_check
+    if interpreted_triton and triton_is_interpreted(device) and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton reads the variable when it is imported, which importing the package has done
+        if argv is not None:
+            sys.exit("Triton on the CPU needs TRITON_INTERPRET=1 in the environment before Python starts")
+        progress("setting TRITON_INTERPRET=1, which Triton on the CPU needs, and starting again")
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "1"})
 
     def shape_of(preset):
         return quick_shape(HEAD_PRESETS[preset]) if args.quick else HEAD_PRESETS[preset]
 
+    env = environment(device)  # before the run: the load average says what else is running
     checks = []
     if args.gpu_check:
         for preset in presets:
             for wta in WTA_MODES:
                 progress(f"check {preset} {wta} {shape_of(preset)} {args.dtype} on {device}")
                 checks += check_preset(preset, shape_of(preset), device, dtype,
-                                       library_backends(device, interpreted_triton), wta)
+                                       library_backends(device, interpreted_triton)[0], wta)
     rows = []
     for number, preset in enumerate(presets, 1):
         progress(f"[{number}/{len(presets)}] {preset} {shape_of(preset)} {args.dtype} {args.wta} on {device}")
         heads = candidates(device, not args.no_compile, interpreted_triton)
         rows += bench_preset(preset, shape_of(preset), device, dtype, heads, args.wta, args.min_repeats, args.budget)
 
-    env = environment(device)
     print(f"dualcoop head, {args.dtype}, wta {args.wta}, {env['device']}, torch {env['torch']}, triton {env['triton']}")
+    if device.type == "cpu":
+        print(machine_line(env))
+    for name, reason in library_backends(device, interpreted_triton)[1].items():
+        print(f"left out: {name}: {reason}")
     print(format_table(rows, BENCH_COLUMNS))
     goals = targets(rows)
     for goal in goals:
@@ -294,6 +314,11 @@ def main(argv=None) -> int:
     if args.out:
         write_json(args.out, dict(environment=env, dtype=args.dtype, wta=args.wta, quick=args.quick,
                                   checks=checks, results=rows, targets=goals))
+    recorded = recorded_results(RESULTS_DIR)
+    if device.type == "cpu":
+        print("GPU results recorded in benchmarks/results/:" if recorded else "No GPU results recorded yet.")
+        for line in recorded:
+            print(f"  {line}")
     if args.gpu_check:
         path = write_gpu_report(env, checks, rows, goals, Path(args.results_dir))
         failed = [c for c in checks if not c["passed"]]

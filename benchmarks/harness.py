@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import platform
 import re
 import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -111,6 +113,8 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
+        "cpu_cores": os.cpu_count(),
+        "load_average": [round(load, 2) for load in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     try:
         import triton
@@ -119,6 +123,28 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         info["triton"] = None
     return info
+
+
+def machine_line(env: dict) -> str:
+    """Threads and load: on a shared CPU, other work shows up in every timing."""
+    load = env["load_average"]
+    line = f"torch uses {env['cpu_threads']} threads of {env['cpu_cores']} cores"
+    if load is not None:
+        line += f"; load average {load[0]} (1 min), {load[1]} (5 min) before the run"
+        if load[0] > 0.5:
+            line += ": other work was running, so CPU times may include contention"
+    return line
+
+
+def recorded_results(results_dir: Path) -> list[str]:
+    """One line per card with results in ``results_dir``: its targets, as ``--gpu-check`` wrote them."""
+    lines = []
+    for report in sorted(results_dir.glob("*.json")):
+        recorded = json.loads(report.read_text())
+        env = recorded["environment"]
+        goals = "; ".join(f"{g['target']}: {g['measured']}" for g in recorded.get("targets", [])) or "no targets"
+        lines.append(f"{env['device']} ({env['date'][:10]}, {report.with_suffix('.md').name}): {goals}")
+    return lines
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

@@ -54,6 +54,11 @@ class BackendRegistry:
     def available(self, device: torch.device) -> list[str]:
         return [b.name for b in self._backends if b.unavailable_reason(device) is None]
 
+    def unavailable(self, device: torch.device) -> dict[str, str]:
+        """Name -> why it cannot run on ``device``, for every backend that cannot."""
+        reasons = {b.name: b.unavailable_reason(device) for b in self._backends}
+        return {name: reason for name, reason in reasons.items() if reason is not None}
+
     def check_known(self, name: str) -> None:
         """Fail early (e.g. in a module's constructor) on a name that no device could run."""
         if name != "auto" and name not in self.names():

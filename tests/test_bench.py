@@ -3,9 +3,12 @@ It checks structure only; no timing is asserted."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,17 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_HEAD = [sys.executable, str(ROOT / "benchmarks" / "bench_head.py")]
 
 
-def run(command):
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
+def run(command, env=None):
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     return finished
 
 
+@pytest.mark.slow
 def test_bench_head_quick(tmp_path):
     out = tmp_path / "head.json"
     finished = run([*BENCH_HEAD, "--quick", "--preset", "voc", "--min-repeats", "2", "--budget", "0",
                     "--out", str(out)])
     assert "median ms" in finished.stdout
+    assert "torch uses" in finished.stdout and "threads of" in finished.stdout and "load average" in finished.stdout
+    assert "left out: triton: on the CPU it runs in Triton's interpreter" in finished.stdout
+    assert "GPU results recorded" in finished.stdout or "No GPU results recorded yet." in finished.stdout
     report = json.loads(out.read_text())
     assert report["environment"]["torch"]
     cases = {(row["backend"], row["mode"]) for row in report["results"]}
@@ -33,6 +40,7 @@ def test_bench_head_quick(tmp_path):
         assert row["max_abs_error"] < 1e-4
 
 
+@pytest.mark.slow
 def test_gpu_check_quick_on_cpu(tmp_path):
     """The GPU check's code path at small shapes, with Triton in its interpreter: every preset and WTA
     mode checked against float64 (it exits non-zero on a failed check), then the report files."""
@@ -44,3 +52,16 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     assert len(report["checks"]) == 75 and all(check["passed"] for check in report["checks"])
     assert "Correctness: 75 of 75 checks pass" in next(tmp_path.glob("*.md")).read_text()
 
+
+
+@pytest.mark.slow
+def test_interpreted_triton_sets_the_interpreter(tmp_path):
+    """Without TRITON_INTERPRET=1 in the environment, --interpreted-triton sets it and starts again,
+    instead of leaving Triton out without a word."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    out = tmp_path / "head.json"
+    finished = run([*BENCH_HEAD, "--quick", "--preset", "coco", "--no-compile", "--interpreted-triton",
+                    "--min-repeats", "1", "--budget", "0", "--out", str(out)], env=env)
+    assert "setting TRITON_INTERPRET=1" in finished.stderr
+    assert "left out" not in finished.stdout
+    assert {row["backend"] for row in json.loads(out.read_text())["results"]} == {"eager", "triton"}
