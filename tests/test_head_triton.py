@@ -16,14 +16,15 @@ from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
 SMALL_TILES = HeadBlocks(n=16, c=16, d=16, d_grad=16, splits=2)
 
 # (B, N, D, C, tiles, gamma): odd sizes; several region, class and D tiles; N = C = 1; splits that do
-# not divide the region tiles; None means the tiles the library picks for the shape.
+# not divide the region tiles; None means the tiles the library picks for the shape. The interpreter
+# is slow: the larger shapes are marked slow, out of the quick run (pytest -m "not slow").
 SHAPES = [
     pytest.param(2, 37, 24, 21, SMALL_TILES, 5.0, id="multi-tile"),
     pytest.param(1, 1, 5, 1, None, 200.0, id="one-region-one-class"),
-    pytest.param(3, 70, 40, 130, None, 5.0, id="default-tiles"),
-    pytest.param(2, 19, 33, 67, HeadBlocks(16, 32, 16, 32, splits=3), 200.0, id="uneven-splits"),
+    pytest.param(3, 70, 40, 130, None, 5.0, id="default-tiles", marks=pytest.mark.slow),
+    pytest.param(2, 19, 33, 67, HeadBlocks(16, 32, 16, 32, splits=3), 200.0, id="uneven-splits", marks=pytest.mark.slow),
     # gamma 200 with C = 101: pos200's small softmax weights once lost precision as (1 + sigma) - 1
-    pytest.param(3, 37, 64, 101, None, 200.0, id="sharp-wta-many-classes"),
+    pytest.param(3, 37, 64, 101, None, 200.0, id="sharp-wta-many-classes", marks=pytest.mark.slow),
 ]
 
 # Extra error allowed beyond twice the eager reference's, relative to the result's scale.

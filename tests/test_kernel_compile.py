@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
 def test_kernels_compile_for_hopper(dtype):
     """The interpreter runs kernels as Python and misses what only the GPU compiler rejects (a

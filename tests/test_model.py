@@ -40,6 +40,7 @@ def test_resnet_region_shapes(rn50, size, regions):
     assert model(torch.randn(2, 3, *size)).shape == (2, 2, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size, regions", [((224, 224), 196), ((64, 80), 20)])
 def test_vit_region_shapes(vit, size, regions):
     model = dk.DualCoOpPlusPlus(vit, CLASSES, n_ctx=4)
@@ -61,6 +62,7 @@ def test_resnet_regions_are_per_token_attention_pool_projections(rn50):
     torch.testing.assert_close(region_features(rn50.visual, images), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vit_regions_are_self_attention_only_in_the_last_block(vit):
     """CLIP's own forward up to the last block, then that block with a mask that lets every token
     attend only to itself, ln_post and the projection: what the library computes without attention."""
@@ -118,6 +120,7 @@ def test_head_backends_give_the_same_logits(rn50):
     torch.testing.assert_close(model(regions=regions), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_parameter_count_of_coco_with_rn101():
     """3 * n_ctx * width * C + 1 = 3 * 21 * 512 * 80 + 1."""
     model = dk.DualCoOpPlusPlus("RN101", [f"class {i}" for i in range(80)])
@@ -153,6 +156,7 @@ def test_text_features_are_cached_at_inference_until_the_prompts_change(rn50):
     assert model.text_features()[0].requires_grad  # with autograd on, fresh features with a graph
 
 
+@pytest.mark.slow
 def test_a_checkpoint_loads_through_the_pretrained_path(rn50, tmp_path):
     path = tmp_path / "rn50.pt"
     torch.save(rn50.state_dict(), path)

@@ -16,6 +16,7 @@ def test_usage_example():
     exec(compile(python_block("## Use"), "README.md (Use)", "exec"), {})
 
 
+@pytest.mark.slow
 def test_model_example(tmp_path, monkeypatch):
     pytest.importorskip("open_clip")
     monkeypatch.chdir(tmp_path)  # it saves prompts.pt
