@@ -63,7 +63,7 @@ def signature(kernel, constexprs: dict, dtype: str) -> dict:
         elif name.endswith("_ptr"):
             types[name] = input_pointer if name in INPUT_POINTERS else compute_pointer
         elif name in ("gamma", "logit_scale"):
-            types[name] = "fp32"
+            types[name] = "fp64"  # typed so in the kernels: a Python float would arrive as fp32
         else:
             types[name] = "i32"
     return types

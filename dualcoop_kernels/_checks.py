@@ -97,7 +97,9 @@ def check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_t
         )
     check_float("log_spatial_temp", log_spatial_temp)
     check_same_device({"features": features, **texts, "log_spatial_temp": log_spatial_temp})
-    if has_values(log_spatial_temp) and not bool(torch.isfinite(log_spatial_temp).all()):
+    # on a GPU, reading it would stall the stream every call: a non-finite one gives NaN logits there
+    on_host = log_spatial_temp.device.type == "cpu"
+    if on_host and has_values(log_spatial_temp) and not bool(torch.isfinite(log_spatial_temp).all()):
         raise ValueError(f"log_spatial_temp must be finite, got {log_spatial_temp.item()}")
     return log_spatial_temp.reshape(())
 
@@ -105,8 +107,8 @@ def check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_t
 def check_asl_options(gamma_neg, gamma_pos, clip, eps, reduction: str) -> dict:
     """Validate the loss's options; returns the numbers as floats, by name."""
     check_choice("reduction", reduction, ("sum", "mean", "none"))
-    values = {name: finite_number(name, value) for name, value in
-               (("gamma_neg", gamma_neg), ("gamma_pos", gamma_pos), ("clip", clip), ("eps", eps))}
+    given = dict(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=eps)
+    values = {name: finite_number(name, value) for name, value in given.items()}
     for name in ("gamma_neg", "gamma_pos"):
         if values[name] < 0:
             raise ValueError(f"{name} must be >= 0, got {values[name]}")

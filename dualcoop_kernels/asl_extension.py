@@ -34,8 +34,8 @@ DEFAULT_CUDA_ARCH = "90"  # compiled for when no GPU is visible
 SOURCE_SUFFIXES = (".h", ".cpp", ".cu")
 PARTS = ("cpu", "cuda")  # each needs the ones before it
 NOT_BUILT_YET = (
-    "not built yet: the first loss call that considers it builds it, about a minute, once "
-    "(or ahead of time: python -m dualcoop_kernels.build_extension)"
+    "not built for these sources yet: the first loss call that considers it builds it, about a minute, "
+    "once (or ahead of time: python -m dualcoop_kernels.build_extension)"
 )
 LOG = logging.getLogger("dualcoop_kernels")
 
@@ -52,9 +52,11 @@ def _sources() -> Path:
 @functools.lru_cache(maxsize=None)
 def _cpu_flags() -> tuple[str, list[str], list[str]]:
     """The CPU library's name and compile and link flags: OpenMP (ATen's parallel_for is OpenMP in
-    its headers, serial without the flag), vectorised math (glibc's libmvec under -ffast-math, whose
-    finite-math assumption is what lets maxima before exp vectorise as such; csrc/asl_math.h keeps
-    NaN in the integer domain) for the instruction set this machine has, which the name records."""
+    its headers, serial without the flag), -ffast-math and glibc's vector exp and log (libmvec, which
+    glibc declares only under -ffast-math) for the instruction set this machine has, which the name
+    records. Without the finite-math part of -ffast-math the element loop runs at half speed: GCC
+    moves the floors of the exponents past exp, whose underflowing arguments take a slow path.
+    csrc/asl_math.h tests for NaN by its bits, which that assumption cannot remove."""
     capability = torch.backends.cpu.get_cpu_capability().lower()
     cflags = ["-O3", "-ffast-math", "-fopenmp"]
     ldflags = ["-fopenmp"]
@@ -274,14 +276,19 @@ def _warn_once(part: str) -> None:
     )
 
 
+def _parts_for(device: torch.device) -> tuple[str, ...]:
+    """The parts a device's kernels need: its own and those before it."""
+    return PARTS[: PARTS.index(device.type) + 1]
+
+
 def prepare(device: torch.device) -> None:
     """Before the loss considers the extension for a device: build what it needs, once a process, and
     warn once if that fails. ``DUALCOOP_KERNELS_NO_BUILD=1`` keeps it to what is built already."""
     if device.type not in PARTS or _LOADER.built(device.type):
         return
     builds_allowed = os.environ.get("DUALCOOP_KERNELS_NO_BUILD") != "1"
-    _LOADER.load(build=PARTS[: PARTS.index(device.type) + 1] if builds_allowed else ())
-    broken = next((part for part in (device.type, "cpu") if part in _LOADER.failed), None)
+    _LOADER.load(build=_parts_for(device) if builds_allowed else ())
+    broken = next((part for part in _parts_for(device) if part in _LOADER.failed), None)
     if broken:
         _warn_once(broken)
 
@@ -289,13 +296,12 @@ def prepare(device: torch.device) -> None:
 def unavailable_reason(device: torch.device) -> str | None:
     """Why the extension cannot run on this device (None when it can: built, or to be built by the
     first call that considers it, which :func:`prepare` does); never compiles."""
-    if device.type not in ("cpu", "cuda"):
+    if device.type not in PARTS:
         return f"it has kernels for the CPU and CUDA only, not {device.type}"
     _LOADER.load()  # what is in the cache, looked at once
     if _LOADER.built(device.type):
         return None
-    parts = ("cpu",) if device.type == "cpu" else ("cpu", "cuda")
-    broken = next((part for part in parts if part in _LOADER.failed), None)
+    broken = next((part for part in _parts_for(device) if part in _LOADER.failed), None)
     if broken is None:
         reason = _unbuildable() or (_cuda_unbuildable() if device.type == "cuda" else None)
         if reason is None:

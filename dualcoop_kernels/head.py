@@ -31,6 +31,15 @@ def _triton_head(*args, **kwargs):
     return dualcoop_head_triton(*args, **kwargs)
 
 
+def wta_sharpness(wta_gamma) -> float:
+    """gamma >= 0: WTA favours the best class of each region; a negative gamma would favour the worst
+    and overflow the kernels' exponents, which assume max u comes from max s+ or min s+."""
+    value = finite_number("wta_gamma", wta_gamma)
+    if value < 0:
+        raise ValueError(f"wta_gamma must be >= 0 (0 turns the winner-take-all weights uniform), got {value}")
+    return value
+
+
 HEAD_BACKENDS = BackendRegistry("dualcoop_head")
 # the interpreter runs Triton on the CPU too, but slowly: "auto" keeps it for CUDA tensors
 HEAD_BACKENDS.register("triton", _triton_head, _triton_unavailable, use_in_auto=lambda device: device.type == "cuda")
@@ -64,8 +73,8 @@ def dualcoop_head(
             for a fixed temperature.
         wta: winner-take-all across classes per region: ``"pos_norm"`` (COCO setting,
             ``exp(u - max u)``), ``"pos200"`` (VOC and NUS-WIDE, ``1 + softmax(u)``) or ``"none"``.
-        wta_gamma: WTA sharpness gamma in ``u = gamma * max_m(s+) * s+``: a number, or a one-element
-            tensor that does not require grad.
+        wta_gamma: WTA sharpness gamma >= 0 in ``u = gamma * max_m(s+) * s+``: a number, or a
+            one-element tensor that does not require grad.
         logit_scale: k, the constant scale of the logits (e^3 in DualCoOp++); a number or a tensor
             as ``wta_gamma``.
         backend: ``"auto"`` (the fused Triton kernels for CUDA tensors, the reference elsewhere),
@@ -77,7 +86,7 @@ def dualcoop_head(
         ``[:, 1]`` is P+ (evidence of presence); ``sigmoid(P+ - P-)`` is the class probability.
     """
     log_spatial_temp = check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta)
-    wta_gamma = finite_number("wta_gamma", wta_gamma)
+    wta_gamma = wta_sharpness(wta_gamma)
     logit_scale = finite_number("logit_scale", logit_scale)
     implementation = HEAD_BACKENDS.resolve(backend, features.device).function
     return implementation(
@@ -109,7 +118,7 @@ class DualCoOpHead(nn.Module):
         check_choice("wta", wta, WTA_MODES)
         HEAD_BACKENDS.check_known(backend)
         self.wta = wta
-        self.wta_gamma = finite_number("wta_gamma", wta_gamma)
+        self.wta_gamma = wta_sharpness(wta_gamma)
         self.logit_scale = finite_number("logit_scale", logit_scale)
         self.backend = backend
         self.log_spatial_temp = nn.Parameter(torch.tensor(finite_number("spatial_temp_init", spatial_temp_init)))

@@ -22,11 +22,15 @@ backward
 Nothing of size B x N x C is written: the backward recomputes similarity tiles. Saved for the backward:
 the inputs, the logits in the compute dtype, and O(B*C + B*N) statistics. Arithmetic is float32 for
 fp16, bf16 and fp32 inputs, with float32-accurate dots (WTA amplifies TF32 error, SPEC "Numerics"), and
-float64 for float64 inputs.
+float64 for float64 inputs. The scalars gamma and k are kernel arguments typed float64, converted to
+the compute dtype on entry: untyped, a Python float reaches a GPU kernel as fp32, which would round
+them for a float64 head. Every launch runs under the tensors' CUDA device (and so its current
+stream), whatever the current device is.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -143,10 +147,11 @@ def _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA
 def _region_stats_kernel(
     f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
     stats_ptr, index_ptr, stat_stride,
-    N, C, D, gamma,
+    N, C, D, gamma: tl.float64,
     WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    gamma = tl.full((), gamma, ACC)  # typed float64: module doc
     image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     run_max = tl.full((BLOCK_N,), float("-inf"), ACC)
     run_min = tl.full((BLOCK_N,), float("inf"), ACC)
@@ -180,7 +185,9 @@ def _region_stats_kernel(
     tl.store(index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, tl.where(nonnegative, arg_max, arg_min),
              mask=region_mask)
 
-    if WTA == 2:  # pos200 needs log sum_m exp(u), and u needs M: a second sweep
+    if WTA != 2:  # only pos200 uses it; written all the same, since an operator's outputs must be defined
+        tl.store(stats_ptr + STAT_LSE_U * stat_stride + offsets, tl.zeros((BLOCK_N,), ACC), mask=region_mask)
+    else:  # pos200 needs log sum_m exp(u), and u needs M: a second sweep
         total = tl.zeros((BLOCK_N,), ACC)
         for c_start in range(0, C, BLOCK_C):
             classes = c_start + tl.arange(0, BLOCK_C)
@@ -199,10 +206,11 @@ def _region_stats_kernel(
 def _head_forward_kernel(
     f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
     stats_ptr, stat_stride, log_temp_ptr, logits_ptr, lse_ptr,
-    N, C, D, gamma, logit_scale,
+    N, C, D, gamma: tl.float64, logit_scale: tl.float64,
     WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
     image = tl.program_id(0).to(tl.int64)
     classes = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     class_mask = classes < C
@@ -265,7 +273,7 @@ def _attention_and_h(
 def _region_sums_kernel(
     f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
     stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, grad_ptr, sums_ptr,
-    N, C, D, gamma, logit_scale,
+    N, C, D, gamma: tl.float64, logit_scale: tl.float64,
     WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -273,6 +281,7 @@ def _region_sums_kernel(
     drops out exactly instead of cancelling (it dominates when gamma is large):
     pos_norm, a = argmax u:  sum_{m != a} w h  and  sum (s+ - s+_a) w h
     pos200, sigma = w - 1:   sum sigma h,  sum (s+ - M) sigma h  and  sum (s+ - M) sigma"""
+    gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
     image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
     if WTA == 1:
@@ -368,7 +377,7 @@ def _text_grad_kernel(
     f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
     stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr,
     grad_text_ptr, projection_ptr, grad_temp_ptr,
-    N, C, D, set_stride, region_tiles, total_tiles, gamma, logit_scale,
+    N, C, D, set_stride, region_tiles, total_tiles, gamma: tl.float64, logit_scale: tl.float64,
     WANT_TEXT: tl.constexpr, WTA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -377,6 +386,7 @@ def _text_grad_kernel(
     prompts, G = dS^T f, accumulated in place in ``grad_text[split]`` (the program owns it: no
     atomics), and the partial sums of <t, G> = sum_i dS s per prompt (for the normalisation step) and
     of dL/dtheta = sum s^e dL/ds^e."""
+    gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
     class_tile = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -473,13 +483,14 @@ def _feature_grad_kernel(
     f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
     stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr,
     scratch_ptr, grad_features_ptr,
-    N, C, D, gamma, logit_scale,
+    N, C, D, gamma: tl.float64, logit_scale: tl.float64,
     WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dL/dF for a region tile: G = sum_x dS^x t^x over all classes, accumulated in place in the
     program's rows of ``scratch`` (compute dtype), then through the normalisation f = F / |F|:
     dL/dF = (G - f <f, G>) / |F|, where <f, G> = sum_x sum_m dS^x s^x."""
+    gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
     image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     rows = offsets[:, None] * D
 
@@ -558,15 +569,27 @@ def choose_blocks(B: int, N: int, C: int, D: int, device: torch.device) -> HeadB
     tiles = HeadBlocks(n=_pow2_between(N, 16, 64), c=_pow2_between(C, 16, 32), d=16, d_grad=_pow2_between(D, 16, 64))
     if device.type != "cuda":
         return tiles
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 4 * _multiprocessors(device)
     by_parallelism = triton.cdiv(target, triton.cdiv(C, tiles.c))
     by_memory = PARTIALS_BYTES // (3 * C * D * 4)  # each split keeps a float32 partial of the prompts
     return replace(tiles, splits=max(1, min(by_parallelism, by_memory)))
 
 
+@torch.compiler.assume_constant_result
+def _multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count; torch.compile reads it once, while tracing, as a constant."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _kernel_output(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A buffer the kernels fill completely; the tests poison it to prove they do."""
     return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device's current stream: make that the tensors' device, on
+    which PyTorch queues their work (a no-op on the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -623,21 +646,24 @@ def head_forward(
     device = features.device
     logits = _kernel_output(B, 2, C, device=device, dtype=compute)
     lse = _kernel_output(B, C, device=device, dtype=compute)
-    stats = _kernel_output(4, B, N, device=device, dtype=compute)
-    index = _kernel_output(2, B, N, device=device, dtype=torch.int32)
+    # without WTA no kernel writes the statistics: zeros, since an operator's outputs must be defined
+    buffer = torch.zeros if wta == "none" else _kernel_output
+    stats = buffer(4, B, N, device=device, dtype=compute)
+    index = buffer(2, B, N, device=device, dtype=torch.int32)
     inv_norm = _inverse_norms(features, compute)
     text_inv_norm = torch.stack([_inverse_norms(text, compute) for text in texts])  # (3, C)
     if B == 0:
         return logits, lse, inv_norm, text_inv_norm, stats, index
     constants = _kernel_constants(compute, block, wta)
     common = _common_args(features, texts, text_inv_norm, inv_norm)
-    if wta != "none":
-        _region_stats_kernel[(B, triton.cdiv(N, block.n))](
-            *common, stats, index, B * N, N, C, D, wta_gamma, **constants
+    with _on_device(device):
+        if wta != "none":
+            _region_stats_kernel[(B, triton.cdiv(N, block.n))](
+                *common, stats, index, B * N, N, C, D, wta_gamma, **constants
+            )
+        _head_forward_kernel[(B, triton.cdiv(C, block.c))](
+            *common, stats, B * N, log_spatial_temp, logits, lse, N, C, D, wta_gamma, logit_scale, **constants
         )
-    _head_forward_kernel[(B, triton.cdiv(C, block.c))](
-        *common, stats, B * N, log_spatial_temp, logits, lse, N, C, D, wta_gamma, logit_scale, **constants
-    )
     return logits, lse, inv_norm, text_inv_norm, stats, index
 
 
@@ -694,49 +720,50 @@ def head_backward(
             *[g.zero_() for g in grad_texts],
             torch.zeros_like(log_spatial_temp) if want_temp else nothing(),
         )
-    grad_logits = grad_logits.to(compute).contiguous()
-    constants = _kernel_constants(compute, block, wta)
-    common = _common_args(features, texts, text_inv_norm, inv_norm)
-    region_tiles = triton.cdiv(N, block.n)
-    class_tiles = triton.cdiv(C, block.c)
+    with _on_device(device):
+        grad_logits = grad_logits.to(compute).contiguous()
+        constants = _kernel_constants(compute, block, wta)
+        common = _common_args(features, texts, text_inv_norm, inv_norm)
+        region_tiles = triton.cdiv(N, block.n)
+        class_tiles = triton.cdiv(C, block.c)
 
-    sums = _kernel_output(3, B, N, device=device, dtype=compute)
-    if wta != "none":
-        _region_sums_kernel[(B, region_tiles)](
-            *common, stats, index, B * N, log_spatial_temp, lse, grad_logits, sums, N, C, D, wta_gamma,
-            logit_scale, **constants,
-        )
-    state = (stats, index, B * N, log_spatial_temp, lse, logits, grad_logits, sums)
-
-    grad_temp = nothing()
-    if want_texts or want_temp:
-        splits = min(block.splits, B * region_tiles)  # every split gets a tile, so writes its partial
-        parts = splits if want_texts else 0
-        grad_text_parts = _kernel_output(parts, 3, C, D, device=device, dtype=compute)
-        projection_parts = _kernel_output(parts, 3, C, device=device, dtype=compute)
-        grad_temp_parts = _kernel_output(class_tiles, splits, device=device, dtype=compute)
-        _text_grad_kernel[(class_tiles, splits)](
-            *common, *state, grad_text_parts, projection_parts, grad_temp_parts,
-            N, C, D, C * D, region_tiles, B * region_tiles, wta_gamma, logit_scale,
-            WANT_TEXT=want_texts, BLOCK_DT=block.d_grad, **constants,
-        )
-        if want_texts:
-            _text_grad_finish_kernel[(class_tiles, triton.cdiv(D, block.d_grad), 3)](
-                *texts, text_inv_norm, grad_text_parts, projection_parts, *grad_texts, C, D, C * D, splits,
-                BLOCK_C=block.c, BLOCK_DT=block.d_grad, ACC=constants["ACC"], num_warps=block.num_warps,
+        sums = _kernel_output(3, B, N, device=device, dtype=compute)
+        if wta != "none":
+            _region_sums_kernel[(B, region_tiles)](
+                *common, stats, index, B * N, log_spatial_temp, lse, grad_logits, sums, N, C, D, wta_gamma,
+                logit_scale, **constants,
             )
-        if want_temp:
-            grad_temp = grad_temp_parts.sum().to(log_spatial_temp.dtype)
+        state = (stats, index, B * N, log_spatial_temp, lse, logits, grad_logits, sums)
 
-    grad_features = nothing()
-    if want_features:
-        scratch = _kernel_output(B, N, D, device=device, dtype=compute)
-        grad_features = _kernel_output(B, N, D, device=device, dtype=features.dtype)
-        _feature_grad_kernel[(B, region_tiles)](
-            *common, *state, scratch, grad_features, N, C, D, wta_gamma, logit_scale, BLOCK_DT=block.d_grad,
-            **constants,
-        )
-    return grad_features, *grad_texts, grad_temp
+        grad_temp = nothing()
+        if want_texts or want_temp:
+            splits = min(block.splits, B * region_tiles)  # every split gets a tile, so writes its partial
+            parts = splits if want_texts else 0
+            grad_text_parts = _kernel_output(parts, 3, C, D, device=device, dtype=compute)
+            projection_parts = _kernel_output(parts, 3, C, device=device, dtype=compute)
+            grad_temp_parts = _kernel_output(class_tiles, splits, device=device, dtype=compute)
+            _text_grad_kernel[(class_tiles, splits)](
+                *common, *state, grad_text_parts, projection_parts, grad_temp_parts,
+                N, C, D, C * D, region_tiles, B * region_tiles, wta_gamma, logit_scale,
+                WANT_TEXT=want_texts, BLOCK_DT=block.d_grad, **constants,
+            )
+            if want_texts:
+                _text_grad_finish_kernel[(class_tiles, triton.cdiv(D, block.d_grad), 3)](
+                    *texts, text_inv_norm, grad_text_parts, projection_parts, *grad_texts, C, D, C * D, splits,
+                    BLOCK_C=block.c, BLOCK_DT=block.d_grad, ACC=constants["ACC"], num_warps=block.num_warps,
+                )
+            if want_temp:
+                grad_temp = grad_temp_parts.sum().to(log_spatial_temp.dtype)
+
+        grad_features = nothing()
+        if want_features:
+            scratch = _kernel_output(B, N, D, device=device, dtype=compute)
+            grad_features = _kernel_output(B, N, D, device=device, dtype=features.dtype)
+            _feature_grad_kernel[(B, region_tiles)](
+                *common, *state, scratch, grad_features, N, C, D, wta_gamma, logit_scale, BLOCK_DT=block.d_grad,
+                **constants,
+            )
+        return grad_features, *grad_texts, grad_temp
 
 
 @head_backward.register_fake

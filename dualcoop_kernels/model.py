@@ -87,11 +87,8 @@ def _hub_offline() -> bool:
 def _hub_offline_now(offline: bool):
     """huggingface_hub reads HF_HUB_OFFLINE once, when it is imported; this applies the variable as it
     is now, so that setting it from Python after the import works too (instead of retrying downloads)."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        yield
-        return
+    from huggingface_hub import constants  # open_clip's own dependency
+
     before = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = offline or before
     try:

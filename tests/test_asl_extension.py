@@ -178,6 +178,21 @@ def test_auto_takes_the_built_extension_and_status_says_so():
     assert status["cache_directory"] and "cpu" not in status["why_not"]
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("two_way", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_operators_pass_torch_library_opcheck(device, two_way, reduction):
+    logits, targets, mask = random_case(4, 9, two_way, device=device)
+    code = asl_extension.REDUCTIONS[reduction]
+    torch.library.opcheck(torch.ops.dualcoop_asl.asl_forward.default,
+                          (logits, targets, mask, 2.0, 1.0, 0.05, 1e-8, False, code, True))
+    _, grad = torch.ops.dualcoop_asl.asl_forward(logits.detach(), targets, mask, 2.0, 1.0, 0.05, 1e-8, False,
+                                                 code, True)
+    grad_loss = torch.randn(4, 9, dtype=torch.float64, device=device) if reduction == "none" else torch.tensor(
+        1.5, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.dualcoop_asl.asl_backward.default, (grad_loss, grad, two_way, torch.float64))
+
+
 def test_compiles_without_graph_breaks():
     logits, targets, mask = random_case(3, 8, two_way=True)
     loss_fn = dk.AsymmetricLoss(gamma_neg=2.0, backend="extension")
@@ -250,7 +265,7 @@ def test_available_backends_counts_a_backend_built_on_first_use(fresh_loader, mo
     cpu = torch.device("cpu")
     assert asl_extension.unavailable_reason(cpu) is None  # not built, but the first call builds it
     assert dk.available_backends("asymmetric_loss", "cpu") == ["extension", "reference"]
-    assert "not built yet: the first loss call" in dk.extension_status()["why_not"]["cpu"]
+    assert "not built for these sources yet: the first loss call" in dk.extension_status()["why_not"]["cpu"]
     monkeypatch.setenv("DUALCOOP_KERNELS_NO_BUILD", "1")
     assert "DUALCOOP_KERNELS_NO_BUILD=1 stops builds" in asl_extension.unavailable_reason(cpu)
     assert dk.available_backends("asymmetric_loss", "cpu") == ["reference"]

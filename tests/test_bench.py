@@ -65,3 +65,18 @@ def test_interpreted_triton_sets_the_interpreter(tmp_path):
     assert "setting TRITON_INTERPRET=1" in finished.stderr
     assert "left out" not in finished.stdout
     assert {row["backend"] for row in json.loads(out.read_text())["results"]} == {"eager", "triton"}
+
+
+def test_recorded_gpu_results_are_summarised(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from harness import recorded_results
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert recorded_results(tmp_path) == []
+    report = dict(environment=dict(device="NVIDIA H100 80GB HBM3", date="2026-12-01T10:00:00+00:00"),
+                  targets=[dict(target="coco fwd+bwd >= 5x eager", measured="6.10x", met=True)])
+    (tmp_path / "NVIDIA-H100-80GB-HBM3.json").write_text(json.dumps(report))
+    assert recorded_results(tmp_path) == [
+        "NVIDIA H100 80GB HBM3 (2026-12-01, NVIDIA-H100-80GB-HBM3.md): coco fwd+bwd >= 5x eager: 6.10x"
+    ]

@@ -148,3 +148,74 @@ def test_compiles_without_graph_breaks():
     expected = dk.DualCoOpHead(wta="pos200", backend="reference").double()(features, te, tp, tn)
     torch.testing.assert_close(out, expected)
     assert head.log_spatial_temp.grad is not None and te.grad is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wta", WTA_MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_operators_pass_torch_library_opcheck(wta, dtype):
+    """PyTorch's own test of a custom operator: schema, fake (meta) implementation, autograd
+    registration, and that outputs are the same from call to call (no unwritten memory)."""
+    features, te, tp, tn, log_temp = head_inputs(2, 19, 24, 21, dtype=dtype)
+    options = [wta, 5.0, 20.0, SMALL_TILES.as_list()]
+    torch.library.opcheck(torch.ops.dualcoop_kernels.head_forward.default,
+                          (features, te.detach(), tp.detach(), tn.detach(), log_temp, *options))
+    saved = head_triton.head_forward(features.detach(), te.detach(), tp.detach(), tn.detach(), log_temp.detach(),
+                                     *options)
+    grad_logits = torch.randn(2, 2, 21, dtype=dtype)
+    torch.library.opcheck(torch.ops.dualcoop_kernels.head_backward.default,
+                          (grad_logits, features.detach(), te.detach(), tp.detach(), tn.detach(),
+                           log_temp.detach(), *saved, *options, True, True, True))
+
+
+def test_negative_wta_gamma_is_refused_by_every_backend():
+    features, te, tp, tn, log_temp = head_inputs(2, 5, 16, 3)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match=r"wta_gamma must be >= 0"):
+            dk.dualcoop_head(features, te, tp, tn, log_temp, wta_gamma=-1.0, backend=backend)
+    with pytest.raises(ValueError, match=r"wta_gamma must be >= 0"):
+        dk.DualCoOpHead(wta_gamma=-200.0)
+    zero = dk.dualcoop_head(features, te, tp, tn, log_temp, wta_gamma=0.0, backend="triton")
+    torch.testing.assert_close(zero, dk.dualcoop_head(features, te, tp, tn, log_temp, wta_gamma=0.0))
+
+
+def test_launches_run_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: every launch must sit inside the device guard."""
+    entered = []
+    real_guard = head_triton._on_device
+
+    def recording_guard(device):
+        entered.append(device)
+        return real_guard(device)
+
+    class GuardedLaunch:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            assert entered, "a kernel launched outside the device guard"
+            return self.kernel[grid]
+
+    monkeypatch.setattr(head_triton, "_on_device", recording_guard)
+    for name in [name for name in vars(head_triton) if name.endswith("_kernel")]:
+        monkeypatch.setattr(head_triton, name, GuardedLaunch(getattr(head_triton, name)))
+    features, *rest = head_inputs(2, 9, 16, 5)
+    dualcoop_head_triton(features, *rest).sum().backward()
+    assert entered == [features.device, features.device]  # the forward's launches, the backward's
+
+
+def test_cuda_launch_settings_are_traceable(monkeypatch):
+    """On CUDA the tile choice reads the GPU's multiprocessor count; torch.compile must trace that path
+    (it takes the count as a constant) without a graph break."""
+    class Properties:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
+
+    def splits_times(x):
+        return x * head_triton.choose_blocks(64, 196, 80, 512, torch.device("cuda")).splits
+
+    expected = head_triton.choose_blocks(64, 196, 80, 512, torch.device("cuda")).splits
+    assert expected > 1
+    compiled = torch.compile(splits_times, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(torch.ones(3)), torch.full((3,), float(expected)))
