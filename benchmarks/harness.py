@@ -21,6 +21,11 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+# The benchmarks measure the checkout they sit in, installed or not (a GPU machine gets a bare copy).
+sys.path.insert(0, str(ROOT))
+
 # SPEC "Reference configurations": B images, N regions, D width, C classes.
 HEAD_PRESETS = {
     "voc": dict(B=64, N=256, D=512, C=20),
@@ -54,6 +59,21 @@ def median_time_ms(fn, device: torch.device, *, min_repeats: int, budget_s: floa
         fn()
         samples.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(samples)
+
+
+def cuda_graph(fn, device: torch.device):
+    """``fn`` captured once in a CUDA graph (after warm-up on a side stream, as PyTorch requires);
+    returns the replay, which launches all of fn's kernels at once: what is left is their own time."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _resident_kib(field: str) -> int:
@@ -94,16 +114,18 @@ def peak_memory_mib(fn, device: torch.device) -> float | None:
         return None
 
 
-def add_ratios(rows: list[dict], same: tuple[str, ...]) -> None:
+def add_ratios(rows: list[dict], same: tuple[str, ...], base=None) -> None:
     """Add each row's speed-up (eager time / time) and memory ratio (peak / eager peak) against the
-    row with backend "eager" that agrees with it on the ``same`` keys; None where a number is missing."""
-    eager = {tuple(row[key] for key in same): row for row in rows if row["backend"] == "eager"}
+    row with backend "eager" that agrees with it on the ``same`` keys, or on ``base(row)`` where given
+    (the key values of the row to compare with); None where a number is missing."""
+    key = base or (lambda row: tuple(row[name] for name in same))
+    eager = {key(row): row for row in rows if row["backend"] == "eager"}
     for row in rows:
-        base = eager[tuple(row[key] for key in same)]
-        ok = row["time_ms"] and base["time_ms"]
-        row["speedup"] = base["time_ms"] / row["time_ms"] if ok else None
-        ok = row["peak_mib"] and base["peak_mib"]
-        row["memory_ratio"] = row["peak_mib"] / base["peak_mib"] if ok else None
+        baseline = eager[key(row)]
+        ok = row["time_ms"] and baseline["time_ms"]
+        row["speedup"] = baseline["time_ms"] / row["time_ms"] if ok else None
+        ok = row["peak_mib"] and baseline["peak_mib"]
+        row["memory_ratio"] = row["peak_mib"] / baseline["peak_mib"] if ok else None
 
 
 def environment(device: torch.device) -> dict:

@@ -1,9 +1,13 @@
 import os
-import shutil
 
-# Triton must see this before it is first imported: with no GPU, kernels run in its CPU interpreter.
-if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
+# The main suite runs the Triton kernels on CPU tensors in Triton's interpreter, on any machine: a
+# process-wide choice, read when triton is first imported, so it is made here, before any import.
+# The CUDA suite (tests/cuda) runs compiled kernels on a GPU, in a process of its own
+# (tests/test_cuda_suite.py starts it where there is a GPU).
+CUDA_SUITE = os.environ.get("DUALCOOP_CUDA_SUITE") == "1"
+if not CUDA_SUITE:
     os.environ["TRITON_INTERPRET"] = "1"
+collect_ignore = [] if CUDA_SUITE else ["cuda"]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

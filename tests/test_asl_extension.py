@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from utils import assert_within_twice_reference_error
 
 import dualcoop_kernels as dk
 from dualcoop_kernels import asl_extension
 from dualcoop_kernels.loss import ASL_BACKENDS
+from dualcoop_kernels.testing import assert_within_twice_reference_error
 
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the extension cannot be built here")

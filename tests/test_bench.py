@@ -41,17 +41,24 @@ def test_bench_head_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_quick_on_cpu(tmp_path):
-    """The GPU check's code path at small shapes, with Triton in its interpreter: every preset and WTA
-    mode checked against float64 (it exits non-zero on a failed check), then the report files."""
-    finished = run([*BENCH_HEAD, "--gpu-check", "--quick", "--device", "cpu", "--no-compile",
-                    "--min-repeats", "1", "--budget", "0", "--results-dir", str(tmp_path)])
-    assert "checks: 75 of 75 pass" in finished.stdout
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """The GPU check's every step at small shapes on the CPU, Triton in its interpreter: the CUDA suite
+    is collected (and skipped), every preset and WTA mode is checked against float64, then timing,
+    the launch-settings sweep and the loss; the report files are written."""
+    finished = run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path),
+                    "--min-repeats", "1", "--repeat-s", "0"])
+    assert "gpu_check:" in finished.stdout and "stopped" not in finished.stdout
     report = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert {row["backend"] for row in report["results"]} == {"eager", "triton"}
-    assert len(report["checks"]) == 75 and all(check["passed"] for check in report["checks"])
-    assert "Correctness: 75 of 75 checks pass" in next(tmp_path.glob("*.md")).read_text()
-
+    assert all(state.startswith("done") for state in report["steps"].values()), report["steps"]
+    results = report["results"]
+    assert "skipped" in results["tests"]["summary"] and results["tests"]["returncode"] == 0
+    checks = results["checks"]["rows"]
+    assert len(checks) == 75 and all(check["passed"] for check in checks)
+    assert {row["backend"] for row in results["timing"]["rows"]} == {"eager", "triton"}
+    assert len(results["sweep"]["rows"]) == 6 and all("time_ms" in row for row in results["sweep"]["rows"])
+    assert {row["backend"] for row in results["loss"]["rows"]} == {"eager", "torch.compile", "extension"}
+    markdown = next(tmp_path.glob("*.md")).read_text()
+    assert "75 of 75 checks pass" in markdown and "Launch settings" in markdown
 
 
 @pytest.mark.slow

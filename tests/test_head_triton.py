@@ -6,12 +6,13 @@ exactly, so float64 is compared tightly and low precisions by the twice-the-refe
 
 import pytest
 import torch
-from utils import assert_within_twice_reference_error, head_inputs
+from utils import head_inputs
 
 import dualcoop_kernels as dk
 from dualcoop_kernels import head_triton
 from dualcoop_kernels.head_triton import HeadBlocks, dualcoop_head_triton
 from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
+from dualcoop_kernels.testing import EXTRA_ERROR, FLOAT64_ATOL, FLOAT64_RTOL, assert_within_twice_reference_error
 
 SMALL_TILES = HeadBlocks(n=16, c=16, d=16, d_grad=16, splits=2)
 
@@ -26,9 +27,6 @@ SHAPES = [
     # gamma 200 with C = 101: pos200's small softmax weights once lost precision as (1 + sigma) - 1
     pytest.param(3, 37, 64, 101, None, 200.0, id="sharp-wta-many-classes", marks=pytest.mark.slow),
 ]
-
-# Extra error allowed beyond twice the eager reference's, relative to the result's scale.
-EXTRA_ERROR = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def run_head(head, inputs, grad_output, **options):
@@ -48,7 +46,7 @@ def test_float64_matches_reference(wta, B, N, D, C, tiles, gamma):
     got = run_head(dualcoop_head_triton, inputs, grad_output, blocks=tiles, **options)
     names = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
     for name, ours, theirs in zip(names, got, expected):
-        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -82,7 +80,7 @@ def test_kernels_write_every_output_element(monkeypatch, wta):
     expected = run_head(dualcoop_head_reference, inputs, grad_output, wta=wta)
     got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta, blocks=SMALL_TILES)
     for ours, theirs in zip(got, expected):
-        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
 
 
 class RefusesLaunch:
@@ -119,7 +117,7 @@ def test_non_contiguous_inputs():
     expected = run_head(dualcoop_head_reference, inputs, grad_output)
     got = run_head(dualcoop_head_triton, inputs, grad_output, blocks=SMALL_TILES)
     for ours, theirs in zip(got, expected):
-        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
 
 
 def test_public_backend_and_empty_batch():

@@ -1,0 +1,290 @@
+"""The one command for a GPU machine: test, check, time and tune, in at most about 8 minutes.
+
+    python benchmarks/gpu_check.py --out benchmarks/results          # on a GPU machine
+    python benchmarks/gpu_check.py --dry-run --out /tmp/check        # the same steps on the CPU, small
+
+It runs from a bare checkout (the package need not be installed) on a machine with torch, triton,
+ninja and pytest. Steps, each in a process of its own that is stopped when it overruns its share of
+``--budget`` (what it wrote by then is kept):
+
+  tests   the CUDA test suite (tests/cuda): compiled kernels against the reference on CUDA tensors
+  checks  every backend against float64 at every preset and WTA mode, outputs and gradients
+  timing  eager, torch.compile and the Triton head (also replayed from a CUDA graph) at every preset
+  sweep   the launch settings worth sweeping for the Triton head (pipelining stages, the D step)
+  loss    the loss benchmark on CUDA: the extension (built here) against eager and torch.compile
+
+After every step it writes ``<card>.md`` (tables for people) and ``<card>.json`` (everything) to
+``--out``, so a run that is cut short still leaves what it measured. Progress is printed unbuffered.
+``--dry-run`` runs every step on the CPU at small shapes (Triton in its interpreter, no compile), as
+the tests do, so that the script cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from harness import HEAD_PRESETS, ROOT, environment, format_table, median_time_ms, progress, write_json
+
+# Shares of the budget; "tests" and "loss" include compiling (Triton's kernels, the C++/CUDA extension).
+STEPS = {"tests": 0.3, "checks": 0.15, "timing": 0.3, "sweep": 0.1, "loss": 0.15}
+COMPILED_PRESETS = ("coco", "zsl")  # torch.compile costs about half a minute a preset: the targets' ones
+SWEEP = [dict(num_stages=stages, d=d) for stages in (1, 2, 3) for d in (16, 32)]
+LOSS_SHAPES = [(64, 80), (192, 1006), (192, 9605)]  # B, C: COCO's batch, then the zero-shot and open scales
+
+
+def step_file(out: Path, step: str) -> Path:
+    return out / f".step-{step}.json"
+
+
+def save_step(out: Path, step: str, payload: dict) -> None:
+    """Written after every unit of work, so that a step stopped at its limit keeps what it measured."""
+    temporary = step_file(out, step).with_suffix(".tmp")
+    write_json(temporary, payload)
+    os.replace(temporary, step_file(out, step))
+
+
+def run_tests(args, out: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["DUALCOOP_CUDA_SUITE"] = "1"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "cuda")]
+    if importlib.util.find_spec("xdist") and not args.dry_run:  # compiling the kernels is most of the time
+        command += ["-n", str(min(8, os.cpu_count() or 1))]
+    finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    print(finished.stdout[-4000:], finished.stderr[-2000:], sep="\n", flush=True)
+    summary = finished.stdout.strip().splitlines()[-1] if finished.stdout.strip() else "no output"
+    failures = re.findall(r"^FAILED (.*)$", finished.stdout, re.M)
+    save_step(out, "tests", dict(returncode=finished.returncode, summary=summary, failures=failures))
+
+
+def run_checks(args, out: Path) -> None:
+    from bench_head import check_preset, library_backends, quick_shape
+
+    from dualcoop_kernels.reference import WTA_MODES
+
+    device = torch.device(args.device)
+    rows = []
+    for preset in args.presets:
+        shape = quick_shape(HEAD_PRESETS[preset]) if args.dry_run else HEAD_PRESETS[preset]
+        for wta in WTA_MODES:
+            progress(f"check {preset} {wta} {shape} on {device}")
+            rows += check_preset(preset, shape, device, torch.float32, library_backends(device, True)[0], wta)
+            save_step(out, "checks", dict(rows=rows))
+
+
+def run_timing(args, out: Path) -> None:
+    from bench_head import bench_preset, candidates, quick_shape
+
+    device = torch.device(args.device)
+    rows = []
+    for preset in args.presets:
+        shape = quick_shape(HEAD_PRESETS[preset]) if args.dry_run else HEAD_PRESETS[preset]
+        compiled = not args.dry_run and preset in COMPILED_PRESETS
+        progress(f"time {preset} {shape} on {device}{' with torch.compile' if compiled else ''}")
+        heads = candidates(device, compiled, interpreted_triton=True)
+        rows += bench_preset(preset, shape, device, torch.float32, heads, "pos_norm", args.min_repeats, args.repeat_s)
+        save_step(out, "timing", dict(rows=rows))
+
+
+def run_sweep(args, out: Path) -> None:
+    from bench_head import make_inputs, quick_shape
+
+    from dualcoop_kernels.head_triton import choose_blocks, dualcoop_head_triton
+    from dualcoop_kernels.reference import dualcoop_head_reference
+
+    device = torch.device(args.device)
+    preset = "coco"
+    shape = quick_shape(HEAD_PRESETS[preset]) if args.dry_run else HEAD_PRESETS[preset]
+    inputs = make_inputs(shape, device, torch.float32)
+    features, texts, log_temp = inputs["features"], inputs["texts"], inputs["log_spatial_temp"]
+    expected = dualcoop_head_reference(features.double(), *[t.double() for t in texts], log_temp.double())
+    default = choose_blocks(shape["B"], shape["N"], shape["C"], shape["D"], device)
+    rows = []
+    for setting in SWEEP:
+        blocks = dataclasses.replace(default, **setting)
+        progress(f"sweep {preset} {blocks}")
+
+        def forward_backward(blocks=blocks):
+            for leaf in (*texts, log_temp):
+                leaf.grad = None
+            dualcoop_head_triton(features, *texts, log_temp, blocks=blocks).backward(inputs["grad_output"])
+
+        try:
+            forward_backward()
+            with torch.no_grad():
+                error = (dualcoop_head_triton(features, *texts, log_temp, blocks=blocks).double() - expected).abs().max()
+            time_ms = median_time_ms(forward_backward, device, min_repeats=args.min_repeats, budget_s=args.repeat_s)
+            rows.append(dict(preset=preset, **setting, default=blocks == default, time_ms=time_ms,
+                             max_abs_error=error.item()))
+        except Exception as error:  # a setting that fails to compile (out of shared memory) is a result too
+            rows.append(dict(preset=preset, **setting, default=blocks == default, error=str(error)[:300]))
+        save_step(out, "sweep", dict(rows=rows))
+
+
+def run_loss(args, out: Path) -> None:
+    import bench_asl
+
+    from dualcoop_kernels import build_extension
+
+    device = torch.device(args.device)
+    status = build_extension()
+    if not getattr(status, f"{device.type}_built"):
+        save_step(out, "loss", dict(error=status.why_not.get(device.type)))
+        return
+    shapes = [(7, 37)] if args.dry_run else LOSS_SHAPES
+    rows = bench_asl.bench_device(device, args.min_repeats, args.repeat_s, shapes=shapes)
+    save_step(out, "loss", dict(rows=rows))
+
+
+RUNNERS = {"tests": run_tests, "checks": run_checks, "timing": run_timing, "sweep": run_sweep, "loss": run_loss}
+
+TIMING_COLUMNS = [
+    ("preset", "preset"), ("backend", "backend"), ("mode", "pass"), ("time_ms", "median ms"),
+    ("speedup", "x eager"), ("peak_mib", "peak MiB"), ("memory_ratio", "mem / eager"), ("max_abs_error", "max |err|"),
+]
+CHECK_COLUMNS = [
+    ("preset", "preset"), ("wta", "wta"), ("backend", "backend"), ("quantity", "quantity"),
+    ("error", "max err vs fp64"), ("eager_error", "eager's err"), ("passed", "ok"),
+]
+SWEEP_COLUMNS = [("num_stages", "stages"), ("d", "D step"), ("default", "default"), ("time_ms", "fwd+bwd ms"),
+                 ("max_abs_error", "max |err|"), ("error", "error")]
+LOSS_COLUMNS = [("B", "B"), ("C", "C"), ("backend", "backend"), ("time_ms", "fwd+bwd ms"), ("speedup", "x eager"),
+                ("peak_mib", "peak MiB"), ("relative_error", "rel err")]
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The Triton head's targets, measured; reported, never asserted."""
+
+    def find(preset, backend, mode="fwd+bwd"):
+        return next((r for r in rows if (r["preset"], r["backend"], r["mode"]) == (preset, backend, mode)), None)
+
+    found = []
+    coco, coco_compile, zsl = find("coco", "triton"), find("coco", "torch.compile"), find("zsl", "triton")
+    if coco and coco.get("speedup"):
+        found.append(dict(target="coco fwd+bwd >= 5x eager", measured=f"{coco['speedup']:.2f}x",
+                          met=coco["speedup"] >= 5))
+    if coco and coco_compile and coco.get("time_ms") and coco_compile.get("time_ms"):
+        ratio = coco_compile["time_ms"] / coco["time_ms"]
+        found.append(dict(target="coco fwd+bwd >= 2x torch.compile", measured=f"{ratio:.2f}x", met=ratio >= 2))
+    if zsl and zsl.get("memory_ratio"):
+        found.append(dict(target="zsl fwd+bwd peak <= 1/5 of eager", measured=f"{zsl['memory_ratio']:.3f}",
+                          met=zsl["memory_ratio"] <= 0.2))
+    openimages = find("openimages", "triton")
+    if openimages and openimages.get("peak_mib") is not None:
+        found.append(dict(target="openimages fwd+bwd < 2 GiB beyond inputs",
+                          measured=f"{openimages['peak_mib']:.0f} MiB", met=openimages["peak_mib"] < 2048))
+    return found
+
+
+def write_report(env: dict, steps: dict, out: Path) -> Path:
+    """``<card>.md`` and ``<card>.json`` from what the steps have written so far."""
+    results = {step: json.loads(step_file(out, step).read_text()) for step in STEPS if step_file(out, step).exists()}
+    timing = results.get("timing", {}).get("rows", [])
+    goals = targets(timing)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-") or "device"
+    write_json(out / f"{slug}.json", dict(environment=env, steps=steps, results=results, targets=goals))
+
+    def section(title, step, body):
+        state = steps.get(step, "not run")
+        return [f"## {title} ({state})", "", *body(results[step]), ""] if step in results else [f"## {title} ({state})", ""]
+
+    checks = results.get("checks", {}).get("rows", [])
+    failed = [row for row in checks if not row["passed"]]
+    lines = [
+        f"# DualCoOp++ head on {env['device']}",
+        "",
+        f"{env['date']}, torch {env['torch']}, triton {env['triton']}, float32 inputs, produced by "
+        "`python benchmarks/gpu_check.py`. Times are medians (triton.testing.do_bench on a GPU); peak memory "
+        "is beyond the inputs.",
+        "",
+        *section("CUDA tests", "tests", lambda r: [f"`{r['summary']}`", *[f"- FAILED {f}" for f in r["failures"]]]),
+        *section("Correctness", "checks", lambda r: [
+            f"{len(checks) - len(failed)} of {len(checks)} checks pass: each backend's output and gradients against "
+            "a float64 reference, at most twice the eager float32 error plus 1e-6 of the scale.",
+            "", "```", format_table(failed, CHECK_COLUMNS) if failed else "all pass", "```"]),
+        *section("Time and memory, WTA pos_norm", "timing", lambda r: ["```", format_table(r["rows"], TIMING_COLUMNS),
+                                                                       "```", "",
+                                                                       *[f"- {g['target']}: {g['measured']} "
+                                                                         f"({'met' if g['met'] else 'not met'})"
+                                                                         for g in goals]]),
+        *section("Launch settings of the Triton head, coco fwd+bwd", "sweep",
+                 lambda r: ["```", format_table(r["rows"], SWEEP_COLUMNS), "```"]),
+        *section("Asymmetric loss, fwd+bwd", "loss", lambda r: ["```", format_table(r["rows"], LOSS_COLUMNS), "```"]
+                 if "rows" in r else [f"not run: {r.get('error')}"]),
+    ]
+    path = out / f"{slug}.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for <card>.md and .json")
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds for all the steps together")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {list(STEPS)}")
+    parser.add_argument("--presets", default=",".join(HEAD_PRESETS), help="for checks and timing")
+    parser.add_argument("--dry-run", action="store_true", help="every step on the CPU at small shapes")
+    parser.add_argument("--step", help=argparse.SUPPRESS)  # one step, in the process the parent starts
+    parser.add_argument("--min-repeats", type=int, default=5, help="timed calls per case, at least")
+    parser.add_argument("--repeat-s", type=float, default=0.3, help="seconds of timed calls per case, about")
+    args = parser.parse_args(argv)
+    args.presets = args.presets.split(",")
+    args.device = "cpu" if args.dry_run else "cuda"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.step:
+        RUNNERS[args.step](args, out)
+        return 0
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("gpu_check.py needs a CUDA GPU (--dry-run runs its steps on the CPU)")
+    env = {**environment(torch.device(args.device)), "dry_run": args.dry_run}
+    steps = {}
+    started = time.monotonic()
+    wanted = args.steps.split(",")
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.dry_run:
+        child_env["TRITON_INTERPRET"] = "1"
+    # the loss extension takes about a minute to build: in the background, while the tests compile
+    # Triton's kernels (the tests and the loss step wait for it on torch's build lock)
+    build_log = open(out / "extension-build.log", "w")
+    build = subprocess.Popen([sys.executable, "-m", "dualcoop_kernels.build_extension"], cwd=ROOT, env=child_env,
+                             stdout=build_log, stderr=subprocess.STDOUT)
+    for step in wanted:
+        share = args.budget * STEPS[step] / sum(STEPS[s] for s in wanted)
+        step_file(out, step).unlink(missing_ok=True)
+        progress(f"== {step} (at most {share:.0f} s; {time.monotonic() - started:.0f} s so far)")
+        begun = time.monotonic()
+        command = [sys.executable, "-u", str(Path(__file__).resolve()), "--step", step, *(argv or sys.argv[1:])]
+        try:
+            finished = subprocess.run(command, env=child_env, timeout=share)
+            steps[step] = f"done in {time.monotonic() - begun:.0f} s" if finished.returncode == 0 else \
+                f"failed (exit {finished.returncode}) after {time.monotonic() - begun:.0f} s"
+        except subprocess.TimeoutExpired:
+            steps[step] = f"stopped at its limit of {share:.0f} s; what it finished is shown"
+        path = write_report(env, steps, out)
+        progress(f"== {step}: {steps[step]}; report: {path}")
+    if build.poll() is None:  # not needed by the steps that ran
+        build.terminate()
+    for step in wanted:
+        step_file(out, step).unlink(missing_ok=True)
+    print(path.read_text())
+    print(f"gpu_check: {time.monotonic() - started:.0f} s in all; " + "; ".join(f"{k} {v}" for k, v in steps.items()))
+    return 0 if all(state.startswith("done") for state in steps.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The Triton head and the loss extension on CUDA tensors, compiled for the GPU: outputs and every
+gradient against the reference (float64 tightly, fp32 and bf16 by the twice-the-eager-error rule),
+odd sizes, class and region counts past one tile, no device syncs, torch.library's own checks, and
+the tensors' device rather than the current one. Runs in a process of its own (see conftest.py)."""
+
+import math
+
+import pytest
+import torch
+from utils import head_inputs
+
+import dualcoop_kernels as dk
+from dualcoop_kernels import asl_extension, head_triton
+from dualcoop_kernels.head_triton import HeadBlocks, dualcoop_head_triton
+from dualcoop_kernels.reference import WTA_MODES, asymmetric_loss_reference, dualcoop_head_reference
+from dualcoop_kernels.testing import EXTRA_ERROR, FLOAT64_ATOL, FLOAT64_RTOL, assert_within_twice_reference_error
+
+CUDA = "cuda"
+NAMES = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
+# (B, N, D, C, tiles): odd sizes, N and C past one tile with the library's tiles and with small ones
+SHAPES = [
+    pytest.param(3, 70, 40, 130, None, id="default-tiles"),
+    pytest.param(2, 37, 24, 21, HeadBlocks(n=16, c=16, d=16, d_grad=16, splits=2), id="small-tiles"),
+    pytest.param(2, 196, 512, 80, None, id="coco-width"),
+]
+
+
+def run_head(head, inputs, grad_output, **options):
+    out = head(*inputs, **options)
+    return [out, *torch.autograd.grad(out, inputs, grad_output)]
+
+
+@pytest.mark.parametrize("wta", WTA_MODES)
+@pytest.mark.parametrize("B, N, D, C, tiles", SHAPES)
+def test_float64(wta, B, N, D, C, tiles):
+    inputs = head_inputs(B, N, D, C, device=CUDA)
+    grad_output = torch.randn(B, 2, C, dtype=torch.float64, device=CUDA)
+    expected = run_head(dualcoop_head_reference, inputs, grad_output, wta=wta)
+    got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta, blocks=tiles)
+    for name, ours, theirs in zip(NAMES, got, expected):
+        torch.testing.assert_close(ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # fp16 loads as bf16 does
+@pytest.mark.parametrize("wta", WTA_MODES)
+@pytest.mark.parametrize("B, N, D, C, tiles", SHAPES)
+def test_low_precision_within_twice_the_eager_error(dtype, wta, B, N, D, C, tiles):
+    inputs = [t.detach().to(dtype).requires_grad_() for t in head_inputs(B, N, D, C, device=CUDA)]
+    inputs[4] = inputs[4].detach().float().requires_grad_()
+    exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    grad_output = torch.randn(B, 2, C, dtype=torch.float64, device=CUDA)
+    exact = run_head(dualcoop_head_reference, exact_inputs, grad_output, wta=wta)
+    eager = run_head(dualcoop_head_reference, inputs, grad_output.to(dtype), wta=wta)
+    got = run_head(dualcoop_head_triton, inputs, grad_output.to(dtype), wta=wta, blocks=tiles)
+    for name, ours, theirs, truth in zip(NAMES, got, eager, exact):
+        assert_within_twice_reference_error(ours, theirs, truth, EXTRA_ERROR[dtype], f"{dtype} {wta} {name}")
+
+
+def test_poisoned_outputs_are_all_written(monkeypatch):
+    def poisoned(*shape, device, dtype):
+        return torch.full(shape, float("nan") if dtype.is_floating_point else 2**30, device=device, dtype=dtype)
+
+    monkeypatch.setattr(head_triton, "_kernel_output", poisoned)
+    inputs = head_inputs(3, 70, 40, 130, device=CUDA)
+    grad_output = torch.randn(3, 2, 130, dtype=torch.float64, device=CUDA)
+    for wta in WTA_MODES:
+        expected = run_head(dualcoop_head_reference, inputs, grad_output, wta=wta)
+        got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta)
+        for ours, theirs in zip(got, expected):
+            torch.testing.assert_close(ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
+
+
+def test_no_device_sync_in_a_training_step():
+    """A sync would stall the stream every step (the temperature check once did)."""
+    features, te, tp, tn, log_temp = head_inputs(4, 49, 64, 20, dtype=torch.float32, device=CUDA)
+    features = features.detach()
+    dk.dualcoop_head(features, te, tp, tn, log_temp).sum().backward()  # compiles the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dk.dualcoop_head(features, te, tp, tn, log_temp).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_float64_scalars_are_not_rounded_to_float32():
+    """A Python float reaches an untyped Triton argument as fp32 on a GPU: e^3 would lose 1.7e-9."""
+    inputs = head_inputs(2, 9, 16, 5, device=CUDA, requires_grad=False)
+    scale = math.exp(3.0) * (1 + 1e-12)
+    got = dualcoop_head_triton(*inputs, logit_scale=scale, wta_gamma=200.0 / 3)
+    expected = dualcoop_head_reference(*inputs, logit_scale=scale, wta_gamma=200.0 / 3)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_device_than_the_current_one():
+    inputs = head_inputs(2, 37, 24, 21, device="cuda:1")
+    grad_output = torch.randn(2, 2, 21, dtype=torch.float64, device="cuda:1")
+    with torch.cuda.device(0):
+        got = run_head(dualcoop_head_triton, inputs, grad_output)
+    expected = run_head(dualcoop_head_reference, inputs, grad_output)
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
+
+
+@pytest.mark.parametrize("wta", WTA_MODES)
+def test_head_operators_pass_opcheck(wta):
+    features, te, tp, tn, log_temp = head_inputs(2, 37, 24, 21, dtype=torch.float32, device=CUDA)
+    options = [wta, 5.0, 20.0, head_triton.choose_blocks(2, 37, 21, 24, features.device).as_list()]
+    torch.library.opcheck(torch.ops.dualcoop_kernels.head_forward.default, (features, te, tp, tn, log_temp, *options))
+
+
+def test_compiled_head_in_a_training_step():
+    head = dk.DualCoOpHead(backend="triton").cuda()
+    features, te, tp, tn, _ = head_inputs(4, 49, 64, 20, dtype=torch.float32, device=CUDA)
+    compiled = torch.compile(head, fullgraph=True)
+    out = compiled(features.detach(), te, tp, tn)
+    out.sum().backward()
+    torch.testing.assert_close(out, dk.DualCoOpHead(backend="reference").cuda()(features, te, tp, tn),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def loss_extension():
+    status = asl_extension.build_extension()
+    if not status.cuda_built:
+        pytest.skip(f"the loss extension's CUDA part is not built: {status.why_not.get('cuda')}")
+
+
+def loss_case(B, C, two_way, dtype):
+    shape = (B, 2, C) if two_way else (B, C)
+    logits = 3 * torch.randn(shape, dtype=torch.float64, device=CUDA)
+    logits = torch.where(torch.rand(shape, device=CUDA) < 0.1, 50 * torch.sign(logits), logits)
+    targets = (torch.rand(B, C, device=CUDA) < 0.4).to(dtype)
+    mask = torch.rand(B, C, device=CUDA) >= 0.3
+    return logits.to(dtype).requires_grad_(), targets, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("two_way", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_loss_extension(loss_extension, dtype, two_way, reduction):
+    logits, targets, mask = loss_case(33, 1006, two_way, dtype)
+    grad_output = torch.randn(33, 1006, dtype=dtype, device=CUDA) if reduction == "none" else None
+    options = dict(gamma_neg=2.0, gamma_pos=1.0, clip=0.05, reduction=reduction)
+
+    def loss_and_grad(function, z, **extra):
+        loss = function(z, targets.to(z.dtype), mask, **options, **extra)
+        return loss, torch.autograd.grad(loss, z, grad_output.to(z.dtype) if grad_output is not None else None)[0]
+
+    got = loss_and_grad(dk.asymmetric_loss, logits, backend="extension")
+    if dtype == torch.float64:
+        for ours, theirs in zip(got, loss_and_grad(asymmetric_loss_reference, logits)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+        return
+    exact = loss_and_grad(asymmetric_loss_reference, logits.detach().double().requires_grad_())
+    eager = loss_and_grad(asymmetric_loss_reference, logits)
+    for what, ours, theirs, truth in zip(("loss", "grad"), got, eager, exact):
+        assert_within_twice_reference_error(ours, theirs, truth, 1e-6 if dtype == torch.float32 else 4e-3, what)
+
+
+def test_loss_extension_nan_in_nan_out(loss_extension):
+    logits, targets, mask = loss_case(5, 37, True, torch.float32)
+    with torch.no_grad():
+        logits.view(-1)[3], logits.view(-1)[40] = math.nan, math.inf
+    loss = dk.asymmetric_loss(logits, targets, mask, backend="extension", reduction="none")
+    expected = asymmetric_loss_reference(logits, targets, mask, reduction="none")
+    torch.testing.assert_close(torch.isnan(loss), torch.isnan(expected))
+    assert torch.isnan(loss).any()
