@@ -17,11 +17,12 @@ from dualcoop_kernels.testing import EXTRA_ERROR, FLOAT64_ATOL, FLOAT64_RTOL, as
 
 CUDA = "cuda"
 NAMES = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
-# (B, N, D, C, tiles): odd sizes, N and C past one tile with the library's tiles and with small ones
+# (B, N, D, C, tiles, gamma): odd sizes, N and C past one tile with the library's tiles and with small
+# ones; gamma 5 keeps the WTA terms large in the gradients, 200 is the papers' setting
 SHAPES = [
-    pytest.param(3, 70, 40, 130, None, id="default-tiles"),
-    pytest.param(2, 37, 24, 21, HeadBlocks(n=16, c=16, d=16, d_grad=16, splits=2), id="small-tiles"),
-    pytest.param(2, 196, 512, 80, None, id="coco-width"),
+    pytest.param(3, 70, 40, 130, None, 5.0, id="default-tiles"),
+    pytest.param(2, 37, 24, 21, HeadBlocks(n=16, c=16, d=16, d_grad=16, splits=2), 5.0, id="small-tiles"),
+    pytest.param(2, 196, 512, 80, None, 200.0, id="coco-width"),
 ]
 
 
@@ -31,27 +32,28 @@ def run_head(head, inputs, grad_output, **options):
 
 
 @pytest.mark.parametrize("wta", WTA_MODES)
-@pytest.mark.parametrize("B, N, D, C, tiles", SHAPES)
-def test_float64(wta, B, N, D, C, tiles):
+@pytest.mark.parametrize("B, N, D, C, tiles, gamma", SHAPES)
+def test_float64(wta, B, N, D, C, tiles, gamma):
     inputs = head_inputs(B, N, D, C, device=CUDA)
     grad_output = torch.randn(B, 2, C, dtype=torch.float64, device=CUDA)
-    expected = run_head(dualcoop_head_reference, inputs, grad_output, wta=wta)
-    got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta, blocks=tiles)
+    expected = run_head(dualcoop_head_reference, inputs, grad_output, wta=wta, wta_gamma=gamma)
+    got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta, wta_gamma=gamma, blocks=tiles)
     for name, ours, theirs in zip(NAMES, got, expected):
         torch.testing.assert_close(ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # fp16 loads as bf16 does
 @pytest.mark.parametrize("wta", WTA_MODES)
-@pytest.mark.parametrize("B, N, D, C, tiles", SHAPES)
-def test_low_precision_within_twice_the_eager_error(dtype, wta, B, N, D, C, tiles):
+@pytest.mark.parametrize("B, N, D, C, tiles, gamma", SHAPES)
+def test_low_precision_within_twice_the_eager_error(dtype, wta, B, N, D, C, tiles, gamma):
     inputs = [t.detach().to(dtype).requires_grad_() for t in head_inputs(B, N, D, C, device=CUDA)]
     inputs[4] = inputs[4].detach().float().requires_grad_()
     exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
     grad_output = torch.randn(B, 2, C, dtype=torch.float64, device=CUDA)
-    exact = run_head(dualcoop_head_reference, exact_inputs, grad_output, wta=wta)
-    eager = run_head(dualcoop_head_reference, inputs, grad_output.to(dtype), wta=wta)
-    got = run_head(dualcoop_head_triton, inputs, grad_output.to(dtype), wta=wta, blocks=tiles)
+    options = dict(wta=wta, wta_gamma=gamma)
+    exact = run_head(dualcoop_head_reference, exact_inputs, grad_output, **options)
+    eager = run_head(dualcoop_head_reference, inputs, grad_output.to(dtype), **options)
+    got = run_head(dualcoop_head_triton, inputs, grad_output.to(dtype), blocks=tiles, **options)
     for name, ours, theirs, truth in zip(NAMES, got, eager, exact):
         assert_within_twice_reference_error(ours, theirs, truth, EXTRA_ERROR[dtype], f"{dtype} {wta} {name}")
 
