@@ -55,8 +55,8 @@ def test_float64_matches_reference(wta, B, N, D, C, tiles, gamma):
 def test_low_precision_within_twice_reference_error(dtype, wta, B, N, D, C, tiles, gamma):
     exact_inputs = head_inputs(B, N, D, C, requires_grad=False)
     inputs = [t.to(dtype).requires_grad_() for t in exact_inputs[:4]] + [exact_inputs[4].float().requires_grad_()]
-    exact_inputs = [t.to(dtype).double().requires_grad_() for t in inputs]  # same rounded values
-    grad_output = torch.randn(B, 2, C, dtype=torch.float64)
+    exact_inputs = [t.detach().double().requires_grad_() for t in inputs]  # the same rounded values, theta included
+    grad_output = torch.randn(B, 2, C, dtype=torch.float64).to(dtype).double()
     options = dict(wta=wta, wta_gamma=gamma)
     exact = run_head(dualcoop_head_reference, exact_inputs, grad_output, **options)
     eager = run_head(dualcoop_head_reference, inputs, grad_output.to(dtype), **options)

@@ -49,7 +49,7 @@ def test_low_precision_within_twice_the_eager_error(dtype, wta, B, N, D, C, tile
     inputs = [t.detach().to(dtype).requires_grad_() for t in head_inputs(B, N, D, C, device=CUDA)]
     inputs[4] = inputs[4].detach().float().requires_grad_()
     exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    grad_output = torch.randn(B, 2, C, dtype=torch.float64, device=CUDA)
+    grad_output = torch.randn(B, 2, C, dtype=torch.float64, device=CUDA).to(dtype).double()
     options = dict(wta=wta, wta_gamma=gamma)
     exact = run_head(dualcoop_head_reference, exact_inputs, grad_output, **options)
     eager = run_head(dualcoop_head_reference, inputs, grad_output.to(dtype), **options)
