@@ -226,7 +226,8 @@ class _Loader:
         library = _build_directory(name) / f"{name}.so"
         if _sources_changed_since(library):
             if not build:  # loading would compile
-                self.status.why_not[part] = NOT_BUILT_YET
+                reason = _unbuildable()
+                self.status.why_not[part] = f"not built, and it cannot be built here: {reason}" if reason else NOT_BUILT_YET
                 return False
             reason = _unbuildable()
             if reason:

@@ -40,6 +40,15 @@ def wta_sharpness(wta_gamma) -> float:
     return value
 
 
+def positive_scale(logit_scale) -> float:
+    """k > 0: it scales cosine similarities into logits; 0 would make every logit 0, and a negative k
+    would swap presence and absence."""
+    value = finite_number("logit_scale", logit_scale)
+    if value <= 0:
+        raise ValueError(f"logit_scale must be > 0 (e^3 in DualCoOp++, 100 in DualCoOp), got {value}")
+    return value
+
+
 HEAD_BACKENDS = BackendRegistry("dualcoop_head")
 # the interpreter runs Triton on the CPU too, but slowly: "auto" keeps it for CUDA tensors
 HEAD_BACKENDS.register("triton", _triton_head, _triton_unavailable, use_in_auto=lambda device: device.type == "cuda")
@@ -87,7 +96,7 @@ def dualcoop_head(
     """
     log_spatial_temp = check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta)
     wta_gamma = wta_sharpness(wta_gamma)
-    logit_scale = finite_number("logit_scale", logit_scale)
+    logit_scale = positive_scale(logit_scale)
     implementation = HEAD_BACKENDS.resolve(backend, features.device).function
     return implementation(
         features, text_evidence, text_pos, text_neg, log_spatial_temp,
@@ -119,7 +128,7 @@ class DualCoOpHead(nn.Module):
         HEAD_BACKENDS.check_known(backend)
         self.wta = wta
         self.wta_gamma = wta_sharpness(wta_gamma)
-        self.logit_scale = finite_number("logit_scale", logit_scale)
+        self.logit_scale = positive_scale(logit_scale)
         self.backend = backend
         self.log_spatial_temp = nn.Parameter(torch.tensor(finite_number("spatial_temp_init", spatial_temp_init)))
 

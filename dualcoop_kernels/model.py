@@ -97,6 +97,13 @@ def _hub_offline_now(offline: bool):
         constants.HF_HUB_OFFLINE = before
 
 
+def _pil_as_rgb(image):
+    """PIL images of any mode as RGB (torchvision's RGB step refuses an alpha channel)."""
+    from PIL import Image
+
+    return image.convert("RGB") if isinstance(image, Image.Image) and image.mode != "RGB" else image
+
+
 def check_images(images) -> None:
     """Images must be normalised float batches: integer pixels, or 0..255 floats, would be scored
     without a word."""
@@ -185,18 +192,22 @@ class DualCoOpPlusPlus(nn.Module):
         return projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1]
 
     def image_transform(self, image_size: int | None = None):
-        """The preprocessing the model expects, as a torchvision transform: PIL images or uint8 tensors
-        (3 x H x W, or B x 3 x H x W) to float32, resized to a square of ``image_size`` pixels (bicubic;
-        the CLIP model's own size when None; DualCoOp++ trains at 448) and normalised with CLIP's mean
-        and standard deviation."""
+        """The preprocessing the model expects, as a torchvision transform: PIL images (any mode: RGBA
+        and grayscale become RGB), H x W x 3 NumPy arrays or uint8 tensors (3 x H x W, or B x 3 x H x W)
+        to float32, resized to a square of ``image_size`` pixels (bicubic; the CLIP model's own size
+        when None; DualCoOp++ trains at 448) and normalised with CLIP's mean and standard deviation."""
         from torchvision.transforms import InterpolationMode, v2
 
         visual = self.clip.visual
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                       or image_size < 1):
+            raise ValueError(f"image_size must be a positive number of pixels (an int), or None, got {image_size!r}")
         side = image_size or visual.image_size
         side = side if isinstance(side, int) else side[0]
         mean = getattr(visual, "image_mean", None) or OPENAI_MEAN
         std = getattr(visual, "image_std", None) or OPENAI_STD
         return v2.Compose([
+            v2.Lambda(_pil_as_rgb),
             v2.ToImage(),
             v2.RGB(),
             v2.Resize((side, side), interpolation=InterpolationMode.BICUBIC, antialias=True),

@@ -207,6 +207,8 @@ def test_head_rejects_bad_input(change, error, message):
         (dict(wta="max"), r"wta must be one of \('pos_norm', 'pos200', 'none'\)"),
         (dict(wta_gamma=float("nan")), r"wta_gamma must be a finite real number"),
         (dict(logit_scale="20"), r"logit_scale must be a finite real number"),
+        (dict(logit_scale=0.0), r"logit_scale must be > 0"),  # every logit 0
+        (dict(logit_scale=-20.0), r"logit_scale must be > 0"),  # presence and absence swapped
     ],
 )
 def test_head_rejects_bad_options(options, message):

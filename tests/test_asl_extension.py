@@ -269,6 +269,8 @@ def test_available_backends_counts_a_backend_built_on_first_use(fresh_loader, mo
     monkeypatch.setenv("DUALCOOP_KERNELS_NO_BUILD", "1")
     assert "DUALCOOP_KERNELS_NO_BUILD=1 stops builds" in asl_extension.unavailable_reason(cpu)
     assert dk.available_backends("asymmetric_loss", "cpu") == ["reference"]
+    monkeypatch.setattr(asl_extension, "_LOADER", asl_extension._Loader())  # a process started so
+    assert "DUALCOOP_KERNELS_NO_BUILD=1 stops builds" in dk.extension_status()["why_not"]["cpu"]
     monkeypatch.delenv("DUALCOOP_KERNELS_NO_BUILD")
     monkeypatch.setenv("CXX", "/no/such/compiler")
     assert "no C++ compiler: '/no/such/compiler' (CXX) is not found" in asl_extension.unavailable_reason(cpu)

@@ -266,6 +266,11 @@ def test_image_transform_is_clips_preprocessing(rn50):
     mean, std = torch.tensor(rn50.visual.image_mean), torch.tensor(rn50.visual.image_std)
     torch.testing.assert_close(out[:, 0, 0], (128 / 255 - mean) / std)
     assert model.image_transform(448)(torch.zeros(3, 100, 80, dtype=torch.uint8)).shape == (3, 448, 448)
+    rgba = Image.new("RGBA", (40, 40), color=(255, 0, 0, 128))  # a PNG with transparency
+    assert model.image_transform(32)(rgba).shape == (3, 32, 32)
+    for bad in (0, -5, "224", 100.5):
+        with pytest.raises(ValueError, match="image_size must be a positive number of pixels"):
+            model.image_transform(bad)
 
 
 def test_regions_of_the_wrong_width_are_named(rn50):
