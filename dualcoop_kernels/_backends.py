@@ -101,4 +101,8 @@ def available_backends(op: str = "dualcoop_head", device: torch.device | str = "
     builds (the loss extension, where a compiler is found) counts as available."""
     if op not in REGISTRIES:
         raise ValueError(f"op must be one of {tuple(REGISTRIES)}, got {op!r}")
-    return REGISTRIES[op].available(torch.device(device))
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got {device!r}") from error
+    return REGISTRIES[op].available(device)

@@ -123,9 +123,12 @@ def check_asl_options(gamma_neg, gamma_pos, clip, eps, reduction: str) -> dict:
 
 def check_asl_inputs(logits, targets, mask):
     """Validate the loss's tensors; returns ``(targets, mask)``."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"logits must have shape B x C (sigmoid form) or B x 2 x C (two-way form), got {shape}")
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor of shape B x C or B x 2 x C, got {type(logits).__name__}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(
+            f"logits must have shape B x C (sigmoid form) or B x 2 x C (two-way form), got {tuple(logits.shape)}"
+        )
     check_float("logits", logits)
     if logits.dim() == 3 and logits.shape[1] != 2:
         raise ValueError(f"two-way logits must have shape B x 2 x C, got {tuple(logits.shape)}")

@@ -136,6 +136,8 @@ def test_backend_selection():
         dk.asymmetric_loss(*asl_inputs(2, 3, False), backend="nope")
     with pytest.raises(ValueError, match="op must be one of"):
         dk.available_backends("conv")
+    with pytest.raises(ValueError, match="device must be a torch.device or a name"):
+        dk.available_backends("dualcoop_head", "tpu")
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
@@ -226,6 +228,7 @@ def _asl_args():
 ASL_ERRORS = [
     (dict(logits=torch.randn(2, 3, 3)), ValueError, r"two-way logits must have shape B x 2 x C"),
     (dict(logits=torch.randn(6)), ValueError, r"logits must have shape B x C .* or B x 2 x C"),
+    (dict(logits=np.zeros((2, 2, 3), dtype=np.float32)), TypeError, r"logits must be a torch.Tensor"),
     (dict(logits=torch.ones(2, 2, 3, dtype=torch.int64)), TypeError, r"logits must be a floating tensor"),
     (dict(targets=torch.zeros(2, 4)), ValueError, r"targets must have shape B x C = 2 x 3"),
     (dict(targets=torch.zeros(6)), ValueError, r"targets must have shape B x C = 2 x 3"),
