@@ -26,6 +26,6 @@ setup(
     extras_require={
         "clip": ["open_clip_torch>=2.24"],
         "extension": ["ninja"],  # builds the optional C++/CUDA loss (also needs a C++ compiler)
-        "test": ["pytest", "pytest-benchmark", "ninja"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "ruff"],
     },
 )

@@ -15,6 +15,10 @@ import argparse
 import sys
 
 import torch
+
+from dualcoop_kernels import asymmetric_loss, build_extension
+from dualcoop_kernels.reference import asymmetric_loss_reference
+
 from harness import (
     add_ratios,
     environment,
@@ -25,9 +29,6 @@ from harness import (
     progress,
     write_json,
 )
-
-from dualcoop_kernels import asymmetric_loss, build_extension
-from dualcoop_kernels.reference import asymmetric_loss_reference
 
 SHAPES = [(B, C) for B in (64, 192) for C in (80, 1006, 9605)]
 OPTIONS = dict(gamma_neg=2.0, gamma_pos=1.0, clip=0.05)
@@ -59,7 +60,7 @@ def bench_device(device: torch.device, min_repeats: int, budget_s: float, shapes
         expected = None
         for label, loss_fn in candidates().items():
 
-            def forward_backward():
+            def forward_backward(loss_fn=loss_fn, logits=logits, targets=targets, mask=mask):
                 logits.grad = None
                 loss_fn(logits, targets, mask, **OPTIONS).backward()
 
@@ -67,19 +68,31 @@ def bench_device(device: torch.device, min_repeats: int, budget_s: float, shapes
             forward_backward()  # warm-up (and compilation)
             loss = loss_fn(logits, targets, mask, **OPTIONS).item()
             expected = loss if expected is None else expected
-            rows.append(dict(
-                device=device.type, B=B, C=C, backend=label,
-                time_ms=median_time_ms(forward_backward, device, min_repeats=min_repeats, budget_s=budget_s),
-                peak_mib=peak_memory_mib(forward_backward, device),
-                relative_error=abs(loss - expected) / max(abs(expected), 1e-30),
-            ))
+            rows.append(
+                dict(
+                    device=device.type,
+                    B=B,
+                    C=C,
+                    backend=label,
+                    time_ms=median_time_ms(forward_backward, device, min_repeats=min_repeats, budget_s=budget_s),
+                    peak_mib=peak_memory_mib(forward_backward, device),
+                    relative_error=abs(loss - expected) / max(abs(expected), 1e-30),
+                )
+            )
     add_ratios(rows, same=("device", "B", "C"))
     return rows
 
 
 COLUMNS = [
-    ("device", "device"), ("B", "B"), ("C", "C"), ("backend", "backend"), ("time_ms", "fwd+bwd ms"),
-    ("speedup", "x eager"), ("peak_mib", "peak MiB"), ("memory_ratio", "mem / eager"), ("relative_error", "rel err"),
+    ("device", "device"),
+    ("B", "B"),
+    ("C", "C"),
+    ("backend", "backend"),
+    ("time_ms", "fwd+bwd ms"),
+    ("speedup", "x eager"),
+    ("peak_mib", "peak MiB"),
+    ("memory_ratio", "mem / eager"),
+    ("relative_error", "rel err"),
 ]
 
 

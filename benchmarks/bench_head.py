@@ -21,8 +21,15 @@ import os
 import sys
 
 import torch
+
+from dualcoop_kernels import available_backends, dualcoop_head
+from dualcoop_kernels.head import HEAD_BACKENDS
+from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
+from dualcoop_kernels.testing import EXTRA_ERROR, within_twice_reference_error
+
 from harness import (
     HEAD_PRESETS,
+    RESULTS_DIR,
     add_ratios,
     cuda_graph,
     environment,
@@ -31,15 +38,9 @@ from harness import (
     median_time_ms,
     peak_memory_mib,
     progress,
-    RESULTS_DIR,
     recorded_results,
     write_json,
 )
-
-from dualcoop_kernels import available_backends, dualcoop_head
-from dualcoop_kernels.head import HEAD_BACKENDS
-from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
-from dualcoop_kernels.testing import EXTRA_ERROR, within_twice_reference_error
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GRAPHED = " (CUDA graph)"
@@ -78,8 +79,10 @@ def library_backends(device: torch.device, interpreted_triton: bool) -> tuple[di
         if name == "reference":
             continue
         if name == "triton" and triton_is_interpreted(device) and not interpreted_triton:
-            left_out[name] = "on the CPU it runs in Triton's interpreter, which says nothing of its speed " \
-                             "(--interpreted-triton includes it)"
+            left_out[name] = (
+                "on the CPU it runs in Triton's interpreter, which says nothing of its speed "
+                "(--interpreted-triton includes it)"
+            )
             continue
         found[name] = functools.partial(dualcoop_head, backend=name)
     return found, left_out
@@ -106,11 +109,11 @@ def bench_preset(preset, shape, device, dtype, heads, wta, min_repeats, budget_s
     expected = None
     for label, head in heads.items():
 
-        def forward():
+        def forward(head=head):
             with torch.no_grad():
                 return head(features, *texts, log_temp, wta=wta)
 
-        def forward_backward():
+        def forward_backward(head=head):
             for leaf in leaves:
                 leaf.grad = None
             head(features, *texts, log_temp, wta=wta).backward(inputs["grad_output"])
@@ -132,8 +135,10 @@ def bench_preset(preset, shape, device, dtype, heads, wta, min_repeats, budget_s
             try:
                 fn()  # warm-up (and compilation)
                 timed = cuda_graph(fn, device) if mode.endswith(GRAPHED) else fn
-                row.update(time_ms=median_time_ms(timed, device, min_repeats=min_repeats, budget_s=budget_s),
-                           peak_mib=peak_memory_mib(timed, device))
+                row.update(
+                    time_ms=median_time_ms(timed, device, min_repeats=min_repeats, budget_s=budget_s),
+                    peak_mib=peak_memory_mib(timed, device),
+                )
             except torch.OutOfMemoryError:
                 progress(f"  {preset} {label} {mode}: out of memory")
                 row.update(time_ms=None, peak_mib=None)
@@ -157,8 +162,9 @@ def check_preset(preset, shape, device, dtype, heads, wta) -> list[dict]:
     """Every head's output and gradients against a float64 reference: pass when its error is at most
     twice the eager reference's in ``dtype`` plus a small term (the rule of the tests)."""
     inputs = make_inputs(shape, device, dtype)
-    exact_inputs = {key: [t.double() for t in value] if isinstance(value, list) else value.double()
-                    for key, value in inputs.items()}  # the same (rounded) values, in float64
+    exact_inputs = {
+        key: [t.double() for t in value] if isinstance(value, list) else value.double() for key, value in inputs.items()
+    }  # the same (rounded) values, in float64
     exact = output_and_gradients(dualcoop_head_reference, exact_inputs, wta)
     eager = output_and_gradients(dualcoop_head_reference, inputs, wta)
     names = ["logits", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
@@ -167,19 +173,40 @@ def check_preset(preset, shape, device, dtype, heads, wta) -> list[dict]:
         got = output_and_gradients(head, inputs, wta)
         for name, ours, theirs, truth in zip(names, got, eager, exact):
             passed, error, eager_error = within_twice_reference_error(ours, theirs, truth, EXTRA_ERROR[dtype])
-            rows.append(dict(preset=preset, wta=wta, dtype=str(dtype).removeprefix("torch."), backend=label,
-                             quantity=name, error=error, eager_error=eager_error, passed=passed))
+            rows.append(
+                dict(
+                    preset=preset,
+                    wta=wta,
+                    dtype=str(dtype).removeprefix("torch."),
+                    backend=label,
+                    quantity=name,
+                    error=error,
+                    eager_error=eager_error,
+                    passed=passed,
+                )
+            )
     return rows
 
 
 BENCH_COLUMNS = [
-    ("preset", "preset"), ("backend", "backend"), ("mode", "pass"), ("time_ms", "median ms"),
-    ("speedup", "x eager"), ("peak_mib", "peak MiB"), ("memory_ratio", "mem / eager"),
+    ("preset", "preset"),
+    ("backend", "backend"),
+    ("mode", "pass"),
+    ("time_ms", "median ms"),
+    ("speedup", "x eager"),
+    ("peak_mib", "peak MiB"),
+    ("memory_ratio", "mem / eager"),
     ("max_abs_error", "max |err|"),
 ]
 CHECK_COLUMNS = [
-    ("preset", "preset"), ("wta", "wta"), ("dtype", "dtype"), ("backend", "backend"), ("quantity", "quantity"),
-    ("error", "max err vs fp64"), ("eager_error", "eager's err"), ("passed", "ok"),
+    ("preset", "preset"),
+    ("wta", "wta"),
+    ("dtype", "dtype"),
+    ("backend", "backend"),
+    ("quantity", "quantity"),
+    ("error", "max err vs fp64"),
+    ("eager_error", "eager's err"),
+    ("passed", "ok"),
 ]
 
 
@@ -193,8 +220,11 @@ def parse_args(argv=None):
     parser.add_argument("--wta", choices=WTA_MODES, default="pos_norm")
     parser.add_argument("--quick", action="store_true", help="small shapes, for smoke runs")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
-    parser.add_argument("--interpreted-triton", action="store_true",
-                        help="include the Triton head where it runs in the interpreter (CPU): slow, for checks")
+    parser.add_argument(
+        "--interpreted-triton",
+        action="store_true",
+        help="include the Triton head where it runs in the interpreter (CPU): slow, for checks",
+    )
     parser.add_argument("--min-repeats", type=int, default=5, help="timed calls per case, at least")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per case, about")
     parser.add_argument("--out", help="also write the results as JSON to this file")

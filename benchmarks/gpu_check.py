@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from harness import HEAD_PRESETS, ROOT, environment, format_table, median_time_ms, progress, write_json
 
 # Shares of the budget; "tests" and "loss" include compiling (Triton's kernels, the C++/CUDA extension).
@@ -67,9 +68,9 @@ def run_tests(args, out: Path) -> None:
 
 
 def run_checks(args, out: Path) -> None:
-    from bench_head import check_preset, library_backends, quick_shape
-
     from dualcoop_kernels.reference import WTA_MODES
+
+    from bench_head import check_preset, library_backends, quick_shape
 
     device = torch.device(args.device)
     rows = []
@@ -96,10 +97,10 @@ def run_timing(args, out: Path) -> None:
 
 
 def run_sweep(args, out: Path) -> None:
-    from bench_head import make_inputs, quick_shape
-
     from dualcoop_kernels.head_triton import choose_blocks, dualcoop_head_triton
     from dualcoop_kernels.reference import dualcoop_head_reference
+
+    from bench_head import make_inputs, quick_shape
 
     device = torch.device(args.device)
     preset = "coco"
@@ -121,19 +122,22 @@ def run_sweep(args, out: Path) -> None:
         try:
             forward_backward()
             with torch.no_grad():
-                error = (dualcoop_head_triton(features, *texts, log_temp, blocks=blocks).double() - expected).abs().max()
+                error = (
+                    (dualcoop_head_triton(features, *texts, log_temp, blocks=blocks).double() - expected).abs().max()
+                )
             time_ms = median_time_ms(forward_backward, device, min_repeats=args.min_repeats, budget_s=args.repeat_s)
-            rows.append(dict(preset=preset, **setting, default=blocks == default, time_ms=time_ms,
-                             max_abs_error=error.item()))
+            rows.append(
+                dict(preset=preset, **setting, default=blocks == default, time_ms=time_ms, max_abs_error=error.item())
+            )
         except Exception as error:  # a setting that fails to compile (out of shared memory) is a result too
             rows.append(dict(preset=preset, **setting, default=blocks == default, error=str(error)[:300]))
         save_step(out, "sweep", dict(rows=rows))
 
 
 def run_loss(args, out: Path) -> None:
-    import bench_asl
-
     from dualcoop_kernels import build_extension
+
+    import bench_asl
 
     device = torch.device(args.device)
     status = build_extension()
@@ -148,17 +152,41 @@ def run_loss(args, out: Path) -> None:
 RUNNERS = {"tests": run_tests, "checks": run_checks, "timing": run_timing, "sweep": run_sweep, "loss": run_loss}
 
 TIMING_COLUMNS = [
-    ("preset", "preset"), ("backend", "backend"), ("mode", "pass"), ("time_ms", "median ms"),
-    ("speedup", "x eager"), ("peak_mib", "peak MiB"), ("memory_ratio", "mem / eager"), ("max_abs_error", "max |err|"),
+    ("preset", "preset"),
+    ("backend", "backend"),
+    ("mode", "pass"),
+    ("time_ms", "median ms"),
+    ("speedup", "x eager"),
+    ("peak_mib", "peak MiB"),
+    ("memory_ratio", "mem / eager"),
+    ("max_abs_error", "max |err|"),
 ]
 CHECK_COLUMNS = [
-    ("preset", "preset"), ("wta", "wta"), ("backend", "backend"), ("quantity", "quantity"),
-    ("error", "max err vs fp64"), ("eager_error", "eager's err"), ("passed", "ok"),
+    ("preset", "preset"),
+    ("wta", "wta"),
+    ("backend", "backend"),
+    ("quantity", "quantity"),
+    ("error", "max err vs fp64"),
+    ("eager_error", "eager's err"),
+    ("passed", "ok"),
 ]
-SWEEP_COLUMNS = [("num_stages", "stages"), ("d", "D step"), ("default", "default"), ("time_ms", "fwd+bwd ms"),
-                 ("max_abs_error", "max |err|"), ("error", "error")]
-LOSS_COLUMNS = [("B", "B"), ("C", "C"), ("backend", "backend"), ("time_ms", "fwd+bwd ms"), ("speedup", "x eager"),
-                ("peak_mib", "peak MiB"), ("relative_error", "rel err")]
+SWEEP_COLUMNS = [
+    ("num_stages", "stages"),
+    ("d", "D step"),
+    ("default", "default"),
+    ("time_ms", "fwd+bwd ms"),
+    ("max_abs_error", "max |err|"),
+    ("error", "error"),
+]
+LOSS_COLUMNS = [
+    ("B", "B"),
+    ("C", "C"),
+    ("backend", "backend"),
+    ("time_ms", "fwd+bwd ms"),
+    ("speedup", "x eager"),
+    ("peak_mib", "peak MiB"),
+    ("relative_error", "rel err"),
+]
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -170,18 +198,29 @@ def targets(rows: list[dict]) -> list[dict]:
     found = []
     coco, coco_compile, zsl = find("coco", "triton"), find("coco", "torch.compile"), find("zsl", "triton")
     if coco and coco.get("speedup"):
-        found.append(dict(target="coco fwd+bwd >= 5x eager", measured=f"{coco['speedup']:.2f}x",
-                          met=coco["speedup"] >= 5))
+        found.append(
+            dict(target="coco fwd+bwd >= 5x eager", measured=f"{coco['speedup']:.2f}x", met=coco["speedup"] >= 5)
+        )
     if coco and coco_compile and coco.get("time_ms") and coco_compile.get("time_ms"):
         ratio = coco_compile["time_ms"] / coco["time_ms"]
         found.append(dict(target="coco fwd+bwd >= 2x torch.compile", measured=f"{ratio:.2f}x", met=ratio >= 2))
     if zsl and zsl.get("memory_ratio"):
-        found.append(dict(target="zsl fwd+bwd peak <= 1/5 of eager", measured=f"{zsl['memory_ratio']:.3f}",
-                          met=zsl["memory_ratio"] <= 0.2))
+        found.append(
+            dict(
+                target="zsl fwd+bwd peak <= 1/5 of eager",
+                measured=f"{zsl['memory_ratio']:.3f}",
+                met=zsl["memory_ratio"] <= 0.2,
+            )
+        )
     openimages = find("openimages", "triton")
     if openimages and openimages.get("peak_mib") is not None:
-        found.append(dict(target="openimages fwd+bwd < 2 GiB beyond inputs",
-                          measured=f"{openimages['peak_mib']:.0f} MiB", met=openimages["peak_mib"] < 2048))
+        found.append(
+            dict(
+                target="openimages fwd+bwd < 2 GiB beyond inputs",
+                measured=f"{openimages['peak_mib']:.0f} MiB",
+                met=openimages["peak_mib"] < 2048,
+            )
+        )
     return found
 
 
@@ -195,7 +234,11 @@ def write_report(env: dict, steps: dict, out: Path) -> Path:
 
     def section(title, step, body):
         state = steps.get(step, "not run")
-        return [f"## {title} ({state})", "", *body(results[step]), ""] if step in results else [f"## {title} ({state})", ""]
+        return (
+            [f"## {title} ({state})", "", *body(results[step]), ""]
+            if step in results
+            else [f"## {title} ({state})", ""]
+        )
 
     checks = results.get("checks", {}).get("rows", [])
     failed = [row for row in checks if not row["passed"]]
@@ -207,19 +250,41 @@ def write_report(env: dict, steps: dict, out: Path) -> Path:
         "is beyond the inputs.",
         "",
         *section("CUDA tests", "tests", lambda r: [f"`{r['summary']}`", *[f"- FAILED {f}" for f in r["failures"]]]),
-        *section("Correctness", "checks", lambda r: [
-            f"{len(checks) - len(failed)} of {len(checks)} checks pass: each backend's output and gradients against "
-            "a float64 reference, at most twice the eager float32 error plus 1e-6 of the scale.",
-            "", "```", format_table(failed, CHECK_COLUMNS) if failed else "all pass", "```"]),
-        *section("Time and memory, WTA pos_norm", "timing", lambda r: ["```", format_table(r["rows"], TIMING_COLUMNS),
-                                                                       "```", "",
-                                                                       *[f"- {g['target']}: {g['measured']} "
-                                                                         f"({'met' if g['met'] else 'not met'})"
-                                                                         for g in goals]]),
-        *section("Launch settings of the Triton head, coco fwd+bwd", "sweep",
-                 lambda r: ["```", format_table(r["rows"], SWEEP_COLUMNS), "```"]),
-        *section("Asymmetric loss, fwd+bwd", "loss", lambda r: ["```", format_table(r["rows"], LOSS_COLUMNS), "```"]
-                 if "rows" in r else [f"not run: {r.get('error')}"]),
+        *section(
+            "Correctness",
+            "checks",
+            lambda r: [
+                f"{len(checks) - len(failed)} of {len(checks)} checks pass: each backend's output and gradients "
+                "against a float64 reference, at most twice the eager float32 error plus 1e-6 of the scale.",
+                "",
+                "```",
+                format_table(failed, CHECK_COLUMNS) if failed else "all pass",
+                "```",
+            ],
+        ),
+        *section(
+            "Time and memory, WTA pos_norm",
+            "timing",
+            lambda r: [
+                "```",
+                format_table(r["rows"], TIMING_COLUMNS),
+                "```",
+                "",
+                *[f"- {g['target']}: {g['measured']} ({'met' if g['met'] else 'not met'})" for g in goals],
+            ],
+        ),
+        *section(
+            "Launch settings of the Triton head, coco fwd+bwd",
+            "sweep",
+            lambda r: ["```", format_table(r["rows"], SWEEP_COLUMNS), "```"],
+        ),
+        *section(
+            "Asymmetric loss, fwd+bwd",
+            "loss",
+            lambda r: (
+                ["```", format_table(r["rows"], LOSS_COLUMNS), "```"] if "rows" in r else [f"not run: {r.get('error')}"]
+            ),
+        ),
     ]
     path = out / f"{slug}.md"
     path.write_text("\n".join(lines))
@@ -260,9 +325,14 @@ def main(argv=None) -> int:
         child_env["TRITON_INTERPRET"] = "1"
     # the loss extension takes about a minute to build: in the background, while the tests compile
     # Triton's kernels (the tests and the loss step wait for it on torch's build lock)
-    build_log = open(out / "extension-build.log", "w")
-    build = subprocess.Popen([sys.executable, "-m", "dualcoop_kernels.build_extension"], cwd=ROOT, env=child_env,
-                             stdout=build_log, stderr=subprocess.STDOUT)
+    with open(out / "extension-build.log", "w") as build_log:  # the build keeps its own handle
+        build = subprocess.Popen(
+            [sys.executable, "-m", "dualcoop_kernels.build_extension"],
+            cwd=ROOT,
+            env=child_env,
+            stdout=build_log,
+            stderr=subprocess.STDOUT,
+        )
     for step in wanted:
         share = args.budget * STEPS[step] / sum(STEPS[s] for s in wanted)
         step_file(out, step).unlink(missing_ok=True)
@@ -271,8 +341,11 @@ def main(argv=None) -> int:
         command = [sys.executable, "-u", str(Path(__file__).resolve()), "--step", step, *(argv or sys.argv[1:])]
         try:
             finished = subprocess.run(command, env=child_env, timeout=share)
-            steps[step] = f"done in {time.monotonic() - begun:.0f} s" if finished.returncode == 0 else \
-                f"failed (exit {finished.returncode}) after {time.monotonic() - begun:.0f} s"
+            steps[step] = (
+                f"done in {time.monotonic() - begun:.0f} s"
+                if finished.returncode == 0
+                else f"failed (exit {finished.returncode}) after {time.monotonic() - begun:.0f} s"
+            )
         except subprocess.TimeoutExpired:
             steps[step] = f"stopped at its limit of {share:.0f} s; what it finished is shown"
         path = write_report(env, steps, out)

@@ -8,6 +8,7 @@ on a GPU, the peak resident set size on a Linux CPU.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -84,10 +85,8 @@ def _resident_kib(field: str) -> int:
 def _release_free_heap() -> None:
     """Hand freed heap memory back to the OS (glibc malloc_trim), so that reusing it shows up in the
     resident set again and a peak is not hidden by blocks an earlier call left behind."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: peaks may undercount
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: peaks may undercount
-        pass
 
 
 def peak_memory_mib(fn, device: torch.device) -> float | None:

@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from harness import format_table
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from dualcoop_kernels import head_triton
 from dualcoop_kernels.head_triton import WTA_CODES, HeadBlocks, choose_blocks
+
+from harness import format_table
 
 
 def ptxas_path() -> str:
@@ -76,17 +77,25 @@ def resources(kernel, constexprs: dict, dtype: str, arch: int, num_warps: int, n
         signature=signature(kernel, constexprs, dtype),
         constexprs={(names.index(name),): value for name, value in constexprs.items()},
     )
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     target = re.search(r"^\.target (\S+)", compiled.asm["ptx"], re.M)[1]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
-        report = subprocess.run([ptxas_path(), f"-arch={target}", "-v", ptx.name, "-o", "/dev/null"],
-                                capture_output=True, text=True, check=True).stderr
+        report = subprocess.run(
+            [ptxas_path(), f"-arch={target}", "-v", ptx.name, "-o", "/dev/null"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     spills = re.search(r"(\d+) bytes spill stores", report)
-    return dict(registers=int(re.search(r"Used (\d+) registers", report)[1]),
-                spill_bytes=int(spills[1]) if spills else 0, shared_bytes=compiled.metadata.shared)
+    return dict(
+        registers=int(re.search(r"Used (\d+) registers", report)[1]),
+        spill_bytes=int(spills[1]) if spills else 0,
+        shared_bytes=compiled.metadata.shared,
+    )
 
 
 def main(argv=None) -> int:
@@ -120,10 +129,22 @@ def main(argv=None) -> int:
     finish = dict(BLOCK_C=blocks.c, BLOCK_DT=blocks.d_grad, ACC=accumulator)
     found = resources(head_triton._text_grad_finish_kernel, finish, args.dtype, args.arch, num_warps, num_stages)
     rows.append(dict(kernel="_text_grad_finish_kernel", wta="-", **found))
-    print(f"{args.dtype} inputs, sm_{args.arch}, tiles {blocks}, num_warps {num_warps}, num_stages {num_stages}, "
-          f"triton {triton.__version__}")
-    print(format_table(rows, [("kernel", "kernel"), ("wta", "wta"), ("registers", "registers"),
-                              ("spill_bytes", "spill bytes"), ("shared_bytes", "shared bytes")]))
+    print(
+        f"{args.dtype} inputs, sm_{args.arch}, tiles {blocks}, num_warps {num_warps}, num_stages {num_stages}, "
+        f"triton {triton.__version__}"
+    )
+    print(
+        format_table(
+            rows,
+            [
+                ("kernel", "kernel"),
+                ("wta", "wta"),
+                ("registers", "registers"),
+                ("spill_bytes", "spill bytes"),
+                ("shared_bytes", "shared bytes"),
+            ],
+        )
+    )
     return 0
 
 

@@ -20,14 +20,14 @@ class Backend:
     name: str
     function: Callable
     # Returns why the backend cannot run on this device, or None when it can.
-    unavailable_reason: Callable[[torch.device], "str | None"]
+    unavailable_reason: Callable[[torch.device], str | None]
     # Whether "auto" may pick it for a device (it may still be unavailable there).
     use_in_auto: Callable[[torch.device], bool]
     # Run before the backend is considered for a call: may make it available (build it, say).
     prepare: Callable[[torch.device], None]
 
 
-REGISTRIES: dict[str, "BackendRegistry"] = {}  # op name -> its registry
+REGISTRIES: dict[str, BackendRegistry] = {}  # op name -> its registry
 
 
 class BackendRegistry:

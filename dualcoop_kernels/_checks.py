@@ -35,9 +35,7 @@ def check_tensor(name: str, value, rank: int, shape_doc: str) -> torch.Tensor:
 
 def check_float(name: str, value: torch.Tensor) -> None:
     if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {value.dtype}"
-        )
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {value.dtype}")
 
 
 def check_same_device(named: dict[str, torch.Tensor]) -> None:
@@ -68,7 +66,7 @@ def check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_t
     check_choice("wta", wta, WTA_MODES)
     check_tensor("features", features, 3, "B x N x D")
     check_float("features", features)
-    batch, regions, width = features.shape
+    _, regions, width = features.shape
     if regions == 0 or width == 0:
         raise ValueError(f"features must have N >= 1 regions and D >= 1 channels, got {tuple(features.shape)}")
     texts = {"text_evidence": text_evidence, "text_pos": text_pos, "text_neg": text_neg}
@@ -92,9 +90,7 @@ def check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_t
             f"log_spatial_temp must be a 0-d floating tensor or a number, got {type(log_spatial_temp).__name__}"
         )
     if log_spatial_temp.numel() != 1:
-        raise ValueError(
-            f"log_spatial_temp must be a scalar (0-d tensor), got shape {tuple(log_spatial_temp.shape)}"
-        )
+        raise ValueError(f"log_spatial_temp must be a scalar (0-d tensor), got shape {tuple(log_spatial_temp.shape)}")
     check_float("log_spatial_temp", log_spatial_temp)
     check_same_device({"features": features, **texts, "log_spatial_temp": log_spatial_temp})
     # on a GPU, reading it would stall the stream every call: a non-finite one gives NaN logits there

@@ -46,10 +46,12 @@ def _sources() -> Path:
     for candidate in (here / "csrc", here.parent / "csrc"):
         if (candidate / "asl_cpu.cpp").exists():
             return candidate
-    raise FileNotFoundError(f"the extension's sources (asl_cpu.cpp) are not in {here / 'csrc'} or {here.parent / 'csrc'}")
+    raise FileNotFoundError(
+        f"the extension's sources (asl_cpu.cpp) are not in {here / 'csrc'} or {here.parent / 'csrc'}"
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_flags() -> tuple[str, list[str], list[str]]:
     """The CPU library's name and compile and link flags: OpenMP (ATen's parallel_for is OpenMP in
     its headers, serial without the flag), -ffast-math and glibc's vector exp and log (libmvec, which
@@ -76,8 +78,10 @@ def _cuda_arch() -> str:
 
 
 def _is_cuda_toolkit(home: str | None) -> bool:
-    return bool(home) and (Path(home) / "bin" / "nvcc").exists() and any(
-        (Path(home) / folder / "libcudart.so").exists() for folder in ("lib64", "lib")
+    return (
+        bool(home)
+        and (Path(home) / "bin" / "nvcc").exists()
+        and any((Path(home) / folder / "libcudart.so").exists() for folder in ("lib64", "lib"))
     )
 
 
@@ -117,7 +121,7 @@ def _cuda_unbuildable() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ninja_missing() -> bool:
     from torch.utils.cpp_extension import is_ninja_available
 
@@ -198,8 +202,14 @@ class _Loader:
         name, cflags, ldflags = _cpu_flags()
         self.status.cache_directory = str(_build_directory(name).parent)
         sources = _sources()
-        if not self._load_part("cpu", name, "cpu" in build, sources=[str(sources / "asl_cpu.cpp")],
-                               extra_cflags=cflags, extra_ldflags=ldflags):
+        if not self._load_part(
+            "cpu",
+            name,
+            "cpu" in build,
+            sources=[str(sources / "asl_cpu.cpp")],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+        ):
             return self.status
         _register_python_side()
         reason = _cuda_unbuildable()
@@ -208,7 +218,9 @@ class _Loader:
             return self.status
         arch = _cuda_arch()
         self._load_part(
-            "cuda", f"dualcoop_asl_cuda_sm{arch}", "cuda" in build,
+            "cuda",
+            f"dualcoop_asl_cuda_sm{arch}",
+            "cuda" in build,
             sources=[str(sources / "asl_cuda.cu")],
             extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
             extra_include_paths=_cuda_include_paths(),
@@ -227,7 +239,9 @@ class _Loader:
         if _sources_changed_since(library):
             if not build:  # loading would compile
                 reason = _unbuildable()
-                self.status.why_not[part] = f"not built, and it cannot be built here: {reason}" if reason else NOT_BUILT_YET
+                self.status.why_not[part] = (
+                    f"not built, and it cannot be built here: {reason}" if reason else NOT_BUILT_YET
+                )
                 return False
             reason = _unbuildable()
             if reason:
@@ -236,7 +250,9 @@ class _Loader:
                 return False
             LOG.warning(
                 "dualcoop_kernels: building the %s part of the asymmetric-loss extension, about a minute, once "
-                "(cached in %s)", part.upper(), library.parent,
+                "(cached in %s)",
+                part.upper(),
+                library.parent,
             )
         if part == "cuda":  # torch builds with its own guess of the toolkit, read when it compiles
             cpp_extension.CUDA_HOME = _cuda_home()
@@ -267,7 +283,7 @@ def extension_status() -> dict:
     return _LOADER.load().as_dict()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(part: str) -> None:
     warnings.warn(
         f"dualcoop_kernels: the {part.upper()} part of the asymmetric-loss extension is not available, so "
@@ -311,7 +327,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _LOADER.status.why_not.get(broken, "it is not built")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _register_python_side() -> None:
     """Fake (shape) implementations and autograd of the C++ operators, once they exist."""
     torch.library.register_fake("dualcoop_asl::asl_forward")(_fake_forward)

@@ -31,7 +31,7 @@ def is_vit(visual: nn.Module) -> bool:
 
 def _resize_grid(positions: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(S*S, C) positional embeddings of a square grid resized to (height*width, C), bicubic."""
-    side = int(round(positions.shape[0] ** 0.5))
+    side = round(positions.shape[0] ** 0.5)
     if (side, side) == (height, width):
         return positions
     grid = positions.reshape(1, side, side, -1).permute(0, 3, 1, 2)
@@ -62,7 +62,7 @@ def _value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A ResidualAttentionBlock in which every token attends only to itself (batch-first tokens)."""
     attention = block.attn
     width = x.shape[-1]
-    value = F.linear(block.ln_1(x), attention.in_proj_weight[2 * width:], attention.in_proj_bias[2 * width:])
+    value = F.linear(block.ln_1(x), attention.in_proj_weight[2 * width :], attention.in_proj_bias[2 * width :])
     x = x + block.ls_1(attention.out_proj(value))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 

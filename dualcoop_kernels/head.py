@@ -99,8 +99,14 @@ def dualcoop_head(
     logit_scale = positive_scale(logit_scale)
     implementation = HEAD_BACKENDS.resolve(backend, features.device).function
     return implementation(
-        features, text_evidence, text_pos, text_neg, log_spatial_temp,
-        wta=wta, wta_gamma=wta_gamma, logit_scale=logit_scale,
+        features,
+        text_evidence,
+        text_pos,
+        text_neg,
+        log_spatial_temp,
+        wta=wta,
+        wta_gamma=wta_gamma,
+        logit_scale=logit_scale,
     )
 
 

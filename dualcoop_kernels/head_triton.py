@@ -78,11 +78,27 @@ def _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _similarity_tiles(
-    f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm,
-    te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, C, D, classes, class_mask,
-    WANT_E: tl.constexpr, WANT_N: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    f_ptr,
+    stride_fn,
+    stride_fd,
+    regions,
+    region_mask,
+    inv_norm,
+    te_ptr,
+    tp_ptr,
+    tn_ptr,
+    text_inv_norm_ptr,
+    C,
+    D,
+    classes,
+    class_mask,
+    WANT_E: tl.constexpr,
+    WANT_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Cosine similarities of a region tile with a class tile of each prompt set: (s^e, s^+, s^-).
 
@@ -145,14 +161,31 @@ def _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA
 
 @triton.jit
 def _region_stats_kernel(
-    f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
-    stats_ptr, index_ptr, stat_stride,
-    N, C, D, gamma: tl.float64,
-    WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    f_ptr,
+    stride_fb,
+    stride_fn,
+    stride_fd,
+    te_ptr,
+    tp_ptr,
+    tn_ptr,
+    text_inv_norm_ptr,
+    inv_norm_ptr,
+    stats_ptr,
+    index_ptr,
+    stat_stride,
+    N,
+    C,
+    D,
+    gamma: tl.float64,
+    WTA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     gamma = tl.full((), gamma, ACC)  # typed float64: module doc
-    image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
+    _, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     run_max = tl.full((BLOCK_N,), float("-inf"), ACC)
     run_min = tl.full((BLOCK_N,), float("inf"), ACC)
     arg_max = tl.zeros((BLOCK_N,), tl.int32)
@@ -161,8 +194,27 @@ def _region_stats_kernel(
         classes = c_start + tl.arange(0, BLOCK_C)
         class_mask = classes < C
         _, sim_p, _ = _similarity_tiles(
-            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr,
-            text_inv_norm_ptr, C, D, classes, class_mask, False, False, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+            f_ptr,
+            stride_fn,
+            stride_fd,
+            regions,
+            region_mask,
+            inv_norm,
+            te_ptr,
+            tp_ptr,
+            tn_ptr,
+            text_inv_norm_ptr,
+            C,
+            D,
+            classes,
+            class_mask,
+            False,
+            False,
+            BLOCK_N,
+            BLOCK_C,
+            BLOCK_D,
+            ACC,
+            PRECISION,
         )
         for_max = tl.where(class_mask[None, :], sim_p, float("-inf"))
         for_min = tl.where(class_mask[None, :], sim_p, float("inf"))
@@ -182,8 +234,9 @@ def _region_stats_kernel(
     tl.store(stats_ptr + STAT_MAX_U * stat_stride + offsets, max_u, mask=region_mask)
     tl.store(stats_ptr + STAT_S_AT_ARGMAX_U * stat_stride + offsets, s_at_argmax_u, mask=region_mask)
     tl.store(index_ptr + INDEX_ARGMAX_S * stat_stride + offsets, arg_max, mask=region_mask)
-    tl.store(index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, tl.where(nonnegative, arg_max, arg_min),
-             mask=region_mask)
+    tl.store(
+        index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, tl.where(nonnegative, arg_max, arg_min), mask=region_mask
+    )
 
     if WTA != 2:  # only pos200 uses it; written all the same, since an operator's outputs must be defined
         tl.store(stats_ptr + STAT_LSE_U * stat_stride + offsets, tl.zeros((BLOCK_N,), ACC), mask=region_mask)
@@ -193,8 +246,26 @@ def _region_stats_kernel(
             classes = c_start + tl.arange(0, BLOCK_C)
             class_mask = classes < C
             _, sim_p, _ = _similarity_tiles(
-                f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr,
-                text_inv_norm_ptr, C, D, classes, class_mask, False, False, BLOCK_N, BLOCK_C, BLOCK_D, ACC,
+                f_ptr,
+                stride_fn,
+                stride_fd,
+                regions,
+                region_mask,
+                inv_norm,
+                te_ptr,
+                tp_ptr,
+                tn_ptr,
+                text_inv_norm_ptr,
+                C,
+                D,
+                classes,
+                class_mask,
+                False,
+                False,
+                BLOCK_N,
+                BLOCK_C,
+                BLOCK_D,
+                ACC,
                 PRECISION,
             )
             terms = tl.exp(gamma * run_max[:, None] * sim_p - max_u[:, None])
@@ -204,11 +275,31 @@ def _region_stats_kernel(
 
 @triton.jit
 def _head_forward_kernel(
-    f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
-    stats_ptr, stat_stride, log_temp_ptr, logits_ptr, lse_ptr,
-    N, C, D, gamma: tl.float64, logit_scale: tl.float64,
-    WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    f_ptr,
+    stride_fb,
+    stride_fn,
+    stride_fd,
+    te_ptr,
+    tp_ptr,
+    tn_ptr,
+    text_inv_norm_ptr,
+    inv_norm_ptr,
+    stats_ptr,
+    stat_stride,
+    log_temp_ptr,
+    logits_ptr,
+    lse_ptr,
+    N,
+    C,
+    D,
+    gamma: tl.float64,
+    logit_scale: tl.float64,
+    WTA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
     image = tl.program_id(0).to(tl.int64)
@@ -227,8 +318,27 @@ def _head_forward_kernel(
         offsets = image * N + regions
         inv_norm = tl.load(inv_norm_ptr + offsets, mask=region_mask, other=0.0)
         sim_e, sim_p, sim_n = _similarity_tiles(
-            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr,
-            text_inv_norm_ptr, C, D, classes, class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+            f_ptr,
+            stride_fn,
+            stride_fd,
+            regions,
+            region_mask,
+            inv_norm,
+            te_ptr,
+            tp_ptr,
+            tn_ptr,
+            text_inv_norm_ptr,
+            C,
+            D,
+            classes,
+            class_mask,
+            True,
+            True,
+            BLOCK_N,
+            BLOCK_C,
+            BLOCK_D,
+            ACC,
+            PRECISION,
         )
         weights, _, _ = _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA)
         # online softmax over regions (as in flash attention): rescale the sums so far to the new max
@@ -254,7 +364,17 @@ def _head_forward_kernel(
 
 @triton.jit
 def _attention_and_h(
-    image, classes, class_mask, region_mask, sim_e, sim_p, lse_ptr, grad_ptr, tau, logit_scale, C,
+    image,
+    classes,
+    class_mask,
+    region_mask,
+    sim_e,
+    sim_p,
+    lse_ptr,
+    grad_ptr,
+    tau,
+    logit_scale,
+    C,
 ):
     """Region softmax a and its log (both zero outside the tile's valid part), g-, g+ and
     h = dL/dw = a k s+ g+."""
@@ -271,11 +391,33 @@ def _attention_and_h(
 
 @triton.jit
 def _region_sums_kernel(
-    f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
-    stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, grad_ptr, sums_ptr,
-    N, C, D, gamma: tl.float64, logit_scale: tl.float64,
-    WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    f_ptr,
+    stride_fb,
+    stride_fn,
+    stride_fd,
+    te_ptr,
+    tp_ptr,
+    tn_ptr,
+    text_inv_norm_ptr,
+    inv_norm_ptr,
+    stats_ptr,
+    index_ptr,
+    stat_stride,
+    log_temp_ptr,
+    lse_ptr,
+    grad_ptr,
+    sums_ptr,
+    N,
+    C,
+    D,
+    gamma: tl.float64,
+    logit_scale: tl.float64,
+    WTA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Per-region sums over all classes for the WTA backward (SPEC), in forms where the winning class
     drops out exactly instead of cancelling (it dominates when gamma is large):
@@ -297,8 +439,27 @@ def _region_sums_kernel(
         classes = c_start + tl.arange(0, BLOCK_C)
         class_mask = classes < C
         sim_e, sim_p, _ = _similarity_tiles(
-            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr,
-            text_inv_norm_ptr, C, D, classes, class_mask, True, False, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+            f_ptr,
+            stride_fn,
+            stride_fd,
+            regions,
+            region_mask,
+            inv_norm,
+            te_ptr,
+            tp_ptr,
+            tn_ptr,
+            text_inv_norm_ptr,
+            C,
+            D,
+            classes,
+            class_mask,
+            True,
+            False,
+            BLOCK_N,
+            BLOCK_C,
+            BLOCK_D,
+            ACC,
+            PRECISION,
         )
         _, _, _, _, h = _attention_and_h(
             image, classes, class_mask, region_mask, sim_e, sim_p, lse_ptr, grad_ptr, tau, logit_scale, C
@@ -321,20 +482,65 @@ def _region_sums_kernel(
 
 @triton.jit
 def _grad_similarity_tiles(
-    f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm,
-    te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, classes, class_mask,
-    stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr,
-    gamma, logit_scale, N, C, D,
-    WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    f_ptr,
+    stride_fn,
+    stride_fd,
+    image,
+    regions,
+    region_mask,
+    inv_norm,
+    te_ptr,
+    tp_ptr,
+    tn_ptr,
+    text_inv_norm_ptr,
+    classes,
+    class_mask,
+    stats_ptr,
+    index_ptr,
+    stat_stride,
+    log_temp_ptr,
+    lse_ptr,
+    logits_ptr,
+    grad_ptr,
+    sums_ptr,
+    gamma,
+    logit_scale,
+    N,
+    C,
+    D,
+    WTA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """SPEC backward on one (region tile, class tile): the similarities, dL/ds of the three sets, and
     s^e - lse / tau (= log(a) / tau): since sum_i dL/ds^e = 0 for every (image, class), sums over
     regions of s^e dL/ds^e may use it instead of s^e and so avoid cancelling large terms."""
     tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
     sim_e, sim_p, sim_n = _similarity_tiles(
-        f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr,
-        text_inv_norm_ptr, C, D, classes, class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+        f_ptr,
+        stride_fn,
+        stride_fd,
+        regions,
+        region_mask,
+        inv_norm,
+        te_ptr,
+        tp_ptr,
+        tn_ptr,
+        text_inv_norm_ptr,
+        C,
+        D,
+        classes,
+        class_mask,
+        True,
+        True,
+        BLOCK_N,
+        BLOCK_C,
+        BLOCK_D,
+        ACC,
+        PRECISION,
     )
     attention, log_attention, grad_neg, grad_pos, h = _attention_and_h(
         image, classes, class_mask, region_mask, sim_e, sim_p, lse_ptr, grad_ptr, tau, logit_scale, C
@@ -374,13 +580,42 @@ def _grad_similarity_tiles(
 
 @triton.jit
 def _text_grad_kernel(
-    f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
-    stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr,
-    grad_text_ptr, projection_ptr, grad_temp_ptr,
-    N, C, D, set_stride, region_tiles, total_tiles, gamma: tl.float64, logit_scale: tl.float64,
-    WANT_TEXT: tl.constexpr, WTA: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    f_ptr,
+    stride_fb,
+    stride_fn,
+    stride_fd,
+    te_ptr,
+    tp_ptr,
+    tn_ptr,
+    text_inv_norm_ptr,
+    inv_norm_ptr,
+    stats_ptr,
+    index_ptr,
+    stat_stride,
+    log_temp_ptr,
+    lse_ptr,
+    logits_ptr,
+    grad_ptr,
+    sums_ptr,
+    grad_text_ptr,
+    projection_ptr,
+    grad_temp_ptr,
+    N,
+    C,
+    D,
+    set_stride,
+    region_tiles,
+    total_tiles,
+    gamma: tl.float64,
+    logit_scale: tl.float64,
+    WANT_TEXT: tl.constexpr,
+    WTA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """For a class tile, over this split's (image, region tile) pairs: the partial gradient to the unit
     prompts, G = dS^T f, accumulated in place in ``grad_text[split]`` (the program owns it: no
@@ -404,10 +639,38 @@ def _text_grad_kernel(
         image_f_ptr = f_ptr + image * stride_fb
         inv_norm = tl.load(inv_norm_ptr + image * N + regions, mask=region_mask, other=0.0)
         _, sim_p, sim_n, centered_e, grad_e, grad_p, grad_n = _grad_similarity_tiles(
-            image_f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm,
-            te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, classes, class_mask,
-            stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr,
-            gamma, logit_scale, N, C, D, WTA, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+            image_f_ptr,
+            stride_fn,
+            stride_fd,
+            image,
+            regions,
+            region_mask,
+            inv_norm,
+            te_ptr,
+            tp_ptr,
+            tn_ptr,
+            text_inv_norm_ptr,
+            classes,
+            class_mask,
+            stats_ptr,
+            index_ptr,
+            stat_stride,
+            log_temp_ptr,
+            lse_ptr,
+            logits_ptr,
+            grad_ptr,
+            sums_ptr,
+            gamma,
+            logit_scale,
+            N,
+            C,
+            D,
+            WTA,
+            BLOCK_N,
+            BLOCK_C,
+            BLOCK_D,
+            ACC,
+            PRECISION,
         )
         projection_e += tl.sum(centered_e * grad_e, axis=0)  # also dL/dtheta's terms
         if WANT_TEXT:
@@ -429,10 +692,14 @@ def _text_grad_kernel(
                 part_p = tl.load(out + set_stride, mask=add_mask, other=0.0)
                 part_n = tl.load(out + 2 * set_stride, mask=add_mask, other=0.0)
                 tl.store(out, part_e + tl.dot(scaled_e, f, input_precision=PRECISION, out_dtype=ACC), mask=mask)
-                tl.store(out + set_stride, part_p + tl.dot(scaled_p, f, input_precision=PRECISION, out_dtype=ACC),
-                         mask=mask)
-                tl.store(out + 2 * set_stride,
-                         part_n + tl.dot(scaled_n, f, input_precision=PRECISION, out_dtype=ACC), mask=mask)
+                tl.store(
+                    out + set_stride, part_p + tl.dot(scaled_p, f, input_precision=PRECISION, out_dtype=ACC), mask=mask
+                )
+                tl.store(
+                    out + 2 * set_stride,
+                    part_n + tl.dot(scaled_n, f, input_precision=PRECISION, out_dtype=ACC),
+                    mask=mask,
+                )
             tl.debug_barrier()  # this tile's stores are seen by every thread's loads for the next
     if WANT_TEXT:
         rows = projection_ptr + split * 3 * C + classes
@@ -444,9 +711,22 @@ def _text_grad_kernel(
 
 @triton.jit
 def _text_grad_finish_kernel(
-    te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, grad_text_ptr, projection_ptr,
-    out_e_ptr, out_p_ptr, out_n_ptr, C, D, set_stride, splits,
-    BLOCK_C: tl.constexpr, BLOCK_DT: tl.constexpr, ACC: tl.constexpr,
+    te_ptr,
+    tp_ptr,
+    tn_ptr,
+    text_inv_norm_ptr,
+    grad_text_ptr,
+    projection_ptr,
+    out_e_ptr,
+    out_p_ptr,
+    out_n_ptr,
+    C,
+    D,
+    set_stride,
+    splits,
+    BLOCK_C: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Sum the splits' partials and apply the normalisation t = T / |T|:
     dL/dT = (G - t <t, G>) / |T|, for one prompt set (program axis 2), a class tile and a D chunk."""
@@ -480,12 +760,37 @@ def _text_grad_finish_kernel(
 
 @triton.jit
 def _feature_grad_kernel(
-    f_ptr, stride_fb, stride_fn, stride_fd, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, inv_norm_ptr,
-    stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr,
-    scratch_ptr, grad_features_ptr,
-    N, C, D, gamma: tl.float64, logit_scale: tl.float64,
-    WTA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    f_ptr,
+    stride_fb,
+    stride_fn,
+    stride_fd,
+    te_ptr,
+    tp_ptr,
+    tn_ptr,
+    text_inv_norm_ptr,
+    inv_norm_ptr,
+    stats_ptr,
+    index_ptr,
+    stat_stride,
+    log_temp_ptr,
+    lse_ptr,
+    logits_ptr,
+    grad_ptr,
+    sums_ptr,
+    scratch_ptr,
+    grad_features_ptr,
+    N,
+    C,
+    D,
+    gamma: tl.float64,
+    logit_scale: tl.float64,
+    WTA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dL/dF for a region tile: G = sum_x dS^x t^x over all classes, accumulated in place in the
     program's rows of ``scratch`` (compute dtype), then through the normalisation f = F / |F|:
@@ -499,10 +804,38 @@ def _feature_grad_kernel(
         classes = c_start + tl.arange(0, BLOCK_C)
         class_mask = classes < C
         sim_e, sim_p, sim_n, _, grad_e, grad_p, grad_n = _grad_similarity_tiles(
-            f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm,
-            te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr, classes, class_mask,
-            stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr,
-            gamma, logit_scale, N, C, D, WTA, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION,
+            f_ptr,
+            stride_fn,
+            stride_fd,
+            image,
+            regions,
+            region_mask,
+            inv_norm,
+            te_ptr,
+            tp_ptr,
+            tn_ptr,
+            text_inv_norm_ptr,
+            classes,
+            class_mask,
+            stats_ptr,
+            index_ptr,
+            stat_stride,
+            log_temp_ptr,
+            lse_ptr,
+            logits_ptr,
+            grad_ptr,
+            sums_ptr,
+            gamma,
+            logit_scale,
+            N,
+            C,
+            D,
+            WTA,
+            BLOCK_N,
+            BLOCK_C,
+            BLOCK_D,
+            ACC,
+            PRECISION,
         )
         projection += tl.sum(grad_e * sim_e + grad_p * sim_p + grad_n * sim_n, axis=1)
         # G += dS^x t^x with t = T * text_inv_norm: fold the norm into dS's columns, then sweep D
@@ -563,9 +896,10 @@ def _pow2_between(value: int, low: int, high: int) -> int:
 
 def choose_blocks(B: int, N: int, C: int, D: int, device: torch.device) -> HeadBlocks:
     """Tile sizes for a shape, and enough text-gradient splits to give every multiprocessor a few
-    programs, as far as ``PARTIALS_BYTES`` allows. tl.dot needs every side >= 16. The sizes keep every kernel but the feature gradient free
-    of register spills on sm_90 with 3xTF32 dots (``benchmarks/kernel_resources.py`` shows them); a
-    16-wide D step is what does it: wider steps spill the similarity loop."""
+    programs, as far as ``PARTIALS_BYTES`` allows. tl.dot needs every side >= 16. The sizes keep every
+    kernel but the feature gradient free of register spills on sm_90 with 3xTF32 dots
+    (``benchmarks/kernel_resources.py`` shows them); a 16-wide D step is what does it: wider steps
+    spill the similarity loop."""
     tiles = HeadBlocks(n=_pow2_between(N, 16, 64), c=_pow2_between(C, 16, 32), d=16, d_grad=_pow2_between(D, 16, 64))
     if device.type != "cuda":
         return tiles
@@ -730,8 +1064,20 @@ def head_backward(
         sums = _kernel_output(3, B, N, device=device, dtype=compute)
         if wta != "none":
             _region_sums_kernel[(B, region_tiles)](
-                *common, stats, index, B * N, log_spatial_temp, lse, grad_logits, sums, N, C, D, wta_gamma,
-                logit_scale, **constants,
+                *common,
+                stats,
+                index,
+                B * N,
+                log_spatial_temp,
+                lse,
+                grad_logits,
+                sums,
+                N,
+                C,
+                D,
+                wta_gamma,
+                logit_scale,
+                **constants,
             )
         state = (stats, index, B * N, log_spatial_temp, lse, logits, grad_logits, sums)
 
@@ -743,14 +1089,38 @@ def head_backward(
             projection_parts = _kernel_output(parts, 3, C, device=device, dtype=compute)
             grad_temp_parts = _kernel_output(class_tiles, splits, device=device, dtype=compute)
             _text_grad_kernel[(class_tiles, splits)](
-                *common, *state, grad_text_parts, projection_parts, grad_temp_parts,
-                N, C, D, C * D, region_tiles, B * region_tiles, wta_gamma, logit_scale,
-                WANT_TEXT=want_texts, BLOCK_DT=block.d_grad, **constants,
+                *common,
+                *state,
+                grad_text_parts,
+                projection_parts,
+                grad_temp_parts,
+                N,
+                C,
+                D,
+                C * D,
+                region_tiles,
+                B * region_tiles,
+                wta_gamma,
+                logit_scale,
+                WANT_TEXT=want_texts,
+                BLOCK_DT=block.d_grad,
+                **constants,
             )
             if want_texts:
                 _text_grad_finish_kernel[(class_tiles, triton.cdiv(D, block.d_grad), 3)](
-                    *texts, text_inv_norm, grad_text_parts, projection_parts, *grad_texts, C, D, C * D, splits,
-                    BLOCK_C=block.c, BLOCK_DT=block.d_grad, ACC=constants["ACC"], num_warps=block.num_warps,
+                    *texts,
+                    text_inv_norm,
+                    grad_text_parts,
+                    projection_parts,
+                    *grad_texts,
+                    C,
+                    D,
+                    C * D,
+                    splits,
+                    BLOCK_C=block.c,
+                    BLOCK_DT=block.d_grad,
+                    ACC=constants["ACC"],
+                    num_warps=block.num_warps,
                 )
             if want_temp:
                 grad_temp = grad_temp_parts.sum().to(log_spatial_temp.dtype)
@@ -760,15 +1130,43 @@ def head_backward(
             scratch = _kernel_output(B, N, D, device=device, dtype=compute)
             grad_features = _kernel_output(B, N, D, device=device, dtype=features.dtype)
             _feature_grad_kernel[(B, region_tiles)](
-                *common, *state, scratch, grad_features, N, C, D, wta_gamma, logit_scale, BLOCK_DT=block.d_grad,
+                *common,
+                *state,
+                scratch,
+                grad_features,
+                N,
+                C,
+                D,
+                wta_gamma,
+                logit_scale,
+                BLOCK_DT=block.d_grad,
                 **constants,
             )
         return grad_features, *grad_texts, grad_temp
 
 
 @head_backward.register_fake
-def _(grad_logits, features, text_evidence, text_pos, text_neg, log_spatial_temp, logits, lse, inv_norm,
-      text_inv_norm, stats, index, wta, wta_gamma, logit_scale, blocks, want_features, want_texts, want_temp):
+def _(
+    grad_logits,
+    features,
+    text_evidence,
+    text_pos,
+    text_neg,
+    log_spatial_temp,
+    logits,
+    lse,
+    inv_norm,
+    text_inv_norm,
+    stats,
+    index,
+    wta,
+    wta_gamma,
+    logit_scale,
+    blocks,
+    want_features,
+    want_texts,
+    want_temp,
+):
     def like(tensor, wanted):
         return tensor.new_empty(tensor.shape) if wanted else features.new_empty(0)
 
@@ -783,8 +1181,17 @@ def _setup_context(ctx, inputs, output):
     features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_gamma, logit_scale, blocks = inputs
     logits, lse, inv_norm, text_inv_norm, stats, index = output
     ctx.save_for_backward(
-        features, text_evidence, text_pos, text_neg, log_spatial_temp, logits, lse, inv_norm, text_inv_norm,
-        stats, index,
+        features,
+        text_evidence,
+        text_pos,
+        text_neg,
+        log_spatial_temp,
+        logits,
+        lse,
+        inv_norm,
+        text_inv_norm,
+        stats,
+        index,
     )
     ctx.options = (wta, wta_gamma, logit_scale, blocks)
     ctx.mark_non_differentiable(lse, inv_norm, text_inv_norm, stats, index)

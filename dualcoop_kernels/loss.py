@@ -16,7 +16,10 @@ from .reference import asymmetric_loss_reference
 ASL_BACKENDS = BackendRegistry("asymmetric_loss")
 # Built just in time by its first call, "auto" or by name (unless DUALCOOP_KERNELS_NO_BUILD=1), then cached.
 ASL_BACKENDS.register(
-    "extension", asl_extension.asymmetric_loss_extension, asl_extension.unavailable_reason, prepare=asl_extension.prepare
+    "extension",
+    asl_extension.asymmetric_loss_extension,
+    asl_extension.unavailable_reason,
+    prepare=asl_extension.prepare,
 )
 ASL_BACKENDS.register("reference", functools.partial(asymmetric_loss_reference, upcast=True))
 

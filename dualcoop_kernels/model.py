@@ -170,8 +170,12 @@ class DualCoOpPlusPlus(nn.Module):
         self.prompts = PromptLearner(clip, tokenizer, classnames, prompt_sets, n_ctx, ctx_init, csc)
         self.text_encoder = TextEncoder(clip)
         if original:  # the same head: the positive prompts as evidence, a fixed temperature, no WTA
-            self.head = DualCoOpHead(wta="none", logit_scale=ORIGINAL_LOGIT_SCALE,
-                                     spatial_temp_init=math.log(ORIGINAL_TEMPERATURE), backend=head_backend)
+            self.head = DualCoOpHead(
+                wta="none",
+                logit_scale=ORIGINAL_LOGIT_SCALE,
+                spatial_temp_init=math.log(ORIGINAL_TEMPERATURE),
+                backend=head_backend,
+            )
             self.head.log_spatial_temp.requires_grad_(False)
         else:
             self.head = DualCoOpHead(wta=wta, spatial_temp_init=spatial_temp_init, backend=head_backend)
@@ -199,21 +203,24 @@ class DualCoOpPlusPlus(nn.Module):
         from torchvision.transforms import InterpolationMode, v2
 
         visual = self.clip.visual
-        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                       or image_size < 1):
+        if image_size is not None and (
+            isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+        ):
             raise ValueError(f"image_size must be a positive number of pixels (an int), or None, got {image_size!r}")
         side = image_size or visual.image_size
         side = side if isinstance(side, int) else side[0]
         mean = getattr(visual, "image_mean", None) or OPENAI_MEAN
         std = getattr(visual, "image_std", None) or OPENAI_STD
-        return v2.Compose([
-            v2.Lambda(_pil_as_rgb),
-            v2.ToImage(),
-            v2.RGB(),
-            v2.Resize((side, side), interpolation=InterpolationMode.BICUBIC, antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ])
+        return v2.Compose(
+            [
+                v2.Lambda(_pil_as_rgb),
+                v2.ToImage(),
+                v2.RGB(),
+                v2.Resize((side, side), interpolation=InterpolationMode.BICUBIC, antialias=True),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean, std),
+            ]
+        )
 
     @torch.no_grad()
     def encode_regions(self, images: torch.Tensor) -> torch.Tensor:

@@ -103,9 +103,7 @@ def asymmetric_loss_reference(
     targets = targets.to(logits.dtype)
     prob = torch.sigmoid(logits)
     prob_neg = (1.0 - prob + clip).clamp(max=1.0) if clip > 0 else 1.0 - prob
-    log_likelihood = targets * torch.log(prob.clamp(min=eps)) + (1.0 - targets) * torch.log(
-        prob_neg.clamp(min=eps)
-    )
+    log_likelihood = targets * torch.log(prob.clamp(min=eps)) + (1.0 - targets) * torch.log(prob_neg.clamp(min=eps))
     prob_target = prob * targets + prob_neg * (1.0 - targets)
     exponent = gamma_pos * targets + gamma_neg * (1.0 - targets)
     focusing = torch.pow(1.0 - prob_target, exponent)

@@ -95,8 +95,16 @@ def test_gradcheck(two_way, focal_grad, gammas):
     gamma_neg, gamma_pos = gammas
 
     def loss(z):
-        return dk.asymmetric_loss(z, targets, mask, gamma_neg=gamma_neg, gamma_pos=gamma_pos,
-                                  focal_grad=focal_grad, reduction="none", backend="extension")
+        return dk.asymmetric_loss(
+            z,
+            targets,
+            mask,
+            gamma_neg=gamma_neg,
+            gamma_pos=gamma_pos,
+            focal_grad=focal_grad,
+            reduction="none",
+            backend="extension",
+        )
 
     assert torch.autograd.gradcheck(loss, (logits,))
 
@@ -106,8 +114,14 @@ def test_extreme_logits():
     targets = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]])
     for focal_grad in (False, True):
         got = loss_and_grad("extension", logits, targets, None, focal_grad=focal_grad, reduction="none")
-        exact = loss_and_grad("reference", logits.detach().double().requires_grad_(), targets.double(), None,
-                              focal_grad=focal_grad, reduction="none")
+        exact = loss_and_grad(
+            "reference",
+            logits.detach().double().requires_grad_(),
+            targets.double(),
+            None,
+            focal_grad=focal_grad,
+            reduction="none",
+        )
         for ours, truth in zip(got, exact):
             assert torch.isfinite(ours).all()
             torch.testing.assert_close(ours.double(), truth, rtol=1e-5, atol=1e-6)
@@ -132,8 +146,12 @@ def test_non_finite_logits_give_nan_as_the_reference_does(device, dtype, two_way
         assert torch.isnan(ours).any()
         torch.testing.assert_close(torch.isnan(ours), torch.isnan(theirs))
         finite = ~torch.isnan(theirs)
-        torch.testing.assert_close(ours[finite], theirs[finite], equal_nan=True,
-                                   **({} if dtype == torch.float64 else dict(rtol=2e-2, atol=1e-3)))
+        torch.testing.assert_close(
+            ours[finite],
+            theirs[finite],
+            equal_nan=True,
+            **({} if dtype == torch.float64 else dict(rtol=2e-2, atol=1e-3)),
+        )
 
 
 @pytest.mark.parametrize("device", devices())
@@ -184,12 +202,17 @@ def test_auto_takes_the_built_extension_and_status_says_so():
 def test_operators_pass_torch_library_opcheck(device, two_way, reduction):
     logits, targets, mask = random_case(4, 9, two_way, device=device)
     code = asl_extension.REDUCTIONS[reduction]
-    torch.library.opcheck(torch.ops.dualcoop_asl.asl_forward.default,
-                          (logits, targets, mask, 2.0, 1.0, 0.05, 1e-8, False, code, True))
-    _, grad = torch.ops.dualcoop_asl.asl_forward(logits.detach(), targets, mask, 2.0, 1.0, 0.05, 1e-8, False,
-                                                 code, True)
-    grad_loss = torch.randn(4, 9, dtype=torch.float64, device=device) if reduction == "none" else torch.tensor(
-        1.5, dtype=torch.float64, device=device)
+    torch.library.opcheck(
+        torch.ops.dualcoop_asl.asl_forward.default, (logits, targets, mask, 2.0, 1.0, 0.05, 1e-8, False, code, True)
+    )
+    _, grad = torch.ops.dualcoop_asl.asl_forward(
+        logits.detach(), targets, mask, 2.0, 1.0, 0.05, 1e-8, False, code, True
+    )
+    grad_loss = (
+        torch.randn(4, 9, dtype=torch.float64, device=device)
+        if reduction == "none"
+        else torch.tensor(1.5, dtype=torch.float64, device=device)
+    )
     torch.library.opcheck(torch.ops.dualcoop_asl.asl_backward.default, (grad_loss, grad, two_way, torch.float64))
 
 
@@ -228,8 +251,9 @@ print("STATUS", dk.extension_status()["cpu_built"])
 @pytest.mark.slow
 def test_without_a_compiler_the_pytorch_path_runs_with_one_warning(tmp_path):
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache")}
-    finished = subprocess.run([sys.executable, "-c", NO_COMPILER_SCRIPT], capture_output=True, text=True,
-                              env=env, timeout=600)
+    finished = subprocess.run(
+        [sys.executable, "-c", NO_COMPILER_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     out = finished.stdout
     assert "WARNINGS 1" in out
@@ -290,8 +314,7 @@ print("BACKENDS", dk.available_backends("asymmetric_loss"))
 @pytest.mark.slow
 def test_compiled_loss_as_the_first_call_of_a_process():
     """Choosing the backend (which may load or build the extension) runs outside the traced graph."""
-    finished = subprocess.run([sys.executable, "-c", COMPILE_FIRST_SCRIPT], capture_output=True, text=True,
-                              timeout=600)
+    finished = subprocess.run([sys.executable, "-c", COMPILE_FIRST_SCRIPT], capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "BACKENDS ['extension', 'reference']" in finished.stdout
 
@@ -327,8 +350,11 @@ def test_cuda_toolkit_behind_a_wrapper_script(monkeypatch):
     machines), the toolkit is found in /usr/local/cuda or /usr/local/cuda-*."""
     from torch.utils import cpp_extension
 
-    toolkits = [home for home in ("/usr/local/cuda", *Path("/usr/local").glob("cuda-*"))
-                if asl_extension._is_cuda_toolkit(str(home))]
+    toolkits = [
+        home
+        for home in ("/usr/local/cuda", *Path("/usr/local").glob("cuda-*"))
+        if asl_extension._is_cuda_toolkit(str(home))
+    ]
     if not toolkits:
         pytest.skip("no CUDA toolkit in /usr/local here")
     monkeypatch.delenv("CUDA_HOME", raising=False)
@@ -347,7 +373,8 @@ def test_cuda_part_compiles_where_nvcc_is_found(built):
 
 @pytest.mark.slow
 def test_ahead_of_time_build_command():
-    finished = subprocess.run([sys.executable, "-m", "dualcoop_kernels.build_extension"], capture_output=True,
-                              text=True, timeout=900)
+    finished = subprocess.run(
+        [sys.executable, "-m", "dualcoop_kernels.build_extension"], capture_output=True, text=True, timeout=900
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert '"cpu_built": true' in finished.stdout

@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
-from utils import asl_inputs
 
 import dualcoop_kernels
+
+from utils import asl_inputs
 
 # the public entry point (its checks included), pinned to the reference: "auto" may pick the extension
 asymmetric_loss = functools.partial(dualcoop_kernels.asymmetric_loss, backend="reference")

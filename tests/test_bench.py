@@ -25,8 +25,9 @@ def run(command, env=None):
 @pytest.mark.slow
 def test_bench_head_quick(tmp_path):
     out = tmp_path / "head.json"
-    finished = run([*BENCH_HEAD, "--quick", "--preset", "voc", "--min-repeats", "2", "--budget", "0",
-                    "--out", str(out)])
+    finished = run(
+        [*BENCH_HEAD, "--quick", "--preset", "voc", "--min-repeats", "2", "--budget", "0", "--out", str(out)]
+    )
     assert "median ms" in finished.stdout
     assert "torch uses" in finished.stdout and "threads of" in finished.stdout and "load average" in finished.stdout
     assert "left out: triton: on the CPU it runs in Triton's interpreter" in finished.stdout
@@ -45,8 +46,19 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     """The GPU check's every step at small shapes on the CPU, Triton in its interpreter: the CUDA suite
     is collected (and skipped), every preset and WTA mode is checked against float64, then timing,
     the launch-settings sweep and the loss; the report files are written."""
-    finished = run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path),
-                    "--min-repeats", "1", "--repeat-s", "0"])
+    finished = run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_check.py"),
+            "--dry-run",
+            "--out",
+            str(tmp_path),
+            "--min-repeats",
+            "1",
+            "--repeat-s",
+            "0",
+        ]
+    )
     assert "gpu_check:" in finished.stdout and "stopped" not in finished.stdout
     report = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert all(state.startswith("done") for state in report["steps"].values()), report["steps"]
@@ -67,8 +79,23 @@ def test_interpreted_triton_sets_the_interpreter(tmp_path):
     instead of leaving Triton out without a word."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     out = tmp_path / "head.json"
-    finished = run([*BENCH_HEAD, "--quick", "--preset", "coco", "--no-compile", "--interpreted-triton",
-                    "--min-repeats", "1", "--budget", "0", "--out", str(out)], env=env)
+    finished = run(
+        [
+            *BENCH_HEAD,
+            "--quick",
+            "--preset",
+            "coco",
+            "--no-compile",
+            "--interpreted-triton",
+            "--min-repeats",
+            "1",
+            "--budget",
+            "0",
+            "--out",
+            str(out),
+        ],
+        env=env,
+    )
     assert "setting TRITON_INTERPRET=1" in finished.stderr
     assert "left out" not in finished.stdout
     assert {row["backend"] for row in json.loads(out.read_text())["results"]} == {"eager", "triton"}
@@ -81,8 +108,10 @@ def test_recorded_gpu_results_are_summarised(tmp_path):
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     assert recorded_results(tmp_path) == []
-    report = dict(environment=dict(device="NVIDIA H100 80GB HBM3", date="2026-12-01T10:00:00+00:00"),
-                  targets=[dict(target="coco fwd+bwd >= 5x eager", measured="6.10x", met=True)])
+    report = dict(
+        environment=dict(device="NVIDIA H100 80GB HBM3", date="2026-12-01T10:00:00+00:00"),
+        targets=[dict(target="coco fwd+bwd >= 5x eager", measured="6.10x", met=True)],
+    )
     (tmp_path / "NVIDIA-H100-80GB-HBM3.json").write_text(json.dumps(report))
     assert recorded_results(tmp_path) == [
         "NVIDIA H100 80GB HBM3 (2026-12-01, NVIDIA-H100-80GB-HBM3.md): coco fwd+bwd >= 5x eager: 6.10x"

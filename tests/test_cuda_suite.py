@@ -16,6 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_cuda_suite_in_its_own_process():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["DUALCOOP_CUDA_SUITE"] = "1"
-    finished = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "cuda")],
-                              capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
+    finished = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "cuda")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+        cwd=ROOT,
+    )
     assert finished.returncode == 0, finished.stdout[-6000:] + finished.stderr[-3000:]

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import head_inputs
 
 from dualcoop_kernels import dualcoop_head
 from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference, wta_weights
+
+from utils import head_inputs
 
 
 @pytest.mark.parametrize("wta", WTA_MODES)
@@ -35,8 +36,10 @@ def loop_head(features, t_evidence, t_pos, t_neg, log_temp, wta, gamma, scale):
 
     for b in range(B):
         f = [unit(features[b, i]) for i in range(N)]
-        s = {key: [[float(f[i] @ unit(t[m])) for m in range(C)] for i in range(N)]
-             for key, t in (("e", t_evidence), ("p", t_pos), ("n", t_neg))}
+        s = {
+            key: [[float(f[i] @ unit(t[m])) for m in range(C)] for i in range(N)]
+            for key, t in (("e", t_evidence), ("p", t_pos), ("n", t_neg))
+        }
         weights = []
         for i in range(N):
             best = max(s["p"][i])

@@ -6,13 +6,14 @@ exactly, so float64 is compared tightly and low precisions by the twice-the-refe
 
 import pytest
 import torch
-from utils import head_inputs
 
 import dualcoop_kernels as dk
 from dualcoop_kernels import head_triton
 from dualcoop_kernels.head_triton import HeadBlocks, dualcoop_head_triton
 from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
 from dualcoop_kernels.testing import EXTRA_ERROR, FLOAT64_ATOL, FLOAT64_RTOL, assert_within_twice_reference_error
+
+from utils import head_inputs
 
 SMALL_TILES = HeadBlocks(n=16, c=16, d=16, d_grad=16, splits=2)
 
@@ -23,7 +24,9 @@ SHAPES = [
     pytest.param(2, 37, 24, 21, SMALL_TILES, 5.0, id="multi-tile"),
     pytest.param(1, 1, 5, 1, None, 200.0, id="one-region-one-class"),
     pytest.param(3, 70, 40, 130, None, 5.0, id="default-tiles", marks=pytest.mark.slow),
-    pytest.param(2, 19, 33, 67, HeadBlocks(16, 32, 16, 32, splits=3), 200.0, id="uneven-splits", marks=pytest.mark.slow),
+    pytest.param(
+        2, 19, 33, 67, HeadBlocks(16, 32, 16, 32, splits=3), 200.0, id="uneven-splits", marks=pytest.mark.slow
+    ),
     # gamma 200 with C = 101: pos200's small softmax weights once lost precision as (1 + sigma) - 1
     pytest.param(3, 37, 64, 101, None, 200.0, id="sharp-wta-many-classes", marks=pytest.mark.slow),
 ]
@@ -46,7 +49,9 @@ def test_float64_matches_reference(wta, B, N, D, C, tiles, gamma):
     got = run_head(dualcoop_head_triton, inputs, grad_output, blocks=tiles, **options)
     names = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
     for name, ours, theirs in zip(names, got, expected):
-        torch.testing.assert_close(ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -156,14 +161,30 @@ def test_operators_pass_torch_library_opcheck(wta, dtype):
     registration, and that outputs are the same from call to call (no unwritten memory)."""
     features, te, tp, tn, log_temp = head_inputs(2, 19, 24, 21, dtype=dtype)
     options = [wta, 5.0, 20.0, SMALL_TILES.as_list()]
-    torch.library.opcheck(torch.ops.dualcoop_kernels.head_forward.default,
-                          (features, te.detach(), tp.detach(), tn.detach(), log_temp, *options))
-    saved = head_triton.head_forward(features.detach(), te.detach(), tp.detach(), tn.detach(), log_temp.detach(),
-                                     *options)
+    torch.library.opcheck(
+        torch.ops.dualcoop_kernels.head_forward.default,
+        (features, te.detach(), tp.detach(), tn.detach(), log_temp, *options),
+    )
+    saved = head_triton.head_forward(
+        features.detach(), te.detach(), tp.detach(), tn.detach(), log_temp.detach(), *options
+    )
     grad_logits = torch.randn(2, 2, 21, dtype=dtype)
-    torch.library.opcheck(torch.ops.dualcoop_kernels.head_backward.default,
-                          (grad_logits, features.detach(), te.detach(), tp.detach(), tn.detach(),
-                           log_temp.detach(), *saved, *options, True, True, True))
+    torch.library.opcheck(
+        torch.ops.dualcoop_kernels.head_backward.default,
+        (
+            grad_logits,
+            features.detach(),
+            te.detach(),
+            tp.detach(),
+            tn.detach(),
+            log_temp.detach(),
+            *saved,
+            *options,
+            True,
+            True,
+            True,
+        ),
+    )
 
 
 def test_negative_wta_gamma_is_refused_by_every_backend():
@@ -205,6 +226,7 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
 def test_cuda_launch_settings_are_traceable(monkeypatch):
     """On CUDA the tile choice reads the GPU's multiprocessor count; torch.compile must trace that path
     (it takes the count as a constant) without a graph break."""
+
     class Properties:
         multi_processor_count = 132
 

@@ -135,7 +135,12 @@ def test_prompt_state_round_trip(rn50, tmp_path):
         model.head.log_spatial_temp.fill_(2.5)
     path = tmp_path / "prompts.pt"
     torch.save(model.prompt_state_dict(), path)
-    assert set(torch.load(path)) == {"prompts.ctx_evidence", "prompts.ctx_pos", "prompts.ctx_neg", "head.log_spatial_temp"}
+    assert set(torch.load(path)) == {
+        "prompts.ctx_evidence",
+        "prompts.ctx_pos",
+        "prompts.ctx_neg",
+        "head.log_spatial_temp",
+    }
     fresh = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4)
     regions = model.encode_regions(torch.randn(2, 3, 64, 64))
     assert not torch.allclose(fresh(regions=regions), model(regions=regions))
@@ -181,7 +186,7 @@ def test_an_unreachable_download_fails_at_once(monkeypatch):
     if model_module._reachable("huggingface.co"):
         pytest.skip("huggingface.co is reachable here")
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match="huggingface.co is unreachable.*pretrained=<a checkpoint file>"):
+    with pytest.raises(RuntimeError, match=r"huggingface\.co is unreachable.*pretrained=<a checkpoint file>"):
         dk.DualCoOpPlusPlus("RN50", CLASSES, pretrained="openai")
     assert time.monotonic() - started < 15
 
@@ -190,7 +195,7 @@ def test_context_options(rn50):
     assert dk.DualCoOpPlusPlus(rn50, CLASSES).prompts.n_ctx == 21
     with pytest.raises(ValueError, match="has 4 tokens but n_ctx is 6"):
         dk.DualCoOpPlusPlus(rn50, CLASSES, ctx_init="a photo of a", n_ctx=6)
-    with pytest.raises(ValueError, match="images .* or regions"):
+    with pytest.raises(ValueError, match=r"images .* or regions"):
         dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=2)()
 
 
@@ -228,8 +233,11 @@ def test_bad_class_names(rn50, classnames, error, message):
 def test_class_names_and_contexts_must_fit_the_text_context(rn50):
     """The tokenizer would cut a long prompt off silently, [EOS] and all."""
     long_name = " ".join(["hippopotamus"] * 40)
-    with pytest.raises(ValueError, match=r"class name 'hippopotamus .*' does not fit the text context: its prompt "
-                                         r"needs \d+ tokens with n_ctx=21, and the context holds 77"):
+    with pytest.raises(
+        ValueError,
+        match=r"class name 'hippopotamus .*' does not fit the text context: its prompt "
+        r"needs \d+ tokens with n_ctx=21, and the context holds 77",
+    ):
         dk.DualCoOpPlusPlus(rn50, ["cat", long_name])
     with pytest.raises(ValueError, match=r"n_ctx must be an integer from 1 to 73 .* got 80"):
         dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=80)
@@ -245,7 +253,9 @@ def test_class_names_and_contexts_must_fit_the_text_context(rn50):
 def test_images_must_be_normalised_floats(rn50):
     model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4)
     pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
-    with pytest.raises(TypeError, match=r"images must be normalised floating tensors, got torch.uint8.*image_transform"):
+    with pytest.raises(
+        TypeError, match=r"images must be normalised floating tensors, got torch.uint8.*image_transform"
+    ):
         model(pixels)
     with pytest.raises(ValueError, match=r"normalised with CLIP's mean and std.*as 0..255 pixels would be"):
         model(pixels.float())
@@ -301,8 +311,9 @@ def test_offline_set_after_import_takes_effect(tmp_path):
     once with a clear message (open_clip, left alone, retries the download for most of a minute)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
     env["HF_HOME"] = str(tmp_path / "empty-hub-cache")
-    finished = subprocess.run([sys.executable, "-c", OFFLINE_AFTER_IMPORT_SCRIPT], capture_output=True, text=True,
-                              env=env, timeout=300)
+    finished = subprocess.run(
+        [sys.executable, "-c", OFFLINE_AFTER_IMPORT_SCRIPT], capture_output=True, text=True, env=env, timeout=300
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "not in the download cache and HF_HUB_OFFLINE is set" in finished.stdout, finished.stdout
     assert float(finished.stdout.split("SECONDS")[1]) < 15

@@ -10,7 +10,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/utils.py
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise pytest.UsageError("the CUDA suite runs compiled kernels: unset TRITON_INTERPRET (pytest tests/test_cuda_suite.py)")
+        raise pytest.UsageError(
+            "the CUDA suite runs compiled kernels: unset TRITON_INTERPRET (pytest tests/test_cuda_suite.py)"
+        )
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="no CUDA GPU here")
         for item in items:

@@ -7,13 +7,14 @@ import math
 
 import pytest
 import torch
-from utils import head_inputs
 
 import dualcoop_kernels as dk
 from dualcoop_kernels import asl_extension, head_triton
 from dualcoop_kernels.head_triton import HeadBlocks, dualcoop_head_triton
 from dualcoop_kernels.reference import WTA_MODES, asymmetric_loss_reference, dualcoop_head_reference
 from dualcoop_kernels.testing import EXTRA_ERROR, FLOAT64_ATOL, FLOAT64_RTOL, assert_within_twice_reference_error
+
+from utils import head_inputs
 
 CUDA = "cuda"
 NAMES = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
@@ -39,7 +40,9 @@ def test_float64(wta, B, N, D, C, tiles, gamma):
     expected = run_head(dualcoop_head_reference, inputs, grad_output, wta=wta, wta_gamma=gamma)
     got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta, wta_gamma=gamma, blocks=tiles)
     for name, ours, theirs in zip(NAMES, got, expected):
-        torch.testing.assert_close(ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # fp16 loads as bf16 does
@@ -118,8 +121,9 @@ def test_compiled_head_in_a_training_step():
     compiled = torch.compile(head, fullgraph=True)
     out = compiled(features.detach(), te, tp, tn)
     out.sum().backward()
-    torch.testing.assert_close(out, dk.DualCoOpHead(backend="reference").cuda()(features, te, tp, tn),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out, dk.DualCoOpHead(backend="reference").cuda()(features, te, tp, tn), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.fixture(scope="module")
