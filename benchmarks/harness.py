@@ -27,7 +27,7 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 # The benchmarks measure the checkout they sit in, installed or not (a GPU machine gets a bare copy).
 sys.path.insert(0, str(ROOT))
 
-# SPEC "Reference configurations": B images, N regions, D width, C classes.
+# docs/math.md, "Presets": B images, N regions, D width, C classes.
 HEAD_PRESETS = {
     "voc": dict(B=64, N=256, D=512, C=20),
     "coco": dict(B=64, N=196, D=512, C=80),

@@ -1,5 +1,5 @@
 // The asymmetric loss of one logit and its derivative, shared by the CPU and CUDA kernels.
-// SPEC "Asymmetric loss": p = sigmoid(z), q = min(1 - p + clip, 1), l = log(max(p or q, eps)),
+// docs/math.md, "Asymmetric loss": p = sigmoid(z), q = min(1 - p + clip, 1), l = log(max(p or q, eps)),
 // focusing weight (1 - p_t)^gamma; element loss -l * weight. Written without branches so that the CPU
 // loop vectorises, and without cancellation: 1 - p comes from exp(-|z|), 1 - q as max(p - clip, 0).
 #pragma once

@@ -4,7 +4,7 @@ Public API: :func:`dualcoop_head` and :class:`DualCoOpHead` (the head), :func:`a
 :class:`AsymmetricLoss` (the loss), :func:`split_signed_labels` (label encoding), and
 :func:`available_backends`, :func:`extension_status` and :func:`build_extension` for the optional
 C++/CUDA loss extension, and :class:`DualCoOpPlusPlus`, the whole model on a frozen open_clip CLIP
-(needs the ``clip`` extra). The math is in SPEC.md; ``reference`` holds the pure PyTorch versions.
+(needs the ``clip`` extra). The math is in docs/math.md; ``reference`` holds the pure PyTorch versions.
 """
 
 from __future__ import annotations

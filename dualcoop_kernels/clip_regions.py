@@ -2,7 +2,7 @@
 image-text space, for the head to score against the prompts.
 
 ResNets (RN50, RN101, RN50x4, ...): the trunk up to layer4, then the attention pool's value and output
-projections applied to every spatial token on its own (SPEC): no pooling, no mean token, no positional
+projections applied to every spatial token on its own (docs/math.md): no pooling, no mean token, no positional
 embedding, so any input size works (RN101 at 448 px gives 14 x 14 = 196 regions). The original
 DualCoOp adds the mean token and the (resized) positional embedding to the tokens first.
 

@@ -1,6 +1,6 @@
 """Fused Triton head: kernels, host functions, and the torch.library operators with their autograd.
 
-The decomposition follows SPEC "One workable decomposition". Nothing is normalised in memory: the
+The decomposition is docs/math.md's "How the Triton head splits the work". Nothing is normalised in memory: the
 kernels fold the inverse row norms of the features (B x N) and of the prompts (3 x C) into every
 similarity tile, and the backward applies the normalisation's own gradient. Launches:
 
@@ -21,7 +21,7 @@ backward
 
 Nothing of size B x N x C is written: the backward recomputes similarity tiles. Saved for the backward:
 the inputs, the logits in the compute dtype, and O(B*C + B*N) statistics. Arithmetic is float32 for
-fp16, bf16 and fp32 inputs, with float32-accurate dots (WTA amplifies TF32 error, SPEC "Numerics"), and
+fp16, bf16 and fp32 inputs, with float32-accurate dots (WTA amplifies TF32 error: docs/math.md, "Numerics"), and
 float64 for float64 inputs. The scalars gamma and k are kernel arguments typed float64, converted to
 the compute dtype on entry: untyped, a Python float reaches a GPU kernel as fp32, which would round
 them for a float64 head. Every launch runs under the tensors' CUDA device (and so its current
@@ -419,7 +419,7 @@ def _region_sums_kernel(
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Per-region sums over all classes for the WTA backward (SPEC), in forms where the winning class
+    """Per-region sums over all classes for the WTA backward (docs/math.md), in forms where the winning class
     drops out exactly instead of cancelling (it dominates when gamma is large):
     pos_norm, a = argmax u:  sum_{m != a} w h  and  sum (s+ - s+_a) w h
     pos200, sigma = w - 1:   sum sigma h,  sum (s+ - M) sigma h  and  sum (s+ - M) sigma"""
@@ -515,7 +515,7 @@ def _grad_similarity_tiles(
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """SPEC backward on one (region tile, class tile): the similarities, dL/ds of the three sets, and
+    """The backward of docs/math.md on one (region tile, class tile): the similarities, dL/ds of the three sets, and
     s^e - lse / tau (= log(a) / tau): since sum_i dL/ds^e = 0 for every (image, class), sums over
     regions of s^e dL/ds^e may use it instead of s^e and so avoid cancelling large terms."""
     tau = tl.exp(tl.load(log_temp_ptr).to(ACC))

@@ -1,6 +1,6 @@
 """Pure PyTorch references for the head and the asymmetric loss.
 
-These follow ../shared/SPEC.md line by line and are the bar every fused backend is tested against.
+These follow docs/math.md line by line and are the bar every fused backend is tested against.
 They take already-validated tensors; the public entry points in ``head.py`` and ``loss.py`` check input.
 """
 
@@ -24,7 +24,7 @@ def wta_weights(sim_pos: torch.Tensor, mode: str, gamma: float) -> torch.Tensor:
 
     ``u = gamma * M * s+`` with ``M = max_m s+``; ``pos_norm``: ``exp(u - max_m u)`` (which is
     ``softmax(u) / max softmax(u)``), ``pos200``: ``1 + softmax_m(u)``, ``none``: 1.
-    ``max`` (not ``amax``) so that gradient reaches exactly one arg-max element, as in the SPEC backward.
+    ``max`` (not ``amax``) so that gradient reaches exactly one arg-max element, as in docs/math.md, Backward.
     """
     if mode == "none":
         return torch.ones_like(sim_pos)
@@ -85,7 +85,7 @@ def asymmetric_loss_reference(
     reduction: str = "sum",
     upcast: bool = False,
 ) -> torch.Tensor:
-    """Asymmetric loss (Ridnik et al. 2021) with partial labels, as in SPEC "Asymmetric loss".
+    """Asymmetric loss (Ridnik et al. 2021) with partial labels, as in docs/math.md, "Asymmetric loss".
 
     ``logits`` is B x C (sigmoid form) or B x 2 x C (two-way form, ``[:, 0]`` negative), ``targets``
     B x C in {0, 1}, ``mask`` B x C bool (True = known) or None. Unknown elements add nothing and get

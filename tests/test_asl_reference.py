@@ -1,4 +1,4 @@
-"""The reference asymmetric loss against the SPEC: gradcheck, identities, partial labels, known values."""
+"""The reference asymmetric loss against docs/math.md: gradcheck, identities, partial labels, known values."""
 
 import functools
 import math
@@ -32,7 +32,7 @@ def test_gradcheck_with_unknown_labels(two_way, reduction, focal_grad, gammas):
 
 
 def detached_focal_gradient(z, y, gamma_neg, gamma_pos, clip):
-    """d(sum loss)/dz with the focusing weight held constant, from the SPEC formulas by hand."""
+    """d(sum loss)/dz with the focusing weight held constant, from docs/math.md's formulas by hand."""
     p = torch.sigmoid(z)
     q = torch.clamp(1 - p + clip, max=1.0)
     focusing = torch.where(y == 1, (1 - p) ** gamma_pos, (1 - q) ** gamma_neg)

@@ -1,4 +1,4 @@
-"""The reference head against the SPEC: gradients by float64 gradcheck, values by independent forms."""
+"""The reference head against docs/math.md: gradients by float64 gradcheck, values by independent forms."""
 
 import math
 
@@ -25,7 +25,7 @@ def test_gradcheck_every_input(wta, gamma, shape):
 
 
 def loop_head(features, t_evidence, t_pos, t_neg, log_temp, wta, gamma, scale):
-    """The SPEC forward written element by element, with nothing shared with the reference."""
+    """The forward of docs/math.md written element by element, with nothing shared with the reference."""
     B, N, _ = features.shape
     C = t_pos.shape[0]
     out = torch.zeros(B, 2, C, dtype=features.dtype)
@@ -90,7 +90,7 @@ def test_original_dualcoop_is_special_case():
 
 
 def test_gradient_reaches_one_argmax_element():
-    """Both maxima pass gradient to a single arg-max class per region (SPEC backward)."""
+    """Both maxima pass gradient to a single arg-max class per region (docs/math.md, Backward)."""
     sim = torch.tensor([[[0.5, 0.5, 0.1]]], dtype=torch.float64, requires_grad=True)
     wta_weights(sim, "pos_norm", 3.0).sum().backward()
     # w = exp(u - max u) with u = 3 * max(s) * s: a tie gets its gradient at one index only
