@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import os
 
 import torch
@@ -12,9 +11,7 @@ from torch import nn
 
 from ._backends import BackendRegistry
 from ._checks import check_choice, check_head_inputs, finite_number
-from .reference import WTA_MODES, dualcoop_head_reference
-
-DEFAULT_LOGIT_SCALE = math.exp(3.0)
+from .reference import DEFAULT_LOGIT_SCALE, DEFAULT_WTA_GAMMA, WTA_MODES, dualcoop_head_reference
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
@@ -63,7 +60,7 @@ def dualcoop_head(
     log_spatial_temp: torch.Tensor | float,
     *,
     wta: str = "pos_norm",
-    wta_gamma: float = 200.0,
+    wta_gamma: float = DEFAULT_WTA_GAMMA,
     logit_scale: float = DEFAULT_LOGIT_SCALE,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -124,7 +121,7 @@ class DualCoOpHead(nn.Module):
     def __init__(
         self,
         wta: str = "pos_norm",
-        wta_gamma: float = 200.0,
+        wta_gamma: float = DEFAULT_WTA_GAMMA,
         logit_scale: float = DEFAULT_LOGIT_SCALE,
         spatial_temp_init: float = 3.0,
         backend: str = "auto",

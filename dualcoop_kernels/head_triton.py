@@ -37,7 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-WTA_CODES = {"none": 0, "pos_norm": 1, "pos200": 2}
+from .reference import DEFAULT_LOGIT_SCALE, DEFAULT_WTA_GAMMA
+
+WTA_CODES = {"none": 0, "pos_norm": 1, "pos200": 2}  # the kernels' WTA constexpr, by mode
+WTA_NONE, WTA_POS_NORM, WTA_POS200 = (tl.constexpr(WTA_CODES[mode]) for mode in ("none", "pos_norm", "pos200"))
 NORM_EPS = 1e-12  # as F.normalize
 PARTIALS_BYTES = 32 * 2**20  # most memory the text gradient's per-split partial sums may take
 
@@ -140,10 +143,10 @@ def _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA
     Where sigma is not defined it is w. M = max_m s+ per row.
     """
     best = tl.load(stats_ptr + STAT_MAX * stat_stride + offsets, mask=region_mask, other=0.0)
-    if WTA == 0:
+    if WTA == WTA_NONE:
         weights = tl.full(sim_p.shape, 1.0, sim_p.dtype)
         sigma = weights
-    elif WTA == 1:
+    elif WTA == WTA_POS_NORM:
         max_u = tl.load(stats_ptr + STAT_MAX_U * stat_stride + offsets, mask=region_mask, other=0.0)
         weights = tl.exp(gamma * best[:, None] * sim_p - max_u[:, None])
         sigma = weights
@@ -185,7 +188,7 @@ def _region_stats_kernel(
     PRECISION: tl.constexpr,
 ):
     gamma = tl.full((), gamma, ACC)  # typed float64: module doc
-    _, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
+    _image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     run_max = tl.full((BLOCK_N,), float("-inf"), ACC)
     run_min = tl.full((BLOCK_N,), float("inf"), ACC)
     arg_max = tl.zeros((BLOCK_N,), tl.int32)
@@ -238,7 +241,7 @@ def _region_stats_kernel(
         index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, tl.where(nonnegative, arg_max, arg_min), mask=region_mask
     )
 
-    if WTA != 2:  # only pos200 uses it; written all the same, since an operator's outputs must be defined
+    if WTA != WTA_POS200:  # only pos200 uses it; written all the same, since an operator's outputs must be defined
         tl.store(stats_ptr + STAT_LSE_U * stat_stride + offsets, tl.zeros((BLOCK_N,), ACC), mask=region_mask)
     else:  # pos200 needs log sum_m exp(u), and u needs M: a second sweep
         total = tl.zeros((BLOCK_N,), ACC)
@@ -426,7 +429,7 @@ def _region_sums_kernel(
     gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
     image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
-    if WTA == 1:
+    if WTA == WTA_POS_NORM:
         winner = tl.load(index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, mask=region_mask, other=-1)
         shift = tl.load(stats_ptr + STAT_S_AT_ARGMAX_U * stat_stride + offsets, mask=region_mask, other=0.0)
     else:
@@ -466,7 +469,7 @@ def _region_sums_kernel(
         )
         weights, sigma, _ = _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA)
         shifted = sim_p - shift[:, None]
-        if WTA == 1:
+        if WTA == WTA_POS_NORM:
             weighted_h = weights * h  # zero outside the valid part, as h is
             sum_0 += tl.sum(tl.where(classes[None, :] == winner[:, None], 0.0, weighted_h), axis=1)
             sum_1 += tl.sum(shifted * weighted_h, axis=1)
@@ -557,10 +560,10 @@ def _grad_similarity_tiles(
     grad_e = tau * attention * (v - mean_v[None, :])
     grad_n = attention * logit_scale * grad_neg[None, :]
     grad_p = attention * logit_scale * weights * grad_pos[None, :]
-    if WTA != 0:
+    if WTA != WTA_NONE:
         sum_0 = tl.load(sums_ptr + offsets, mask=region_mask, other=0.0)
         sum_1 = tl.load(sums_ptr + stat_stride + offsets, mask=region_mask, other=0.0)
-        if WTA == 1:  # du = w h - onehot(a) sum(w h), which is -sum_{m != a} w h at a itself (w_a = 1)
+        if WTA == WTA_POS_NORM:  # du = w h - onehot(a) sum(w h), which is -sum_{m != a} w h at a itself (w_a = 1)
             winner = tl.load(index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, mask=region_mask, other=-1)
             grad_u = tl.where(classes[None, :] == winner[:, None], -sum_0[:, None], weights * h)
             grad_best = gamma * sum_1
@@ -1221,8 +1224,8 @@ def dualcoop_head_triton(
     log_spatial_temp: torch.Tensor,
     *,
     wta: str = "pos_norm",
-    wta_gamma: float = 200.0,
-    logit_scale: float = 20.085536923187668,
+    wta_gamma: float = DEFAULT_WTA_GAMMA,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
     blocks: HeadBlocks | None = None,
 ) -> torch.Tensor:
     """The head through the fused kernels; same contract as ``dualcoop_head_reference``.

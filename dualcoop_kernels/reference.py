@@ -6,10 +6,15 @@ They take already-validated tensors; the public entry points in ``head.py`` and 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 WTA_MODES = ("pos_norm", "pos200", "none")
+# DualCoOp++'s constants (docs/math.md, Notation): the WTA sharpness gamma and the logit scale k
+DEFAULT_WTA_GAMMA = 200.0
+DEFAULT_LOGIT_SCALE = math.exp(3.0)
 
 
 def _upcast(tensors, upcast: bool):
@@ -45,8 +50,8 @@ def dualcoop_head_reference(
     log_spatial_temp: torch.Tensor,
     *,
     wta: str = "pos_norm",
-    wta_gamma: float = 200.0,
-    logit_scale: float = 20.085536923187668,
+    wta_gamma: float = DEFAULT_WTA_GAMMA,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
     upcast: bool = False,
 ) -> torch.Tensor:
     """DualCoOp++ head in eager PyTorch: B x N x D regions, three C x D prompt sets -> B x 2 x C.
