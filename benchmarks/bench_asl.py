@@ -16,9 +16,6 @@ import sys
 
 import torch
 
-from dualcoop_kernels import asymmetric_loss, build_extension
-from dualcoop_kernels.reference import asymmetric_loss_reference
-
 from harness import (
     add_ratios,
     environment,
@@ -29,6 +26,9 @@ from harness import (
     progress,
     write_json,
 )
+
+from dualcoop_kernels import asymmetric_loss, build_extension
+from dualcoop_kernels.reference import asymmetric_loss_reference
 
 SHAPES = [(B, C) for B in (64, 192) for C in (80, 1006, 9605)]
 OPTIONS = dict(gamma_neg=2.0, gamma_pos=1.0, clip=0.05)

@@ -22,11 +22,6 @@ import sys
 
 import torch
 
-from dualcoop_kernels import available_backends, dualcoop_head
-from dualcoop_kernels.head import HEAD_BACKENDS
-from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
-from dualcoop_kernels.testing import EXTRA_ERROR, within_twice_reference_error
-
 from harness import (
     HEAD_PRESETS,
     RESULTS_DIR,
@@ -41,6 +36,11 @@ from harness import (
     recorded_results,
     write_json,
 )
+
+from dualcoop_kernels import available_backends, dualcoop_head
+from dualcoop_kernels.head import HEAD_BACKENDS
+from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
+from dualcoop_kernels.testing import EXTRA_ERROR, within_twice_reference_error
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GRAPHED = " (CUDA graph)"

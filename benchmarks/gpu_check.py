@@ -68,9 +68,9 @@ def run_tests(args, out: Path) -> None:
 
 
 def run_checks(args, out: Path) -> None:
-    from dualcoop_kernels.reference import WTA_MODES
-
     from bench_head import check_preset, library_backends, quick_shape
+
+    from dualcoop_kernels.reference import WTA_MODES
 
     device = torch.device(args.device)
     rows = []
@@ -97,10 +97,10 @@ def run_timing(args, out: Path) -> None:
 
 
 def run_sweep(args, out: Path) -> None:
+    from bench_head import make_inputs, quick_shape
+
     from dualcoop_kernels.head_triton import choose_blocks, dualcoop_head_triton
     from dualcoop_kernels.reference import dualcoop_head_reference
-
-    from bench_head import make_inputs, quick_shape
 
     device = torch.device(args.device)
     preset = "coco"
@@ -135,9 +135,9 @@ def run_sweep(args, out: Path) -> None:
 
 
 def run_loss(args, out: Path) -> None:
-    from dualcoop_kernels import build_extension
-
     import bench_asl
+
+    from dualcoop_kernels import build_extension
 
     device = torch.device(args.device)
     status = build_extension()

@@ -25,10 +25,10 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from harness import format_table
+
 from dualcoop_kernels import head_triton
 from dualcoop_kernels.head_triton import WTA_CODES, HeadBlocks, choose_blocks
-
-from harness import format_table
 
 
 def ptxas_path() -> str:

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from utils import asl_inputs, head_inputs
+
 import dualcoop_kernels as dk
 from dualcoop_kernels._backends import BackendRegistry
 from dualcoop_kernels.head import HEAD_BACKENDS
 from dualcoop_kernels.reference import dualcoop_head_reference
-
-from utils import asl_inputs, head_inputs
 
 
 def test_public_names():

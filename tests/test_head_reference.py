@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from utils import head_inputs
+
 from dualcoop_kernels import dualcoop_head
 from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference, wta_weights
-
-from utils import head_inputs
 
 
 @pytest.mark.parametrize("wta", WTA_MODES)

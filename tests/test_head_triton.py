@@ -7,13 +7,13 @@ exactly, so float64 is compared tightly and low precisions by the twice-the-refe
 import pytest
 import torch
 
+from utils import head_inputs
+
 import dualcoop_kernels as dk
 from dualcoop_kernels import head_triton
 from dualcoop_kernels.head_triton import HeadBlocks, dualcoop_head_triton
 from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
 from dualcoop_kernels.testing import EXTRA_ERROR, FLOAT64_ATOL, FLOAT64_RTOL, assert_within_twice_reference_error
-
-from utils import head_inputs
 
 SMALL_TILES = HeadBlocks(n=16, c=16, d=16, d_grad=16, splits=2)
 

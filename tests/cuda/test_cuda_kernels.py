@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
+from utils import head_inputs
+
 import dualcoop_kernels as dk
 from dualcoop_kernels import asl_extension, head_triton
 from dualcoop_kernels.head_triton import HeadBlocks, dualcoop_head_triton
 from dualcoop_kernels.reference import WTA_MODES, asymmetric_loss_reference, dualcoop_head_reference
 from dualcoop_kernels.testing import EXTRA_ERROR, FLOAT64_ATOL, FLOAT64_RTOL, assert_within_twice_reference_error
-
-from utils import head_inputs
 
 CUDA = "cuda"
 NAMES = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
