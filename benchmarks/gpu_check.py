@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -302,9 +303,19 @@ def parse_args(argv=None):
     parser.add_argument("--min-repeats", type=int, default=5, help="timed calls per case, at least")
     parser.add_argument("--repeat-s", type=float, default=0.3, help="seconds of timed calls per case, about")
     args = parser.parse_args(argv)
+    unknown = set(args.steps.split(",")) - set(STEPS)
+    if unknown:
+        parser.error(f"unknown steps {sorted(unknown)}; known: {list(STEPS)}")
     args.presets = args.presets.split(",")
     args.device = "cpu" if args.dry_run else "cuda"
     return args
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Ends a step (or the background build) with everything it started: pytest's workers, ninja."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def main(argv=None) -> int:
@@ -332,6 +343,7 @@ def main(argv=None) -> int:
             env=child_env,
             stdout=build_log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     for step in wanted:
         share = args.budget * STEPS[step] / sum(STEPS[s] for s in wanted)
@@ -339,19 +351,20 @@ def main(argv=None) -> int:
         progress(f"== {step} (at most {share:.0f} s; {time.monotonic() - started:.0f} s so far)")
         begun = time.monotonic()
         command = [sys.executable, "-u", str(Path(__file__).resolve()), "--step", step, *(argv or sys.argv[1:])]
+        child = subprocess.Popen(command, env=child_env, start_new_session=True)
         try:
-            finished = subprocess.run(command, env=child_env, timeout=share)
+            returncode = child.wait(timeout=share)
             steps[step] = (
                 f"done in {time.monotonic() - begun:.0f} s"
-                if finished.returncode == 0
-                else f"failed (exit {finished.returncode}) after {time.monotonic() - begun:.0f} s"
+                if returncode == 0
+                else f"failed (exit {returncode}) after {time.monotonic() - begun:.0f} s"
             )
         except subprocess.TimeoutExpired:
+            stop(child)
             steps[step] = f"stopped at its limit of {share:.0f} s; what it finished is shown"
         path = write_report(env, steps, out)
         progress(f"== {step}: {steps[step]}; report: {path}")
-    if build.poll() is None:  # not needed by the steps that ran
-        build.terminate()
+    stop(build)  # if still running, the steps that ran did not need it
     for step in wanted:
         step_file(out, step).unlink(missing_ok=True)
     print(path.read_text())
