@@ -39,9 +39,6 @@ def ptxas_path() -> str:
     return found
 
 
-# Pointers to the user's tensors (features, prompts, their gradients) have the input dtype; the
-# others hold the compute dtype, but for the arg-max indices and the log temperature.
-INPUT_POINTERS = {"f_ptr", "te_ptr", "tp_ptr", "tn_ptr", "grad_features_ptr", "out_e_ptr", "out_p_ptr", "out_n_ptr"}
 DTYPES = {  # input dtype: (its pointer type, compute pointer type, accumulator, dot precision)
     "float32": ("*fp32", "*fp32", tl.float32, "tf32x3"),
     "bfloat16": ("*bf16", "*fp32", tl.float32, "tf32x3"),
@@ -51,20 +48,18 @@ DTYPES = {  # input dtype: (its pointer type, compute pointer type, accumulator,
 
 
 def signature(kernel, constexprs: dict, dtype: str) -> dict:
-    """Types of a kernel's arguments, by the naming rules of head_triton."""
+    """Types of a kernel's arguments: pointers by ``head_triton.POINTER_KINDS``, the float64-typed
+    scalars by their annotation, and 32-bit integers for the rest (sizes and strides)."""
     input_pointer, compute_pointer, _, _ = DTYPES[dtype]
+    pointer_types = {"input": input_pointer, "compute": compute_pointer, "index": "*i32"}
     types = {}
-    for name in inspect.signature(kernel.fn).parameters:
+    for name, parameter in inspect.signature(kernel.fn).parameters.items():
         if name in constexprs:
             types[name] = "constexpr"
-        elif name == "index_ptr":
-            types[name] = "*i32"
-        elif name == "log_temp_ptr":
-            types[name] = "*fp32"
         elif name.endswith("_ptr"):
-            types[name] = input_pointer if name in INPUT_POINTERS else compute_pointer
-        elif name in ("gamma", "logit_scale"):
-            types[name] = "fp64"  # typed so in the kernels: a Python float would arrive as fp32
+            types[name] = pointer_types[head_triton.POINTER_KINDS.get(name, "compute")]
+        elif parameter.annotation in (tl.float64, "tl.float64"):
+            types[name] = "fp64"
         else:
             types[name] = "i32"
     return types
@@ -126,6 +121,10 @@ def main(argv=None) -> int:
         for kernel, extra in kernels:
             found = resources(kernel, dict(tiles, WTA=code, **extra), args.dtype, args.arch, num_warps, num_stages)
             rows.append(dict(kernel=kernel.fn.__name__, wta=wta, **found))
+    reported = {kernel for kernel, _ in kernels} | {head_triton._text_grad_finish_kernel}
+    missing = [kernel.fn.__name__ for kernel in head_triton.KERNELS if kernel not in reported]
+    if missing:
+        sys.exit(f"kernels without a report here: {missing} (add them to main)")
     finish = dict(BLOCK_C=blocks.c, BLOCK_DT=blocks.d_grad, ACC=accumulator)
     found = resources(head_triton._text_grad_finish_kernel, finish, args.dtype, args.arch, num_warps, num_stages)
     rows.append(dict(kernel="_text_grad_finish_kernel", wta="-", **found))

@@ -216,8 +216,8 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
             return self.kernel[grid]
 
     monkeypatch.setattr(head_triton, "_on_device", recording_guard)
-    for name in [name for name in vars(head_triton) if name.endswith("_kernel")]:
-        monkeypatch.setattr(head_triton, name, GuardedLaunch(getattr(head_triton, name)))
+    for kernel in head_triton.KERNELS:
+        monkeypatch.setattr(head_triton, kernel.fn.__name__, GuardedLaunch(kernel))
     features, *rest = head_inputs(2, 9, 16, 5)
     dualcoop_head_triton(features, *rest).sum().backward()
     assert entered == [features.device, features.device]  # the forward's launches, the backward's
