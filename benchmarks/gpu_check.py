@@ -35,7 +35,14 @@ from pathlib import Path
 
 import torch
 
+import bench_asl
+import bench_head
+from bench_head import bench_preset, candidates, check_preset, library_backends, make_inputs, quick_shape
 from harness import HEAD_PRESETS, ROOT, environment, format_table, median_time_ms, progress, write_json
+
+from dualcoop_kernels import build_extension
+from dualcoop_kernels.head_triton import choose_blocks, dualcoop_head_triton
+from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
 
 # Shares of the budget; "tests" and "loss" include compiling (Triton's kernels, the C++/CUDA extension).
 STEPS = {"tests": 0.3, "checks": 0.15, "timing": 0.3, "sweep": 0.1, "loss": 0.15}
@@ -69,10 +76,6 @@ def run_tests(args, out: Path) -> None:
 
 
 def run_checks(args, out: Path) -> None:
-    from bench_head import check_preset, library_backends, quick_shape
-
-    from dualcoop_kernels.reference import WTA_MODES
-
     device = torch.device(args.device)
     rows = []
     for preset in args.presets:
@@ -84,8 +87,6 @@ def run_checks(args, out: Path) -> None:
 
 
 def run_timing(args, out: Path) -> None:
-    from bench_head import bench_preset, candidates, quick_shape
-
     device = torch.device(args.device)
     rows = []
     for preset in args.presets:
@@ -98,11 +99,6 @@ def run_timing(args, out: Path) -> None:
 
 
 def run_sweep(args, out: Path) -> None:
-    from bench_head import make_inputs, quick_shape
-
-    from dualcoop_kernels.head_triton import choose_blocks, dualcoop_head_triton
-    from dualcoop_kernels.reference import dualcoop_head_reference
-
     device = torch.device(args.device)
     preset = "coco"
     shape = quick_shape(HEAD_PRESETS[preset]) if args.dry_run else HEAD_PRESETS[preset]
@@ -136,10 +132,6 @@ def run_sweep(args, out: Path) -> None:
 
 
 def run_loss(args, out: Path) -> None:
-    import bench_asl
-
-    from dualcoop_kernels import build_extension
-
     device = torch.device(args.device)
     status = build_extension()
     if not getattr(status, f"{device.type}_built"):
@@ -152,25 +144,6 @@ def run_loss(args, out: Path) -> None:
 
 RUNNERS = {"tests": run_tests, "checks": run_checks, "timing": run_timing, "sweep": run_sweep, "loss": run_loss}
 
-TIMING_COLUMNS = [
-    ("preset", "preset"),
-    ("backend", "backend"),
-    ("mode", "pass"),
-    ("time_ms", "median ms"),
-    ("speedup", "x eager"),
-    ("peak_mib", "peak MiB"),
-    ("memory_ratio", "mem / eager"),
-    ("max_abs_error", "max |err|"),
-]
-CHECK_COLUMNS = [
-    ("preset", "preset"),
-    ("wta", "wta"),
-    ("backend", "backend"),
-    ("quantity", "quantity"),
-    ("error", "max err vs fp64"),
-    ("eager_error", "eager's err"),
-    ("passed", "ok"),
-]
 SWEEP_COLUMNS = [
     ("num_stages", "stages"),
     ("d", "D step"),
@@ -178,15 +151,6 @@ SWEEP_COLUMNS = [
     ("time_ms", "fwd+bwd ms"),
     ("max_abs_error", "max |err|"),
     ("error", "error"),
-]
-LOSS_COLUMNS = [
-    ("B", "B"),
-    ("C", "C"),
-    ("backend", "backend"),
-    ("time_ms", "fwd+bwd ms"),
-    ("speedup", "x eager"),
-    ("peak_mib", "peak MiB"),
-    ("relative_error", "rel err"),
 ]
 
 
@@ -259,7 +223,7 @@ def write_report(env: dict, steps: dict, out: Path) -> Path:
                 "against a float64 reference, at most twice the eager float32 error plus 1e-6 of the scale.",
                 "",
                 "```",
-                format_table(failed, CHECK_COLUMNS) if failed else "all pass",
+                format_table(failed, bench_head.CHECK_COLUMNS) if failed else "all pass",
                 "```",
             ],
         ),
@@ -268,7 +232,7 @@ def write_report(env: dict, steps: dict, out: Path) -> Path:
             "timing",
             lambda r: [
                 "```",
-                format_table(r["rows"], TIMING_COLUMNS),
+                format_table(r["rows"], bench_head.BENCH_COLUMNS),
                 "```",
                 "",
                 *[f"- {g['target']}: {g['measured']} ({'met' if g['met'] else 'not met'})" for g in goals],
@@ -283,7 +247,9 @@ def write_report(env: dict, steps: dict, out: Path) -> Path:
             "Asymmetric loss, fwd+bwd",
             "loss",
             lambda r: (
-                ["```", format_table(r["rows"], LOSS_COLUMNS), "```"] if "rows" in r else [f"not run: {r.get('error')}"]
+                ["```", format_table(r["rows"], bench_asl.COLUMNS), "```"]
+                if "rows" in r
+                else [f"not run: {r.get('error')}"]
             ),
         ),
     ]
