@@ -19,7 +19,7 @@ setup(
     # csrc/ travels inside the package as dualcoop_kernels/csrc, for just-in-time builds of the extension
     packages=[*find_packages(include=["dualcoop_kernels", "dualcoop_kernels.*"]), "dualcoop_kernels.csrc"],
     package_dir={"dualcoop_kernels.csrc": "csrc"},
-    package_data={"dualcoop_kernels.csrc": ["*.h", "*.cpp", "*.cu"]},
+    package_data={"dualcoop_kernels.csrc": ["*.h", "*.cpp", "cpu/*.cpp", "cuda/*.cu"]},
     python_requires=">=3.9",
     # No upper pins: GPU users keep their own torch. CI pins live in constraints/cpu.txt.
     install_requires=["torch>=2.4", "numpy", 'triton; platform_system == "Linux"'],

@@ -24,6 +24,7 @@ import torch
 
 from harness import (
     HEAD_PRESETS,
+    PRESET_WTA,
     RESULTS_DIR,
     add_ratios,
     cuda_graph,
@@ -39,7 +40,8 @@ from harness import (
 
 from dualcoop_kernels import available_backends, dualcoop_head
 from dualcoop_kernels.head import HEAD_BACKENDS
-from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
+from dualcoop_kernels.options import WTA_ALIASES, WTA_MODES
+from dualcoop_kernels.reference import dualcoop_head_reference
 from dualcoop_kernels.testing import EXTRA_ERROR, within_twice_reference_error
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -99,7 +101,7 @@ def candidates(device: torch.device, use_compile: bool, interpreted_triton: bool
     return {**found, **library_backends(device, interpreted_triton)[0]}
 
 
-def bench_preset(preset, shape, device, dtype, heads, wta, min_repeats, budget_s, blocks=None):
+def bench_preset(preset, shape, device, dtype, heads, wta, min_repeats, budget_s):
     """Time and peak memory of every head on one preset; rows for the report. On a GPU the library's
     backends (all but eager and torch.compile) are timed again replayed from a CUDA graph."""
     inputs = make_inputs(shape, device, dtype)
@@ -217,7 +219,7 @@ def parse_args(argv=None):
     parser.add_argument("--presets", help="comma-separated presets (e.g. a rerun)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--wta", choices=WTA_MODES, default="pos_norm")
+    parser.add_argument("--wta", choices=[*WTA_MODES, *WTA_ALIASES], help="WTA mode (default: each preset's own)")
     parser.add_argument("--quick", action="store_true", help="small shapes, for smoke runs")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     parser.add_argument(
@@ -261,11 +263,12 @@ def main(argv=None) -> int:
     rows = []
     for number, preset in enumerate(presets, 1):
         shape = quick_shape(HEAD_PRESETS[preset]) if args.quick else HEAD_PRESETS[preset]
-        progress(f"[{number}/{len(presets)}] {preset} {shape} {args.dtype} {args.wta} on {device}")
+        wta = WTA_ALIASES.get(args.wta, args.wta) or PRESET_WTA[preset]
+        progress(f"[{number}/{len(presets)}] {preset} {shape} {args.dtype} {wta} on {device}")
         heads = candidates(device, not args.no_compile, args.interpreted_triton)
-        rows += bench_preset(preset, shape, device, dtype, heads, args.wta, args.min_repeats, args.budget)
+        rows += bench_preset(preset, shape, device, dtype, heads, wta, args.min_repeats, args.budget)
 
-    print(f"dualcoop head, {args.dtype}, wta {args.wta}, {env['device']}, torch {env['torch']}, triton {env['triton']}")
+    print(f"dualcoop head, {args.dtype}, {env['device']}, torch {env['torch']}, triton {env['triton']}")
     if device.type == "cpu":
         print(machine_line(env))
     for name, reason in library_backends(device, args.interpreted_triton)[1].items():
@@ -277,7 +280,7 @@ def main(argv=None) -> int:
         for line in recorded:
             print(f"  {line}")
     if args.out:
-        write_json(args.out, dict(environment=env, dtype=args.dtype, wta=args.wta, quick=args.quick, results=rows))
+        write_json(args.out, dict(environment=env, dtype=args.dtype, quick=args.quick, results=rows))
     return 0
 
 

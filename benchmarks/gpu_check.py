@@ -38,16 +38,17 @@ import torch
 import bench_asl
 import bench_head
 from bench_head import bench_preset, candidates, check_preset, library_backends, make_inputs, quick_shape
-from harness import HEAD_PRESETS, ROOT, environment, format_table, median_time_ms, progress, write_json
+from harness import HEAD_PRESETS, PRESET_WTA, ROOT, environment, format_table, median_time_ms, progress, write_json
 
 from dualcoop_kernels import build_extension
-from dualcoop_kernels.head_triton import choose_blocks, dualcoop_head_triton
-from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
+from dualcoop_kernels.options import WTA_MODES
+from dualcoop_kernels.reference import dualcoop_head_reference
+from dualcoop_kernels.triton.head import choose_launch_config, dualcoop_head_triton
 
 # Shares of the budget; "tests" and "loss" include compiling (Triton's kernels, the C++/CUDA extension).
 STEPS = {"tests": 0.3, "checks": 0.15, "timing": 0.3, "sweep": 0.1, "loss": 0.15}
 COMPILED_PRESETS = ("coco", "zsl")  # torch.compile costs about half a minute a preset: the targets' ones
-SWEEP = [dict(num_stages=stages, d=d) for stages in (1, 2, 3) for d in (16, 32)]
+SWEEP = [dict(num_stages=stages, block_d=d) for stages in (1, 2, 3) for d in (16, 32)]
 LOSS_SHAPES = [(64, 80), (192, 1006), (192, 9605)]  # B, C: COCO's batch, then the zero-shot and open scales
 
 
@@ -94,7 +95,9 @@ def run_timing(args, out: Path) -> None:
         compiled = not args.dry_run and preset in COMPILED_PRESETS
         progress(f"time {preset} {shape} on {device}{' with torch.compile' if compiled else ''}")
         heads = candidates(device, compiled, interpreted_triton=True)
-        rows += bench_preset(preset, shape, device, torch.float32, heads, "pos_norm", args.min_repeats, args.repeat_s)
+        rows += bench_preset(
+            preset, shape, device, torch.float32, heads, PRESET_WTA[preset], args.min_repeats, args.repeat_s
+        )
         save_step(out, "timing", dict(rows=rows))
 
 
@@ -105,29 +108,29 @@ def run_sweep(args, out: Path) -> None:
     inputs = make_inputs(shape, device, torch.float32)
     features, texts, log_temp = inputs["features"], inputs["texts"], inputs["log_spatial_temp"]
     expected = dualcoop_head_reference(features.double(), *[t.double() for t in texts], log_temp.double())
-    default = choose_blocks(shape["B"], shape["N"], shape["C"], shape["D"], device)
+    default = choose_launch_config(shape["B"], shape["N"], shape["C"], shape["D"], device)
     rows = []
     for setting in SWEEP:
-        blocks = dataclasses.replace(default, **setting)
-        progress(f"sweep {preset} {blocks}")
+        launch = dataclasses.replace(default, **setting)
+        progress(f"sweep {preset} {launch}")
 
-        def forward_backward(blocks=blocks):
+        def forward_backward(launch=launch):
             for leaf in (*texts, log_temp):
                 leaf.grad = None
-            dualcoop_head_triton(features, *texts, log_temp, blocks=blocks).backward(inputs["grad_output"])
+            dualcoop_head_triton(features, *texts, log_temp, launch=launch).backward(inputs["grad_output"])
 
         try:
             forward_backward()
             with torch.no_grad():
                 error = (
-                    (dualcoop_head_triton(features, *texts, log_temp, blocks=blocks).double() - expected).abs().max()
+                    (dualcoop_head_triton(features, *texts, log_temp, launch=launch).double() - expected).abs().max()
                 )
             time_ms = median_time_ms(forward_backward, device, min_repeats=args.min_repeats, budget_s=args.repeat_s)
             rows.append(
-                dict(preset=preset, **setting, default=blocks == default, time_ms=time_ms, max_abs_error=error.item())
+                dict(preset=preset, **setting, default=launch == default, time_ms=time_ms, max_abs_error=error.item())
             )
         except Exception as error:  # a setting that fails to compile (out of shared memory) is a result too
-            rows.append(dict(preset=preset, **setting, default=blocks == default, error=str(error)[:300]))
+            rows.append(dict(preset=preset, **setting, default=launch == default, error=str(error)[:300]))
         save_step(out, "sweep", dict(rows=rows))
 
 
@@ -304,7 +307,7 @@ def main(argv=None) -> int:
     # Triton's kernels (the tests and the loss step wait for it on torch's build lock)
     with open(out / "extension-build.log", "w") as build_log:  # the build keeps its own handle
         build = subprocess.Popen(
-            [sys.executable, "-m", "dualcoop_kernels.build_extension"],
+            [sys.executable, "-m", "dualcoop_kernels.extension"],
             cwd=ROOT,
             env=child_env,
             stdout=build_log,

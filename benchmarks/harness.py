@@ -35,6 +35,8 @@ HEAD_PRESETS = {
     "zsl": dict(B=64, N=49, D=1024, C=1006),
     "openimages": dict(B=64, N=196, D=512, C=9605),
 }
+# The WTA mode each preset's setting trains with (docs/math.md, "Presets").
+PRESET_WTA = dict(voc="pos_softmax", coco="pos_norm", nuswide="pos_softmax", zsl="pos_softmax", openimages="pos_norm")
 
 
 def progress(message: str) -> None:

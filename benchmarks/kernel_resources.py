@@ -2,7 +2,7 @@
 registers per thread and bytes spilled to local memory. A spill is a slow kernel on the GPU; this
 shows it on any machine.
 
-    python benchmarks/kernel_resources.py                      # fp32, the tiles choose_blocks picks, sm_90
+    python benchmarks/kernel_resources.py                      # fp32, the tiles choose_launch_config picks, sm_90
     python benchmarks/kernel_resources.py --dtype bfloat16 --tiles 64,32,16,64 --num-warps 8 --num-stages 1
 
 It also shows that every kernel compiles for the GPU, which Triton's CPU interpreter never checks.
@@ -27,8 +27,9 @@ from triton.compiler import ASTSource
 
 from harness import format_table
 
-from dualcoop_kernels import head_triton
-from dualcoop_kernels.head_triton import WTA_CODES, HeadBlocks, choose_blocks
+from dualcoop_kernels.options import WTA_CODES
+from dualcoop_kernels.triton import head as triton_head
+from dualcoop_kernels.triton.head import LaunchConfig, choose_launch_config
 
 
 def ptxas_path() -> str:
@@ -48,7 +49,7 @@ DTYPES = {  # input dtype: (its pointer type, compute pointer type, accumulator,
 
 
 def signature(kernel, constexprs: dict, dtype: str) -> dict:
-    """Types of a kernel's arguments: pointers by ``head_triton.POINTER_KINDS``, the float64-typed
+    """Types of a kernel's arguments: pointers by ``triton_head.POINTER_KINDS``, the float64-typed
     scalars by their annotation, and 32-bit integers for the rest (sizes and strides)."""
     input_pointer, compute_pointer, _, _ = DTYPES[dtype]
     pointer_types = {"input": input_pointer, "compute": compute_pointer, "index": "*i32"}
@@ -57,7 +58,7 @@ def signature(kernel, constexprs: dict, dtype: str) -> dict:
         if name in constexprs:
             types[name] = "constexpr"
         elif name.endswith("_ptr"):
-            types[name] = pointer_types[head_triton.POINTER_KINDS.get(name, "compute")]
+            types[name] = pointer_types[triton_head.POINTER_KINDS.get(name, "compute")]
         elif parameter.annotation in (tl.float64, "tl.float64"):
             types[name] = "fp64"
         else:
@@ -96,40 +97,43 @@ def resources(kernel, constexprs: dict, dtype: str, arch: int, num_warps: int, n
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100")
-    parser.add_argument("--tiles", help="n,c,d,d_grad (default: choose_blocks for the coco preset)")
+    parser.add_argument(
+        "--tiles", help="block_n,block_c,block_d,block_d_grad (default: choose_launch_config for the coco preset)"
+    )
     parser.add_argument("--num-warps", type=int)
     parser.add_argument("--num-stages", type=int)
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the inputs' dtype")
     args = parser.parse_args(argv)
-    blocks = choose_blocks(64, 196, 80, 512, torch.device("cpu"))
+    launch = choose_launch_config(64, 196, 80, 512, torch.device("cpu"))
     if args.tiles:
         n, c, d, d_grad = map(int, args.tiles.split(","))
-        blocks = HeadBlocks(n, c, d, d_grad)
-    num_warps = args.num_warps or blocks.num_warps
-    num_stages = args.num_stages or blocks.num_stages
+        launch = LaunchConfig(n, c, d, d_grad)
+    num_warps = args.num_warps or launch.num_warps
+    num_stages = args.num_stages or launch.num_stages
     _, _, accumulator, precision = DTYPES[args.dtype]
-    tiles = dict(BLOCK_N=blocks.n, BLOCK_C=blocks.c, BLOCK_D=blocks.d, ACC=accumulator, PRECISION=precision)
+    tiles = dict(BLOCK_N=launch.block_n, BLOCK_C=launch.block_c, BLOCK_D=launch.block_d)
+    tiles.update(ACC=accumulator, PRECISION=precision)
     rows = []
     for wta, code in WTA_CODES.items():
         kernels = [
-            (head_triton._head_forward_kernel, {}),
-            (head_triton._text_grad_kernel, dict(WANT_TEXT=True, BLOCK_DT=blocks.d_grad)),
-            (head_triton._feature_grad_kernel, dict(BLOCK_DT=blocks.d_grad)),
+            (triton_head._head_forward_kernel, {}),
+            (triton_head._text_grad_kernel, dict(WANT_TEXT=True, BLOCK_DT=launch.block_d_grad)),
+            (triton_head._feature_grad_kernel, dict(BLOCK_DT=launch.block_d_grad)),
         ]
         if wta != "none":
-            kernels += [(head_triton._region_stats_kernel, {}), (head_triton._region_sums_kernel, {})]
+            kernels += [(triton_head._region_stats_kernel, {}), (triton_head._region_sums_kernel, {})]
         for kernel, extra in kernels:
             found = resources(kernel, dict(tiles, WTA=code, **extra), args.dtype, args.arch, num_warps, num_stages)
             rows.append(dict(kernel=kernel.fn.__name__, wta=wta, **found))
-    reported = {kernel for kernel, _ in kernels} | {head_triton._text_grad_finish_kernel}
-    missing = [kernel.fn.__name__ for kernel in head_triton.KERNELS if kernel not in reported]
+    reported = {kernel for kernel, _ in kernels} | {triton_head._text_grad_finish_kernel}
+    missing = [kernel.fn.__name__ for kernel in triton_head.KERNELS if kernel not in reported]
     if missing:
         sys.exit(f"kernels without a report here: {missing} (add them to main)")
-    finish = dict(BLOCK_C=blocks.c, BLOCK_DT=blocks.d_grad, ACC=accumulator)
-    found = resources(head_triton._text_grad_finish_kernel, finish, args.dtype, args.arch, num_warps, num_stages)
+    finish = dict(BLOCK_C=launch.block_c, BLOCK_DT=launch.block_d_grad, ACC=accumulator)
+    found = resources(triton_head._text_grad_finish_kernel, finish, args.dtype, args.arch, num_warps, num_stages)
     rows.append(dict(kernel="_text_grad_finish_kernel", wta="-", **found))
     print(
-        f"{args.dtype} inputs, sm_{args.arch}, tiles {blocks}, num_warps {num_warps}, num_stages {num_stages}, "
+        f"{args.dtype} inputs, sm_{args.arch}, launch {launch}, num_warps {num_warps}, num_stages {num_stages}, "
         f"triton {triton.__version__}"
     )
     print(

@@ -14,7 +14,7 @@ import numbers
 
 import torch
 
-from .reference import WTA_MODES
+from .options import REDUCTIONS, WTA_ALIASES, WTA_MODES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -57,13 +57,37 @@ def check_choice(name: str, value: str, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta: str):
+def wta_mode(wta) -> str:
+    """The WTA mode by its name, or by an alias (the authors' ``pos200`` for ``pos_softmax``)."""
+    wta = WTA_ALIASES.get(wta, wta) if isinstance(wta, str) else wta
+    check_choice("wta", wta, WTA_MODES)
+    return wta
+
+
+def wta_sharpness(wta_gamma) -> float:
+    """gamma >= 0: WTA favours the best class of each region; a negative gamma would favour the worst
+    and overflow the kernels' exponents, which assume max u comes from max s+ or min s+."""
+    value = finite_number("wta_gamma", wta_gamma)
+    if value < 0:
+        raise ValueError(f"wta_gamma must be >= 0 (0 turns the winner-take-all weights uniform), got {value}")
+    return value
+
+
+def positive_scale(logit_scale) -> float:
+    """k > 0: it scales cosine similarities into logits; 0 would make every logit 0, and a negative k
+    would swap presence and absence."""
+    value = finite_number("logit_scale", logit_scale)
+    if value <= 0:
+        raise ValueError(f"logit_scale must be > 0 (e^3 in DualCoOp++, 100 in DualCoOp), got {value}")
+    return value
+
+
+def check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_temp):
     """Validate the head's inputs; returns ``log_spatial_temp`` as a 0-d tensor.
 
     ``log_spatial_temp`` may be a one-element tensor of any floating dtype, or a Python number
     (a fixed temperature, as in the original DualCoOp), which becomes a constant tensor.
     """
-    check_choice("wta", wta, WTA_MODES)
     check_tensor("features", features, 3, "B x N x D")
     check_float("features", features)
     _, regions, width = features.shape
@@ -102,7 +126,7 @@ def check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_t
 
 def check_asl_options(gamma_neg, gamma_pos, clip, eps, reduction: str) -> dict:
     """Validate the loss's options; returns the numbers as floats, by name."""
-    check_choice("reduction", reduction, ("sum", "mean", "none"))
+    check_choice("reduction", reduction, REDUCTIONS)
     given = dict(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=eps)
     values = {name: finite_number(name, value) for name, value in given.items()}
     for name in ("gamma_neg", "gamma_pos"):

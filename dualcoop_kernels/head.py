@@ -3,52 +3,25 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 from torch import nn
 
-from ._backends import BackendRegistry
-from ._checks import check_choice, check_head_inputs, finite_number
-from .reference import DEFAULT_LOGIT_SCALE, DEFAULT_WTA_GAMMA, WTA_MODES, dualcoop_head_reference
-
-
-def _triton_unavailable(device: torch.device) -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "Triton needs a CUDA device (or TRITON_INTERPRET=1 for its CPU interpreter)"
-    return None
-
-
-def _triton_head(*args, **kwargs):
-    from .head_triton import dualcoop_head_triton  # imports triton only when first used
-
-    return dualcoop_head_triton(*args, **kwargs)
-
-
-def wta_sharpness(wta_gamma) -> float:
-    """gamma >= 0: WTA favours the best class of each region; a negative gamma would favour the worst
-    and overflow the kernels' exponents, which assume max u comes from max s+ or min s+."""
-    value = finite_number("wta_gamma", wta_gamma)
-    if value < 0:
-        raise ValueError(f"wta_gamma must be >= 0 (0 turns the winner-take-all weights uniform), got {value}")
-    return value
-
-
-def positive_scale(logit_scale) -> float:
-    """k > 0: it scales cosine similarities into logits; 0 would make every logit 0, and a negative k
-    would swap presence and absence."""
-    value = finite_number("logit_scale", logit_scale)
-    if value <= 0:
-        raise ValueError(f"logit_scale must be > 0 (e^3 in DualCoOp++, 100 in DualCoOp), got {value}")
-    return value
-
+from . import triton as triton_backend
+from ._checks import check_head_inputs, finite_number, positive_scale, wta_mode, wta_sharpness
+from .dispatch import BackendRegistry
+from .options import DEFAULT_LOG_SPATIAL_TEMP, DEFAULT_LOGIT_SCALE, DEFAULT_WTA_GAMMA
+from .reference import dualcoop_head_reference
 
 HEAD_BACKENDS = BackendRegistry("dualcoop_head")
 # the interpreter runs Triton on the CPU too, but slowly: "auto" keeps it for CUDA tensors
-HEAD_BACKENDS.register("triton", _triton_head, _triton_unavailable, use_in_auto=lambda device: device.type == "cuda")
+HEAD_BACKENDS.register(
+    "triton",
+    triton_backend.dualcoop_head,
+    unavailable_reason=triton_backend.unavailable_reason,
+    prepare=triton_backend.prepare,
+    use_in_auto=lambda device: device.type == "cuda",
+)
 HEAD_BACKENDS.register("reference", functools.partial(dualcoop_head_reference, upcast=True))
 
 
@@ -78,7 +51,8 @@ def dualcoop_head(
             ``spatial_T`` in the authors' code): a 0-d floating tensor on the same device, or a number
             for a fixed temperature.
         wta: winner-take-all across classes per region: ``"pos_norm"`` (COCO setting,
-            ``exp(u - max u)``), ``"pos200"`` (VOC and NUS-WIDE, ``1 + softmax(u)``) or ``"none"``.
+            ``exp(u - max u)``), ``"pos_softmax"`` (VOC and NUS-WIDE, ``1 + softmax(u)``; the authors'
+            name ``"pos200"`` is accepted too) or ``"none"``.
         wta_gamma: WTA sharpness gamma >= 0 in ``u = gamma * max_m(s+) * s+``: a number, or a
             one-element tensor that does not require grad.
         logit_scale: k, the constant scale of the logits (e^3 in DualCoOp++); a number or a tensor
@@ -91,7 +65,8 @@ def dualcoop_head(
         B x 2 x C logits in the dtype of ``features``: ``[:, 0]`` is P- (evidence of absence) and
         ``[:, 1]`` is P+ (evidence of presence); ``sigmoid(P+ - P-)`` is the class probability.
     """
-    log_spatial_temp = check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta)
+    wta = wta_mode(wta)
+    log_spatial_temp = check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_temp)
     wta_gamma = wta_sharpness(wta_gamma)
     logit_scale = positive_scale(logit_scale)
     implementation = HEAD_BACKENDS.resolve(backend, features.device).function
@@ -123,13 +98,12 @@ class DualCoOpHead(nn.Module):
         wta: str = "pos_norm",
         wta_gamma: float = DEFAULT_WTA_GAMMA,
         logit_scale: float = DEFAULT_LOGIT_SCALE,
-        spatial_temp_init: float = 3.0,
+        spatial_temp_init: float = DEFAULT_LOG_SPATIAL_TEMP,
         backend: str = "auto",
     ):
         super().__init__()
-        check_choice("wta", wta, WTA_MODES)
         HEAD_BACKENDS.check_known(backend)
-        self.wta = wta
+        self.wta = wta_mode(wta)
         self.wta_gamma = wta_sharpness(wta_gamma)
         self.logit_scale = positive_scale(logit_scale)
         self.backend = backend

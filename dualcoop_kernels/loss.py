@@ -8,18 +8,19 @@ import warnings
 import torch
 from torch import nn
 
-from . import asl_extension
-from ._backends import BackendRegistry
+from . import extension
 from ._checks import check_asl_inputs, check_asl_options, check_tensor, has_values
+from .dispatch import BackendRegistry
+from .options import DEFAULT_CLIP, DEFAULT_EPS, DEFAULT_GAMMA_NEG, DEFAULT_GAMMA_POS
 from .reference import asymmetric_loss_reference
 
 ASL_BACKENDS = BackendRegistry("asymmetric_loss")
 # Built just in time by its first call, "auto" or by name (unless DUALCOOP_KERNELS_NO_BUILD=1), then cached.
 ASL_BACKENDS.register(
     "extension",
-    asl_extension.asymmetric_loss_extension,
-    asl_extension.unavailable_reason,
-    prepare=asl_extension.prepare,
+    extension.asymmetric_loss,
+    unavailable_reason=extension.unavailable_reason,
+    prepare=extension.prepare,
 )
 ASL_BACKENDS.register("reference", functools.partial(asymmetric_loss_reference, upcast=True))
 
@@ -29,10 +30,10 @@ def asymmetric_loss(
     targets: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    gamma_neg: float = 4.0,
-    gamma_pos: float = 1.0,
-    clip: float = 0.05,
-    eps: float = 1e-8,
+    gamma_neg: float = DEFAULT_GAMMA_NEG,
+    gamma_pos: float = DEFAULT_GAMMA_POS,
+    clip: float = DEFAULT_CLIP,
+    eps: float = DEFAULT_EPS,
     focal_grad: bool = False,
     reduction: str = "sum",
     backend: str = "auto",
@@ -76,10 +77,10 @@ class AsymmetricLoss(nn.Module):
 
     def __init__(
         self,
-        gamma_neg: float = 4.0,
-        gamma_pos: float = 1.0,
-        clip: float = 0.05,
-        eps: float = 1e-8,
+        gamma_neg: float = DEFAULT_GAMMA_NEG,
+        gamma_pos: float = DEFAULT_GAMMA_POS,
+        clip: float = DEFAULT_CLIP,
+        eps: float = DEFAULT_EPS,
         focal_grad: bool = False,
         reduction: str = "sum",
         backend: str = "auto",

@@ -10,8 +10,9 @@ import torch
 from utils import asl_inputs, head_inputs
 
 import dualcoop_kernels as dk
-from dualcoop_kernels._backends import BackendRegistry
+from dualcoop_kernels.dispatch import BackendRegistry
 from dualcoop_kernels.head import HEAD_BACKENDS
+from dualcoop_kernels.options import WTA_MODES
 from dualcoop_kernels.reference import dualcoop_head_reference
 
 
@@ -25,14 +26,22 @@ def test_public_names():
 
 def test_head_function_and_module_agree():
     features, te, tp, tn, _ = head_inputs(2, 7, 6, 5, dtype=torch.float32, requires_grad=False)
-    head = dk.DualCoOpHead(wta="pos200")
+    head = dk.DualCoOpHead(wta="pos_softmax")
     assert head.log_spatial_temp.item() == 3.0 and head.log_spatial_temp.requires_grad
     out = head(features, te, tp, tn)
     assert out.shape == (2, 2, 5) and out.dtype == torch.float32
-    torch.testing.assert_close(out, dk.dualcoop_head(features, te, tp, tn, head.log_spatial_temp, wta="pos200"))
+    torch.testing.assert_close(out, dk.dualcoop_head(features, te, tp, tn, head.log_spatial_temp, wta="pos_softmax"))
     out.sum().backward()
     assert head.log_spatial_temp.grad is not None and head.log_spatial_temp.grad.item() != 0
-    assert "pos200" in repr(head)
+    assert "pos_softmax" in repr(head)
+
+
+def test_wta_accepts_the_authors_name_pos200():
+    features, te, tp, tn, log_temp = head_inputs(2, 7, 6, 5, requires_grad=False)
+    head = dk.DualCoOpHead(wta="pos200")
+    assert head.wta == "pos_softmax"
+    expected = dk.dualcoop_head(features, te, tp, tn, log_temp, wta="pos_softmax")
+    torch.testing.assert_close(dk.dualcoop_head(features, te, tp, tn, log_temp, wta="pos200"), expected, rtol=0, atol=0)
 
 
 def test_log_spatial_temp_forms():
@@ -160,7 +169,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 def test_unavailable_backend_says_why():
     registry = BackendRegistry("some_op")
-    registry.register("gpu-only", dualcoop_head_reference, lambda device: "needs a GPU")
+    registry.register("gpu-only", dualcoop_head_reference, unavailable_reason=lambda device: "needs a GPU")
     registry.register("reference", dualcoop_head_reference)
     assert registry.resolve("auto", torch.device("cpu")).name == "reference"
     with pytest.raises(
@@ -169,7 +178,7 @@ def test_unavailable_backend_says_why():
         registry.resolve("gpu-only", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("wta", ["pos_norm", "pos200", "none"])
+@pytest.mark.parametrize("wta", WTA_MODES)
 def test_empty_batch(wta):
     features, te, tp, tn, log_temp = head_inputs(0, 5, 4, 3)
     out = dk.dualcoop_head(features, te, tp, tn, log_temp, wta=wta)
@@ -222,7 +231,7 @@ def test_head_rejects_bad_input(change, error, message):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(wta="max"), r"wta must be one of \('pos_norm', 'pos200', 'none'\)"),
+        (dict(wta="max"), r"wta must be one of \('pos_norm', 'pos_softmax', 'none'\)"),
         (dict(wta_gamma=float("nan")), r"wta_gamma must be a finite real number"),
         (dict(logit_scale="20"), r"logit_scale must be a finite real number"),
         (dict(logit_scale=0.0), r"logit_scale must be > 0"),  # every logit 0

@@ -1,20 +1,23 @@
 """The C++/CUDA asymmetric loss against the reference: loss and gradient for every option, extreme
 logits, unknown labels, empty and strided inputs; building, status, fallback and compilation."""
 
+import importlib.util
 import logging
 import math
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 import dualcoop_kernels as dk
-from dualcoop_kernels import asl_extension
+from dualcoop_kernels.extension import build as extension_build
 from dualcoop_kernels.loss import ASL_BACKENDS
+from dualcoop_kernels.options import REDUCTIONS
 from dualcoop_kernels.testing import assert_within_twice_reference_error
 
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
@@ -23,14 +26,14 @@ pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the e
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    status = asl_extension.build_extension()
+    status = extension_build.build_extension()
     assert status.cpu_built, status.why_not  # where there is a compiler, the CPU part must build
     return status
 
 
 def devices():
     found = ["cpu"]
-    if torch.cuda.is_available() and asl_extension.build_extension().cuda_built:
+    if torch.cuda.is_available() and extension_build.build_extension().cuda_built:
         found.append("cuda")
     return found
 
@@ -201,11 +204,12 @@ def test_auto_takes_the_built_extension_and_status_says_so():
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_operators_pass_torch_library_opcheck(device, two_way, reduction):
     logits, targets, mask = random_case(4, 9, two_way, device=device)
-    code = asl_extension.REDUCTIONS[reduction]
+    code = REDUCTIONS[reduction]
     torch.library.opcheck(
-        torch.ops.dualcoop_asl.asl_forward.default, (logits, targets, mask, 2.0, 1.0, 0.05, 1e-8, False, code, True)
+        torch.ops.dualcoop_kernels.asymmetric_loss_forward.default,
+        (logits, targets, mask, 2.0, 1.0, 0.05, 1e-8, False, code, True),
     )
-    _, grad = torch.ops.dualcoop_asl.asl_forward(
+    _, grad = torch.ops.dualcoop_kernels.asymmetric_loss_forward(
         logits.detach(), targets, mask, 2.0, 1.0, 0.05, 1e-8, False, code, True
     )
     grad_loss = (
@@ -213,7 +217,9 @@ def test_operators_pass_torch_library_opcheck(device, two_way, reduction):
         if reduction == "none"
         else torch.tensor(1.5, dtype=torch.float64, device=device)
     )
-    torch.library.opcheck(torch.ops.dualcoop_asl.asl_backward.default, (grad_loss, grad, two_way, torch.float64))
+    torch.library.opcheck(
+        torch.ops.dualcoop_kernels.asymmetric_loss_backward.default, (grad_loss, grad, two_way, torch.float64)
+    )
 
 
 def test_compiles_without_graph_breaks():
@@ -266,9 +272,9 @@ def test_without_a_compiler_the_pytorch_path_runs_with_one_warning(tmp_path):
 @pytest.fixture
 def fresh_loader(tmp_path, monkeypatch):
     """A loader that has seen nothing, over an empty extension cache in tmp_path."""
-    monkeypatch.setattr(asl_extension, "_LOADER", asl_extension._Loader())
-    monkeypatch.setattr(asl_extension, "_build_directory", lambda name: tmp_path / name)
-    return asl_extension._LOADER
+    monkeypatch.setattr(extension_build, "_LOADER", extension_build._Loader())
+    monkeypatch.setattr(extension_build, "_build_directory", lambda name: tmp_path / name)
+    return extension_build._LOADER
 
 
 def test_the_first_build_is_announced_once(fresh_loader, monkeypatch, caplog):
@@ -278,7 +284,7 @@ def test_the_first_build_is_announced_once(fresh_loader, monkeypatch, caplog):
     monkeypatch.setattr(cpp_extension, "load", lambda name, **kwargs: compiled.append(name))
     with caplog.at_level(logging.WARNING, logger="dualcoop_kernels"):
         for _ in range(3):
-            asl_extension.prepare(torch.device("cpu"))
+            extension_build.prepare(torch.device("cpu"))
     notices = [r.getMessage() for r in caplog.records if "building" in r.getMessage()]
     assert len(compiled) == 1 and len(notices) == 1, notices
     assert "building the CPU part of the asymmetric-loss extension, about a minute, once" in notices[0]
@@ -287,17 +293,17 @@ def test_the_first_build_is_announced_once(fresh_loader, monkeypatch, caplog):
 
 def test_available_backends_counts_a_backend_built_on_first_use(fresh_loader, monkeypatch):
     cpu = torch.device("cpu")
-    assert asl_extension.unavailable_reason(cpu) is None  # not built, but the first call builds it
+    assert extension_build.unavailable_reason(cpu) is None  # not built, but the first call builds it
     assert dk.available_backends("asymmetric_loss", "cpu") == ["extension", "reference"]
     assert "not built for these sources yet: the first loss call" in dk.extension_status()["why_not"]["cpu"]
     monkeypatch.setenv("DUALCOOP_KERNELS_NO_BUILD", "1")
-    assert "DUALCOOP_KERNELS_NO_BUILD=1 stops builds" in asl_extension.unavailable_reason(cpu)
+    assert "DUALCOOP_KERNELS_NO_BUILD=1 stops builds" in extension_build.unavailable_reason(cpu)
     assert dk.available_backends("asymmetric_loss", "cpu") == ["reference"]
-    monkeypatch.setattr(asl_extension, "_LOADER", asl_extension._Loader())  # a process started so
+    monkeypatch.setattr(extension_build, "_LOADER", extension_build._Loader())  # a process started so
     assert "DUALCOOP_KERNELS_NO_BUILD=1 stops builds" in dk.extension_status()["why_not"]["cpu"]
     monkeypatch.delenv("DUALCOOP_KERNELS_NO_BUILD")
     monkeypatch.setenv("CXX", "/no/such/compiler")
-    assert "no C++ compiler: '/no/such/compiler' (CXX) is not found" in asl_extension.unavailable_reason(cpu)
+    assert "no C++ compiler: '/no/such/compiler' (CXX) is not found" in extension_build.unavailable_reason(cpu)
 
 
 COMPILE_FIRST_SCRIPT = """
@@ -340,9 +346,9 @@ def test_cuda_toolkit_behind_a_linked_nvcc(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", f"{tmp_path / 'local' / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "local"))  # torch's guess
-    assert asl_extension._cuda_home() == str(toolkit)
+    assert extension_build._cuda_home() == str(toolkit)
     monkeypatch.setenv("CUDA_HOME", "/opt/my-cuda")
-    assert asl_extension._cuda_home() == "/opt/my-cuda"
+    assert extension_build._cuda_home() == "/opt/my-cuda"
 
 
 def test_cuda_toolkit_behind_a_wrapper_script(monkeypatch):
@@ -353,19 +359,19 @@ def test_cuda_toolkit_behind_a_wrapper_script(monkeypatch):
     toolkits = [
         home
         for home in ("/usr/local/cuda", *Path("/usr/local").glob("cuda-*"))
-        if asl_extension._is_cuda_toolkit(str(home))
+        if extension_build._is_cuda_toolkit(str(home))
     ]
     if not toolkits:
         pytest.skip("no CUDA toolkit in /usr/local here")
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local")
-    assert asl_extension._cuda_home() in [str(home) for home in toolkits]
+    assert extension_build._cuda_home() in [str(home) for home in toolkits]
 
 
 def test_cuda_part_compiles_where_nvcc_is_found(built):
     """With a CUDA build of torch and nvcc, the CUDA source compiles and links, GPU or not."""
-    reason = asl_extension._cuda_unbuildable()
+    reason = extension_build._cuda_unbuildable()
     if reason:
         pytest.skip(f"CUDA part not buildable here: {reason}")
     assert built.cuda_built, built.why_not.get("cuda")
@@ -374,7 +380,35 @@ def test_cuda_part_compiles_where_nvcc_is_found(built):
 @pytest.mark.slow
 def test_ahead_of_time_build_command():
     finished = subprocess.run(
-        [sys.executable, "-m", "dualcoop_kernels.build_extension"], capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "dualcoop_kernels.extension"], capture_output=True, text=True, timeout=900
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert '"cpu_built": true' in finished.stdout
+    assert "No CUDA runtime" not in finished.stderr  # torch's warning on a machine without a GPU, muted
+
+
+@pytest.mark.slow
+def test_an_installed_package_finds_its_sources(tmp_path):
+    """A wheel carries csrc/ (schema, cpu/, cuda/, headers) inside the package, where the builder looks."""
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # setuptools writes build/ beside setup.py: not into the checkout
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__"))
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", *isolation, str(source), "-w", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("*.whl")
+    target = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target)
+    tracked = sorted(path.relative_to(root / "csrc") for path in (root / "csrc").rglob("*") if path.is_file())
+    installed = target / "dualcoop_kernels" / "csrc"
+    assert [path for path in tracked if not (installed / path).is_file()] == []
+    script = "from dualcoop_kernels.extension.build import _sources; print(_sources())"
+    found = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+    )
+    assert found.stdout.strip() == str(installed), found.stderr[-2000:]

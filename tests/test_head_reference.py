@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from utils import head_inputs
 
 from dualcoop_kernels import dualcoop_head
-from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference, wta_weights
+from dualcoop_kernels.options import WTA_MODES
+from dualcoop_kernels.reference import dualcoop_head_reference, wta_weights
 
 
 @pytest.mark.parametrize("wta", WTA_MODES)
@@ -46,7 +47,7 @@ def loop_head(features, t_evidence, t_pos, t_neg, log_temp, wta, gamma, scale):
             u = [gamma * best * s["p"][i][m] for m in range(C)]
             if wta == "pos_norm":
                 weights.append([math.exp(x - max(u)) for x in u])
-            elif wta == "pos200":
+            elif wta == "pos_softmax":
                 total = sum(math.exp(x - max(u)) for x in u)
                 weights.append([1 + math.exp(x - max(u)) / total for x in u])
             else:
@@ -74,7 +75,7 @@ def test_pos_norm_weight_is_normalised_softmax():
     u = 200.0 * sim.max(dim=-1, keepdim=True).values * sim
     soft = torch.softmax(u, dim=-1)
     torch.testing.assert_close(wta_weights(sim, "pos_norm", 200.0), soft / soft.max(dim=-1, keepdim=True).values)
-    torch.testing.assert_close(wta_weights(sim, "pos200", 200.0), 1 + soft)
+    torch.testing.assert_close(wta_weights(sim, "pos_softmax", 200.0), 1 + soft)
     assert torch.equal(wta_weights(sim, "none", 200.0), torch.ones_like(sim))
 
 

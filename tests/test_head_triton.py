@@ -10,12 +10,13 @@ import torch
 from utils import head_inputs
 
 import dualcoop_kernels as dk
-from dualcoop_kernels import head_triton
-from dualcoop_kernels.head_triton import HeadBlocks, dualcoop_head_triton
-from dualcoop_kernels.reference import WTA_MODES, dualcoop_head_reference
+from dualcoop_kernels.options import WTA_MODES
+from dualcoop_kernels.reference import dualcoop_head_reference
 from dualcoop_kernels.testing import EXTRA_ERROR, FLOAT64_ATOL, FLOAT64_RTOL, assert_within_twice_reference_error
+from dualcoop_kernels.triton import head as triton_head
+from dualcoop_kernels.triton.head import LaunchConfig, dualcoop_head_triton
 
-SMALL_TILES = HeadBlocks(n=16, c=16, d=16, d_grad=16, splits=2)
+SMALL_TILES = LaunchConfig(block_n=16, block_c=16, block_d=16, block_d_grad=16, splits=2)
 
 # (B, N, D, C, tiles, gamma): odd sizes; several region, class and D tiles; N = C = 1; splits that do
 # not divide the region tiles; None means the tiles the library picks for the shape. The interpreter
@@ -25,9 +26,9 @@ SHAPES = [
     pytest.param(1, 1, 5, 1, None, 200.0, id="one-region-one-class"),
     pytest.param(3, 70, 40, 130, None, 5.0, id="default-tiles", marks=pytest.mark.slow),
     pytest.param(
-        2, 19, 33, 67, HeadBlocks(16, 32, 16, 32, splits=3), 200.0, id="uneven-splits", marks=pytest.mark.slow
+        2, 19, 33, 67, LaunchConfig(16, 32, 16, 32, splits=3), 200.0, id="uneven-splits", marks=pytest.mark.slow
     ),
-    # gamma 200 with C = 101: pos200's small softmax weights once lost precision as (1 + sigma) - 1
+    # gamma 200 with C = 101: pos_softmax's small softmax weights once lost precision as (1 + sigma) - 1
     pytest.param(3, 37, 64, 101, None, 200.0, id="sharp-wta-many-classes", marks=pytest.mark.slow),
 ]
 
@@ -46,7 +47,7 @@ def test_float64_matches_reference(wta, B, N, D, C, tiles, gamma):
     grad_output = torch.randn(B, 2, C, dtype=torch.float64)
     options = dict(wta=wta, wta_gamma=gamma)
     expected = run_head(dualcoop_head_reference, inputs, grad_output, **options)
-    got = run_head(dualcoop_head_triton, inputs, grad_output, blocks=tiles, **options)
+    got = run_head(dualcoop_head_triton, inputs, grad_output, launch=tiles, **options)
     names = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
     for name, ours, theirs in zip(names, got, expected):
         torch.testing.assert_close(
@@ -65,7 +66,7 @@ def test_low_precision_within_twice_reference_error(dtype, wta, B, N, D, C, tile
     options = dict(wta=wta, wta_gamma=gamma)
     exact = run_head(dualcoop_head_reference, exact_inputs, grad_output, **options)
     eager = run_head(dualcoop_head_reference, inputs, grad_output.to(dtype), **options)
-    got = run_head(dualcoop_head_triton, inputs, grad_output.to(dtype), blocks=tiles, **options)
+    got = run_head(dualcoop_head_triton, inputs, grad_output.to(dtype), launch=tiles, **options)
     names = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
     for name, ours, theirs, truth in zip(names, got, eager, exact):
         assert ours.dtype == theirs.dtype
@@ -79,11 +80,11 @@ def poisoned_output(*shape, device, dtype):
 
 @pytest.mark.parametrize("wta", WTA_MODES)
 def test_kernels_write_every_output_element(monkeypatch, wta):
-    monkeypatch.setattr(head_triton, "_kernel_output", poisoned_output)
+    monkeypatch.setattr(triton_head, "_kernel_output", poisoned_output)
     inputs = head_inputs(2, 37, 24, 21)
     grad_output = torch.randn(2, 2, 21, dtype=torch.float64)
     expected = run_head(dualcoop_head_reference, inputs, grad_output, wta=wta)
-    got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta, blocks=SMALL_TILES)
+    got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta, launch=SMALL_TILES)
     for ours, theirs in zip(got, expected):
         torch.testing.assert_close(ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
 
@@ -94,7 +95,7 @@ class RefusesLaunch:
 
 
 def test_no_feature_gradient_work_for_frozen_features(monkeypatch):
-    monkeypatch.setattr(head_triton, "_feature_grad_kernel", RefusesLaunch())
+    monkeypatch.setattr(triton_head, "_feature_grad_kernel", RefusesLaunch())
     features, *rest = head_inputs(2, 9, 16, 5)
     out = dualcoop_head_triton(features.detach(), *rest)
     out.sum().backward()
@@ -102,7 +103,7 @@ def test_no_feature_gradient_work_for_frozen_features(monkeypatch):
 
 
 def test_no_text_gradient_work_when_only_features_learn(monkeypatch):
-    monkeypatch.setattr(head_triton, "_text_grad_kernel", RefusesLaunch())
+    monkeypatch.setattr(triton_head, "_text_grad_kernel", RefusesLaunch())
     features, *rest = head_inputs(2, 9, 16, 5)
     out = dualcoop_head_triton(features, *[t.detach() for t in rest])
     (grad,) = torch.autograd.grad(out.sum(), features)
@@ -120,7 +121,7 @@ def test_non_contiguous_inputs():
     inputs = [features, *texts, log_temp]
     grad_output = torch.randn(B, 2, C, dtype=torch.float64)
     expected = run_head(dualcoop_head_reference, inputs, grad_output)
-    got = run_head(dualcoop_head_triton, inputs, grad_output, blocks=SMALL_TILES)
+    got = run_head(dualcoop_head_triton, inputs, grad_output, launch=SMALL_TILES)
     for ours, theirs in zip(got, expected):
         torch.testing.assert_close(ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
 
@@ -143,12 +144,12 @@ def test_public_backend_and_empty_batch():
 def test_compiles_without_graph_breaks():
     """fullgraph=True fails on any graph break; aot_eager runs the custom operators' fake and
     autograd registrations without a C++ compiler."""
-    head = dk.DualCoOpHead(wta="pos200", backend="triton").double()
+    head = dk.DualCoOpHead(wta="pos_softmax", backend="triton").double()
     features, te, tp, tn, _ = head_inputs(2, 9, 16, 5)
     compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
     out = compiled(features, te, tp, tn)
     out.sum().backward()
-    expected = dk.DualCoOpHead(wta="pos200", backend="reference").double()(features, te, tp, tn)
+    expected = dk.DualCoOpHead(wta="pos_softmax", backend="reference").double()(features, te, tp, tn)
     torch.testing.assert_close(out, expected)
     assert head.log_spatial_temp.grad is not None and te.grad is not None
 
@@ -162,15 +163,15 @@ def test_operators_pass_torch_library_opcheck(wta, dtype):
     features, te, tp, tn, log_temp = head_inputs(2, 19, 24, 21, dtype=dtype)
     options = [wta, 5.0, 20.0, SMALL_TILES.as_list()]
     torch.library.opcheck(
-        torch.ops.dualcoop_kernels.head_forward.default,
+        torch.ops.dualcoop_kernels.dualcoop_head_forward.default,
         (features, te.detach(), tp.detach(), tn.detach(), log_temp, *options),
     )
-    saved = head_triton.head_forward(
+    saved = triton_head.dualcoop_head_forward(
         features.detach(), te.detach(), tp.detach(), tn.detach(), log_temp.detach(), *options
     )
     grad_logits = torch.randn(2, 2, 21, dtype=dtype)
     torch.library.opcheck(
-        torch.ops.dualcoop_kernels.head_backward.default,
+        torch.ops.dualcoop_kernels.dualcoop_head_backward.default,
         (
             grad_logits,
             features.detach(),
@@ -201,7 +202,7 @@ def test_negative_wta_gamma_is_refused_by_every_backend():
 def test_launches_run_on_the_tensors_device(monkeypatch):
     """Triton launches on the current CUDA device: every launch must sit inside the device guard."""
     entered = []
-    real_guard = head_triton._on_device
+    real_guard = triton_head._on_device
 
     def recording_guard(device):
         entered.append(device)
@@ -215,9 +216,9 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
             assert entered, "a kernel launched outside the device guard"
             return self.kernel[grid]
 
-    monkeypatch.setattr(head_triton, "_on_device", recording_guard)
-    for kernel in head_triton.KERNELS:
-        monkeypatch.setattr(head_triton, kernel.fn.__name__, GuardedLaunch(kernel))
+    monkeypatch.setattr(triton_head, "_on_device", recording_guard)
+    for kernel in triton_head.KERNELS:
+        monkeypatch.setattr(triton_head, kernel.fn.__name__, GuardedLaunch(kernel))
     features, *rest = head_inputs(2, 9, 16, 5)
     dualcoop_head_triton(features, *rest).sum().backward()
     assert entered == [features.device, features.device]  # the forward's launches, the backward's
@@ -233,9 +234,9 @@ def test_cuda_launch_settings_are_traceable(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
 
     def splits_times(x):
-        return x * head_triton.choose_blocks(64, 196, 80, 512, torch.device("cuda")).splits
+        return x * triton_head.choose_launch_config(64, 196, 80, 512, torch.device("cuda")).splits
 
-    expected = head_triton.choose_blocks(64, 196, 80, 512, torch.device("cuda")).splits
+    expected = triton_head.choose_launch_config(64, 196, 80, 512, torch.device("cuda")).splits
     assert expected > 1
     compiled = torch.compile(splits_times, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(torch.ones(3)), torch.full((3,), float(expected)))

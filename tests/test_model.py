@@ -12,7 +12,7 @@ import torch.nn.functional as F
 open_clip = pytest.importorskip("open_clip")
 
 import dualcoop_kernels as dk  # noqa: E402
-from dualcoop_kernels.clip_regions import region_features  # noqa: E402
+from dualcoop_kernels.model.regions import region_features  # noqa: E402
 
 CLASSES = ["cat", "dog", "traffic_light"]
 
@@ -180,10 +180,10 @@ def test_bad_model_and_pretrained_arguments():
 
 
 def test_an_unreachable_download_fails_at_once(monkeypatch):
-    from dualcoop_kernels import model as model_module
+    from dualcoop_kernels.model import loading
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    if model_module._reachable("huggingface.co"):
+    if loading._reachable("huggingface.co"):
         pytest.skip("huggingface.co is reachable here")
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"huggingface\.co is unreachable.*pretrained=<a checkpoint file>"):

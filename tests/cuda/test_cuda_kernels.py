@@ -11,10 +11,12 @@ import torch
 from utils import head_inputs
 
 import dualcoop_kernels as dk
-from dualcoop_kernels import asl_extension, head_triton
-from dualcoop_kernels.head_triton import HeadBlocks, dualcoop_head_triton
-from dualcoop_kernels.reference import WTA_MODES, asymmetric_loss_reference, dualcoop_head_reference
+from dualcoop_kernels.extension import build as extension_build
+from dualcoop_kernels.options import WTA_MODES
+from dualcoop_kernels.reference import asymmetric_loss_reference, dualcoop_head_reference
 from dualcoop_kernels.testing import EXTRA_ERROR, FLOAT64_ATOL, FLOAT64_RTOL, assert_within_twice_reference_error
+from dualcoop_kernels.triton import head as triton_head
+from dualcoop_kernels.triton.head import LaunchConfig, dualcoop_head_triton
 
 CUDA = "cuda"
 NAMES = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
@@ -22,7 +24,15 @@ NAMES = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", 
 # ones; gamma 5 keeps the WTA terms large in the gradients, 200 is the papers' setting
 SHAPES = [
     pytest.param(3, 70, 40, 130, None, 5.0, id="default-tiles"),
-    pytest.param(2, 37, 24, 21, HeadBlocks(n=16, c=16, d=16, d_grad=16, splits=2), 5.0, id="small-tiles"),
+    pytest.param(
+        2,
+        37,
+        24,
+        21,
+        LaunchConfig(block_n=16, block_c=16, block_d=16, block_d_grad=16, splits=2),
+        5.0,
+        id="small-tiles",
+    ),
     pytest.param(2, 196, 512, 80, None, 200.0, id="coco-width"),
 ]
 
@@ -38,7 +48,7 @@ def test_float64(wta, B, N, D, C, tiles, gamma):
     inputs = head_inputs(B, N, D, C, device=CUDA)
     grad_output = torch.randn(B, 2, C, dtype=torch.float64, device=CUDA)
     expected = run_head(dualcoop_head_reference, inputs, grad_output, wta=wta, wta_gamma=gamma)
-    got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta, wta_gamma=gamma, blocks=tiles)
+    got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta, wta_gamma=gamma, launch=tiles)
     for name, ours, theirs in zip(NAMES, got, expected):
         torch.testing.assert_close(
             ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL, msg=lambda m, name=name: f"{name}: {m}"
@@ -56,7 +66,7 @@ def test_low_precision_within_twice_the_eager_error(dtype, wta, B, N, D, C, tile
     options = dict(wta=wta, wta_gamma=gamma)
     exact = run_head(dualcoop_head_reference, exact_inputs, grad_output, **options)
     eager = run_head(dualcoop_head_reference, inputs, grad_output.to(dtype), **options)
-    got = run_head(dualcoop_head_triton, inputs, grad_output.to(dtype), blocks=tiles, **options)
+    got = run_head(dualcoop_head_triton, inputs, grad_output.to(dtype), launch=tiles, **options)
     for name, ours, theirs, truth in zip(NAMES, got, eager, exact):
         assert_within_twice_reference_error(ours, theirs, truth, EXTRA_ERROR[dtype], f"{dtype} {wta} {name}")
 
@@ -65,7 +75,7 @@ def test_poisoned_outputs_are_all_written(monkeypatch):
     def poisoned(*shape, device, dtype):
         return torch.full(shape, float("nan") if dtype.is_floating_point else 2**30, device=device, dtype=dtype)
 
-    monkeypatch.setattr(head_triton, "_kernel_output", poisoned)
+    monkeypatch.setattr(triton_head, "_kernel_output", poisoned)
     inputs = head_inputs(3, 70, 40, 130, device=CUDA)
     grad_output = torch.randn(3, 2, 130, dtype=torch.float64, device=CUDA)
     for wta in WTA_MODES:
@@ -111,8 +121,10 @@ def test_tensors_on_another_device_than_the_current_one():
 @pytest.mark.parametrize("wta", WTA_MODES)
 def test_head_operators_pass_opcheck(wta):
     features, te, tp, tn, log_temp = head_inputs(2, 37, 24, 21, dtype=torch.float32, device=CUDA)
-    options = [wta, 5.0, 20.0, head_triton.choose_blocks(2, 37, 21, 24, features.device).as_list()]
-    torch.library.opcheck(torch.ops.dualcoop_kernels.head_forward.default, (features, te, tp, tn, log_temp, *options))
+    options = [wta, 5.0, 20.0, triton_head.choose_launch_config(2, 37, 21, 24, features.device).as_list()]
+    torch.library.opcheck(
+        torch.ops.dualcoop_kernels.dualcoop_head_forward.default, (features, te, tp, tn, log_temp, *options)
+    )
 
 
 def test_compiled_head_in_a_training_step():
@@ -128,7 +140,7 @@ def test_compiled_head_in_a_training_step():
 
 @pytest.fixture(scope="module")
 def loss_extension():
-    status = asl_extension.build_extension()
+    status = extension_build.build_extension()
     if not status.cuda_built:
         pytest.skip(f"the loss extension's CUDA part is not built: {status.why_not.get('cuda')}")
 

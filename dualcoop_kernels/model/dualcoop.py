@@ -6,118 +6,20 @@ frozen and stay in eval mode. The original DualCoOp (NeurIPS 2022) is ``variant=
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import socket
 
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_classnames, check_float, check_tensor, has_values
-from .clip_regions import region_features
-from .head import DualCoOpHead
+from .._checks import check_choice, check_classnames, check_float, check_tensor
+from ..head import DualCoOpHead
+from ..options import DEFAULT_LOG_SPATIAL_TEMP, ORIGINAL_LOGIT_SCALE, ORIGINAL_TEMPERATURE
+from .images import check_images, clip_image_transform
+from .loading import load_clip, open_clip_module
 from .prompts import PromptLearner, TextEncoder
+from .regions import region_features
 
 VARIANTS = ("dualcoop++", "dualcoop")
-# CLIP's image normalisation, for models that do not carry their own
-OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-# Normalised images lie within about [-1.8, 2.2]; pixels in 0..255 are far outside
-MAX_NORMALISED_PIXEL = 10.0
-ORIGINAL_TEMPERATURE, ORIGINAL_LOGIT_SCALE = 20.0, 100.0  # the original DualCoOp's fixed tau and k
-
-
-def _open_clip():
-    try:
-        import open_clip
-    except ImportError as error:
-        raise ImportError("the CLIP model needs open_clip_torch: pip install 'dualcoop_kernels[clip]'") from error
-    return open_clip
-
-
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
-    """An open_clip model by name, with weights from a local checkpoint file or an open_clip tag
-    (from its download cache, or downloaded), or randomly initialised when ``pretrained`` is None.
-
-    Offline, a tag that is not in the cache fails at once with a clear message instead of retrying;
-    with ``HF_HUB_OFFLINE=1`` open_clip looks in its cache only.
-    """
-    open_clip = _open_clip()
-    if model_name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model_name!r}; e.g. RN50, RN101, RN50x4, ViT-B-16, ViT-L-14")
-    if pretrained is None or os.path.isfile(pretrained):
-        return open_clip.create_model(model_name, pretrained=pretrained)
-    if pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
-        raise ValueError(
-            f"pretrained={pretrained!r} is neither a file nor an open_clip tag of {model_name}; "
-            f"tags: {open_clip.list_pretrained_tags_by_model(model_name)}"
-        )
-    offline = _hub_offline()
-    if not offline and not _reachable("huggingface.co"):
-        raise RuntimeError(
-            f"cannot download the {pretrained!r} weights of {model_name}: huggingface.co is unreachable. "
-            "Pass pretrained=<a checkpoint file>, or set HF_HUB_OFFLINE=1 to use open_clip's download cache."
-        )
-    with _hub_offline_now(offline):
-        try:
-            return open_clip.create_model(model_name, pretrained=pretrained)
-        except Exception as error:
-            if not offline:
-                raise
-            raise RuntimeError(
-                f"the {pretrained!r} weights of {model_name} are not in the download cache and HF_HUB_OFFLINE "
-                f"is set ({error}); pass pretrained=<a checkpoint file>, or download them once online"
-            ) from error
-
-
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub reads it (1, true, yes or on)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-@contextlib.contextmanager
-def _hub_offline_now(offline: bool):
-    """huggingface_hub reads HF_HUB_OFFLINE once, when it is imported; this applies the variable as it
-    is now, so that setting it from Python after the import works too (instead of retrying downloads)."""
-    from huggingface_hub import constants  # open_clip's own dependency
-
-    before = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = offline or before
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = before
-
-
-def _pil_as_rgb(image):
-    """PIL images of any mode as RGB (torchvision's RGB step refuses an alpha channel)."""
-    from PIL import Image
-
-    return image.convert("RGB") if isinstance(image, Image.Image) and image.mode != "RGB" else image
-
-
-def check_images(images) -> None:
-    """Images must be normalised float batches: integer pixels, or 0..255 floats, would be scored
-    without a word."""
-    hint = "model.image_transform() turns PIL images or uint8 tensors into them"
-    check_tensor("images", images, 4, "B x 3 x H x W")
-    if images.shape[1] != 3:
-        raise ValueError(f"images must have shape B x 3 x H x W (RGB), got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be normalised floating tensors, got {images.dtype}: {hint}")
-    if has_values(images) and images.numel() and float(images.abs().amax()) > MAX_NORMALISED_PIXEL:
-        raise ValueError(
-            f"images must be normalised with CLIP's mean and std (values within about [-2, 2.5]), got values "
-            f"up to {float(images.abs().amax()):.4g}, as 0..255 pixels would be: {hint}"
-        )
 
 
 class DualCoOpPlusPlus(nn.Module):
@@ -153,16 +55,16 @@ class DualCoOpPlusPlus(nn.Module):
         wta: str = "pos_norm",
         head_backend: str = "auto",
         variant: str = "dualcoop++",
-        spatial_temp_init: float = 3.0,
+        spatial_temp_init: float = DEFAULT_LOG_SPATIAL_TEMP,
     ):
         super().__init__()
         check_choice("variant", variant, VARIANTS)
         classnames = check_classnames(classnames)  # before loading CLIP, which takes a while
         if isinstance(clip, str):
-            tokenizer = _open_clip().get_tokenizer(clip)
+            tokenizer = open_clip_module().get_tokenizer(clip)
             clip = load_clip(clip, pretrained)
         else:
-            tokenizer = _open_clip().get_tokenizer("RN50")  # the CLIP BPE tokenizer that every CLIP model uses
+            tokenizer = open_clip_module().get_tokenizer("RN50")  # the CLIP BPE tokenizer that every CLIP model uses
         self.clip = clip.requires_grad_(False).eval()
         self.variant = variant
         original = variant == "dualcoop"
@@ -200,27 +102,7 @@ class DualCoOpPlusPlus(nn.Module):
         and grayscale become RGB), H x W x 3 NumPy arrays or uint8 tensors (3 x H x W, or B x 3 x H x W)
         to float32, resized to a square of ``image_size`` pixels (bicubic; the CLIP model's own size
         when None; DualCoOp++ trains at 448) and normalised with CLIP's mean and standard deviation."""
-        from torchvision.transforms import InterpolationMode, v2
-
-        visual = self.clip.visual
-        if image_size is not None and (
-            isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
-        ):
-            raise ValueError(f"image_size must be a positive number of pixels (an int), or None, got {image_size!r}")
-        side = image_size or visual.image_size
-        side = side if isinstance(side, int) else side[0]
-        mean = getattr(visual, "image_mean", None) or OPENAI_MEAN
-        std = getattr(visual, "image_std", None) or OPENAI_STD
-        return v2.Compose(
-            [
-                v2.Lambda(_pil_as_rgb),
-                v2.ToImage(),
-                v2.RGB(),
-                v2.Resize((side, side), interpolation=InterpolationMode.BICUBIC, antialias=True),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean, std),
-            ]
-        )
+        return clip_image_transform(self.clip.visual, image_size)
 
     @torch.no_grad()
     def encode_regions(self, images: torch.Tensor) -> torch.Tensor:

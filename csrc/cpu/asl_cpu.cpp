@@ -1,16 +1,11 @@
-// The asymmetric loss operators: schemas, and the CPU implementation (at::parallel_for over rows,
-// an inner loop over classes that the compiler vectorises: build with -O3 -ffast-math -fopenmp, and
-// -lmvec for glibc's vector exp and log; asl_element keeps NaN logits NaN under -ffast-math).
-//
-// asl_forward computes, in one pass over the logits, the loss (reduced, or per element) and, when
-// need_grad, d loss / d z for every element (z the logit, or P+ - P- in the two-way form), already
-// scaled for the reduction. asl_backward multiplies that by the incoming gradient and lays it out like
-// the logits (the two-way form's gradient to P- is minus that to P+).
+// CPU kernels of the asymmetric loss operators (schemas in ../asl.cpp): at::parallel_for over rows, an
+// inner loop over classes that the compiler vectorises: build with -O3 -ffast-math -fopenmp, and -lmvec
+// for glibc's vector exp and log (asl_element keeps NaN logits NaN under -ffast-math).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "asl_host.h"
+#include "../asl_host.h"
 
 namespace dualcoop_asl {
 namespace {
@@ -128,16 +123,9 @@ at::Tensor asl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad,
 
 }  // namespace
 
-TORCH_LIBRARY(dualcoop_asl, m) {
-  m.def(
-      "asl_forward(Tensor logits, Tensor targets, Tensor? mask, float gamma_neg, float gamma_pos, float clip, "
-      "float eps, bool focal_grad, int reduction, bool need_grad) -> (Tensor, Tensor)");
-  m.def("asl_backward(Tensor grad_loss, Tensor grad, bool two_way, ScalarType dtype) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(dualcoop_asl, CPU, m) {
-  m.impl("asl_forward", &asl_forward_cpu);
-  m.impl("asl_backward", &asl_backward_cpu);
+TORCH_LIBRARY_IMPL(dualcoop_kernels, CPU, m) {
+  m.impl("asymmetric_loss_forward", &asl_forward_cpu);
+  m.impl("asymmetric_loss_backward", &asl_backward_cpu);
 }
 
 }  // namespace dualcoop_asl

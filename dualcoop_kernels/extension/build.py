@@ -1,16 +1,16 @@
-"""The optional C++/CUDA extension of the asymmetric loss: building, loading, status, autograd.
+"""Building and loading the C++/CUDA extension of the asymmetric loss, and its status.
 
-The sources are in ``csrc/``: ``asl_cpu.cpp`` defines the ``dualcoop_asl`` operators and their CPU
-kernels, ``asl_cuda.cu`` their CUDA kernels. They are compiled with ninja by
+The sources are in ``csrc/``: ``asl.cpp`` declares the operators, ``cpu/`` and ``cuda/`` hold their
+kernels, ``asl_math.h`` the element math both share. They are compiled with ninja by
 ``torch.utils.cpp_extension.load`` into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), which later processes reuse. The first loss call that considers the
 extension (``backend="auto"`` or ``"extension"``) builds it, once a process, unless
-``DUALCOOP_KERNELS_NO_BUILD=1``; ahead of time: ``python -m dualcoop_kernels.build_extension``. A build
+``DUALCOOP_KERNELS_NO_BUILD=1``; ahead of time: ``python -m dualcoop_kernels.extension``. A build
 that fails leaves the PyTorch path running, with one warning that says why.
 
-The CUDA part is built where torch has CUDA and nvcc is found, for the visible GPU's architecture (sm_90
-when there is none, which still checks that it compiles). The forward computes the loss and its
-gradient to every logit in one pass and keeps the gradient (B x C floats); the backward only scales it.
+The CPU part (the schemas and the CPU kernels) comes first; the CUDA part is built where torch has CUDA
+and nvcc is found, for the visible GPU's architecture (sm_90 when there is none, which still checks that
+it compiles).
 """
 
 from __future__ import annotations
@@ -29,25 +29,41 @@ from pathlib import Path
 
 import torch
 
-REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}  # as csrc/asl_math.h numbers them
+from .loss import register_python_side
+
 DEFAULT_CUDA_ARCH = "90"  # compiled for when no GPU is visible
 SOURCE_SUFFIXES = (".h", ".cpp", ".cu")
+SCHEMA = "asl.cpp"  # beside asl_math.h and asl_host.h; the kernels in cpu/ and cuda/
 PARTS = ("cpu", "cuda")  # each needs the ones before it
 NOT_BUILT_YET = (
     "not built for these sources yet: the first loss call that considers it builds it, about a minute, "
-    "once (or ahead of time: python -m dualcoop_kernels.build_extension)"
+    "once (or ahead of time: python -m dualcoop_kernels.extension)"
 )
 LOG = logging.getLogger("dualcoop_kernels")
 
 
+@functools.cache
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without the warning it logs on a machine without a GPU
+    ("No CUDA runtime is found"), which says nothing wrong: the CUDA part compiles without one."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _sources() -> Path:
     """``csrc`` inside the installed package, or beside it in a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
-        if (candidate / "asl_cpu.cpp").exists():
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if (candidate / SCHEMA).exists():
             return candidate
     raise FileNotFoundError(
-        f"the extension's sources (asl_cpu.cpp) are not in {here / 'csrc'} or {here.parent / 'csrc'}"
+        f"the extension's sources ({SCHEMA}) are not in {package / 'csrc'} or {package.parent / 'csrc'}"
     )
 
 
@@ -98,8 +114,7 @@ def _cuda_home() -> str | None:
     explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if explicit:
         return explicit
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     nvcc = shutil.which("nvcc")
     candidates = [
         cpp_extension.CUDA_HOME,
@@ -123,9 +138,7 @@ def _cuda_unbuildable() -> str | None:
 
 @functools.cache
 def _ninja_missing() -> bool:
-    from torch.utils.cpp_extension import is_ninja_available
-
-    return not is_ninja_available()
+    return not _cpp_extension().is_ninja_available()
 
 
 def _unbuildable() -> str | None:
@@ -146,7 +159,7 @@ def _sources_changed_since(library: Path) -> bool:
     if not library.exists():
         return True
     built = library.stat().st_mtime
-    return any(source.stat().st_mtime > built for source in _sources().iterdir() if source.suffix in SOURCE_SUFFIXES)
+    return any(source.stat().st_mtime > built for source in _sources().rglob("*") if source.suffix in SOURCE_SUFFIXES)
 
 
 def _cuda_include_paths() -> list[str]:
@@ -159,9 +172,7 @@ def _cuda_include_paths() -> list[str]:
 
 
 def _build_directory(name: str) -> Path:
-    from torch.utils.cpp_extension import _get_build_directory
-
-    return Path(_get_build_directory(name, verbose=False))
+    return Path(_cpp_extension()._get_build_directory(name, verbose=False))
 
 
 @dataclass
@@ -206,12 +217,12 @@ class _Loader:
             "cpu",
             name,
             "cpu" in build,
-            sources=[str(sources / "asl_cpu.cpp")],
+            sources=[str(sources / SCHEMA), str(sources / "cpu" / "asl_cpu.cpp")],
             extra_cflags=cflags,
             extra_ldflags=ldflags,
         ):
             return self.status
-        _register_python_side()
+        register_python_side()
         reason = _cuda_unbuildable()
         if reason:
             self.status.why_not["cuda"] = reason
@@ -221,7 +232,7 @@ class _Loader:
             "cuda",
             f"dualcoop_asl_cuda_sm{arch}",
             "cuda" in build,
-            sources=[str(sources / "asl_cuda.cu")],
+            sources=[str(sources / "cuda" / "asl_cuda.cu")],
             extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
             extra_include_paths=_cuda_include_paths(),
         )
@@ -229,8 +240,7 @@ class _Loader:
 
     def _load_part(self, part: str, name: str, build: bool, **load_arguments) -> bool:
         """Load one part from the cache, building it first if asked to and it is missing or stale."""
-        from torch.utils import cpp_extension
-
+        cpp_extension = _cpp_extension()
         if self.built(part):
             return True
         if part in self.failed:
@@ -273,7 +283,7 @@ _LOADER = _Loader()
 
 def build_extension() -> ExtensionStatus:
     """Build (or load from the cache) every part this machine can build, and say what happened.
-    The same as ``python -m dualcoop_kernels.build_extension``."""
+    The same as ``python -m dualcoop_kernels.extension``."""
     return _LOADER.load(build=PARTS)
 
 
@@ -325,60 +335,3 @@ def unavailable_reason(device: torch.device) -> str | None:
             return None
         return f"not built, and it cannot be built here: {reason}"
     return _LOADER.status.why_not.get(broken, "it is not built")
-
-
-@functools.cache
-def _register_python_side() -> None:
-    """Fake (shape) implementations and autograd of the C++ operators, once they exist."""
-    torch.library.register_fake("dualcoop_asl::asl_forward")(_fake_forward)
-    torch.library.register_fake("dualcoop_asl::asl_backward")(_fake_backward)
-    torch.library.register_autograd("dualcoop_asl::asl_forward", _backward, setup_context=_setup_context)
-
-
-def _fake_forward(logits, targets, mask, gamma_neg, gamma_pos, clip, eps, focal_grad, reduction, need_grad):
-    rows, cols = logits.shape[0], logits.shape[-1]
-    loss = logits.new_empty((rows, cols) if reduction == REDUCTIONS["none"] else ())
-    grad_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    grad = logits.new_empty((rows, cols) if need_grad else (0, 0), dtype=grad_dtype)
-    return loss, grad
-
-
-def _fake_backward(grad_loss, grad, two_way, dtype):
-    rows, cols = grad.shape
-    return grad.new_empty((rows, 2, cols) if two_way else (rows, cols), dtype=dtype)
-
-
-def _setup_context(ctx, inputs, output):
-    logits = inputs[0]
-    ctx.two_way = logits.dim() == 3
-    ctx.dtype = logits.dtype
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx, grad_loss, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    grad_logits = torch.ops.dualcoop_asl.asl_backward(grad_loss, grad, ctx.two_way, ctx.dtype)
-    return (grad_logits,) + (None,) * 9
-
-
-def asymmetric_loss_extension(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    gamma_neg: float = 4.0,
-    gamma_pos: float = 1.0,
-    clip: float = 0.05,
-    eps: float = 1e-8,
-    focal_grad: bool = False,
-    reduction: str = "sum",
-) -> torch.Tensor:
-    """The loss through the extension; same contract as ``asymmetric_loss_reference``."""
-    if targets.dtype != logits.dtype:
-        targets = targets.to(logits.dtype)
-    need_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = torch.ops.dualcoop_asl.asl_forward(
-        logits, targets, mask, gamma_neg, gamma_pos, clip, eps, focal_grad, REDUCTIONS[reduction], need_grad
-    )
-    return loss

@@ -1,6 +1,8 @@
-"""Backend registry: which implementations of an op exist, and which one ``backend=...`` selects.
+"""Dispatch: which implementations (backends) of an op exist, and which one ``backend=...`` selects.
 
-Each op (the head, the loss) keeps its backends in priority order, fastest first. ``"auto"`` takes the
+Each op (the head, the loss) keeps its backends in a registry, in priority order, fastest first; the
+registries are listed in ``REGISTRIES`` by op name. A backend offers its functions, ``unavailable_reason``
+and ``prepare`` (``dualcoop_kernels.triton`` and ``dualcoop_kernels.extension`` are the models). ``"auto"`` takes the
 first one available for the tensors' device; an explicit name that is unknown or unavailable raises a
 ``ValueError`` that lists what is available and why the others are not. The choice runs as plain
 Python even while ``torch.compile`` traces (preparing a backend may build C++ or read files), and the
@@ -40,9 +42,10 @@ class BackendRegistry:
         self,
         name: str,
         function: Callable,
-        unavailable_reason=lambda device: None,
-        use_in_auto=lambda device: True,
-        prepare=lambda device: None,
+        *,
+        unavailable_reason: Callable[[torch.device], str | None] = lambda device: None,
+        prepare: Callable[[torch.device], None] = lambda device: None,
+        use_in_auto: Callable[[torch.device], bool] = lambda device: True,
     ) -> None:
         """Add a backend; register faster ones first, since ``auto`` takes the first available.
         ``unavailable_reason`` and ``use_in_auto`` must be cheap and free of side effects."""

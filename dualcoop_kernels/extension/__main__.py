@@ -1,16 +1,16 @@
 """Build the asymmetric-loss extension ahead of time and print what was built:
 
-    python -m dualcoop_kernels.build_extension
+    python -m dualcoop_kernels.extension
 
 It builds into torch's extension cache (TORCH_EXTENSIONS_DIR), where every later process finds it.
-The CUDA part needs CUDA_HOME to point at a CUDA toolkit; without a GPU it is compiled for sm_90
-(DUALCOOP_CUDA_ARCH=80 picks another). Exits non-zero when the CPU part could not be built.
+The CUDA part needs a CUDA toolkit (CUDA_HOME, or nvcc on PATH); without a GPU it is compiled for
+sm_90 (DUALCOOP_CUDA_ARCH=80 picks another). Exits non-zero when the CPU part could not be built.
 """
 
 import json
 import sys
 
-from .asl_extension import build_extension
+from .build import build_extension
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-// CUDA kernels of the asymmetric loss operators defined in asl_cpu.cpp (load that library first).
+// CUDA kernels of the asymmetric loss operators declared in ../asl.cpp (load the CPU library, which holds it, first).
 // One thread an element over a grid-stride loop; the sum for the reductions is taken per block and
 // the block sums are added by at::sum afterwards, so the result does not depend on scheduling.
 #include <ATen/OpMathType.h>
@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
-#include "asl_host.h"
+#include "../asl_host.h"
 
 namespace dualcoop_asl {
 namespace {
@@ -120,9 +120,9 @@ at::Tensor asl_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grad
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dualcoop_asl, CUDA, m) {
-  m.impl("asl_forward", &asl_forward_cuda);
-  m.impl("asl_backward", &asl_backward_cuda);
+TORCH_LIBRARY_IMPL(dualcoop_kernels, CUDA, m) {
+  m.impl("asymmetric_loss_forward", &asl_forward_cuda);
+  m.impl("asymmetric_loss_backward", &asl_backward_cuda);
 }
 
 }  // namespace dualcoop_asl

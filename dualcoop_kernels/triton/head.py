@@ -6,7 +6,7 @@ similarity tile, and the backward applies the normalisation's own gradient. Laun
 
 forward
   region stats  (WTA modes)  grid (B, region tiles), sweeping all class tiles: M = max_m s+, max_m u,
-                             log-sum-exp of u (pos200), both arg-maxima, s+ at the arg-max of u
+                             log-sum-exp of u (pos_softmax), both arg-maxima, s+ at the arg-max of u
   main                       grid (B, class tiles), sweeping region tiles: the three similarity tiles,
                              WTA weights, online softmax over regions; writes P-, P+ and the region
                              softmax's log-sum-exp per (image, class)
@@ -31,16 +31,17 @@ stream), whatever the current device is.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import DEFAULT_LOGIT_SCALE, DEFAULT_WTA_GAMMA
+from ..options import DEFAULT_LOGIT_SCALE, DEFAULT_WTA_GAMMA, WTA_CODES
 
-WTA_CODES = {"none": 0, "pos_norm": 1, "pos200": 2}  # the kernels' WTA constexpr, by mode
-WTA_NONE, WTA_POS_NORM, WTA_POS200 = (tl.constexpr(WTA_CODES[mode]) for mode in ("none", "pos_norm", "pos200"))
+WTA_NONE, WTA_POS_NORM, WTA_POS_SOFTMAX = (
+    tl.constexpr(WTA_CODES[mode]) for mode in ("none", "pos_norm", "pos_softmax")
+)
 NORM_EPS = 1e-12  # as F.normalize
 PARTIALS_BYTES = 32 * 2**20  # most memory the text gradient's per-split partial sums may take
 
@@ -138,7 +139,7 @@ def _similarity_tiles(
 def _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA: tl.constexpr):
     """WTA weights of a tile from the per-region statistics: (w, sigma, M).
 
-    ``WTA`` 0 (none): w = 1; 1 (pos_norm): w = exp(u - max u); 2 (pos200): w = 1 + sigma with
+    ``WTA`` 0 (none): w = 1; 1 (pos_norm): w = exp(u - max u); 2 (pos_softmax): w = 1 + sigma with
     sigma = softmax_m(u), returned on its own because w - 1 would round small sigmas away.
     Where sigma is not defined it is w. M = max_m s+ per row.
     """
@@ -241,9 +242,11 @@ def _region_stats_kernel(
         index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, tl.where(nonnegative, arg_max, arg_min), mask=region_mask
     )
 
-    if WTA != WTA_POS200:  # only pos200 uses it; written all the same, since an operator's outputs must be defined
+    if (
+        WTA != WTA_POS_SOFTMAX
+    ):  # only pos_softmax uses it; written all the same, since an operator's outputs must be defined
         tl.store(stats_ptr + STAT_LSE_U * stat_stride + offsets, tl.zeros((BLOCK_N,), ACC), mask=region_mask)
-    else:  # pos200 needs log sum_m exp(u), and u needs M: a second sweep
+    else:  # pos_softmax needs log sum_m exp(u), and u needs M: a second sweep
         total = tl.zeros((BLOCK_N,), ACC)
         for c_start in range(0, C, BLOCK_C):
             classes = c_start + tl.arange(0, BLOCK_C)
@@ -425,7 +428,7 @@ def _region_sums_kernel(
     """Per-region sums over all classes for the WTA backward (docs/math.md), in forms where the winning class
     drops out exactly instead of cancelling (it dominates when gamma is large):
     pos_norm, a = argmax u:  sum_{m != a} w h  and  sum (s+ - s+_a) w h
-    pos200, sigma = w - 1:   sum sigma h,  sum (s+ - M) sigma h  and  sum (s+ - M) sigma"""
+    pos_softmax, sigma = w - 1:   sum sigma h,  sum (s+ - M) sigma h  and  sum (s+ - M) sigma"""
     gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
     image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
@@ -893,40 +896,45 @@ POINTER_KINDS = {**dict.fromkeys(INPUT_POINTERS, "input"), "index_ptr": "index"}
 
 
 @dataclass(frozen=True)
-class HeadBlocks:
-    """Tile sizes: regions, classes, the D step of the similarity GEMM, the D chunk of the gradient
-    GEMMs (held in registers), how many partial sums the text gradient splits its regions into, and
-    the launch options."""
+class LaunchConfig:
+    """How the kernels are launched: tile sizes (regions, classes, the D step of the similarity GEMM,
+    the D chunk of the gradient GEMMs, held in registers), how many partial sums the text gradient
+    splits its regions into, and Triton's launch options."""
 
-    n: int
-    c: int
-    d: int
-    d_grad: int
+    block_n: int
+    block_c: int
+    block_d: int
+    block_d_grad: int
     splits: int = 1
     num_warps: int = 8
     num_stages: int = 1
 
     def as_list(self) -> list[int]:
-        return [self.n, self.c, self.d, self.d_grad, self.splits, self.num_warps, self.num_stages]
+        return list(astuple(self))  # as the operators take it
 
 
 def _pow2_between(value: int, low: int, high: int) -> int:
     return max(low, min(high, triton.next_power_of_2(value)))
 
 
-def choose_blocks(B: int, N: int, C: int, D: int, device: torch.device) -> HeadBlocks:
+def choose_launch_config(B: int, N: int, C: int, D: int, device: torch.device) -> LaunchConfig:
     """Tile sizes for a shape, and enough text-gradient splits to give every multiprocessor a few
     programs, as far as ``PARTIALS_BYTES`` allows. tl.dot needs every side >= 16. The sizes keep every
     kernel but the feature gradient free of register spills on sm_90 with 3xTF32 dots
     (``benchmarks/kernel_resources.py`` shows them); a 16-wide D step is what does it: wider steps
     spill the similarity loop."""
-    tiles = HeadBlocks(n=_pow2_between(N, 16, 64), c=_pow2_between(C, 16, 32), d=16, d_grad=_pow2_between(D, 16, 64))
+    launch = LaunchConfig(
+        block_n=_pow2_between(N, 16, 64),
+        block_c=_pow2_between(C, 16, 32),
+        block_d=16,
+        block_d_grad=_pow2_between(D, 16, 64),
+    )
     if device.type != "cuda":
-        return tiles
+        return launch
     target = 4 * _multiprocessors(device)
-    by_parallelism = triton.cdiv(target, triton.cdiv(C, tiles.c))
+    by_parallelism = triton.cdiv(target, triton.cdiv(C, launch.block_c))
     by_memory = PARTIALS_BYTES // (3 * C * D * 4)  # each split keeps a float32 partial of the prompts
-    return replace(tiles, splits=max(1, min(by_parallelism, by_memory)))
+    return replace(launch, splits=max(1, min(by_parallelism, by_memory)))
 
 
 @torch.compiler.assume_constant_result
@@ -950,17 +958,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _kernel_constants(compute: torch.dtype, blocks: HeadBlocks, wta: str) -> dict:
+def _kernel_constants(compute: torch.dtype, launch: LaunchConfig, wta: str) -> dict:
     return dict(
         WTA=WTA_CODES[wta],
-        BLOCK_N=blocks.n,
-        BLOCK_C=blocks.c,
-        BLOCK_D=blocks.d,
+        BLOCK_N=launch.block_n,
+        BLOCK_C=launch.block_c,
+        BLOCK_D=launch.block_d,
         ACC=tl.float64 if compute == torch.float64 else tl.float32,
         # float32 needs float32-accurate products (WTA amplifies TF32 error): 3xTF32 on tensor cores
         PRECISION="ieee" if compute == torch.float64 else "tf32x3",
-        num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
 
 
@@ -974,8 +982,8 @@ def _common_args(features, texts, text_inv_norm, inv_norm):
     return (features, *features.stride(), *texts, text_inv_norm, inv_norm)
 
 
-@torch.library.custom_op("dualcoop_kernels::head_forward", mutates_args=())
-def head_forward(
+@torch.library.custom_op("dualcoop_kernels::dualcoop_head_forward", mutates_args=())
+def dualcoop_head_forward(
     features: torch.Tensor,
     text_evidence: torch.Tensor,
     text_pos: torch.Tensor,
@@ -984,7 +992,7 @@ def head_forward(
     wta: str,
     wta_gamma: float,
     logit_scale: float,
-    blocks: list[int],
+    launch_config: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward; the prompt sets are C x D and contiguous.
 
@@ -996,7 +1004,7 @@ def head_forward(
     C = text_pos.shape[0]
     texts = (text_evidence, text_pos, text_neg)
     compute = _compute_dtype(features.dtype)
-    block = HeadBlocks(*blocks)
+    launch = LaunchConfig(*launch_config)
     device = features.device
     logits = _kernel_output(B, 2, C, device=device, dtype=compute)
     lse = _kernel_output(B, C, device=device, dtype=compute)
@@ -1008,21 +1016,21 @@ def head_forward(
     text_inv_norm = torch.stack([_inverse_norms(text, compute) for text in texts])  # (3, C)
     if B == 0:
         return logits, lse, inv_norm, text_inv_norm, stats, index
-    constants = _kernel_constants(compute, block, wta)
+    constants = _kernel_constants(compute, launch, wta)
     common = _common_args(features, texts, text_inv_norm, inv_norm)
     with _on_device(device):
         if wta != "none":
-            _region_stats_kernel[(B, triton.cdiv(N, block.n))](
+            _region_stats_kernel[(B, triton.cdiv(N, launch.block_n))](
                 *common, stats, index, B * N, N, C, D, wta_gamma, **constants
             )
-        _head_forward_kernel[(B, triton.cdiv(C, block.c))](
+        _head_forward_kernel[(B, triton.cdiv(C, launch.block_c))](
             *common, stats, B * N, log_spatial_temp, logits, lse, N, C, D, wta_gamma, logit_scale, **constants
         )
     return logits, lse, inv_norm, text_inv_norm, stats, index
 
 
-@head_forward.register_fake
-def _(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_gamma, logit_scale, blocks):
+@dualcoop_head_forward.register_fake
+def _(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_gamma, logit_scale, launch_config):
     B, N, _ = features.shape
     C = text_pos.shape[0]
     compute = _compute_dtype(features.dtype)
@@ -1033,8 +1041,8 @@ def _(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_ga
     return new(B, 2, C), new(B, C), new(B, N), new(3, C), new(4, B, N), new(2, B, N, dtype=torch.int32)
 
 
-@torch.library.custom_op("dualcoop_kernels::head_backward", mutates_args=())
-def head_backward(
+@torch.library.custom_op("dualcoop_kernels::dualcoop_head_backward", mutates_args=())
+def dualcoop_head_backward(
     grad_logits: torch.Tensor,
     features: torch.Tensor,
     text_evidence: torch.Tensor,
@@ -1050,7 +1058,7 @@ def head_backward(
     wta: str,
     wta_gamma: float,
     logit_scale: float,
-    blocks: list[int],
+    launch_config: list[int],
     want_features: bool,
     want_texts: bool,
     want_temp: bool,
@@ -1061,7 +1069,7 @@ def head_backward(
     C = text_pos.shape[0]
     texts = (text_evidence, text_pos, text_neg)
     compute = logits.dtype
-    block = HeadBlocks(*blocks)
+    launch = LaunchConfig(*launch_config)
     device = features.device
 
     def nothing():  # a fresh one each time: a custom op's outputs must not alias each other
@@ -1076,10 +1084,10 @@ def head_backward(
         )
     with _on_device(device):
         grad_logits = grad_logits.to(compute).contiguous()
-        constants = _kernel_constants(compute, block, wta)
+        constants = _kernel_constants(compute, launch, wta)
         common = _common_args(features, texts, text_inv_norm, inv_norm)
-        region_tiles = triton.cdiv(N, block.n)
-        class_tiles = triton.cdiv(C, block.c)
+        region_tiles = triton.cdiv(N, launch.block_n)
+        class_tiles = triton.cdiv(C, launch.block_c)
 
         sums = _kernel_output(3, B, N, device=device, dtype=compute)
         if wta != "none":
@@ -1103,7 +1111,7 @@ def head_backward(
 
         grad_temp = nothing()
         if want_texts or want_temp:
-            splits = min(block.splits, B * region_tiles)  # every split gets a tile, so writes its partial
+            splits = min(launch.splits, B * region_tiles)  # every split gets a tile, so writes its partial
             parts = splits if want_texts else 0
             grad_text_parts = _kernel_output(parts, 3, C, D, device=device, dtype=compute)
             projection_parts = _kernel_output(parts, 3, C, device=device, dtype=compute)
@@ -1123,11 +1131,11 @@ def head_backward(
                 wta_gamma,
                 logit_scale,
                 WANT_TEXT=want_texts,
-                BLOCK_DT=block.d_grad,
+                BLOCK_DT=launch.block_d_grad,
                 **constants,
             )
             if want_texts:
-                _text_grad_finish_kernel[(class_tiles, triton.cdiv(D, block.d_grad), 3)](
+                _text_grad_finish_kernel[(class_tiles, triton.cdiv(D, launch.block_d_grad), 3)](
                     *texts,
                     text_inv_norm,
                     grad_text_parts,
@@ -1137,10 +1145,10 @@ def head_backward(
                     D,
                     C * D,
                     splits,
-                    BLOCK_C=block.c,
-                    BLOCK_DT=block.d_grad,
+                    BLOCK_C=launch.block_c,
+                    BLOCK_DT=launch.block_d_grad,
                     ACC=constants["ACC"],
-                    num_warps=block.num_warps,
+                    num_warps=launch.num_warps,
                 )
             if want_temp:
                 grad_temp = grad_temp_parts.sum().to(log_spatial_temp.dtype)
@@ -1159,13 +1167,13 @@ def head_backward(
                 D,
                 wta_gamma,
                 logit_scale,
-                BLOCK_DT=block.d_grad,
+                BLOCK_DT=launch.block_d_grad,
                 **constants,
             )
         return grad_features, *grad_texts, grad_temp
 
 
-@head_backward.register_fake
+@dualcoop_head_backward.register_fake
 def _(
     grad_logits,
     features,
@@ -1182,7 +1190,7 @@ def _(
     wta,
     wta_gamma,
     logit_scale,
-    blocks,
+    launch_config,
     want_features,
     want_texts,
     want_temp,
@@ -1198,7 +1206,7 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_gamma, logit_scale, blocks = inputs
+    features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_gamma, logit_scale, launch_config = inputs
     logits, lse, inv_norm, text_inv_norm, stats, index = output
     ctx.save_for_backward(
         features,
@@ -1213,7 +1221,7 @@ def _setup_context(ctx, inputs, output):
         stats,
         index,
     )
-    ctx.options = (wta, wta_gamma, logit_scale, blocks)
+    ctx.options = (wta, wta_gamma, logit_scale, launch_config)
     ctx.mark_non_differentiable(lse, inv_norm, text_inv_norm, stats, index)
 
 
@@ -1223,14 +1231,14 @@ def _backward(ctx, grad_logits, *_unused_grads):
     want_temp = ctx.needs_input_grad[4]
     if not (want_features or want_texts or want_temp):
         return (None,) * 9
-    grad_features, *grad_texts, grad_temp = head_backward(
+    grad_features, *grad_texts, grad_temp = dualcoop_head_backward(
         grad_logits, *ctx.saved_tensors, *ctx.options, want_features, want_texts, want_temp
     )
     grads = (grad_features, *grad_texts, grad_temp)
     return (*(g if wanted else None for g, wanted in zip(grads, ctx.needs_input_grad[:5])), None, None, None, None)
 
 
-head_forward.register_autograd(_backward, setup_context=_setup_context)
+dualcoop_head_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def dualcoop_head_triton(
@@ -1243,17 +1251,17 @@ def dualcoop_head_triton(
     wta: str = "pos_norm",
     wta_gamma: float = DEFAULT_WTA_GAMMA,
     logit_scale: float = DEFAULT_LOGIT_SCALE,
-    blocks: HeadBlocks | None = None,
+    launch: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """The head through the fused kernels; same contract as ``dualcoop_head_reference``.
 
     ``features`` may have any strides; the prompt sets are made contiguous (a no-op when they are).
-    ``blocks`` overrides the tile sizes (tests use it to force several tiles on small shapes).
+    ``launch`` overrides the tile sizes and launch options (tests use it to force several tiles on small shapes).
     """
     B, N, D = features.shape
     C = text_pos.shape[0]
-    blocks = blocks or choose_blocks(B, N, C, D, features.device)
-    logits = head_forward(
+    launch = launch or choose_launch_config(B, N, C, D, features.device)
+    logits = dualcoop_head_forward(
         features,
         text_evidence.contiguous(),
         text_pos.contiguous(),
@@ -1262,6 +1270,6 @@ def dualcoop_head_triton(
         wta,
         wta_gamma,
         logit_scale,
-        blocks.as_list(),
+        launch.as_list(),
     )[0]
     return logits.to(features.dtype)

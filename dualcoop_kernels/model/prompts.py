@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_classnames
+from .._checks import check_classnames
 
 DEFAULT_N_CTX = 21  # DualCoOp++'s context length
 PLACEHOLDER = "X"  # stands for a learned context token in the tokenized prompt

@@ -1,0 +1,84 @@
+"""Loading open_clip CLIP models: by name, with weights from a checkpoint file or an open_clip tag.
+
+Offline, a tag that is not in the download cache fails at once with a clear message (open_clip would
+otherwise retry downloads): a quick probe of the hub decides, and ``HF_HUB_OFFLINE`` is applied as it
+is at load time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+from torch import nn
+
+
+def open_clip_module():
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ImportError("the CLIP model needs open_clip_torch: pip install 'dualcoop_kernels[clip]'") from error
+    return open_clip
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
+    """An open_clip model by name, with weights from a local checkpoint file or an open_clip tag
+    (from its download cache, or downloaded), or randomly initialised when ``pretrained`` is None.
+
+    Offline, a tag that is not in the cache fails at once with a clear message instead of retrying;
+    with ``HF_HUB_OFFLINE=1`` open_clip looks in its cache only.
+    """
+    open_clip = open_clip_module()
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r}; e.g. RN50, RN101, RN50x4, ViT-B-16, ViT-L-14")
+    if pretrained is None or os.path.isfile(pretrained):
+        return open_clip.create_model(model_name, pretrained=pretrained)
+    if pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
+        raise ValueError(
+            f"pretrained={pretrained!r} is neither a file nor an open_clip tag of {model_name}; "
+            f"tags: {open_clip.list_pretrained_tags_by_model(model_name)}"
+        )
+    offline = _hub_offline()
+    if not offline and not _reachable("huggingface.co"):
+        raise RuntimeError(
+            f"cannot download the {pretrained!r} weights of {model_name}: huggingface.co is unreachable. "
+            "Pass pretrained=<a checkpoint file>, or set HF_HUB_OFFLINE=1 to use open_clip's download cache."
+        )
+    with _hub_offline_now(offline):
+        try:
+            return open_clip.create_model(model_name, pretrained=pretrained)
+        except Exception as error:
+            if not offline:
+                raise
+            raise RuntimeError(
+                f"the {pretrained!r} weights of {model_name} are not in the download cache and HF_HUB_OFFLINE "
+                f"is set ({error}); pass pretrained=<a checkpoint file>, or download them once online"
+            ) from error
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (1, true, yes or on)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+@contextlib.contextmanager
+def _hub_offline_now(offline: bool):
+    """huggingface_hub reads HF_HUB_OFFLINE once, when it is imported; this applies the variable as it
+    is now, so that setting it from Python after the import works too (instead of retrying downloads)."""
+    from huggingface_hub import constants  # open_clip's own dependency
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = offline or before
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before

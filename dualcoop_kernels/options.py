@@ -1,0 +1,22 @@
+"""The options of the head and the loss, written once: every backend, check and tool reads them here.
+
+The numbers are docs/math.md's (Notation, and the presets).
+"""
+
+from __future__ import annotations
+
+import math
+
+# Winner-take-all across classes (docs/math.md): pos_norm = exp(u - max u), pos_softmax = 1 + softmax(u)
+WTA_MODES = ("pos_norm", "pos_softmax", "none")
+WTA_ALIASES = {"pos200": "pos_softmax"}  # the authors' name of pos_softmax, accepted too
+WTA_CODES = {"none": 0, "pos_norm": 1, "pos_softmax": 2}  # the Triton kernels' WTA constexpr, by mode
+
+DEFAULT_WTA_GAMMA = 200.0  # gamma, the WTA sharpness
+DEFAULT_LOGIT_SCALE = math.exp(3.0)  # k, the constant scale of the logits (DualCoOp++)
+DEFAULT_LOG_SPATIAL_TEMP = 3.0  # theta, the learned log temperature's start (tau = e^3, about 20)
+ORIGINAL_TEMPERATURE, ORIGINAL_LOGIT_SCALE = 20.0, 100.0  # the original DualCoOp's fixed tau and k
+
+REDUCTIONS = {"sum": 1, "mean": 2, "none": 0}  # of the loss, with the C++ extension's codes
+# The loss's defaults are the ASL library's; DualCoOp++ trains with gamma_neg 2 and scales the sum by 0.02.
+DEFAULT_GAMMA_NEG, DEFAULT_GAMMA_POS, DEFAULT_CLIP, DEFAULT_EPS = 4.0, 1.0, 0.05, 1e-8
