@@ -1,0 +1,48 @@
+"""Your own data: a CSV file with a header ``image,<class 1>,<class 2>,...`` and one row per image.
+
+Values: ``1`` present, ``0`` absent, empty unknown. Image paths are relative to the CSV file (or
+absolute). The class names come from the header, in its order.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from .dataset import DatasetError, MultiLabelDataset
+
+VALUES = {"1": 1, "0": -1, "": 0}
+
+
+def read_csv_labels(path) -> MultiLabelDataset:
+    """A labelled CSV file as a :class:`MultiLabelDataset` (+1 present, -1 absent, 0 unknown)."""
+    if isinstance(path, (bytes, bytearray)) or not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a path to a CSV file, got {type(path).__name__}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label file {path} does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as file:
+        rows = list(csv.reader(file))
+    if not rows or not rows[0] or rows[0][0].strip() != "image" or len(rows[0]) < 2:
+        raise DatasetError(f"{path}, line 1: the header must be image,<class 1>,<class 2>,...")
+    classnames = [name.strip() for name in rows[0][1:]]
+    if any(not name for name in classnames) or len(set(classnames)) != len(classnames):
+        raise DatasetError(f"{path}, line 1: class names must be distinct and not empty, got {classnames}")
+    images, labels = [], []
+    for number, row in enumerate(rows[1:], 2):
+        if not any(field.strip() for field in row):
+            continue
+        if len(row) != len(rows[0]):
+            raise DatasetError(f"{path}, line {number}: {len(row)} fields, the header has {len(rows[0])}")
+        values = [field.strip() for field in row[1:]]
+        bad = [value for value in values if value not in VALUES]
+        if bad or not row[0].strip():
+            problem = f"values must be 1, 0 or empty, got {bad[0]!r}" if bad else "the image path is empty"
+            raise DatasetError(f"{path}, line {number}: {problem}")
+        images.append(path.parent / row[0].strip())
+        labels.append([VALUES[value] for value in values])
+    if not images:
+        raise DatasetError(f"{path}: no images listed")
+    return MultiLabelDataset(images, torch.tensor(labels, dtype=torch.int8), classnames, name=path.name)
