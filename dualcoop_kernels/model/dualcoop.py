@@ -15,7 +15,7 @@ from .._checks import check_choice, check_classnames, check_float, check_tensor
 from ..head import DualCoOpHead
 from ..options import DEFAULT_LOG_SPATIAL_TEMP, ORIGINAL_LOGIT_SCALE, ORIGINAL_TEMPERATURE
 from .images import check_images, clip_image_transform
-from .loading import load_clip, open_clip_module
+from .loading import load_clip, open_clip_module, registered_name
 from .prompts import PromptLearner, TextEncoder
 from .regions import region_features
 
@@ -61,6 +61,7 @@ class DualCoOpPlusPlus(nn.Module):
         check_choice("variant", variant, VARIANTS)
         classnames = check_classnames(classnames)  # before loading CLIP, which takes a while
         if isinstance(clip, str):
+            clip = registered_name(clip)
             tokenizer = open_clip_module().get_tokenizer(clip)
             clip = load_clip(clip, pretrained)
         else:
@@ -111,21 +112,32 @@ class DualCoOpPlusPlus(nn.Module):
         check_images(images)
         return region_features(self.clip.visual, images, with_positions=self.variant == "dualcoop")
 
-    def text_features(self) -> list[torch.Tensor]:
-        """One C x D tensor per prompt set. Outside autograd (inference) they are computed once and
-        reused until a context changes (in-place updates bump its version)."""
+    def text_features(self, classes: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One C x D tensor per prompt set (only the classes at the indices ``classes`` when given).
+        Outside autograd (inference) the features of all classes are computed once and reused until a
+        context changes (in-place updates bump its version)."""
         contexts = list(self.prompts.contexts().values())
         tracked = torch.is_grad_enabled() and any(c.requires_grad for c in contexts)
         key = tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in contexts)
-        if not tracked and self._text_cache is not None and self._text_cache[0] == key:
+        cached = not tracked and classes is None
+        if cached and self._text_cache is not None and self._text_cache[0] == key:
             return self._text_cache[1]
-        classes = self.prompts.token_prefix.shape[0]
-        features = self.text_encoder(self.prompts(), self.prompts.tokenized.repeat(len(contexts), 1))
-        features = list(features.split(classes))
-        self._text_cache = None if tracked else (key, features)
+        tokenized = self.prompts.tokenized if classes is None else self.prompts.tokenized[classes]
+        features = self.text_encoder(self.prompts(classes), tokenized.repeat(len(contexts), 1))
+        features = list(features.split(tokenized.shape[0]))
+        if cached:
+            self._text_cache = (key, features)
         return features
 
-    def forward(self, images: torch.Tensor | None = None, *, regions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        *,
+        regions: torch.Tensor | None = None,
+        classes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """B x 2 x C logits of ``images`` (or of cached ``regions``); with ``classes`` (indices), B x 2 x
+        len(classes) logits of those classes only, in that order."""
         if (images is None) == (regions is None):
             raise ValueError("pass images (B x 3 x H x W) or regions (B x N x D from encode_regions), one of them")
         if regions is None:
@@ -136,7 +148,7 @@ class DualCoOpPlusPlus(nn.Module):
             check_float("regions", regions)
             if regions.shape[-1] != self.embed_dim:
                 raise ValueError(f"regions must have shape {doc}, got {tuple(regions.shape)}")
-        texts = [t.to(regions.dtype) for t in self.text_features()]
+        texts = [t.to(regions.dtype) for t in self.text_features(classes)]
         evidence, positive, negative = texts if len(texts) == 3 else (texts[0], *texts)
         return self.head(regions, evidence, positive, negative)
 

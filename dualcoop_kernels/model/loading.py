@@ -30,14 +30,25 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def registered_name(model: str) -> str:
+    """The open_clip name of a model given by name or by the path of its config (.json), which this
+    registers with open_clip under the file's stem."""
+    if str(model).endswith(".json") and os.path.isfile(model):
+        open_clip_module().add_model_config(model)
+        return os.path.splitext(os.path.basename(model))[0]
+    return model
+
+
 def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
-    """An open_clip model by name, with weights from a local checkpoint file or an open_clip tag
+    """An open_clip model by name (or by the path of an open_clip model config, a .json file), with
+    weights from a local checkpoint file or an open_clip tag
     (from its download cache, or downloaded), or randomly initialised when ``pretrained`` is None.
 
     Offline, a tag that is not in the cache fails at once with a clear message instead of retrying;
     with ``HF_HUB_OFFLINE=1`` open_clip looks in its cache only.
     """
     open_clip = open_clip_module()
+    model_name = registered_name(model_name)
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model_name!r}; e.g. RN50, RN101, RN50x4, ViT-B-16, ViT-L-14")
     if pretrained is None or os.path.isfile(pretrained):

@@ -55,7 +55,7 @@ class PromptLearner(nn.Module):
                 f"{context_length} tokens, of which [SOS], the class name, '.' and [EOS] take at least 4), "
                 f"got {n_ctx!r}"
             )
-        self.n_ctx, self.csc, self.prompt_sets = n_ctx, csc, tuple(prompt_sets)
+        self.n_ctx, self.csc, self.prompt_sets, self.classnames = n_ctx, csc, tuple(prompt_sets), classnames
         shape = (len(classnames), n_ctx, width) if csc else (n_ctx, width)
         for name in self.prompt_sets:
             context = torch.empty(shape, dtype=embedding.weight.dtype)
@@ -77,13 +77,19 @@ class PromptLearner(nn.Module):
     def contexts(self) -> dict[str, nn.Parameter]:
         return {name: getattr(self, f"ctx_{name}") for name in self.prompt_sets}
 
-    def forward(self) -> torch.Tensor:
-        """Prompt embeddings of every set, stacked: (S*C) x L x width, set by set."""
-        classes = self.token_prefix.shape[0]
+    def forward(self, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt embeddings of every set, stacked: (S*C) x L x width, set by set; only the classes at
+        the indices ``classes`` when given (zero-shot training samples a subset each batch)."""
+        prefix, suffix = self.token_prefix, self.token_suffix
+        if classes is not None:
+            prefix, suffix = prefix[classes], suffix[classes]
         prompts = []
         for context in self.contexts().values():
-            context = context if self.csc else context.expand(classes, -1, -1)
-            prompts.append(torch.cat([self.token_prefix, context.to(self.token_prefix.dtype), self.token_suffix], 1))
+            if self.csc:
+                context = context if classes is None else context[classes]
+            else:
+                context = context.expand(prefix.shape[0], -1, -1)
+            prompts.append(torch.cat([prefix, context.to(prefix.dtype), suffix], 1))
         return torch.cat(prompts)
 
 

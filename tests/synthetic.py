@@ -1,0 +1,63 @@
+"""A small multi-label task that a randomly initialised CLIP's prompts can learn: coloured shapes on
+noise, written as a labelled CSV with PNG images, and a tiny open_clip model config to learn it with."""
+
+import csv
+import json
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = {
+    "red square": (220, 30, 30),
+    "green disc": (30, 200, 40),
+    "blue bar": (40, 60, 230),
+    "yellow cross": (230, 220, 30),
+}
+TINY_CLIP = {
+    "embed_dim": 64,
+    # a ViT: its patch embedding keeps colour and shape where a random ResNet's features barely vary
+    "vision_cfg": {"image_size": 48, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+def _draw(draw, name, colour, rng, side):
+    x, y = rng.integers(4, side - 20, size=2)
+    size = int(rng.integers(10, 16))
+    if name.endswith("square"):
+        draw.rectangle([x, y, x + size, y + size], fill=colour)
+    elif name.endswith("disc"):
+        draw.ellipse([x, y, x + size, y + size], fill=colour)
+    elif name.endswith("bar"):
+        draw.rectangle([x, y, x + size, y + size // 3], fill=colour)
+    else:
+        draw.rectangle([x + size // 3, y, x + 2 * size // 3, y + size], fill=colour)
+        draw.rectangle([x, y + size // 3, x + size, y + 2 * size // 3], fill=colour)
+
+
+def write_shapes(folder, count, seed=0, side=48, classes=SHAPES, name="labels.csv"):
+    """``count`` images with each shape present with probability 0.4 (at least one), and their CSV."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
+    rows = []
+    for index in range(count):
+        present = rng.random(len(classes)) < 0.4
+        present[rng.integers(len(classes))] = True
+        image = Image.fromarray(rng.integers(0, 90, size=(side, side, 3), dtype=np.uint8))
+        draw = ImageDraw.Draw(image)
+        for (shape, colour), here in zip(classes.items(), present):
+            if here:
+                _draw(draw, shape, colour, rng, side)
+        path = f"images/{seed}_{index}.png"
+        image.save(folder / path)
+        rows.append([path, *(int(value) for value in present)])
+    with open(folder / name, "w", newline="") as file:
+        csv.writer(file).writerows([["image", *classes], *rows])
+    return folder / name
+
+
+def write_tiny_clip(folder):
+    path = folder / "tiny-clip.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    return path
