@@ -19,12 +19,17 @@ setup(
     # csrc/ travels inside the package as dualcoop_kernels/csrc, for just-in-time builds of the extension
     packages=[*find_packages(include=["dualcoop_kernels", "dualcoop_kernels.*"]), "dualcoop_kernels.csrc"],
     package_dir={"dualcoop_kernels.csrc": "csrc"},
-    package_data={"dualcoop_kernels.csrc": ["*.h", "*.cpp", "cpu/*.cpp", "cuda/*.cu"]},
+    package_data={
+        "dualcoop_kernels.csrc": ["*.h", "*.cpp", "cpu/*.cpp", "cuda/*.cu"],
+        "dualcoop_kernels.data": ["*.json"],
+    },
     python_requires=">=3.9",
     # No upper pins: GPU users keep their own torch. CI pins live in constraints/cpu.txt.
     install_requires=["torch>=2.4", "numpy", 'triton; platform_system == "Linux"'],
+    entry_points={"console_scripts": ["dualcoop = dualcoop_kernels.cli:main"]},
     extras_require={
-        "clip": ["open_clip_torch>=2.24"],
+        "clip": ["open_clip_torch>=2.24"],  # the model, training and the dualcoop command (torchvision, tqdm)
+        "plot": ["matplotlib"],  # pictures of a training run
         "extension": ["ninja"],  # builds the optional C++/CUDA loss (also needs a C++ compiler)
         "test": ["pytest", "pytest-benchmark", "ninja", "ruff"],
     },

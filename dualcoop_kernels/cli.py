@@ -1,0 +1,244 @@
+"""The ``dualcoop`` command line: train, evaluate and predict (also ``python -m dualcoop_kernels``).
+
+    dualcoop train --preset coco --root DATA --partial 0.3 --seed 1 --out RUN
+    dualcoop eval RUN [--json]
+    dualcoop predict RUN IMAGE_OR_FOLDER ... [--top-k 3] [--out predictions.csv]
+
+Errors in what was asked (a missing file, a bad option) end the command with one line that says what is
+wrong, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+TOP_K_COLUMNS = (("P", "precision"), ("R", "recall"), ("F1", "f1"))
+
+
+def _train_parser(commands) -> None:
+    from .training.config import DATASETS, PRESETS, SELECT_ON
+
+    parser = commands.add_parser("train", help="train prompts on a dataset, pick the best epoch, evaluate it")
+    parser.add_argument("--preset", choices=list(PRESETS), help="the authors' settings for a paper's experiment")
+    parser.add_argument("--out", required=True, type=Path, help="the run folder")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    settings = parser.add_argument_group("settings (a preset's values, overridden by those given)")
+    settings.add_argument("--dataset", choices=DATASETS)
+    settings.add_argument("--root", help="the dataset's folder (csv: the training CSV file)")
+    settings.add_argument("--test-root", dest="test_root", help="csv: a CSV file of test images")
+    settings.add_argument("--protocol", choices=("dualcoop++", "dualcoop"))
+    settings.add_argument("--partial", type=float, help="proportion of training labels known, in (0, 1]")
+    settings.add_argument("--mask-seed", dest="mask_seed", type=int, help="seed of the partial-label draw")
+    settings.add_argument("--mask", dest="mask_file", help="a saved mask (.npy) instead of a drawn one")
+    settings.add_argument("--zero-shot", dest="zero_shot", action="store_const", const=True)
+    settings.add_argument("--clip", help="open_clip model name or model config (.json)")
+    settings.add_argument("--pretrained", help="open_clip tag, checkpoint file, or 'none' for random weights")
+    settings.add_argument("--image-size", dest="image_size", type=int)
+    settings.add_argument("--n-ctx", dest="n_ctx", type=int)
+    settings.add_argument("--shared-contexts", dest="csc", action="store_const", const=False)
+    settings.add_argument("--wta", choices=("pos_norm", "pos_softmax", "pos200", "none"))
+    settings.add_argument("--epochs", type=int)
+    settings.add_argument("--batch-size", dest="batch_size", type=int)
+    settings.add_argument("--lr", type=float)
+    settings.add_argument("--loss-weight", dest="loss_weight", type=float)
+    settings.add_argument("--val-fraction", dest="val_fraction", type=float)
+    settings.add_argument("--select-on", dest="select_on", choices=SELECT_ON)
+    settings.add_argument("--seed", type=int)
+    settings.add_argument("--workers", type=int)
+    settings.add_argument("--device")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+SETTINGS = [
+    "dataset",
+    "root",
+    "test_root",
+    "protocol",
+    "partial",
+    "mask_seed",
+    "mask_file",
+    "zero_shot",
+    "clip",
+    "pretrained",
+    "image_size",
+    "n_ctx",
+    "csc",
+    "wta",
+    "epochs",
+    "batch_size",
+    "lr",
+    "loss_weight",
+    "val_fraction",
+    "select_on",
+    "seed",
+    "workers",
+    "device",
+]
+
+
+def _train(args) -> int:
+    from .training import TrainConfig, preset_config, train
+
+    given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
+    if args.resume:
+        if given or args.preset:
+            raise ValueError(f"--resume continues {args.out} as configured; drop {sorted(given) or ['--preset']}")
+        config = TrainConfig.load(args.out / "config.json")
+    else:
+        if "root" not in given:
+            raise ValueError("--root is needed: the dataset's folder (for --dataset csv, the CSV file)")
+        config = TrainConfig(**{**(preset_config(args.preset) if args.preset else {}), **given})
+    results = train(config, args.out, resume=args.resume, show_progress=not args.quiet)
+    print(_summary(results))
+    return 0
+
+
+def _load_run(run: Path, device: str | None):
+    import torch
+
+    from .training import TrainConfig, build_model
+    from .training.checkpoint import load_torch_file
+
+    config = TrainConfig.load(run / "config.json")
+    if device:
+        config.device = device
+    best = load_torch_file(run / "prompts.pt", "learned prompts")
+    from .training.trainer import resolve_device
+
+    model = build_model(config, best["classnames"]).to(resolve_device(config.device))
+    model.load_prompt_state_dict(best["prompts"])
+    return config, model.eval(), torch.device(resolve_device(config.device))
+
+
+def _eval(args) -> int:
+    from .metrics import evaluate
+    from .training.datasets import load_run_data
+    from .training.trainer import model_for, scores_of
+
+    config, model, device = _load_run(args.run, args.device)
+    if args.workers is not None:
+        config.workers = args.workers
+    data = load_run_data(config, None)
+    sets = dict(data.tests)
+    if data.validation is not None:
+        sets["val"] = data.validation
+    chosen = args.split or [name for name in sets if name != "val"] or ["val"]
+    unknown = [name for name in chosen if name not in sets]
+    if unknown:
+        raise ValueError(f"--split {unknown[0]!r}: this run's splits are {sorted(sets)}")
+    results = {}
+    for name in chosen:
+        dataset = sets[name]
+        scores = scores_of(model_for(model, config, dataset.classnames), dataset, config, device)
+        results[name] = evaluate(
+            scores, dataset.labels.numpy(), dataset.classnames, k=min(config.top_k, scores.shape[1])
+        )
+    print(json.dumps(results, indent=2) if args.json else _summary(results))
+    return 0
+
+
+def _summary(results: dict) -> str:
+    """A readable table: one row per evaluated split."""
+    columns = ["mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"]
+    lines = []
+    for name, metrics in results.items():
+        if not isinstance(metrics, dict) or "mAP" not in metrics:
+            lines.append(f"{name}: {metrics}")
+            continue
+        row = "  ".join(f"{column} {metrics[column]:6.2f}" for column in columns)
+        top = metrics.get("top_k")
+        if top:
+            row += "".join(f"  {label}@{top['k']} {top[key]:6.2f}" for label, key in TOP_K_COLUMNS)
+        lines.append(f"{name:>6}  {row}")
+    return "\n".join(lines)
+
+
+def _images(paths: list[str]) -> list[Path]:
+    found = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            found += sorted(p for p in given.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif given.is_file():
+            found.append(given)
+        else:
+            raise FileNotFoundError(f"{given} is neither an image file nor a folder")
+    if not found:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {paths}")
+    return found
+
+
+def _predict(args) -> int:
+    import torch
+
+    from .data import load_image
+    from .data.transforms import test_transform
+    from .metrics import ranking_scores
+    from .training.checkpoint import atomic_write_text
+
+    config, model, device = _load_run(args.run, args.device)
+    classnames = model.prompts.classnames
+    if args.top_k is not None and not 1 <= args.top_k <= len(classnames):
+        raise ValueError(f"--top-k must be from 1 to the {len(classnames)} classes, got {args.top_k}")
+    transform = test_transform(config.image_size, config.protocol)
+    paths = _images(args.images)
+    if args.top_k is None:
+        rows = [["image", *classnames]]
+    else:
+        ranks = range(1, args.top_k + 1)
+        rows = [["image", *[f"{kind}_{rank}" for rank in ranks for kind in ("class", "probability")]]]
+    with torch.no_grad():
+        for start in range(0, len(paths), args.batch_size):
+            chunk = paths[start : start + args.batch_size]
+            images = torch.stack([transform(load_image(path, "predict")) for path in chunk]).to(device)
+            probabilities = torch.sigmoid(ranking_scores(model(images).float())).cpu()
+            for path, row in zip(chunk, probabilities):
+                if args.top_k is None:
+                    rows.append([str(path), *(f"{value:.6f}" for value in row.tolist())])
+                else:
+                    best = row.topk(args.top_k)
+                    pairs = zip(best.indices.tolist(), best.values.tolist())
+                    rows.append([str(path), *(cell for i, v in pairs for cell in (classnames[i], f"{v:.6f}"))])
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    if args.out:
+        atomic_write_text(Path(args.out), text.getvalue())
+    else:
+        sys.stdout.write(text.getvalue())
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dualcoop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    _train_parser(commands)
+    evaluate = commands.add_parser("eval", help="evaluate a run's best prompts on its test split(s)")
+    evaluate.add_argument("run", type=Path)
+    evaluate.add_argument("--split", action="append", help="test, zsl, gzsl or val (repeatable; default: the tests)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument("--device")
+    evaluate.add_argument("--workers", type=int)
+    predict = commands.add_parser("predict", help="class probabilities of new images, as CSV")
+    predict.add_argument("run", type=Path)
+    predict.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    predict.add_argument("--top-k", dest="top_k", type=int, help="only the k most likely classes per image")
+    predict.add_argument("--out", help="CSV file to write (default: standard output)")
+    predict.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    predict.add_argument("--device")
+    args = parser.parse_args(argv)
+    handlers = {"train": _train, "eval": _eval, "predict": _predict}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt as stopped:
+        print(f"dualcoop: {stopped}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"dualcoop {args.command}: error: {error}", file=sys.stderr)
+        return 2

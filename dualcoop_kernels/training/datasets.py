@@ -1,0 +1,120 @@
+"""The datasets of a run: training images (with their partial labels), the held-out validation images
+and the test set(s), as the run's configuration names them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import (
+    COCO_SEEN,
+    COCO_UNSEEN,
+    MultiLabelDataset,
+    known_mask,
+    load_mask,
+    read_coco,
+    read_csv_labels,
+    read_nuswide,
+    read_nuswide_tags,
+    read_voc,
+    save_mask,
+)
+from .config import TrainConfig
+
+VALIDATION_SEED = 0  # the held-out images are the same for every run and proportion
+
+
+@dataclass
+class RunData:
+    train: MultiLabelDataset  # partial labels applied
+    validation: MultiLabelDataset | None  # drawn from the training images, with their partial labels
+    tests: dict[str, MultiLabelDataset]  # "test"; zero-shot: "zsl" (unseen classes) and "gzsl" (all)
+    mask: torch.Tensor  # N x C bool over the whole training split, True where a label is known
+
+
+def _joined(first: MultiLabelDataset, second: MultiLabelDataset, name: str) -> MultiLabelDataset:
+    """The same images with both datasets' classes (seen tags and unseen concepts, say)."""
+    return replace(
+        first,
+        labels=torch.cat([first.labels, second.labels], dim=1),
+        classnames=first.classnames + second.classnames,
+        name=name,
+    )
+
+
+def _splits(config: TrainConfig) -> tuple[MultiLabelDataset, dict[str, MultiLabelDataset]]:
+    root = config.root
+    if config.dataset == "coco":
+        train = read_coco(root, "train", protocol=config.protocol)
+        test = read_coco(root, "val", protocol=config.protocol)
+        if config.zero_shot:
+            unseen, everything = test.classes(COCO_UNSEEN), test.classes(COCO_SEEN + COCO_UNSEEN)
+            return train.classes(COCO_SEEN), {"zsl": unseen, "gzsl": everything}
+        return train, {"test": test}
+    if config.dataset == "nuswide":
+        if config.zero_shot:
+            unseen = read_nuswide(root, "test")
+            return read_nuswide_tags(root, "train"), {
+                "zsl": unseen,
+                "gzsl": _joined(read_nuswide_tags(root, "test"), unseen, "nuswide-gzsl-test"),
+            }
+        return read_nuswide(root, "train"), {"test": read_nuswide(root, "test")}
+    if config.dataset == "voc":
+        if config.zero_shot:
+            raise ValueError("VOC has no zero-shot split; zero-shot runs use coco, nuswide or csv")
+        return read_voc(root, "trainval"), {"test": read_voc(root, "test")}
+    train = read_csv_labels(root)
+    if config.test_root is None:
+        if config.zero_shot:
+            raise ValueError("a zero-shot csv run needs test_root: a CSV whose header names the unseen classes")
+        return train, {}
+    test = read_csv_labels(config.test_root)
+    if not config.zero_shot:
+        if test.classnames != train.classnames:
+            raise ValueError(f"{config.test_root}: its classes differ from the training CSV's {train.classnames}")
+        return train, {"test": test}
+    unseen = [i for i, name in enumerate(test.classnames) if name not in train.classnames]
+    if not unseen:
+        raise ValueError(f"{config.test_root}: a zero-shot test CSV must name classes the training CSV lacks")
+    return train, {"zsl": test.classes(unseen), "gzsl": test}
+
+
+def mask_seed(config: TrainConfig) -> int:
+    """VOC's published masks were drawn with seed 0 for every run; the others with the run's seed."""
+    if config.mask_seed is not None:
+        return config.mask_seed
+    return 0 if config.dataset == "voc" else config.seed
+
+
+def validation_indices(count: int, fraction: float) -> np.ndarray:
+    """A fixed random ``fraction`` of the training images (at least one), sorted."""
+    if fraction == 0:
+        return np.zeros(0, dtype=np.int64)
+    held = max(1, round(fraction * count))
+    if held >= count:
+        raise ValueError(f"val_fraction {fraction} leaves no training images of {count}")
+    return np.sort(np.random.RandomState(VALIDATION_SEED).permutation(count)[:held])
+
+
+def load_run_data(config: TrainConfig, run: Path | None) -> RunData:
+    """The run's datasets. The partial-label mask is drawn over the whole training split in its own
+    order (the authors' draw), saved as ``run/mask.npy`` (or read from ``config.mask_file``); then the
+    validation images are held out with the labels they have."""
+    train, tests = _splits(config)
+    shape = tuple(train.labels.shape)
+    if config.mask_file:
+        mask = load_mask(config.mask_file, shape)
+    else:
+        mask = known_mask(shape, config.partial, seed=mask_seed(config))
+    if run is not None:
+        save_mask(run / "mask.npy", mask)
+    train = train.with_labels(train.labels * mask.to(train.labels.dtype))
+    validation = None
+    if config.select_on == "val":
+        held = validation_indices(len(train), config.val_fraction)
+        rest = np.setdiff1d(np.arange(len(train)), held)
+        train, validation = train.subset(rest), train.subset(held)
+    return RunData(train=train, validation=validation, tests=tests, mask=mask)

@@ -1,0 +1,292 @@
+"""Training a run: the authors' schedule, the best epoch picked on held-out images, atomic checkpoints
+that resume exactly, and the final evaluation.
+
+Determinism: the order of an epoch's images, the class subsets of zero-shot batches and every image's
+augmentation are functions of (seed, epoch, step or image index) alone, so a run resumed from any
+checkpoint, with any number of workers, computes what the uninterrupted run computes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.transforms import test_transform, train_transform
+from ..loss import AsymmetricLoss, split_signed_labels
+from ..metrics import average_precision, evaluate, ranking_scores, top_k_metrics
+from ..model import DualCoOpPlusPlus
+from .checkpoint import atomic_torch_save, atomic_write_text, load_torch_file, random_states, restore_random_states
+from .config import TrainConfig
+from .datasets import load_run_data
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
+    return device
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """Epoch 0 at the constant warm-up rate, then cosine from the base rate over ``epochs``, stepped
+    once per epoch (the authors' schedule: the last of 50 epochs runs at 0.0039 x the base rate)."""
+    if epoch == 0:
+        return config.warmup_lr
+    return config.lr * (1 + math.cos(math.pi * (epoch - 1) / config.epochs)) / 2
+
+
+def _mix(*numbers: int) -> int:
+    """A seed from several integers (the run's seed, the epoch, a step or an image)."""
+    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _Augmented(Dataset):
+    """The training images, each augmented from a seed of its own: (run seed, epoch, image index)."""
+
+    def __init__(self, dataset, transform, seed: int):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, labels, _ = self.dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, self.epoch, index))
+            return self.transform(image), labels, index
+
+
+def build_model(config: TrainConfig, classnames: list[str], clip=None) -> DualCoOpPlusPlus:
+    """The run's model for ``classnames``; ``clip`` reuses an already loaded CLIP (zero-shot evaluation
+    builds a model per class list around the same frozen CLIP)."""
+    variant = "dualcoop" if config.protocol == "dualcoop" else "dualcoop++"
+    pretrained = None if config.pretrained in (None, "none") else config.pretrained
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # random weights and contexts: the same for a run's every rebuild
+        return DualCoOpPlusPlus(
+            clip if clip is not None else config.clip,
+            classnames,
+            pretrained=pretrained if clip is None else None,
+            n_ctx=config.n_ctx,
+            csc=config.csc,
+            wta=config.wta,
+            variant=variant,
+        )
+
+
+def model_for(model: DualCoOpPlusPlus, config: TrainConfig, classnames: list[str]) -> DualCoOpPlusPlus:
+    """The trained prompts scoring other classes: needs contexts shared by all classes."""
+    if classnames == model.prompts.classnames:
+        return model
+    if config.csc:
+        raise ValueError("class-specific contexts cannot score classes they were not trained on (use csc=False)")
+    other = build_model(config, classnames, clip=model.clip).to(next(model.prompts.parameters()).device)
+    other.load_prompt_state_dict(model.prompt_state_dict())
+    return other
+
+
+@torch.no_grad()
+def scores_of(model, dataset, config: TrainConfig, device: torch.device, progress=None) -> np.ndarray:
+    """N x C ranking scores (P+ - P-) of a dataset's images, with the test transform."""
+    model.eval()
+    view = replace(dataset, transform=test_transform(config.image_size, config.protocol))
+    loader = DataLoader(view, batch_size=config.batch_size, num_workers=config.workers)
+    batches = []
+    if progress is not None:
+        loader = progress(loader, desc=f"scoring {dataset.name}", leave=False)
+    for images, _, _ in loader:
+        batches.append(ranking_scores(model(images.to(device)).float()).cpu())
+    return torch.cat(batches).numpy()
+
+
+def known_average_precision(scores: np.ndarray, labels: torch.Tensor) -> float:
+    """mAP over the known labels only (validation images keep their partial labels): each class
+    ranks the images whose label for it is known; a class without a known positive counts as 0."""
+    labels = labels.numpy()
+    values = []
+    for column in range(labels.shape[1]):
+        known = labels[:, column] != 0
+        if known.any():
+            values.append(average_precision(scores[known, column, None], labels[known, column, None])[0])
+        else:
+            values.append(0.0)
+    return 100 * float(np.mean(values))
+
+
+def selection_metric(config: TrainConfig) -> str:
+    """What picks the best epoch: mAP (over known labels), or F1 at k for zero-shot runs."""
+    return f"F1@{config.top_k}" if config.zero_shot else "mAP"
+
+
+def selection_score(model, dataset, config: TrainConfig, device, progress=None) -> float:
+    scores = scores_of(model, dataset, config, device, progress)
+    if config.zero_shot:
+        return top_k_metrics(scores, dataset.labels.numpy(), k=min(config.top_k, scores.shape[1]))["f1"]
+    return known_average_precision(scores, dataset.labels)
+
+
+class _Interrupt:
+    """Ctrl-C sets a flag: the step in progress finishes, the run saves and stops."""
+
+    def __init__(self):
+        self.asked = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._ask)
+        return self
+
+    def _ask(self, *_):
+        self.asked = True
+
+    def __exit__(self, *_):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def _write_history(run: Path, history: list[dict]) -> None:
+    atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
+
+
+def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress: bool = True) -> dict:
+    """Train, pick the best epoch, evaluate it on the test set(s); returns what ``eval.json`` holds."""
+    from tqdm.auto import tqdm
+
+    run = Path(run)
+    progress = tqdm if show_progress else None
+    checkpoint_path = run / CHECKPOINT
+    if resume:
+        saved = TrainConfig.load(run / "config.json")
+        if saved != config:
+            raise ValueError(
+                f"{run}: --resume continues the run as configured in its config.json; other settings were given"
+            )
+        state = load_torch_file(checkpoint_path, "checkpoint")
+    else:
+        if checkpoint_path.exists():
+            raise FileExistsError(f"{run} already holds a run: --resume continues it, or choose another --out")
+        run.mkdir(parents=True, exist_ok=True)
+        config.save(run / "config.json")
+        state = None
+    device = resolve_device(config.device)
+    data = load_run_data(config, run)
+    model = build_model(config, data.train.classnames).to(device)
+    optimizer = torch.optim.SGD(
+        model.learnable_parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    loss_fn = AsymmetricLoss(gamma_neg=config.gamma_neg, gamma_pos=config.gamma_pos, clip=config.asl_clip)
+    start_epoch, step, history, best = 0, 0, [], {"score": -math.inf, "epoch": None, "prompts": None}
+    running = {"loss": 0.0, "images": 0}
+    if state is not None:
+        model.load_prompt_state_dict(state["prompts"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, running = state["epoch"], state["step"], state["running"]
+        history, best = state["history"], state["best"]
+        restore_random_states(state["random"])
+
+    def save(epoch_, step_):
+        atomic_torch_save(
+            checkpoint_path,
+            dict(
+                prompts=model.prompt_state_dict(),
+                optimizer=optimizer.state_dict(),
+                epoch=epoch_,
+                step=step_,
+                history=history,
+                best=best,
+                running=running,
+                random=random_states(),
+                classnames=data.train.classnames,
+            ),
+        )
+
+    augmented = _Augmented(
+        data.train, train_transform(config.image_size, config.protocol, config.crop_scale), config.seed
+    )
+    classes = len(data.train.classnames)
+    steps_per_epoch = len(data.train) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch_size {config.batch_size} exceeds the {len(data.train)} training images (batches drop the last)"
+        )
+    selection_set = data.validation if data.validation is not None else data.tests.get("zsl", data.tests.get("test"))
+    if selection_set is None:
+        raise ValueError("select_on='test' needs a test set")
+    with _Interrupt() as interrupt:
+        epochs = range(start_epoch, config.epochs)
+        if progress is not None:
+            epochs = progress(epochs, desc="epochs", initial=start_epoch, total=config.epochs)
+        for epoch in epochs:
+            lr = learning_rate(config, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(_mix(config.seed, epoch)))
+            batches = order[: steps_per_epoch * config.batch_size].view(steps_per_epoch, config.batch_size)[step:]
+            augmented.epoch = epoch
+            loader = DataLoader(augmented, batch_sampler=batches.tolist(), num_workers=config.workers)
+            model.train()
+            started = time.perf_counter()
+            bar = loader
+            if progress is not None:
+                bar = progress(loader, desc=f"epoch {epoch}", leave=False, initial=step, total=steps_per_epoch)
+            for images, labels, _ in bar:
+                subset = None
+                if config.zero_shot and classes > config.max_train_classes:
+                    picker = torch.Generator().manual_seed(_mix(config.seed, epoch, step, 1))
+                    subset = torch.randperm(classes, generator=picker)[: config.max_train_classes].sort().values
+                    labels = labels[:, subset]
+                    subset = subset.to(device)
+                targets, mask = split_signed_labels(labels.to(device))
+                logits = model(images.to(device), classes=subset)
+                loss = config.loss_weight * loss_fn(logits.float(), targets, mask)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                running["loss"] += loss.item() * len(labels)
+                running["images"] += len(labels)
+                if progress is not None:
+                    rate = running["images"] / max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                if interrupt.asked:
+                    save(epoch, step)
+                    raise KeyboardInterrupt(f"stopped at epoch {epoch}, step {step}; saved: --resume continues")
+            score = selection_score(model, selection_set, config, device, progress)
+            record = dict(
+                epoch=epoch,
+                lr=lr,
+                train_loss=running["loss"] / max(running["images"], 1),
+                **{f"{config.select_on}_{selection_metric(config)}": score},
+                seconds=time.perf_counter() - started,
+            )
+            history.append(record)
+            if score > best["score"]:  # the first of equal scores stays
+                best = {"score": score, "epoch": epoch, "prompts": model.prompt_state_dict()}
+                atomic_torch_save(
+                    run / "prompts.pt", dict(prompts=best["prompts"], classnames=data.train.classnames, epoch=epoch)
+                )
+            step, running = 0, {"loss": 0.0, "images": 0}
+            save(epoch + 1, 0)
+            _write_history(run, history)
+    model.load_prompt_state_dict(best["prompts"])
+    results = dict(best_epoch=best["epoch"], selected_on=config.select_on, selection_metric=selection_metric(config))
+    for name, dataset in data.tests.items():
+        evaluated = model_for(model, config, dataset.classnames)
+        scores = scores_of(evaluated, dataset, config, device, progress)
+        k = min(config.top_k, scores.shape[1])
+        results[name] = evaluate(scores, dataset.labels.numpy(), dataset.classnames, k=k)
+    atomic_write_text(run / "eval.json", json.dumps(results, indent=2) + "\n")
+    from .plots import plot_run
+
+    plot_run(run, history, results)
+    return results

@@ -1,0 +1,223 @@
+"""Training, evaluation and prediction through the ``dualcoop`` command on a small synthetic task
+(coloured shapes on noise, a tiny randomly initialised CLIP), resuming after a kill, zero-shot runs,
+and the schedule and settings."""
+
+import json
+import math
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+
+from synthetic import SHAPES, write_shapes, write_tiny_clip
+
+from dualcoop_kernels.cli import main
+from dualcoop_kernels.training import PRESETS, TrainConfig, learning_rate, preset_config
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return dict(
+        train=write_shapes(root, 160, seed=0),
+        test=write_shapes(root, 64, seed=1, name="test.csv"),
+        clip=write_tiny_clip(root),
+    )
+
+
+def train_arguments(task, out, epochs=6, extra=()):
+    return [
+        "train", "--dataset", "csv", "--root", str(task["train"]), "--test-root", str(task["test"]),
+        "--clip", str(task["clip"]), "--pretrained", "none", "--image-size", "48", "--n-ctx", "8",
+        "--epochs", str(epochs), "--batch-size", "16", "--lr", "0.001", "--val-fraction", "0.25",
+        "--workers", "0", "--quiet", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def history(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_times(records):
+    return [{key: value for key, value in record.items() if key != "seconds"} for record in records]
+
+
+@pytest.fixture(scope="module")
+def trained(task, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "shapes"
+    started = time.perf_counter()
+    assert main(train_arguments(task, run)) == 0
+    return run, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_a_run_learns_the_synthetic_task(trained, capsys):
+    run, seconds = trained
+    records = history(run)
+    assert [record["epoch"] for record in records] == list(range(6))
+    assert records[0]["lr"] == 1e-5 and records[1]["lr"] == pytest.approx(1e-3)
+    scores = [record["val_mAP"] for record in records]
+    print(f"validation mAP by epoch {[round(s, 1) for s in scores]}, {seconds / 6:.1f} s per epoch")
+    assert max(scores[1:]) > scores[0] + 8  # well above the untrained start
+    evaluated = json.loads((run / "eval.json").read_text())
+    assert evaluated["selected_on"] == "val" and evaluated["best_epoch"] == max(range(6), key=scores.__getitem__)
+    assert set(evaluated["test"]["per_class_AP"]) == set(SHAPES)
+    for name in ("config.json", "mask.npy", "prompts.pt", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    assert TrainConfig.load(run / "config.json").epochs == 6
+    assert not list(run.rglob("*.tmp"))  # every file renamed into place
+
+
+@pytest.mark.slow
+def test_eval_and_predict_commands(trained, task, tmp_path, capsys):
+    run, _ = trained
+    assert main(["eval", str(run), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((run / "eval.json").read_text())
+    assert printed["test"]["mAP"] == pytest.approx(saved["test"]["mAP"], abs=1e-9)
+    assert main(["eval", str(run)]) == 0
+    assert "mAP" in capsys.readouterr().out
+    images = task["test"].parent / "images"
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(run), str(images), "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "image," + ",".join(SHAPES) and len(lines) == 1 + 224
+    probabilities = [float(value) for value in lines[1].split(",")[1:]]
+    assert all(0 <= p <= 1 for p in probabilities)
+    assert main(["predict", str(run), str(images / "1_0.png"), "--top-k", "2"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header == "image,class_1,probability_1,class_2,probability_2" and row.split(",")[1] in SHAPES
+
+
+def run_command(arguments, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "dualcoop_kernels", *arguments], **kwargs)
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_matches_the_uninterrupted_run(trained, task, tmp_path):
+    run, _ = trained
+    killed = tmp_path / "killed"
+    process = run_command(train_arguments(task, killed), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 3))  # somewhere in a later epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = run_command(["train", "--resume", "--out", str(killed), "--quiet"], stderr=subprocess.PIPE)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-3000:]
+    assert without_times(history(killed)) == without_times(history(run))
+    assert json.loads((killed / "eval.json").read_text()) == json.loads((run / "eval.json").read_text())
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_saves_and_resumes(trained, task, tmp_path):
+    run, _ = trained
+    stopped = tmp_path / "stopped"
+    process = run_command(train_arguments(task, stopped), stderr=subprocess.PIPE)
+    while not (stopped / "checkpoints" / "last.pt").exists() and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=300) == 130
+    assert "saved: --resume continues" in process.stderr.read().decode()
+    state = torch.load(stopped / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] > 0 or state["epoch"] > 1  # stopped inside an epoch (or just past one)
+    assert main(["train", "--resume", "--out", str(stopped), "--quiet"]) == 0
+    assert without_times(history(stopped)) == without_times(history(run))
+
+
+@pytest.mark.slow
+def test_zero_shot_run_reports_unseen_and_generalised_scores(task, tmp_path):
+    seen = write_shapes(tmp_path / "seen", 48, seed=2, classes=dict(list(SHAPES.items())[:3]))
+    everything = write_shapes(tmp_path / "all", 32, seed=3, name="test.csv")
+    run = tmp_path / "zsl"
+    arguments = train_arguments(task, run, epochs=2, extra=["--zero-shot", "--shared-contexts"])
+    arguments[arguments.index("--root") + 1] = str(seen)
+    arguments[arguments.index("--test-root") + 1] = str(everything)
+    assert main(arguments) == 0
+    evaluated = json.loads((run / "eval.json").read_text())
+    assert list(evaluated["zsl"]["per_class_AP"]) == ["yellow cross"]
+    assert list(evaluated["gzsl"]["per_class_AP"]) == list(SHAPES)
+    assert evaluated["selection_metric"] == "F1@3" and "val_F1@3" in history(run)[0]
+
+
+def test_schedule_is_the_authors():
+    config = TrainConfig(root="x", epochs=50, lr=0.005)
+    assert learning_rate(config, 0) == 1e-5
+    assert learning_rate(config, 1) == pytest.approx(0.005)
+    assert learning_rate(config, 49) / 0.005 == pytest.approx((1 + math.cos(math.pi * 48 / 50)) / 2)
+    assert learning_rate(config, 49) / 0.005 == pytest.approx(0.0039, abs=1e-4)
+
+
+def test_presets_hold_the_papers_settings():
+    coco = TrainConfig(**preset_config("coco"), root="x")
+    assert (coco.clip, coco.image_size, coco.batch_size, coco.lr, coco.epochs, coco.wta) == (
+        "RN101",
+        448,
+        64,
+        0.005,
+        50,
+        "pos_norm",
+    )
+    assert (coco.n_ctx, coco.csc, coco.loss_weight, coco.momentum, coco.weight_decay) == (21, True, 0.02, 0.9, 5e-4)
+    voc = TrainConfig(**preset_config("voc"), root="x")
+    assert (voc.image_size, voc.wta) == (512, "pos_softmax")
+    nus = TrainConfig(**preset_config("nuswide"), root="x")
+    assert (nus.batch_size, nus.crop_scale) == (192, (0.6, 1.0))
+    zsl = TrainConfig(**preset_config("coco-zsl"), root="x")
+    assert (zsl.zero_shot, zsl.clip, zsl.image_size, zsl.n_ctx, zsl.csc, zsl.batch_size, zsl.lr, zsl.loss_weight) == (
+        True, "RN50", 224, 64, False, 32, 0.002, 0.01
+    )  # fmt: skip
+    assert set(PRESETS) == {"coco", "voc", "nuswide", "coco-zsl", "nuswide-zsl"}
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["train", "--out", "RUN"], "--root is needed"),
+        (["train", "--preset", "coco", "--root", "NOWHERE", "--out", "RUN"], "instances_train2014.json do not exist"),
+        (
+            ["train", "--root", "x.csv", "--dataset", "csv", "--partial", "1.5", "--out", "RUN"],
+            r"partial must be in \(0, 1\]",
+        ),
+        (["train", "--resume", "--lr", "0.1", "--out", "RUN"], "--resume continues"),
+        (["eval", "NOWHERE"], "cannot read the run's configuration"),
+        (["predict", "NOWHERE", "x.png"], "cannot read the run's configuration"),
+    ],
+)
+def test_command_line_errors_are_one_line(arguments, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "error:" in error
+    assert re.search(message, error), error
+
+
+def test_a_run_folder_is_not_overwritten(task, tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"")
+    assert main(train_arguments(task, tmp_path / "run")) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_a_truncated_checkpoint_is_refused(task, tmp_path, capsys):
+    run = tmp_path / "run"
+    TrainConfig(dataset="csv", root=str(task["train"])).save(run / "config.json")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert main(["train", "--resume", "--out", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert "checkpoint" in error and "cannot be read" in error
+
+
+def test_the_module_runs_as_the_command():
+    finished = subprocess.run([sys.executable, "-m", "dualcoop_kernels", "--help"], capture_output=True, text=True)
+    assert finished.returncode == 0 and "train" in finished.stdout and "predict" in finished.stdout
