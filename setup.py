@@ -31,6 +31,6 @@ setup(
         "clip": ["open_clip_torch>=2.24"],  # the model, training and the dualcoop command (torchvision, tqdm)
         "plot": ["matplotlib"],  # pictures of a training run
         "extension": ["ninja"],  # builds the optional C++/CUDA loss (also needs a C++ compiler)
-        "test": ["pytest", "pytest-benchmark", "ninja", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "ruff", "matplotlib"],
     },
 )

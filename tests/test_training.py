@@ -2,6 +2,7 @@
 (coloured shapes on noise, a tiny randomly initialised CLIP), resuming after a kill, zero-shot runs,
 and the schedule and settings."""
 
+import importlib.util
 import json
 import math
 import random
@@ -73,6 +74,11 @@ def test_a_run_learns_the_synthetic_task(trained, capsys):
         assert (run / name).is_file(), name
     assert TrainConfig.load(run / "config.json").epochs == 6
     assert not list(run.rglob("*.tmp"))  # every file renamed into place
+    pictures = {"curves.png", "ap_test.png"}
+    if importlib.util.find_spec("matplotlib"):
+        assert pictures <= {path.name for path in run.iterdir()}
+    else:
+        assert "no plots (pip install matplotlib" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -147,6 +153,31 @@ def test_zero_shot_run_reports_unseen_and_generalised_scores(task, tmp_path):
     assert list(evaluated["zsl"]["per_class_AP"]) == ["yellow cross"]
     assert list(evaluated["gzsl"]["per_class_AP"]) == list(SHAPES)
     assert evaluated["selection_metric"] == "F1@3" and "val_F1@3" in history(run)[0]
+
+
+@pytest.mark.slow
+def test_zero_shot_batches_train_on_a_random_subset_of_the_seen_classes(task, tmp_path, monkeypatch):
+    from dualcoop_kernels.model import DualCoOpPlusPlus
+    from dualcoop_kernels.training import train
+
+    asked = []
+    forward = DualCoOpPlusPlus.forward
+
+    def spy(self, images=None, *, regions=None, classes=None):
+        if self.training:
+            asked.append(None if classes is None else classes.tolist())
+        return forward(self, images, regions=regions, classes=classes)
+
+    monkeypatch.setattr(DualCoOpPlusPlus, "forward", spy)
+    seen = write_shapes(tmp_path / "seen", 64, seed=2, classes=dict(list(SHAPES.items())[:3]))
+    config = TrainConfig(
+        dataset="csv", root=str(seen), test_root=str(task["test"]), clip=str(task["clip"]), pretrained=None,
+        image_size=48, n_ctx=4,
+        zero_shot=True, csc=False, max_train_classes=2, epochs=2, batch_size=16, workers=0, val_fraction=0.25,
+    )  # fmt: skip
+    train(config, tmp_path / "run", show_progress=False)
+    assert asked and all(len(subset) == 2 and subset == sorted(set(subset)) for subset in asked)
+    assert len({tuple(subset) for subset in asked}) > 1  # a fresh subset per batch
 
 
 def test_schedule_is_the_authors():
