@@ -176,10 +176,10 @@ def _images(paths: list[str]) -> list[Path]:
 def _predict(args) -> int:
     import torch
 
+    from ._atomic import atomic_write_text
     from .data import load_image
     from .data.transforms import test_transform
     from .metrics import ranking_scores
-    from .training.checkpoint import atomic_write_text
 
     config, model, device = _load_run(args.run, args.device)
     classnames = model.prompts.classnames

@@ -10,13 +10,12 @@ seeded, so that runs repeat.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._atomic import atomic_open
 from .._checks import finite_number
 from .protocols import check_protocol
 
@@ -45,18 +44,8 @@ def partial_labels(labels, proportion, *, seed: int, protocol: str = "dualcoop++
 
 def save_mask(path, mask: torch.Tensor) -> None:
     """Write an N x C bool mask as a .npy file, atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            np.save(file, mask.cpu().numpy().astype(bool))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as file:
+        np.save(file, mask.cpu().numpy().astype(bool))
 
 
 def load_mask(path, shape: tuple[int, int]) -> torch.Tensor:

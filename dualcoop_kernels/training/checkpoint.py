@@ -1,42 +1,18 @@
-"""Files a run writes, written atomically: a temporary file in the same folder, flushed to disk, then
-renamed into place. A run killed at any moment leaves either the previous file or the new one, never
-half of one."""
+"""Checkpoints and the random generators' states; written atomically, read back with a clear error."""
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-@contextmanager
-def _atomic(path: Path, mode: str):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, mode) as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with _atomic(path, "w") as file:
-        file.write(text)
+from .._atomic import atomic_open
 
 
 def atomic_torch_save(path: Path, value) -> None:
-    with _atomic(path, "wb") as file:
+    with atomic_open(path, "wb") as file:
         torch.save(value, file)
 
 

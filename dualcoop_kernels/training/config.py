@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._atomic import atomic_write_text
 from ..data.protocols import PROTOCOLS
 from ..options import WTA_ALIASES, WTA_MODES
 
@@ -79,8 +80,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        from .checkpoint import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.as_dict(), indent=2) + "\n")
 
     @classmethod

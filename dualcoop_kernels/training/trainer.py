@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .._atomic import atomic_write_text
 from ..data.transforms import test_transform, train_transform
 from ..loss import AsymmetricLoss, split_signed_labels
 from ..metrics import average_precision, evaluate, ranking_scores, top_k_metrics
 from ..model import DualCoOpPlusPlus
-from .checkpoint import atomic_torch_save, atomic_write_text, load_torch_file, random_states, restore_random_states
+from .checkpoint import atomic_torch_save, load_torch_file, random_states, restore_random_states
 from .config import TrainConfig
 from .datasets import load_run_data
 
