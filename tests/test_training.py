@@ -180,6 +180,14 @@ def test_zero_shot_batches_train_on_a_random_subset_of_the_seen_classes(task, tm
     assert len({tuple(subset) for subset in asked}) > 1  # a fresh subset per batch
 
 
+@pytest.mark.slow
+def test_without_a_test_set_the_held_out_images_are_reported(task, tmp_path):
+    arguments = train_arguments(task, tmp_path / "run", epochs=1)
+    del arguments[arguments.index("--test-root") : arguments.index("--test-root") + 2]
+    assert main(arguments) == 0
+    assert list(json.loads((tmp_path / "run" / "eval.json").read_text())["val"]["per_class_AP"]) == list(SHAPES)
+
+
 def test_schedule_is_the_authors():
     config = TrainConfig(root="x", epochs=50, lr=0.005)
     assert learning_rate(config, 0) == 1e-5

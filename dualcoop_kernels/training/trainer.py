@@ -281,7 +281,8 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
             _write_history(run, history)
     model.load_prompt_state_dict(best["prompts"])
     results = dict(best_epoch=best["epoch"], selected_on=config.select_on, selection_metric=selection_metric(config))
-    for name, dataset in data.tests.items():
+    reported = data.tests or ({"val": data.validation} if data.validation is not None else {})
+    for name, dataset in reported.items():
         evaluated = model_for(model, config, dataset.classnames)
         scores = scores_of(evaluated, dataset, config, device, progress)
         k = min(config.top_k, scores.shape[1])
