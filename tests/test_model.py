@@ -1,5 +1,6 @@
 """DualCoOp++ on randomly initialised open_clip models (RN50, RN101, ViT-B-16) and small inputs."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 open_clip = pytest.importorskip("open_clip")
 
 import dualcoop_kernels as dk  # noqa: E402
+from dualcoop_kernels.model.prompts import TextEncoder  # noqa: E402
 from dualcoop_kernels.model.regions import region_features  # noqa: E402
 
 CLASSES = ["cat", "dog", "traffic_light"]
@@ -92,6 +94,43 @@ def test_text_features_equal_encode_text_for_a_real_phrase(rn50, tokenizer):
         expected = rn50.encode_text(tokenizer([f"a photo of a {name.replace('_', ' ')}." for name in CLASSES]))
     for features in (evidence, positive, negative):
         torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("clip_name", ["rn50", "vit"])
+def test_short_text_encoding_equals_the_full_length_one(clip_name, dtype, tokenizer, request):
+    """The causal transformer's [EOS] feature depends on the tokens up to it alone: encoding only up to
+    the longest prompt's [EOS], with fused causal attention, gives open_clip's 77-token features."""
+    clip = copy.deepcopy(request.getfixturevalue(clip_name)).to(dtype)
+    texts = ["a photo of a cat.", " ".join(["X"] * 21) + " traffic light.", "dog", "a b c d e f g h"]
+    tokens = tokenizer(texts)
+    embedded = clip.token_embedding(tokens)
+    short, full = TextEncoder(clip), TextEncoder(clip, full_length=True)
+    assert short.fused and not full.fused
+    with torch.no_grad():
+        expected = clip.encode_text(tokens)
+        got_short, got_full = short(embedded, tokens), full(embedded, tokens)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_full, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got_short, expected, **tolerance)
+
+
+def test_short_text_encoding_without_fused_attention_slices_the_mask(rn50, tokenizer, monkeypatch):
+    tokens = tokenizer(["a photo of a cat.", "dog"])
+    encoder = TextEncoder(rn50)
+    encoder.fused = False  # as for a text transformer that is not open_clip's standard one
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(rn50.token_embedding(tokens), tokens), rn50.encode_text(tokens))
+
+
+def test_the_authors_full_length_text_encoding_gives_the_same_logits(rn50):
+    short = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4)
+    full = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4, text_encoding="full")
+    full.load_prompt_state_dict(short.prompt_state_dict())
+    regions = torch.randn(2, 5, 1024)
+    torch.testing.assert_close(short(regions=regions), full(regions=regions), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="text_encoding must be one of"):
+        dk.DualCoOpPlusPlus(rn50, CLASSES, text_encoding="long")
 
 
 def test_only_prompts_and_temperature_learn(rn50):

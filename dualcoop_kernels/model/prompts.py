@@ -9,6 +9,7 @@ the default) or all classes share one.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_classnames
@@ -112,21 +113,69 @@ def _tokenize_whole(tokenizer, texts, classnames, n_ctx, context_length) -> torc
 class TextEncoder(nn.Module):
     """open_clip's text tower fed prompt embeddings instead of token ids: positional embedding,
     causal transformer, final layer norm, the features at the [EOS] token, the text projection.
-    Holds references to the CLIP model's own (frozen) modules."""
+    Holds references to the CLIP model's own (frozen) modules.
 
-    def __init__(self, clip_model):
+    The transformer is causal, so the feature at [EOS] depends on the tokens up to it alone: it runs on
+    the shortest length that holds every prompt's [EOS] (about 27 of 77 tokens for COCO's prompts with
+    21 contexts), which gives the 77-token features to rounding. Its attention is PyTorch's fused
+    ``scaled_dot_product_attention`` with a causal mask where the blocks are open_clip's standard ones;
+    ``full_length=True`` runs open_clip's own transformer on all 77 tokens, as the authors did.
+    """
+
+    def __init__(self, clip_model, full_length: bool = False):
         super().__init__()
         for part in ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection"):
             if not hasattr(clip_model, part):
                 raise TypeError(f"the CLIP model has no {part}: only open_clip CLIP models (not CustomTextCLIP) work")
         self.clip = [clip_model]  # a list: not a submodule, so its weights are not registered twice
+        self.full_length = full_length
+        self.fused = not full_length and _standard_causal_blocks(clip_model)
 
     def forward(self, prompts: torch.Tensor, tokenized: torch.Tensor) -> torch.Tensor:
         clip = self.clip[0]
         dtype = clip.transformer.get_cast_dtype()
-        x = prompts.to(dtype) + clip.positional_embedding.to(dtype)
-        x = clip.transformer(x, attn_mask=clip.attn_mask)
+        ends = tokenized.argmax(dim=-1)  # [EOS]: the largest id
+        length = prompts.shape[1] if self.full_length else int(ends.max()) + 1
+        x = prompts[:, :length].to(dtype) + clip.positional_embedding[:length].to(dtype)
+        if self.fused:
+            for block in clip.transformer.resblocks:
+                x = _causal_block(block, x)
+        else:
+            x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
         x = clip.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), tokenized.argmax(dim=-1)]  # [EOS]: the largest id
+        x = x[torch.arange(x.shape[0], device=x.device), ends]
         projection = clip.text_projection
         return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+
+def _standard_causal_blocks(clip_model) -> bool:
+    """Whether the text transformer is open_clip's plain one: batch-first blocks of pre-norm attention
+    (one packed in-projection) and MLP under a causal mask, which :func:`_causal_block` computes."""
+    transformer = clip_model.transformer
+    mask = getattr(clip_model, "attn_mask", None)
+    if mask is None or not getattr(transformer, "batch_first", False):
+        return False
+    causal = torch.full_like(mask, float("-inf")).triu(1)
+    if not torch.equal(mask, causal):
+        return False
+    return all(
+        isinstance(getattr(block, "attn", None), nn.MultiheadAttention)
+        and block.attn._qkv_same_embed_dim
+        and block.attn.batch_first
+        and not hasattr(block, "ln_1_kv")
+        and all(hasattr(block, part) for part in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2"))
+        for block in transformer.resblocks
+    )
+
+
+def _causal_block(block, x: torch.Tensor) -> torch.Tensor:
+    """One open_clip residual attention block with fused causal attention: x + attn(ln_1 x), then
+    x + mlp(ln_2 x), each through its layer scale."""
+    attention = block.attn
+    batch, length, width = x.shape
+    heads = attention.num_heads
+    q, k, v = F.linear(block.ln_1(x), attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.view(batch, length, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+    attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, length, width)
+    x = x + block.ls_1(attention.out_proj(attended))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
