@@ -1,6 +1,7 @@
 """The ``dualcoop`` command line: train, evaluate and predict (also ``python -m dualcoop_kernels``).
 
     dualcoop train --preset coco --root DATA --partial 0.3 --seed 1 --out RUN
+    dualcoop cache --preset coco --root DATA --out CACHE [--augment --views 4]   (then train --features CACHE)
     dualcoop eval RUN [--json]
     dualcoop predict RUN IMAGE_OR_FOLDER ... [--top-k 3] [--out predictions.csv]
 
@@ -21,13 +22,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 TOP_K_COLUMNS = (("P", "precision"), ("R", "recall"), ("F1", "f1"))
 
 
-def _train_parser(commands) -> None:
+def _settings_parser(commands, name: str, help: str):
+    """A command that takes a run's settings: a preset, then any setting overridden."""
     from .training.config import DATASETS, PRESETS, SELECT_ON
 
-    parser = commands.add_parser("train", help="train prompts on a dataset, pick the best epoch, evaluate it")
+    parser = commands.add_parser(name, help=help)
     parser.add_argument("--preset", choices=list(PRESETS), help="the authors' settings for a paper's experiment")
-    parser.add_argument("--out", required=True, type=Path, help="the run folder")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     settings = parser.add_argument_group("settings (a preset's values, overridden by those given)")
     settings.add_argument("--dataset", choices=DATASETS)
     settings.add_argument("--root", help="the dataset's folder (csv: the training CSV file)")
@@ -36,6 +36,7 @@ def _train_parser(commands) -> None:
     settings.add_argument("--partial", type=float, help="proportion of training labels known, in (0, 1]")
     settings.add_argument("--mask-seed", dest="mask_seed", type=int, help="seed of the partial-label draw")
     settings.add_argument("--mask", dest="mask_file", help="a saved mask (.npy) instead of a drawn one")
+    settings.add_argument("--features", help="a feature cache of the training split (dualcoop cache)")
     settings.add_argument("--zero-shot", dest="zero_shot", action="store_const", const=True)
     settings.add_argument("--clip", help="open_clip model name or model config (.json)")
     settings.add_argument("--pretrained", help="open_clip tag, checkpoint file, or 'none' for random weights")
@@ -53,6 +54,21 @@ def _train_parser(commands) -> None:
     settings.add_argument("--workers", type=int)
     settings.add_argument("--device")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _train_parser(commands) -> None:
+    parser = _settings_parser(commands, "train", "train prompts on a dataset, pick the best epoch, evaluate it")
+    parser.add_argument("--out", required=True, type=Path, help="the run folder")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def _cache_parser(commands) -> None:
+    parser = _settings_parser(commands, "cache", "store the frozen image encoder's features of the training split")
+    parser.add_argument("--out", required=True, type=Path, help="the cache folder (a rerun finishes it)")
+    parser.add_argument("--views", type=int, default=1, help="augmented views per image (needs --augment)")
+    parser.add_argument("--augment", action="store_true", help="the training augmentation (else the test transform)")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
 
 
 SETTINGS = [
@@ -63,6 +79,7 @@ SETTINGS = [
     "partial",
     "mask_seed",
     "mask_file",
+    "features",
     "zero_shot",
     "clip",
     "pretrained",
@@ -83,19 +100,54 @@ SETTINGS = [
 
 
 def _train(args) -> int:
-    from .training import TrainConfig, preset_config, train
+    from .training import TrainConfig, train
 
-    given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
     if args.resume:
+        given = [name for name in SETTINGS if getattr(args, name) is not None]
         if given or args.preset:
-            raise ValueError(f"--resume continues {args.out} as configured; drop {sorted(given) or ['--preset']}")
+            raise ValueError(f"--resume continues {args.out} as configured; drop {given or ['--preset']}")
         config = TrainConfig.load(args.out / "config.json")
     else:
-        if "root" not in given:
-            raise ValueError("--root is needed: the dataset's folder (for --dataset csv, the CSV file)")
-        config = TrainConfig(**{**(preset_config(args.preset) if args.preset else {}), **given})
+        config = _config_from(args)
     results = train(config, args.out, resume=args.resume, show_progress=not args.quiet)
     print(_summary(results))
+    return 0
+
+
+def _config_from(args):
+    from .training import TrainConfig, preset_config
+
+    given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
+    if "root" not in given:
+        raise ValueError("--root is needed: the dataset's folder (for --dataset csv, the CSV file)")
+    return TrainConfig(**{**(preset_config(args.preset) if args.preset else {}), **given})
+
+
+def _cache(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .training import build_model
+    from .training.cache import extract
+    from .training.datasets import training_split
+    from .training.trainer import resolve_device
+
+    config = _config_from(args)
+    dataset = training_split(config)
+    device = resolve_device(config.device)
+    model = build_model(config, dataset.classnames).to(device)
+    progress = None if args.quiet else tqdm
+    extract(
+        config,
+        model,
+        dataset,
+        args.out,
+        views=args.views,
+        augment=args.augment,
+        dtype=args.dtype,
+        device=device,
+        progress=progress,
+    )
+    print(f"dualcoop cache: {args.out} is complete; train with --features {args.out}")
     return 0
 
 
@@ -219,6 +271,7 @@ def main(argv=None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _train_parser(commands)
+    _cache_parser(commands)
     evaluate = commands.add_parser("eval", help="evaluate a run's best prompts on its test split(s)")
     evaluate.add_argument("run", type=Path)
     evaluate.add_argument("--split", action="append", help="test, zsl, gzsl or val (repeatable; default: the tests)")
@@ -233,7 +286,7 @@ def main(argv=None) -> int:
     predict.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     predict.add_argument("--device")
     args = parser.parse_args(argv)
-    handlers = {"train": _train, "eval": _eval, "predict": _predict}
+    handlers = {"train": _train, "cache": _cache, "eval": _eval, "predict": _predict}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt as stopped:

@@ -28,6 +28,7 @@ class TrainConfig:
     partial: float = 1.0  # proportion of the training labels known
     mask_seed: int | None = None  # seed of the partial-label draw (None: the run's seed; VOC's published masks: 0)
     mask_file: str | None = None  # a saved mask (.npy) to use instead of drawing one
+    features: str | None = None  # a feature cache of the training split (dualcoop cache) instead of its images
     zero_shot: bool = False
     clip: str = "RN101"  # an open_clip model name, or the path of an open_clip model config (.json)
     pretrained: str | None = "openai"  # an open_clip tag, a checkpoint file, or None for random weights

@@ -33,6 +33,7 @@ class RunData:
     validation: MultiLabelDataset | None  # drawn from the training images, with their partial labels
     tests: dict[str, MultiLabelDataset]  # "test"; zero-shot: "zsl" (unseen classes) and "gzsl" (all)
     mask: torch.Tensor  # N x C bool over the whole training split, True where a label is known
+    train_indices: np.ndarray  # of the training images in the whole training split (a cache's order)
 
 
 def _joined(first: MultiLabelDataset, second: MultiLabelDataset, name: str) -> MultiLabelDataset:
@@ -43,6 +44,11 @@ def _joined(first: MultiLabelDataset, second: MultiLabelDataset, name: str) -> M
         classnames=first.classnames + second.classnames,
         name=name,
     )
+
+
+def training_split(config: TrainConfig) -> MultiLabelDataset:
+    """The whole training split with its complete labels: what a feature cache holds."""
+    return _splits(config)[0]
 
 
 def _splits(config: TrainConfig) -> tuple[MultiLabelDataset, dict[str, MultiLabelDataset]]:
@@ -112,9 +118,9 @@ def load_run_data(config: TrainConfig, run: Path | None) -> RunData:
     if run is not None:
         save_mask(run / "mask.npy", mask)
     train = train.with_labels(train.labels * mask.to(train.labels.dtype))
-    validation = None
+    validation, rest = None, np.arange(len(train))
     if config.select_on == "val":
         held = validation_indices(len(train), config.val_fraction)
-        rest = np.setdiff1d(np.arange(len(train)), held)
+        rest = np.setdiff1d(rest, held)
         train, validation = train.subset(rest), train.subset(held)
-    return RunData(train=train, validation=validation, tests=tests, mask=mask)
+    return RunData(train=train, validation=validation, tests=tests, mask=mask, train_indices=rest)

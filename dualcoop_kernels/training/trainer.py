@@ -24,9 +24,10 @@ from ..data.transforms import test_transform, train_transform
 from ..loss import AsymmetricLoss, split_signed_labels
 from ..metrics import average_precision, evaluate, ranking_scores, top_k_metrics
 from ..model import DualCoOpPlusPlus
+from .cache import CachedRegions, FeatureCache
 from .checkpoint import atomic_torch_save, load_torch_file, random_states, restore_random_states
 from .config import TrainConfig
-from .datasets import load_run_data
+from .datasets import load_run_data, training_split
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 
@@ -211,9 +212,12 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
             ),
         )
 
-    augmented = _Augmented(
-        data.train, train_transform(config.image_size, config.protocol, config.crop_scale), config.seed
-    )
+    if config.features:
+        cached = FeatureCache(config.features).read_for(config, model, training_split(config))
+        augmented = CachedRegions(cached, data.train.labels, data.train_indices, config.seed)
+    else:
+        transform = train_transform(config.image_size, config.protocol, config.crop_scale)
+        augmented = _Augmented(data.train, transform, config.seed)
     classes = len(data.train.classnames)
     steps_per_epoch = len(data.train) // config.batch_size
     if steps_per_epoch == 0:
@@ -248,7 +252,8 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
                     labels = labels[:, subset]
                     subset = subset.to(device)
                 targets, mask = split_signed_labels(labels.to(device))
-                logits = model(images.to(device), classes=subset)
+                inputs = {"regions" if config.features else "images": images.to(device)}
+                logits = model(**inputs, classes=subset)
                 loss = config.loss_weight * loss_fn(logits.float(), targets, mask)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -1,0 +1,228 @@
+"""Cached region features: the frozen image encoder run once over a split, stored for training.
+
+A cache is a folder: ``manifest.json`` says what made the features (backbone, a checksum of its image
+weights, image side, transform, views, the images) and their layout; ``features.npy`` holds them,
+views x N x regions x width, float16 by default, memory-mapped; ``done/<chunk>`` marks a chunk of
+images whose features are on disk. Extraction writes chunk by chunk and marks a chunk only after its
+features are flushed, so a crash loses at most the chunks in progress, a rerun resumes where it
+stopped, and a half-written chunk is never read as valid. Several processes (ranks) write disjoint
+chunks of one cache. Training reads a cache only when it is complete and its manifest matches the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._atomic import atomic_write_text
+from ..data import MultiLabelDataset
+from ..data.transforms import test_transform, train_transform
+from .config import TrainConfig
+
+CHUNK_IMAGES = 256
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def weights_checksum(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers, by name: two CLIPs with the same image weights
+    give the same features."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def images_checksum(dataset: MultiLabelDataset) -> str:
+    return hashlib.sha256("\n".join(str(path) for path in dataset.image_paths).encode()).hexdigest()
+
+
+def expected_manifest(config: TrainConfig, model, dataset: MultiLabelDataset, views: int, augment: bool) -> dict:
+    """What the features of ``dataset`` under ``config`` are made of; a cache must match it."""
+    return dict(
+        clip=str(config.clip),
+        image_weights=weights_checksum(model.clip.visual),
+        image_size=config.image_size,
+        protocol=config.protocol,
+        transform="train" if augment else "test",
+        crop_scale=list(config.crop_scale) if augment else None,
+        views=views,
+        seed=config.seed if augment else None,
+        images=images_checksum(dataset),
+        count=len(dataset),
+    )
+
+
+class FeatureCache:
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / "manifest.json"
+
+    def manifest(self) -> dict:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"feature cache {self.folder}: no manifest.json (not a cache, or not started)"
+            ) from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"feature cache {self.folder}: manifest.json is not valid JSON ({error})") from error
+
+    def chunks(self, manifest: dict) -> int:
+        return math.ceil(manifest["count"] / manifest["chunk_images"])
+
+    def done(self) -> set[int]:
+        folder = self.folder / "done"
+        return {int(path.name) for path in folder.iterdir() if path.name.isdigit()} if folder.is_dir() else set()
+
+    def open(self, manifest: dict, mode: str) -> np.memmap:
+        shape = (manifest["views"], manifest["count"], manifest["regions"], manifest["width"])
+        return np.lib.format.open_memmap(
+            self.folder / "features.npy",
+            mode=mode,
+            dtype=DTYPES[manifest["dtype"]],
+            shape=shape if mode == "w+" else None,
+        )
+
+    def read_for(self, config: TrainConfig, model, dataset: MultiLabelDataset) -> np.memmap:
+        """The features of ``dataset`` for a run, refused unless the cache is complete and matches it."""
+        manifest = self.manifest()
+        augment = manifest.get("transform") == "train"
+        return self.read(expected_manifest(config, model, dataset, manifest.get("views"), augment))
+
+    def read(self, expected: dict) -> np.memmap:
+        """The features, when the cache is complete and was made as ``expected`` says."""
+        manifest = self.manifest()
+        mismatched = {key: (manifest.get(key), value) for key, value in expected.items() if manifest.get(key) != value}
+        if mismatched:
+            listing = "; ".join(f"{key}: cache {got!r}, run {want!r}" for key, (got, want) in mismatched.items())
+            raise ValueError(f"feature cache {self.folder} was made otherwise than this run needs ({listing})")
+        missing = sorted(set(range(self.chunks(manifest))) - self.done())
+        if missing:
+            raise ValueError(
+                f"feature cache {self.folder} is incomplete: {len(missing)} chunks missing "
+                "(run the same dualcoop cache command again to finish it)"
+            )
+        try:
+            features = self.open(manifest, "r")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"feature cache {self.folder}: features.npy cannot be read ({error})") from error
+        wanted = (manifest["views"], manifest["count"], manifest["regions"], manifest["width"])
+        if features.shape != wanted:
+            raise ValueError(
+                f"feature cache {self.folder}: features.npy is {features.shape}, the manifest says {wanted}"
+            )
+        return features
+
+
+def _view_of(transform, image, seed: int, view: int, index: int):
+    """An image's ``view``-th augmentation, a function of (seed, view, image) alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(np.random.SeedSequence([seed, view, index]).generate_state(1, np.uint64)[0] >> 1))
+        return transform(image)
+
+
+@torch.no_grad()
+def extract(
+    config: TrainConfig,
+    model,
+    dataset: MultiLabelDataset,
+    folder,
+    *,
+    views: int = 1,
+    augment: bool = False,
+    dtype: str = "float16",
+    device: torch.device | None = None,
+    rank: int = 0,
+    world: int = 1,
+    progress=None,
+) -> FeatureCache:
+    """Write (or finish) the cache of ``dataset``'s region features: ``views`` augmented views of every
+    image with the training transform when ``augment``, else one view with the test transform. With
+    ``world`` processes, this one (``rank``) writes chunks ``rank, rank + world, ...``; rank 0 creates
+    the cache, which the others must wait for."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1 or (views > 1 and not augment):
+        raise ValueError(f"views must be a positive int, and 1 without augmentation, got {views!r}")
+    cache = FeatureCache(folder)
+    device = device or next(model.parameters()).device
+    model.eval()
+    transform = (
+        train_transform(config.image_size, config.protocol, config.crop_scale)
+        if augment
+        else test_transform(config.image_size, config.protocol)
+    )
+    probe = model.encode_regions(transform(dataset[0][0])[None].to(device))
+    manifest = dict(
+        expected_manifest(config, model, dataset, views, augment),
+        regions=probe.shape[1],
+        width=probe.shape[2],
+        dtype=dtype,
+        chunk_images=CHUNK_IMAGES,
+    )
+    if cache.manifest_path.exists():
+        found = cache.manifest()
+        if found != manifest:
+            different = sorted(key for key in manifest if found.get(key) != manifest[key])
+            raise ValueError(
+                f"{cache.folder} holds a cache made otherwise (differs in {different}); choose another --out"
+            )
+    elif rank == 0:
+        cache.folder.mkdir(parents=True, exist_ok=True)
+        cache.open(manifest, "w+").flush()  # allocates the file; chunks fill it
+        atomic_write_text(cache.manifest_path, json.dumps(manifest, indent=2) + "\n")
+    else:
+        raise FileNotFoundError(f"{cache.folder}: rank 0 has not created the cache yet")
+    size = views * len(dataset) * manifest["regions"] * manifest["width"] * np.dtype(DTYPES[dtype]).itemsize
+    todo = [c for c in range(cache.chunks(manifest)) if c % world == rank and c not in cache.done()]
+    if rank == 0:
+        print(
+            f"dualcoop cache: {len(dataset)} images x {views} view(s) x {manifest['regions']} regions x "
+            f"{manifest['width']} ({dtype}): {size / 2**30:.2f} GiB in {cache.folder}; "
+            f"{cache.chunks(manifest) - len(cache.done())} of {cache.chunks(manifest)} chunks to do"
+        )
+    features = cache.open(manifest, "r+")
+    (cache.folder / "done").mkdir(exist_ok=True)
+    chunks = todo if progress is None else progress(todo, desc=f"caching (rank {rank})")
+    for chunk in chunks:
+        indices = range(chunk * CHUNK_IMAGES, min((chunk + 1) * CHUNK_IMAGES, len(dataset)))
+        images = [dataset[index][0] for index in indices]
+        for view in range(views):
+            for start in range(0, len(images), config.batch_size):
+                batch = [
+                    _view_of(transform, image, config.seed, view, index)
+                    for image, index in zip(images[start : start + config.batch_size], indices[start:])
+                ]
+                regions = model.encode_regions(torch.stack(batch).to(device))
+                first = indices[start]
+                features[view, first : first + len(batch)] = regions.float().cpu().numpy().astype(DTYPES[dtype])
+        features.flush()  # msync: the chunk is on disk before it is marked done
+        atomic_write_text(cache.folder / "done" / str(chunk), "")
+    del features
+    return cache
+
+
+class CachedRegions(torch.utils.data.Dataset):
+    """Training items from a cache: (regions of one view, labels, index); the view of an image in an
+    epoch is a function of (seed, epoch, image) alone."""
+
+    def __init__(self, features: np.ndarray, labels: torch.Tensor, indices: np.ndarray, seed: int):
+        self.features, self.labels, self.indices, self.seed, self.epoch = features, labels, indices, seed, 0
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, item):
+        index = int(self.indices[item])
+        views = self.features.shape[0]
+        view = int(np.random.SeedSequence([self.seed, self.epoch, index, 2]).generate_state(1)[0]) % views
+        return torch.from_numpy(np.array(self.features[view, index], dtype=np.float32)), self.labels[item], item
