@@ -53,6 +53,8 @@ def _settings_parser(commands, name: str, help: str):
     settings.add_argument("--seed", type=int)
     settings.add_argument("--workers", type=int)
     settings.add_argument("--device")
+    settings.add_argument("--precision", choices=("fp32", "tf32", "bf16"), help="of the encoders (default fp32)")
+    settings.add_argument("--compile-text", dest="compile_text", action="store_const", const=True)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -96,6 +98,8 @@ SETTINGS = [
     "seed",
     "workers",
     "device",
+    "precision",
+    "compile_text",
 ]
 
 
@@ -126,28 +130,21 @@ def _config_from(args):
 def _cache(args) -> int:
     from tqdm.auto import tqdm
 
-    from .training import build_model
+    from .training import build_model, distributed
     from .training.cache import extract
     from .training.datasets import training_split
     from .training.trainer import resolve_device
 
     config = _config_from(args)
     dataset = training_split(config)
-    device = resolve_device(config.device)
+    ranks, device = distributed.start(resolve_device(config.device))
     model = build_model(config, dataset.classnames).to(device)
-    progress = None if args.quiet else tqdm
-    extract(
-        config,
-        model,
-        dataset,
-        args.out,
-        views=args.views,
-        augment=args.augment,
-        dtype=args.dtype,
-        device=device,
-        progress=progress,
-    )
-    print(f"dualcoop cache: {args.out} is complete; train with --features {args.out}")
+    progress = None if args.quiet or not ranks.main else tqdm
+    options = dict(views=args.views, augment=args.augment, dtype=args.dtype, device=device, ranks=ranks)
+    extract(config, model, dataset, args.out, **options, progress=progress)
+    distributed.stop(ranks)
+    if ranks.main:
+        print(f"dualcoop cache: {args.out} is complete; train with --features {args.out}")
     return 0
 
 

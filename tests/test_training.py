@@ -188,6 +188,40 @@ def test_without_a_test_set_the_held_out_images_are_reported(task, tmp_path):
     assert list(json.loads((tmp_path / "run" / "eval.json").read_text())["val"]["per_class_AP"]) == list(SHAPES)
 
 
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_run(trained, task, tmp_path):
+    """torchrun with two CPU processes (gloo): each takes half of every global batch, the gradients
+    are summed, rank 0 writes; the run equals the single-process one to rounding."""
+    single = tmp_path / "single"
+    assert main(train_arguments(task, single, epochs=2)) == 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [*launcher, "-m", "dualcoop_kernels", *train_arguments(task, tmp_path / "two", epochs=2)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    for one, two in zip(history(single), history(tmp_path / "two"), strict=True):
+        assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-5)
+        assert one["val_mAP"] == pytest.approx(two["val_mAP"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_bf16_encoders_and_a_compiled_text_encoder(task, tmp_path):
+    from dualcoop_kernels.model import DualCoOpPlusPlus
+
+    model = DualCoOpPlusPlus(str(task["clip"]), list(SHAPES), n_ctx=4)
+    with torch.no_grad():
+        eager = model.text_features()[0]
+        model.text_encoder = torch.compile(model.text_encoder)
+        model._text_cache = None
+        torch.testing.assert_close(model.text_features()[0], eager, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(torch.randn(2, 3, 48, 48))
+    assert logits.dtype == torch.float32  # the head computes in float32 under autocast
+    run = tmp_path / "run"
+    assert main(train_arguments(task, run, epochs=1, extra=["--precision", "bf16", "--compile-text"])) == 0
+    assert TrainConfig.load(run / "config.json").precision == "bf16"
+    assert json.loads((run / "eval.json").read_text())["test"]["mAP"] > 0
+
+
 def test_schedule_is_the_authors():
     config = TrainConfig(root="x", epochs=50, lr=0.005)
     assert learning_rate(config, 0) == 1e-5

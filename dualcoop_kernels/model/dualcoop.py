@@ -154,9 +154,13 @@ class DualCoOpPlusPlus(nn.Module):
             check_float("regions", regions)
             if regions.shape[-1] != self.embed_dim:
                 raise ValueError(f"regions must have shape {doc}, got {tuple(regions.shape)}")
-        texts = [t.to(regions.dtype) for t in self.text_features(classes)]
-        evidence, positive, negative = texts if len(texts) == 3 else (texts[0], *texts)
-        return self.head(regions, evidence, positive, negative)
+        texts = self.text_features(classes)
+        # the head computes in float32 (float64 for float64 regions), also when the encoders ran in
+        # fp16 or bf16 under autocast
+        dtype = torch.float64 if regions.dtype == torch.float64 else torch.float32
+        evidence, positive, negative = (t.to(dtype) for t in (texts if len(texts) == 3 else (texts[0], *texts)))
+        with torch.autocast(regions.device.type, enabled=False):
+            return self.head(regions.to(dtype), evidence, positive, negative)
 
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """The learned state alone (the contexts, and the log temperature), without the CLIP weights."""

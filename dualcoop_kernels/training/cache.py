@@ -23,6 +23,7 @@ from .._atomic import atomic_write_text
 from ..data import MultiLabelDataset
 from ..data.transforms import test_transform, train_transform
 from .config import TrainConfig
+from .distributed import SINGLE_PROCESS, Ranks
 
 CHUNK_IMAGES = 256
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -141,14 +142,13 @@ def extract(
     augment: bool = False,
     dtype: str = "float16",
     device: torch.device | None = None,
-    rank: int = 0,
-    world: int = 1,
+    ranks: Ranks = SINGLE_PROCESS,
     progress=None,
 ) -> FeatureCache:
     """Write (or finish) the cache of ``dataset``'s region features: ``views`` augmented views of every
-    image with the training transform when ``augment``, else one view with the test transform. With
-    ``world`` processes, this one (``rank``) writes chunks ``rank, rank + world, ...``; rank 0 creates
-    the cache, which the others must wait for."""
+    image with the training transform when ``augment``, else one view with the test transform. Under
+    torchrun rank 0 creates the cache and every rank writes its own chunks (``rank``, ``rank + world``,
+    ...)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     if isinstance(views, bool) or not isinstance(views, int) or views < 1 or (views > 1 and not augment):
@@ -176,15 +176,14 @@ def extract(
             raise ValueError(
                 f"{cache.folder} holds a cache made otherwise (differs in {different}); choose another --out"
             )
-    elif rank == 0:
+    elif ranks.main:
         cache.folder.mkdir(parents=True, exist_ok=True)
         cache.open(manifest, "w+").flush()  # allocates the file; chunks fill it
         atomic_write_text(cache.manifest_path, json.dumps(manifest, indent=2) + "\n")
-    else:
-        raise FileNotFoundError(f"{cache.folder}: rank 0 has not created the cache yet")
+    ranks.barrier()  # the other ranks write into what rank 0 created
     size = views * len(dataset) * manifest["regions"] * manifest["width"] * np.dtype(DTYPES[dtype]).itemsize
-    todo = [c for c in range(cache.chunks(manifest)) if c % world == rank and c not in cache.done()]
-    if rank == 0:
+    todo = [c for c in range(cache.chunks(manifest)) if c % ranks.world == ranks.rank and c not in cache.done()]
+    if ranks.main:
         print(
             f"dualcoop cache: {len(dataset)} images x {views} view(s) x {manifest['regions']} regions x "
             f"{manifest['width']} ({dtype}): {size / 2**30:.2f} GiB in {cache.folder}; "
@@ -192,7 +191,7 @@ def extract(
         )
     features = cache.open(manifest, "r+")
     (cache.folder / "done").mkdir(exist_ok=True)
-    chunks = todo if progress is None else progress(todo, desc=f"caching (rank {rank})")
+    chunks = todo if progress is None else progress(todo, desc=f"caching (rank {ranks.rank})")
     for chunk in chunks:
         indices = range(chunk * CHUNK_IMAGES, min((chunk + 1) * CHUNK_IMAGES, len(dataset)))
         images = [dataset[index][0] for index in indices]
@@ -208,6 +207,7 @@ def extract(
         features.flush()  # msync: the chunk is on disk before it is marked done
         atomic_write_text(cache.folder / "done" / str(chunk), "")
     del features
+    ranks.barrier()
     return cache
 
 

@@ -17,6 +17,7 @@ from ..options import WTA_ALIASES, WTA_MODES
 
 DATASETS = ("coco", "voc", "nuswide", "csv")
 SELECT_ON = ("val", "test")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass
@@ -54,6 +55,8 @@ class TrainConfig:
     seed: int = 1
     workers: int = 4
     device: str = "auto"
+    precision: str = "fp32"  # the encoders': fp32 (the authors'), tf32 matmuls, or bf16 autocast
+    compile_text: bool = False  # torch.compile the text encoder
     extra: dict = field(default_factory=dict)  # free-form notes kept with the run
 
     def __post_init__(self):
@@ -64,6 +67,7 @@ class TrainConfig:
             (self.protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}"),
             (self.wta in WTA_MODES, f"wta must be one of {WTA_MODES}, got {self.wta!r}"),
             (self.select_on in SELECT_ON, f"select_on must be one of {SELECT_ON}, got {self.select_on!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (0 < self.partial <= 1, f"partial must be in (0, 1], got {self.partial}"),
             (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be at least 1"),

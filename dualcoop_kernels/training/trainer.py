@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from .._atomic import atomic_write_text
@@ -24,6 +25,7 @@ from ..data.transforms import test_transform, train_transform
 from ..loss import AsymmetricLoss, split_signed_labels
 from ..metrics import average_precision, evaluate, ranking_scores, top_k_metrics
 from ..model import DualCoOpPlusPlus
+from . import distributed
 from .cache import CachedRegions, FeatureCache
 from .checkpoint import atomic_torch_save, load_torch_file, random_states, restore_random_states
 from .config import TrainConfig
@@ -177,12 +179,26 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
     else:
         if checkpoint_path.exists():
             raise FileExistsError(f"{run} already holds a run: --resume continues it, or choose another --out")
+        state = None
+    ranks, device = distributed.start(resolve_device(config.device))
+    if ranks.world > 1 and config.batch_size % ranks.world:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {ranks.world} processes")
+    if not ranks.main:
+        progress = None
+    elif state is None:
         run.mkdir(parents=True, exist_ok=True)
         config.save(run / "config.json")
-        state = None
-    device = resolve_device(config.device)
-    data = load_run_data(config, run)
+    data = load_run_data(config, run if ranks.main else None)
     model = build_model(config, data.train.classnames).to(device)
+    if config.compile_text:
+        model.text_encoder = torch.compile(model.text_encoder)
+    network = model
+    if ranks.world > 1:  # averages the prompts' gradients over the ranks
+        network = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.precision == "tf32"
     optimizer = torch.optim.SGD(
         model.learnable_parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
@@ -197,6 +213,8 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
         restore_random_states(state["random"])
 
     def save(epoch_, step_):
+        if not ranks.main:
+            return
         atomic_torch_save(
             checkpoint_path,
             dict(
@@ -238,8 +256,9 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
             order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(_mix(config.seed, epoch)))
             batches = order[: steps_per_epoch * config.batch_size].view(steps_per_epoch, config.batch_size)[step:]
             augmented.epoch = epoch
-            loader = DataLoader(augmented, batch_sampler=batches.tolist(), num_workers=config.workers)
-            model.train()
+            shards = [ranks.slice(batch) for batch in batches.tolist()]
+            loader = DataLoader(augmented, batch_sampler=shards, num_workers=config.workers)
+            network.train()
             started = time.perf_counter()
             bar = loader
             if progress is not None:
@@ -253,20 +272,26 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
                     subset = subset.to(device)
                 targets, mask = split_signed_labels(labels.to(device))
                 inputs = {"regions" if config.features else "images": images.to(device)}
-                logits = model(**inputs, classes=subset)
+                with autocast:  # the encoders; the head and the loss compute in float32
+                    logits = network(**inputs, classes=subset)
                 loss = config.loss_weight * loss_fn(logits.float(), targets, mask)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * ranks.world).backward()  # the loss sums over the global batch; DDP averages
                 optimizer.step()
                 step += 1
-                running["loss"] += loss.item() * len(labels)
-                running["images"] += len(labels)
+                (batch_loss,) = ranks.total(loss.item())
+                running["loss"] += batch_loss * config.batch_size
+                running["images"] += config.batch_size
                 if progress is not None:
                     rate = running["images"] / max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                    bar.set_postfix(loss=f"{batch_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 if interrupt.asked:
                     save(epoch, step)
                     raise KeyboardInterrupt(f"stopped at epoch {epoch}, step {step}; saved: --resume continues")
+            if not ranks.main:  # rank 0 picks the epoch and writes the files
+                step, running = 0, {"loss": 0.0, "images": 0}
+                ranks.barrier()
+                continue
             score = selection_score(model, selection_set, config, device, progress)
             record = dict(
                 epoch=epoch,
@@ -284,6 +309,10 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
             step, running = 0, {"loss": 0.0, "images": 0}
             save(epoch + 1, 0)
             _write_history(run, history)
+            ranks.barrier()
+    if not ranks.main:
+        distributed.stop(ranks)
+        return {}
     model.load_prompt_state_dict(best["prompts"])
     results = dict(best_epoch=best["epoch"], selected_on=config.select_on, selection_metric=selection_metric(config))
     reported = data.tests or ({"val": data.validation} if data.validation is not None else {})
@@ -296,4 +325,5 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
     from .plots import plot_run
 
     plot_run(run, history, results)
+    distributed.stop(ranks)
     return results
