@@ -37,6 +37,7 @@ import torch
 
 import bench_asl
 import bench_head
+import bench_train
 from bench_head import bench_preset, candidates, check_preset, library_backends, make_inputs, quick_shape
 from harness import HEAD_PRESETS, PRESET_WTA, ROOT, environment, format_table, median_time_ms, progress, write_json
 
@@ -46,7 +47,7 @@ from dualcoop_kernels.reference import dualcoop_head_reference
 from dualcoop_kernels.triton.head import choose_launch_config, dualcoop_head_triton
 
 # Shares of the budget; "tests" and "loss" include compiling (Triton's kernels, the C++/CUDA extension).
-STEPS = {"tests": 0.3, "checks": 0.15, "timing": 0.3, "sweep": 0.1, "loss": 0.15}
+STEPS = {"tests": 0.25, "checks": 0.1, "timing": 0.25, "sweep": 0.1, "loss": 0.1, "train": 0.2}
 COMPILED_PRESETS = ("coco", "zsl")  # torch.compile costs about half a minute a preset: the targets' ones
 SWEEP = [dict(num_stages=stages, block_d=d) for stages in (1, 2, 3) for d in (16, 32)]
 LOSS_SHAPES = [(64, 80), (192, 1006), (192, 9605)]  # B, C: COCO's batch, then the zero-shot and open scales
@@ -145,11 +146,39 @@ def run_loss(args, out: Path) -> None:
     save_step(out, "loss", dict(rows=rows))
 
 
-RUNNERS = {"tests": run_tests, "checks": run_checks, "timing": run_timing, "sweep": run_sweep, "loss": run_loss}
+def run_train(args, out: Path) -> None:
+    """A whole training step, the authors' way and the package's (needs open_clip: carried as wheels)."""
+    if importlib.util.find_spec("open_clip") is None:
+        save_step(out, "train", dict(error="open_clip_torch is not installed (README: bring it as wheels)"))
+        return
+    if args.dry_run:  # a tiny CLIP at small shapes
+        config = out / "tiny-clip.json"
+        config.write_text(json.dumps(TINY_CLIP))
+        arguments = ["--clip", str(config), "--image-size", "48", "--batch", "4", "--repeats", "1"]
+    else:
+        arguments = ["--config", "coco", "--config", "nuswide"]
+    rows = bench_train.run(bench_train.parse_args([*arguments, "--device", args.device]))
+    save_step(out, "train", dict(rows=rows))
+
+
+RUNNERS = {
+    "tests": run_tests,
+    "checks": run_checks,
+    "timing": run_timing,
+    "sweep": run_sweep,
+    "loss": run_loss,
+    "train": run_train,
+}
+# A CLIP small enough for a dry run on the CPU
+TINY_CLIP = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 48, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
 
 SWEEP_COLUMNS = [
     ("num_stages", "stages"),
-    ("d", "D step"),
+    ("block_d", "D step"),
     ("default", "default"),
     ("time_ms", "fwd+bwd ms"),
     ("max_abs_error", "max |err|"),
@@ -231,7 +260,7 @@ def write_report(env: dict, steps: dict, out: Path) -> Path:
             ],
         ),
         *section(
-            "Time and memory, WTA pos_norm",
+            "Time and memory (each preset's WTA mode)",
             "timing",
             lambda r: [
                 "```",
@@ -245,6 +274,15 @@ def write_report(env: dict, steps: dict, out: Path) -> Path:
             "Launch settings of the Triton head, coco fwd+bwd",
             "sweep",
             lambda r: ["```", format_table(r["rows"], SWEEP_COLUMNS), "```"],
+        ),
+        *section(
+            "A training step: the authors' way and the package's",
+            "train",
+            lambda r: (
+                ["```", format_table(r["rows"], bench_train.COLUMNS), "```"]
+                if "rows" in r
+                else [f"not run: {r.get('error')}"]
+            ),
         ),
         *section(
             "Asymmetric loss, fwd+bwd",

@@ -1,6 +1,7 @@
 """Smoke run of the benchmark script at small shapes: it runs, prints a table and writes its JSON.
 It checks structure only; no timing is asserted."""
 
+import importlib.util
 import json
 import math
 import os
@@ -45,7 +46,7 @@ def test_bench_head_quick(tmp_path):
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     """The GPU check's every step at small shapes on the CPU, Triton in its interpreter: the CUDA suite
     is collected (and skipped), every preset and WTA mode is checked against float64, then timing,
-    the launch-settings sweep and the loss; the report files are written."""
+    the launch-settings sweep, the loss and a training step; the report files are written."""
     finished = run(  # a generous budget: each step's share must not stop it on a busy machine
         [
             sys.executable,
@@ -71,8 +72,12 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert {row["backend"] for row in results["timing"]["rows"]} == {"eager", "triton"}
     assert len(results["sweep"]["rows"]) == 6 and all("time_ms" in row for row in results["sweep"]["rows"])
     assert {row["backend"] for row in results["loss"]["rows"]} == {"eager", "torch.compile", "extension"}
+    if importlib.util.find_spec("open_clip"):
+        assert [row["way"] for row in results["train"]["rows"]] == ["authors", "package"]
+    else:
+        assert "open_clip_torch is not installed" in results["train"]["error"]
     markdown = next(tmp_path.glob("*.md")).read_text()
-    assert "75 of 75 checks pass" in markdown and "Launch settings" in markdown
+    assert "75 of 75 checks pass" in markdown and "Launch settings" in markdown and "A training step" in markdown
 
 
 @pytest.mark.slow
@@ -118,3 +123,19 @@ def test_recorded_gpu_results_are_summarised(tmp_path):
     assert recorded_results(tmp_path) == [
         "NVIDIA H100 80GB HBM3 (2026-12-01, NVIDIA-H100-80GB-HBM3.md): coco fwd+bwd >= 5x eager: 6.10x"
     ]
+
+
+@pytest.mark.slow
+def test_bench_train_quick(tmp_path):
+    """A training step both ways at the quick configuration (RN50, 224 px, batch 16, 80 classes): every
+    part timed once, the package's way compared with the authors'. About two minutes on two cores."""
+    pytest.importorskip("open_clip")
+    out = tmp_path / "train.json"
+    finished = run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--quick", "--out", str(out)])
+    assert "x authors" in finished.stdout and "text enc" in finished.stdout
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["way"], row["precision"]) for row in rows] == [("authors", "fp32"), ("package", "fp32")]
+    for row in rows:
+        assert row["config"] == "quick"
+        for part in ("step", "image", "text", "head", "loss", "optimizer"):
+            assert math.isfinite(row[f"{part}_ms"]) and row[f"{part}_ms"] > 0

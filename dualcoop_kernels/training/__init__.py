@@ -2,7 +2,8 @@
 
 ``config.py`` what defines a run and the presets; ``datasets.py`` a run's data (partial labels,
 validation images, test sets); ``trainer.py`` the loop, checkpoints and the final evaluation;
-``checkpoint.py`` atomic files; ``plots.py`` pictures of a run.
+``cache.py`` feature caches; ``distributed.py`` several processes under torchrun; ``checkpoint.py``
+checkpoints and random states; ``plots.py`` pictures of a run.
 """
 
 from .config import PRESETS, TrainConfig, preset_config
