@@ -13,6 +13,7 @@ from dualcoop_kernels.data import (
     COCO_CLASSES,
     COCO_SEEN,
     COCO_UNSEEN,
+    NUSWIDE_CONCEPTS,
     VOC_CLASSES,
     DatasetError,
     known_mask,
@@ -277,6 +278,11 @@ def test_mask_files_round_trip_and_are_checked(tmp_path):
     (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(ValueError, match=r"not a readable .npy"):
         load_mask(tmp_path / "bad.npy", (6, 4))
+
+
+def test_nuswide_concepts_read_as_shipped(tmp_path):
+    write_nuswide(tmp_path, NUSWIDE_CONCEPTS, [[1] * 81])
+    assert len(NUSWIDE_CONCEPTS) == 81 and read_nuswide(tmp_path).classnames == NUSWIDE_CONCEPTS
 
 
 def test_zero_shot_split_of_coco():

@@ -7,7 +7,7 @@ names) that loads images lazily. docs/data.md states the rules each reader follo
 from .coco import COCO_CLASSES, read_coco
 from .csv_labels import read_csv_labels
 from .dataset import DatasetError, MultiLabelDataset, load_image
-from .nuswide import read_nuswide, read_nuswide_tags
+from .nuswide import NUSWIDE_CONCEPTS, read_nuswide, read_nuswide_tags
 from .partial import known_mask, load_mask, partial_labels, save_mask
 from .protocols import PROTOCOLS
 from .voc import VOC_CLASSES, read_voc
@@ -17,6 +17,7 @@ __all__ = [
     "COCO_CLASSES",
     "COCO_SEEN",
     "COCO_UNSEEN",
+    "NUSWIDE_CONCEPTS",
     "PROTOCOLS",
     "VOC_CLASSES",
     "DatasetError",

@@ -17,6 +17,17 @@ import torch
 from .dataset import DatasetError, MultiLabelDataset
 
 SPLITS = {"train": "Train", "test": "Test"}
+# The 81 concepts in the order of the release's Concepts81.txt (the unseen classes of zero-shot runs)
+NUSWIDE_CONCEPTS = [
+    "airport", "animal", "beach", "bear", "birds", "boats", "book", "bridge", "buildings", "cars", "castle", "cat",
+    "cityscape", "clouds", "computer", "coral", "cow", "dancing", "dog", "earthquake", "elk", "fire", "fish",
+    "flags", "flowers", "food", "fox", "frost", "garden", "glacier", "grass", "harbor", "horses", "house", "lake",
+    "leaf", "map", "military", "moon", "mountain", "nighttime", "ocean", "person", "plane", "plants", "police",
+    "protest", "railroad", "rainbow", "reflection", "road", "rocks", "running", "sand", "sign", "sky", "snow",
+    "soccer", "sports", "statue", "street", "sun", "sunset", "surf", "swimmers", "tattoo", "temple", "tiger",
+    "tower", "town", "toy", "train", "tree", "valley", "vehicle", "water", "waterfall", "wedding", "whales",
+    "window", "zebra",
+]  # fmt: skip
 
 
 def _lines(path: Path, what: str) -> list[str]:
