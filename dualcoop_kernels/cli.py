@@ -222,6 +222,31 @@ def _images(paths: list[str]) -> list[Path]:
     return found
 
 
+def _class_list(given: str) -> list[str]:
+    """``--classes``: names separated by commas, or the path of a file with one name a line."""
+    path = Path(given)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [name.strip() for name in given.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"--classes {given!r} names no class (give names separated by commas, or a file of names)")
+    return names
+
+
+def _open_vocabulary(model, config, given: str):
+    """The run's learned contexts around other class names: only contexts shared by all classes
+    (zero-shot training, --shared-contexts) can describe a class they were not trained on."""
+    from .training.trainer import model_for
+
+    if config.csc:
+        raise ValueError(
+            "--classes needs a run trained with contexts shared by all classes (--zero-shot or "
+            "--shared-contexts); this run learned class-specific contexts, which exist only for its own classes"
+        )
+    return model_for(model, config, _class_list(given)).eval()
+
+
 def _predict(args) -> int:
     import torch
 
@@ -231,6 +256,8 @@ def _predict(args) -> int:
     from .metrics import ranking_scores
 
     config, model, device = _load_run(args.run, args.device)
+    if args.classes is not None:
+        model = _open_vocabulary(model, config, args.classes)
     classnames = model.prompts.classnames
     if args.top_k is not None and not 1 <= args.top_k <= len(classnames):
         raise ValueError(f"--top-k must be from 1 to the {len(classnames)} classes, got {args.top_k}")
@@ -279,6 +306,9 @@ def main(argv=None) -> int:
     predict.add_argument("run", type=Path)
     predict.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     predict.add_argument("--top-k", dest="top_k", type=int, help="only the k most likely classes per image")
+    predict.add_argument(
+        "--classes", help="score these class names instead (comma-separated, or a file of names; shared-context runs)"
+    )
     predict.add_argument("--out", help="CSV file to write (default: standard output)")
     predict.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     predict.add_argument("--device")

@@ -155,6 +155,36 @@ def test_zero_shot_run_reports_unseen_and_generalised_scores(task, tmp_path):
     assert evaluated["selection_metric"] == "F1@3" and "val_F1@3" in history(run)[0]
 
 
+def predictions(capsys, arguments):
+    capsys.readouterr()  # what came before
+    assert main(["predict", *arguments]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    names = header.split(",")[1:]
+    return {name: [float(row.split(",")[1 + i]) for row in rows] for i, name in enumerate(names)}
+
+
+@pytest.mark.slow
+def test_open_vocabulary_prediction_with_shared_contexts(trained, task, tmp_path, capsys):
+    run = tmp_path / "shared"
+    assert main(train_arguments(task, run, epochs=1, extra=["--shared-contexts"])) == 0
+    images = str(task["test"].parent / "images")
+    trained_scores = predictions(capsys, [str(run), images])
+    reordered = list(SHAPES)[::-1]
+    given = predictions(capsys, [str(run), images, "--classes", ",".join(reordered)])
+    for name in SHAPES:  # the same classes, by name and in another order: the same scores
+        assert given[name] == pytest.approx(trained_scores[name], abs=2e-6)
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("purple star\ntraffic light\n")
+    unseen = predictions(capsys, [str(run), images, "--classes", str(names_file)])
+    assert list(unseen) == ["purple star", "traffic light"]
+    assert all(0 <= p <= 1 for values in unseen.values() for p in values)
+    class_specific, _ = trained
+    assert main(["predict", str(class_specific), images, "--classes", "cat"]) == 2
+    assert "class-specific contexts" in capsys.readouterr().err
+    assert main(["predict", str(run), images, "--classes", " , "]) == 2
+    assert "names no class" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_zero_shot_batches_train_on_a_random_subset_of_the_seen_classes(task, tmp_path, monkeypatch):
     from dualcoop_kernels.model import DualCoOpPlusPlus
