@@ -30,7 +30,8 @@ setup(
     extras_require={
         "clip": ["open_clip_torch>=2.24"],  # the model, training and the dualcoop command (torchvision, tqdm)
         "plot": ["matplotlib"],  # pictures of a training run
+        "bigearthnet": ["pyarrow"],  # BigEarthNet v2.0's metadata table
         "extension": ["ninja"],  # builds the optional C++/CUDA loss (also needs a C++ compiler)
-        "test": ["pytest", "pytest-benchmark", "ninja", "ruff", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "ruff", "matplotlib", "pyarrow"],
     },
 )

@@ -38,6 +38,10 @@ def _settings_parser(commands, name: str, help: str):
     settings.add_argument("--mask", dest="mask_file", help="a saved mask (.npy) instead of a drawn one")
     settings.add_argument("--features", help="a feature cache of the training split (dualcoop cache)")
     settings.add_argument("--zero-shot", dest="zero_shot", action="store_const", const=True)
+    settings.add_argument("--bigearthnet-classes", dest="bigearthnet_classes", type=int, choices=(19, 43))
+    settings.add_argument(
+        "--rgb-max", dest="rgb_max", type=float, help="BigEarthNet: reflectance (x 10,000) shown as 255"
+    )
     settings.add_argument("--clip", help="open_clip model name or model config (.json)")
     settings.add_argument("--pretrained", help="open_clip tag, checkpoint file, or 'none' for random weights")
     settings.add_argument("--image-size", dest="image_size", type=int)
@@ -83,6 +87,8 @@ SETTINGS = [
     "mask_file",
     "features",
     "zero_shot",
+    "bigearthnet_classes",
+    "rgb_max",
     "clip",
     "pretrained",
     "image_size",

@@ -4,6 +4,7 @@ Every reader returns a :class:`MultiLabelDataset` (image paths, N x C labels in 
 names) that loads images lazily. docs/data.md states the rules each reader follows.
 """
 
+from .bigearthnet import read_bigearthnet
 from .coco import COCO_CLASSES, read_coco
 from .csv_labels import read_csv_labels
 from .dataset import DatasetError, MultiLabelDataset, load_image
@@ -26,6 +27,7 @@ __all__ = [
     "load_image",
     "load_mask",
     "partial_labels",
+    "read_bigearthnet",
     "read_coco",
     "read_csv_labels",
     "read_nuswide",

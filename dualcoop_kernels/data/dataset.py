@@ -35,6 +35,7 @@ class MultiLabelDataset(Dataset):
     classnames: list[str]
     name: str = "dataset"
     transform: Callable | None = field(default=None, repr=False)
+    loader: Callable | None = field(default=None, repr=False)  # path -> RGB PIL image; None: an image file
 
     def __post_init__(self):
         self.classnames = check_classnames(self.classnames)
@@ -55,7 +56,8 @@ class MultiLabelDataset(Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, index: int):
-        image = load_image(self.image_paths[index], self.name)
+        path = self.image_paths[index]
+        image = self.loader(path) if self.loader is not None else load_image(path, self.name)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index], index

@@ -55,6 +55,7 @@ def expected_manifest(config: TrainConfig, model, dataset: MultiLabelDataset, vi
         views=views,
         seed=config.seed if augment else None,
         images=images_checksum(dataset),
+        rgb_max=config.rgb_max if config.dataset == "bigearthnet" else None,
         count=len(dataset),
     )
 

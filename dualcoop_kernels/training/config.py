@@ -15,7 +15,7 @@ from .._atomic import atomic_write_text
 from ..data.protocols import PROTOCOLS
 from ..options import WTA_ALIASES, WTA_MODES
 
-DATASETS = ("coco", "voc", "nuswide", "csv")
+DATASETS = ("coco", "voc", "nuswide", "bigearthnet", "csv")
 SELECT_ON = ("val", "test")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -31,6 +31,8 @@ class TrainConfig:
     mask_file: str | None = None  # a saved mask (.npy) to use instead of drawing one
     features: str | None = None  # a feature cache of the training split (dualcoop cache) instead of its images
     zero_shot: bool = False
+    bigearthnet_classes: int = 19  # BigEarthNet's nomenclature: 19 classes, or the 43 original ones (v1.0)
+    rgb_max: float = 2000  # BigEarthNet: the reflectance (x 10,000) that the RGB composite maps to 255
     clip: str = "RN101"  # an open_clip model name, or the path of an open_clip model config (.json)
     pretrained: str | None = "openai"  # an open_clip tag, a checkpoint file, or None for random weights
     image_size: int = 448
@@ -110,6 +112,7 @@ PRESETS = {
     "nuswide": dict(
         _PARTIAL, dataset="nuswide", image_size=448, batch_size=192, wta="pos_softmax", crop_scale=(0.6, 1.0)
     ),
+    "bigearthnet": dict(_PARTIAL, dataset="bigearthnet", image_size=224, batch_size=64, wta="pos_norm"),
     "coco-zsl": dict(_ZERO_SHOT, dataset="coco", wta="pos_norm"),
     "nuswide-zsl": dict(_ZERO_SHOT, dataset="nuswide", wta="pos_softmax", crop_scale=(0.6, 1.0)),
 }

@@ -15,6 +15,7 @@ from ..data import (
     MultiLabelDataset,
     known_mask,
     load_mask,
+    read_bigearthnet,
     read_coco,
     read_csv_labels,
     read_nuswide,
@@ -51,8 +52,20 @@ def training_split(config: TrainConfig) -> MultiLabelDataset:
     return _splits(config)[0]
 
 
+def official_validation(config: TrainConfig) -> MultiLabelDataset | None:
+    """A dataset's own validation split, where it has one (BigEarthNet); the others hold images out."""
+    if config.dataset == "bigearthnet":
+        return read_bigearthnet(config.root, "val", classes=config.bigearthnet_classes, rgb_max=config.rgb_max)
+    return None
+
+
 def _splits(config: TrainConfig) -> tuple[MultiLabelDataset, dict[str, MultiLabelDataset]]:
     root = config.root
+    if config.dataset == "bigearthnet":
+        if config.zero_shot:
+            raise ValueError("BigEarthNet has no zero-shot split; zero-shot runs use coco, nuswide or csv")
+        options = dict(classes=config.bigearthnet_classes, rgb_max=config.rgb_max)
+        return read_bigearthnet(root, "train", **options), {"test": read_bigearthnet(root, "test", **options)}
     if config.dataset == "coco":
         train = read_coco(root, "train", protocol=config.protocol)
         test = read_coco(root, "val", protocol=config.protocol)
@@ -119,7 +132,9 @@ def load_run_data(config: TrainConfig, run: Path | None) -> RunData:
         save_mask(run / "mask.npy", mask)
     train = train.with_labels(train.labels * mask.to(train.labels.dtype))
     validation, rest = None, np.arange(len(train))
-    if config.select_on == "val":
+    if config.select_on == "val" and config.dataset == "bigearthnet":
+        validation = official_validation(config)
+    elif config.select_on == "val":
         held = validation_indices(len(train), config.val_fraction)
         rest = np.setdiff1d(rest, held)
         train, validation = train.subset(rest), train.subset(held)
