@@ -279,7 +279,7 @@ def test_presets_hold_the_papers_settings():
     assert (zsl.zero_shot, zsl.clip, zsl.image_size, zsl.n_ctx, zsl.csc, zsl.batch_size, zsl.lr, zsl.loss_weight) == (
         True, "RN50", 224, 64, False, 32, 0.002, 0.01
     )  # fmt: skip
-    assert set(PRESETS) == {"coco", "voc", "nuswide", "coco-zsl", "nuswide-zsl"}
+    assert set(PRESETS) == {"coco", "voc", "nuswide", "bigearthnet", "coco-zsl", "nuswide-zsl"}
 
 
 @pytest.mark.parametrize(
