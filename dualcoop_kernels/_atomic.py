@@ -15,6 +15,7 @@ def atomic_open(path, mode: str = "wb"):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the owner's group
     try:
         with os.fdopen(descriptor, mode) as file:
             yield file
@@ -29,3 +30,9 @@ def atomic_open(path, mode: str = "wb"):
 def atomic_write_text(path, text: str) -> None:
     with atomic_open(path, "w") as file:
         file.write(text)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

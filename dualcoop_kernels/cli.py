@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -24,7 +25,7 @@ TOP_K_COLUMNS = (("P", "precision"), ("R", "recall"), ("F1", "f1"))
 
 def _settings_parser(commands, name: str, help: str):
     """A command that takes a run's settings: a preset, then any setting overridden."""
-    from .training.config import DATASETS, PRESETS, SELECT_ON
+    from .training.config import DATASETS, PRESETS, SELECT_ON, TrainConfig
 
     parser = commands.add_parser(name, help=help)
     parser.add_argument("--preset", choices=list(PRESETS), help="the authors' settings for a paper's experiment")
@@ -60,6 +61,10 @@ def _settings_parser(commands, name: str, help: str):
     settings.add_argument("--precision", choices=("fp32", "tf32", "bf16"), help="of the encoders (default fp32)")
     settings.add_argument("--compile-text", dest="compile_text", action="store_const", const=True)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    defaults = {item.name: item.default for item in dataclasses.fields(TrainConfig)}
+    for action in settings._group_actions:  # show what a setting is when neither preset nor option sets it
+        if action.dest in defaults:
+            action.help = f"{action.help or ''} (default: {defaults[action.dest]})".strip()
     return parser
 
 
@@ -113,10 +118,18 @@ def _train(args) -> int:
     from .training import TrainConfig, train
 
     if args.resume:
-        given = [name for name in SETTINGS if getattr(args, name) is not None]
+        from .training.trainer import RUNTIME_SETTINGS
+
+        given = [name for name in SETTINGS if getattr(args, name) is not None and name not in RUNTIME_SETTINGS]
         if given or args.preset:
-            raise ValueError(f"--resume continues {args.out} as configured; drop {given or ['--preset']}")
+            raise ValueError(
+                f"--resume continues {args.out} as configured (only --workers and --device may change); "
+                f"drop {given or ['--preset']}"
+            )
         config = TrainConfig.load(args.out / "config.json")
+        for name in RUNTIME_SETTINGS:
+            if getattr(args, name) is not None:
+                setattr(config, name, getattr(args, name))
     else:
         config = _config_from(args)
     results = train(config, args.out, resume=args.resume, show_progress=not args.quiet)
@@ -124,10 +137,18 @@ def _train(args) -> int:
     return 0
 
 
+PATH_SETTINGS = ("root", "test_root", "mask_file", "features", "clip", "pretrained")
+
+
 def _config_from(args):
+    """The run's settings: the preset's, then those given; paths made absolute, so that the run
+    folder's config.json works from any working folder."""
     from .training import TrainConfig, preset_config
 
     given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
+    for name in PATH_SETTINGS:
+        if name in given and (name not in ("clip", "pretrained") or Path(given[name]).exists()):
+            given[name] = str(Path(given[name]).resolve())
     if "root" not in given:
         raise ValueError("--root is needed: the dataset's folder (for --dataset csv, the CSV file)")
     return TrainConfig(**{**(preset_config(args.preset) if args.preset else {}), **given})
@@ -163,7 +184,7 @@ def _load_run(run: Path, device: str | None):
     config = TrainConfig.load(run / "config.json")
     if device:
         config.device = device
-    best = load_torch_file(run / "prompts.pt", "learned prompts")
+    best = load_torch_file(run / "prompts.pt", "learned prompts", weights_only=True)
     from .training.trainer import resolve_device
 
     model = build_model(config, best["classnames"]).to(resolve_device(config.device))
@@ -172,9 +193,8 @@ def _load_run(run: Path, device: str | None):
 
 
 def _eval(args) -> int:
-    from .metrics import evaluate
     from .training.datasets import load_run_data
-    from .training.trainer import model_for, scores_of
+    from .training.trainer import evaluate_split
 
     config, model, device = _load_run(args.run, args.device)
     if args.workers is not None:
@@ -187,13 +207,7 @@ def _eval(args) -> int:
     unknown = [name for name in chosen if name not in sets]
     if unknown:
         raise ValueError(f"--split {unknown[0]!r}: this run's splits are {sorted(sets)}")
-    results = {}
-    for name in chosen:
-        dataset = sets[name]
-        scores = scores_of(model_for(model, config, dataset.classnames), dataset, config, device)
-        results[name] = evaluate(
-            scores, dataset.labels.numpy(), dataset.classnames, k=min(config.top_k, scores.shape[1])
-        )
+    results = {name: evaluate_split(model, sets[name], config, device) for name in chosen}
     print(json.dumps(results, indent=2) if args.json else _summary(results))
     return 0
 
@@ -261,6 +275,8 @@ def _predict(args) -> int:
     from .data.transforms import test_transform
     from .metrics import ranking_scores
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     config, model, device = _load_run(args.run, args.device)
     if args.classes is not None:
         model = _open_vocabulary(model, config, args.classes)
@@ -296,6 +312,8 @@ def _predict(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .model.loading import WeightsUnavailable
+
     parser = argparse.ArgumentParser(
         prog="dualcoop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -325,6 +343,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as stopped:
         print(f"dualcoop: {stopped}", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, WeightsUnavailable) as error:
         print(f"dualcoop {args.command}: error: {error}", file=sys.stderr)
         return 2

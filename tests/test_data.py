@@ -16,6 +16,7 @@ from dualcoop_kernels.data import (
     NUSWIDE_CONCEPTS,
     VOC_CLASSES,
     DatasetError,
+    MultiLabelDataset,
     known_mask,
     load_mask,
     partial_labels,
@@ -101,6 +102,31 @@ def test_coco_errors_name_the_file(tmp_path):
         read_coco(tmp_path, "test")
     with pytest.raises(ValueError, match="protocol must be one of"):
         read_coco(tmp_path, protocol="dualcoop+")
+
+
+def test_malformed_coco_entries_name_the_file(tmp_path):
+    path = write_coco(tmp_path)
+    content = json.loads(path.read_text())
+    broken = dict(content, images=[{"id": 1}])
+    path.write_text(json.dumps(broken))
+    with pytest.raises(DatasetError, match=r"instances_train2014.json: an entry of images .* lacks"):
+        read_coco(tmp_path)
+    path.write_text(json.dumps(dict(content, images=content["images"] + content["images"][:1])))
+    with pytest.raises(DatasetError, match="image ids repeat"):
+        read_coco(tmp_path)
+    content["annotations"][0]["bbox"] = "wide"
+    path.write_text(json.dumps(content))
+    with pytest.raises(DatasetError, match="annotation 1 has a malformed bbox"):
+        read_coco(tmp_path)
+
+
+def test_datasets_refuse_ambiguous_labels_and_paths(tmp_path):
+    with pytest.raises(TypeError, match="bool labels would read False as unknown"):
+        MultiLabelDataset(["a.png"], torch.tensor([[True, False]]), ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"labels must hold only \+1"):
+        MultiLabelDataset(["a.png"], torch.tensor([[0.6, 0.0]]), ["cat", "dog"])
+    with pytest.raises(TypeError, match="image_paths must be a list of paths"):
+        MultiLabelDataset("ab", torch.ones(2, 1), ["cat"])
 
 
 def test_a_missing_or_unreadable_image_is_named(tmp_path):

@@ -5,12 +5,15 @@ and the schedule and settings."""
 import importlib.util
 import json
 import math
+import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,7 +155,8 @@ def test_zero_shot_run_reports_unseen_and_generalised_scores(task, tmp_path):
     evaluated = json.loads((run / "eval.json").read_text())
     assert list(evaluated["zsl"]["per_class_AP"]) == ["yellow cross"]
     assert list(evaluated["gzsl"]["per_class_AP"]) == list(SHAPES)
-    assert evaluated["selection_metric"] == "F1@3" and "val_F1@3" in history(run)[0]
+    # zero-shot runs pick by F1 at the top 3, except with 3 seen classes or fewer, where it cannot change
+    assert evaluated["selection_metric"] == "mAP" and "val_mAP" in history(run)[0]
 
 
 def predictions(capsys, arguments):
@@ -212,10 +216,29 @@ def test_zero_shot_batches_train_on_a_random_subset_of_the_seen_classes(task, tm
 
 @pytest.mark.slow
 def test_without_a_test_set_the_held_out_images_are_reported(task, tmp_path):
-    arguments = train_arguments(task, tmp_path / "run", epochs=1)
+    """With partial labels the held-out images keep theirs: the reported mAP ranks the known labels
+    only, as the epoch was picked; results are readable by others as the umask allows."""
+    arguments = train_arguments(task, tmp_path / "run", epochs=2, extra=["--partial", "0.5"])
     del arguments[arguments.index("--test-root") : arguments.index("--test-root") + 2]
     assert main(arguments) == 0
-    assert list(json.loads((tmp_path / "run" / "eval.json").read_text())["val"]["per_class_AP"]) == list(SHAPES)
+    evaluated = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert list(evaluated["val"]["per_class_AP"]) == list(SHAPES) and "unknown_labels" in evaluated["val"]
+    picked = history(tmp_path / "run")[evaluated["best_epoch"]]["val_mAP"]
+    assert evaluated["val"]["mAP"] == pytest.approx(picked, abs=1e-9)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "run" / "eval.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.slow
+def test_a_diverging_run_says_so_and_resume_may_change_workers(trained, task, tmp_path, capsys):
+    assert main(train_arguments(task, tmp_path / "run", epochs=1, extra=["--loss-weight", "1e39"])) == 2
+    assert "training diverged at epoch 0, step 0: the loss is inf" in capsys.readouterr().err
+    run, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    assert main(["train", "--resume", "--workers", "1", "--out", str(copy), "--quiet"]) == 0  # already finished
+    assert json.loads((copy / "eval.json").read_text()) == json.loads((run / "eval.json").read_text())
 
 
 @pytest.mark.slow
@@ -260,6 +283,20 @@ def test_schedule_is_the_authors():
     assert learning_rate(config, 49) / 0.005 == pytest.approx(0.0039, abs=1e-4)
 
 
+def test_settings_of_the_wrong_type_are_refused():
+    for settings, message in [
+        (dict(csc="False"), "csc must be bool"),
+        (dict(epochs=1.5), "epochs must be int"),
+        (dict(crop_scale="0.5,1"), "crop_scale must be two numbers"),
+        (dict(lr=float("inf")), "must be finite"),
+        (dict(loss_weight=-1.0), "loss_weight must be > 0"),
+        (dict(image_size=100000), "image_size must be at most 2048"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=message):
+            TrainConfig(root="x", **settings)
+    assert TrainConfig(root=Path("x")).root == "x"
+
+
 def test_presets_hold_the_papers_settings():
     coco = TrainConfig(**preset_config("coco"), root="x")
     assert (coco.clip, coco.image_size, coco.batch_size, coco.lr, coco.epochs, coco.wta) == (
@@ -294,10 +331,27 @@ def test_presets_hold_the_papers_settings():
         (["train", "--resume", "--lr", "0.1", "--out", "RUN"], "--resume continues"),
         (["eval", "NOWHERE"], "cannot read the run's configuration"),
         (["predict", "NOWHERE", "x.png"], "cannot read the run's configuration"),
+        (["predict", "NOWHERE", "x.png", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["train", "--dataset", "csv", "--root", "x.csv", "--zero-shot", "--out", "RUN"], "contexts shared by all"),
+        (
+            ["train", "--dataset", "csv", "--root", "x.csv", "--mask", "m.npy", "--partial", "0.5", "--out", "RUN"],
+            "--mask",
+        ),
+        (
+            ["train", "--dataset", "csv", "--root", ".", "--out", "RUN"],
+            "is a folder; a csv dataset's --root is its CSV",
+        ),
+        (["train", "--dataset", "csv", "--root", "x.csv", "--device", "gpu0", "--out", "RUN"], "device must be auto"),
+        (
+            ["train", "--dataset", "csv", "--root", "x.csv", "--clip", "none.json", "--out", "RUN"],
+            "config none.json does",
+        ),
+        (["train", "--resume", "--out", "RUN"], "cannot read the run's configuration"),
     ],
 )
 def test_command_line_errors_are_one_line(arguments, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.csv").write_text("image,cat\n" + "".join(f"{i}.png,1\n" for i in range(20)))
     assert main(arguments) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "error:" in error
@@ -324,3 +378,11 @@ def test_a_truncated_checkpoint_is_refused(task, tmp_path, capsys):
 def test_the_module_runs_as_the_command():
     finished = subprocess.run([sys.executable, "-m", "dualcoop_kernels", "--help"], capture_output=True, text=True)
     assert finished.returncode == 0 and "train" in finished.stdout and "predict" in finished.stdout
+
+
+def test_zero_shot_runs_pick_by_f1_at_k_when_it_can_change():
+    from dualcoop_kernels.training.trainer import selection_metric
+
+    zero_shot = TrainConfig(root="x", zero_shot=True, csc=False)
+    assert selection_metric(zero_shot, 48) == "F1@3" and selection_metric(zero_shot, 3) == "mAP"
+    assert selection_metric(TrainConfig(root="x"), 80) == "mAP"

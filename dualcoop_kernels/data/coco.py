@@ -61,7 +61,16 @@ def read_coco(root, split: str = "train", *, protocol: str = "dualcoop++") -> Mu
     names = [category["name"] for category in categories]
     if protocol == "dualcoop++":
         names = [DUALCOOP_PLUS_PLUS_NAMES.get(name, name) for name in names]
-    row = {image["id"]: index for index, image in enumerate(content["images"])}
+    try:
+        row = {image["id"]: index for index, image in enumerate(content["images"])}
+        files = [image["file_name"] for image in content["images"]]
+        names = [str(name) for name in names]
+    except (KeyError, TypeError) as error:
+        raise DatasetError(
+            f"{path}: an entry of images or categories lacks its id, file_name or name ({error!r})"
+        ) from error
+    if len(row) != len(files):
+        raise DatasetError(f"{path}: image ids repeat ({len(files) - len(row)} duplicates)")
     present = torch.zeros(len(row), len(names), dtype=torch.bool)
     first_seen: dict[int, int] = {}  # image row -> order of its first annotation
     for annotation in content["annotations"]:
@@ -74,7 +83,10 @@ def read_coco(root, split: str = "train", *, protocol: str = "dualcoop++") -> Mu
         if protocol == "dualcoop++":
             if annotation.get("iscrowd", 0):
                 continue
-            width, height = annotation.get("bbox", [0, 0, 1, 1])[2:4]
+            try:
+                width, height = (float(side) for side in annotation.get("bbox", [0, 0, 1, 1])[2:4])
+            except (TypeError, ValueError) as error:
+                raise DatasetError(f"{path}: annotation {annotation.get('id')} has a malformed bbox") from error
             if split == "train" and (width < 1 or height < 1):
                 continue
         present[row[image], column[category]] = True
@@ -82,6 +94,6 @@ def read_coco(root, split: str = "train", *, protocol: str = "dualcoop++") -> Mu
     keep = list(range(len(row))) if protocol == "dualcoop++" else sorted(first_seen, key=first_seen.get)
     if not keep:
         raise DatasetError(f"{path}: the split has no images")
-    files = [content["images"][index]["file_name"] for index in keep]
     labels = present[keep].to(torch.int8) * 2 - 1
-    return MultiLabelDataset([root / f"{split}2014" / name for name in files], labels, names, name=f"coco-{split}")
+    paths = [root / f"{split}2014" / files[index] for index in keep]
+    return MultiLabelDataset(paths, labels, names, name=f"coco-{split}")

@@ -21,6 +21,8 @@ def read_csv_labels(path) -> MultiLabelDataset:
     if isinstance(path, (bytes, bytearray)) or not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a path to a CSV file, got {type(path).__name__}")
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path} is a folder; a csv dataset's --root is its CSV file (image,<class 1>,...)")
     if not path.is_file():
         raise FileNotFoundError(f"label file {path} does not exist")
     with open(path, newline="", encoding="utf-8-sig") as file:

@@ -39,15 +39,17 @@ class MultiLabelDataset(Dataset):
 
     def __post_init__(self):
         self.classnames = check_classnames(self.classnames)
+        if isinstance(self.image_paths, (str, Path)):
+            raise TypeError(f"{self.name}: image_paths must be a list of paths, not one path {self.image_paths!r}")
         self.image_paths = [Path(path) for path in self.image_paths]
         labels = torch.as_tensor(self.labels)
+        if labels.dtype == torch.bool:
+            raise TypeError(f"{self.name}: labels must be +1 / -1 / 0 numbers; bool labels would read False as unknown")
         if labels.dim() != 2 or labels.shape != (len(self.image_paths), len(self.classnames)):
             raise ValueError(
                 f"{self.name}: labels must be N x C = {len(self.image_paths)} x {len(self.classnames)}, "
                 f"got {tuple(labels.shape)}"
             )
-        if labels.is_floating_point() or labels.is_complex():
-            labels = labels.round()
         if not bool(((labels == 1) | (labels == -1) | (labels == 0)).all()):
             raise ValueError(f"{self.name}: labels must hold only +1 (present), -1 (absent) and 0 (unknown)")
         self.labels = labels.to(torch.int8)

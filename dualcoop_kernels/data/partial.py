@@ -54,7 +54,7 @@ def load_mask(path, shape: tuple[int, int]) -> torch.Tensor:
     try:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise
+        raise FileNotFoundError(f"mask file {path} does not exist") from None
     except (ValueError, OSError) as error:
         raise ValueError(f"mask file {path} is not a readable .npy array: {error}") from error
     if array.shape != tuple(shape):

@@ -8,6 +8,7 @@ is at load time.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 
@@ -30,10 +31,31 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
         return False
 
 
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights that cannot be had here (offline, not in the cache)."""
+
+
+@contextlib.contextmanager
+def _without_random_weights_warning():
+    """open_clip warns that no pretrained weights were loaded, which random weights ask for."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def registered_name(model: str) -> str:
     """The open_clip name of a model given by name or by the path of its config (.json), which this
     registers with open_clip under the file's stem."""
-    if str(model).endswith(".json") and os.path.isfile(model):
+    if str(model).endswith(".json") and not os.path.isfile(model):
+        raise FileNotFoundError(f"open_clip model config {model} does not exist")
+    if str(model).endswith(".json"):
         open_clip_module().add_model_config(model)
         return os.path.splitext(os.path.basename(model))[0]
     return model
@@ -51,8 +73,14 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
     model_name = registered_name(model_name)
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model_name!r}; e.g. RN50, RN101, RN50x4, ViT-B-16, ViT-L-14")
-    if pretrained is None or os.path.isfile(pretrained):
-        return open_clip.create_model(model_name, pretrained=pretrained)
+    if pretrained is None:
+        with _without_random_weights_warning():
+            return open_clip.create_model(model_name)
+    if os.path.isfile(pretrained):
+        try:
+            return open_clip.create_model(model_name, pretrained=pretrained)
+        except Exception as error:  # not a checkpoint, or one of another model: torch's and pickle's errors
+            raise ValueError(f"pretrained file {pretrained} is not a checkpoint of {model_name} ({error})") from error
     if pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
         raise ValueError(
             f"pretrained={pretrained!r} is neither a file nor an open_clip tag of {model_name}; "
@@ -60,9 +88,10 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
         )
     offline = _hub_offline()
     if not offline and not _reachable("huggingface.co"):
-        raise RuntimeError(
+        raise WeightsUnavailable(
             f"cannot download the {pretrained!r} weights of {model_name}: huggingface.co is unreachable. "
-            "Pass pretrained=<a checkpoint file>, or set HF_HUB_OFFLINE=1 to use open_clip's download cache."
+            "Pass pretrained=<a checkpoint file> (--pretrained FILE on the command line), or set HF_HUB_OFFLINE=1 "
+            "to use open_clip's download cache."
         )
     with _hub_offline_now(offline):
         try:
@@ -70,7 +99,7 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
         except Exception as error:
             if not offline:
                 raise
-            raise RuntimeError(
+            raise WeightsUnavailable(
                 f"the {pretrained!r} weights of {model_name} are not in the download cache and HF_HUB_OFFLINE "
                 f"is set ({error}); pass pretrained=<a checkpoint file>, or download them once online"
             ) from error

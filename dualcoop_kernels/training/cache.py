@@ -153,7 +153,7 @@ def extract(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     if isinstance(views, bool) or not isinstance(views, int) or views < 1 or (views > 1 and not augment):
-        raise ValueError(f"views must be a positive int, and 1 without augmentation, got {views!r}")
+        raise ValueError(f"views must be a positive int, and 1 without augmentation (--augment), got {views!r}")
     cache = FeatureCache(folder)
     device = device or next(model.parameters()).device
     model.eval()

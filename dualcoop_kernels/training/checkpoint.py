@@ -16,13 +16,15 @@ def atomic_torch_save(path: Path, value) -> None:
         torch.save(value, file)
 
 
-def load_torch_file(path: Path, what: str):
-    """A file written by :func:`atomic_torch_save`; anything unreadable is refused with its name."""
+def load_torch_file(path: Path, what: str, weights_only: bool = False):
+    """A file written by :func:`atomic_torch_save`; anything unreadable is refused with its name.
+    ``weights_only`` for files that may come from elsewhere (prompts: tensors, names and numbers);
+    checkpoints hold numpy's and Python's random states, which only the full unpickler reads."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:  # a truncated or foreign file: pickle, zip and torch errors alike
         raise ValueError(f"{what} {path} cannot be read ({type(error).__name__}: {error})") from error
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from ..options import WTA_ALIASES, WTA_MODES
 
 DATASETS = ("coco", "voc", "nuswide", "bigearthnet", "csv")
 SELECT_ON = ("val", "test")
+MAX_IMAGE_SIZE = 2048
+# the types settings may take, by their annotation
+_TYPES = {"str": str, "str | None": str, "int": int, "int | None": int, "float": (int, float), "bool": bool}
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -62,6 +66,7 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # free-form notes kept with the run
 
     def __post_init__(self):
+        self._check_types()
         self.wta = WTA_ALIASES.get(self.wta, self.wta)
         self.crop_scale = tuple(self.crop_scale)
         checks = [
@@ -75,13 +80,49 @@ class TrainConfig:
             (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be at least 1"),
             (self.lr > 0 and self.warmup_lr > 0, "lr and warmup_lr must be > 0"),
             (self.image_size >= 16, f"image_size must be at least 16 pixels, got {self.image_size}"),
-            (self.workers >= 0 and self.top_k >= 1 and self.max_train_classes >= 1, "workers >= 0, top_k >= 1"),
+            (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+            (self.top_k >= 1 and self.max_train_classes >= 1, "top_k and max_train_classes must be >= 1"),
+        ]
+        checks += [
+            (
+                all(math.isfinite(v) for v in (self.lr, self.warmup_lr, self.loss_weight)),
+                "lr, warmup_lr and loss_weight must be finite",
+            ),
+            (self.loss_weight > 0, f"loss_weight must be > 0, got {self.loss_weight}"),
+            (0 <= self.momentum < 1 and 0 <= self.weight_decay < 1, "momentum and weight_decay must be in [0, 1)"),
+            (
+                self.image_size <= MAX_IMAGE_SIZE,
+                f"image_size must be at most {MAX_IMAGE_SIZE} pixels, got {self.image_size}",
+            ),
+            (
+                not (self.zero_shot and self.csc),
+                "zero-shot runs need contexts shared by all classes (--shared-contexts, as the zero-shot presets set)",
+            ),
+            (
+                not (self.mask_file and self.partial != 1.0),
+                "--mask gives the known labels itself; leave --partial out (it applies to a drawn mask)",
+            ),
         ]
         for passed, message in checks:
             if not passed:
                 raise ValueError(message)
         if self.select_on == "val" and self.val_fraction == 0:
             raise ValueError("select_on='val' needs val_fraction > 0 (or select_on='test', the authors' way)")
+
+    def _check_types(self) -> None:
+        """Settings of the wrong type fail here, naming the setting, not later inside the run."""
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, Path):
+                value = str(value)
+                setattr(self, item.name, value)
+            expected = _TYPES.get(item.type)
+            if expected is None or (value is None and "None" in item.type):
+                continue
+            if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+                raise TypeError(f"{item.name} must be {item.type}, got {value!r}")
+        if len(self.crop_scale) != 2 or not all(isinstance(v, (int, float)) for v in self.crop_scale):
+            raise TypeError(f"crop_scale must be two numbers (low, high), got {self.crop_scale!r}")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..data import (
+    COCO_CLASSES,
     COCO_SEEN,
     COCO_UNSEEN,
     MultiLabelDataset,
@@ -70,6 +71,10 @@ def _splits(config: TrainConfig) -> tuple[MultiLabelDataset, dict[str, MultiLabe
         train = read_coco(root, "train", protocol=config.protocol)
         test = read_coco(root, "val", protocol=config.protocol)
         if config.zero_shot:
+            if len(train.classnames) != len(COCO_CLASSES):
+                raise ValueError(
+                    f"COCO's zero-shot split indexes its 80 classes; {root} lists {len(train.classnames)} categories"
+                )
             unseen, everything = test.classes(COCO_UNSEEN), test.classes(COCO_SEEN + COCO_UNSEEN)
             return train.classes(COCO_SEEN), {"zsl": unseen, "gzsl": everything}
         return train, {"test": test}
@@ -137,5 +142,5 @@ def load_run_data(config: TrainConfig, run: Path | None) -> RunData:
     elif config.select_on == "val":
         held = validation_indices(len(train), config.val_fraction)
         rest = np.setdiff1d(rest, held)
-        train, validation = train.subset(rest), train.subset(held)
+        train, validation = train.subset(rest), replace(train.subset(held), name=f"{train.name} (validation)")
     return RunData(train=train, validation=validation, tests=tests, mask=mask, train_indices=rest)

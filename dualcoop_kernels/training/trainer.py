@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._atomic import atomic_write_text
 from ..data.transforms import test_transform, train_transform
-from ..loss import AsymmetricLoss, split_signed_labels
+from ..loss import AsymmetricLoss
 from ..metrics import average_precision, evaluate, ranking_scores, top_k_metrics
 from ..model import DualCoOpPlusPlus
 from . import distributed
@@ -32,12 +32,16 @@ from .config import TrainConfig
 from .datasets import load_run_data, training_split
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
+RUNTIME_SETTINGS = ("workers", "device")  # may change when a run resumes: they do not change its numbers
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
     return device
@@ -115,30 +119,44 @@ def scores_of(model, dataset, config: TrainConfig, device: torch.device, progres
     return torch.cat(batches).numpy()
 
 
-def known_average_precision(scores: np.ndarray, labels: torch.Tensor) -> float:
-    """mAP over the known labels only (validation images keep their partial labels): each class
-    ranks the images whose label for it is known; a class without a known positive counts as 0."""
+def known_average_precisions(scores: np.ndarray, labels: torch.Tensor) -> np.ndarray:
+    """Each class's AP over its known labels only (validation images keep their partial labels): the
+    class ranks the images whose label for it is known; a class without a known positive has AP 0."""
     labels = labels.numpy()
-    values = []
+    values = np.zeros(labels.shape[1])
     for column in range(labels.shape[1]):
         known = labels[:, column] != 0
         if known.any():
-            values.append(average_precision(scores[known, column, None], labels[known, column, None])[0])
-        else:
-            values.append(0.0)
-    return 100 * float(np.mean(values))
+            values[column] = average_precision(scores[known, column, None], labels[known, column, None])[0]
+    return values
 
 
-def selection_metric(config: TrainConfig) -> str:
-    """What picks the best epoch: mAP (over known labels), or F1 at k for zero-shot runs."""
-    return f"F1@{config.top_k}" if config.zero_shot else "mAP"
+def evaluate_split(model, dataset, config: TrainConfig, device, progress=None) -> dict:
+    """The papers' metrics of a split (docs/data.md); where some labels are unknown (held-out training
+    images), AP and mAP rank each class's known labels only, as the epoch was picked."""
+    scores = scores_of(model_for(model, config, dataset.classnames), dataset, config, device, progress)
+    results = evaluate(scores, dataset.labels.numpy(), dataset.classnames, k=min(config.top_k, scores.shape[1]))
+    if bool((dataset.labels == 0).any()):
+        per_class = 100 * known_average_precisions(scores, dataset.labels)
+        results.update(
+            mAP=float(per_class.mean()),
+            per_class_AP=dict(zip(dataset.classnames, per_class.tolist())),
+            unknown_labels="left out of AP and mAP; counted as negatives by the threshold and top-k metrics",
+        )
+    return results
+
+
+def selection_metric(config: TrainConfig, classes: int) -> str:
+    """What picks the best epoch: mAP (over known labels), or F1 at k for zero-shot runs (unless
+    they have k classes or fewer, where every class is in the top k and F1 at k cannot change)."""
+    return f"F1@{config.top_k}" if config.zero_shot and classes > config.top_k else "mAP"
 
 
 def selection_score(model, dataset, config: TrainConfig, device, progress=None) -> float:
     scores = scores_of(model, dataset, config, device, progress)
-    if config.zero_shot:
-        return top_k_metrics(scores, dataset.labels.numpy(), k=min(config.top_k, scores.shape[1]))["f1"]
-    return known_average_precision(scores, dataset.labels)
+    if selection_metric(config, scores.shape[1]) != "mAP":
+        return top_k_metrics(scores, dataset.labels.numpy(), k=config.top_k)["f1"]
+    return 100 * float(known_average_precisions(scores, dataset.labels).mean())
 
 
 class _Interrupt:
@@ -171,9 +189,14 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
     checkpoint_path = run / CHECKPOINT
     if resume:
         saved = TrainConfig.load(run / "config.json")
-        if saved != config:
+        if replace(saved, **{name: getattr(config, name) for name in RUNTIME_SETTINGS}) != config:
             raise ValueError(
                 f"{run}: --resume continues the run as configured in its config.json; other settings were given"
+            )
+        if not checkpoint_path.exists():
+            raise FileNotFoundError(
+                f"{run} has no checkpoint: the run stopped before its first epoch ended; start it again "
+                "without --resume (the folder is reused)"
             )
         state = load_torch_file(checkpoint_path, "checkpoint")
     else:
@@ -245,6 +268,7 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
     selection_set = data.validation if data.validation is not None else data.tests.get("zsl", data.tests.get("test"))
     if selection_set is None:
         raise ValueError("select_on='test' needs a test set")
+    metric = selection_metric(config, len(selection_set.classnames))
     with _Interrupt() as interrupt:
         epochs = range(start_epoch, config.epochs)
         if progress is not None:
@@ -270,11 +294,17 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
                     subset = torch.randperm(classes, generator=picker)[: config.max_train_classes].sort().values
                     labels = labels[:, subset]
                     subset = subset.to(device)
-                targets, mask = split_signed_labels(labels.to(device))
+                labels = labels.to(device)
+                targets, mask = (labels == 1).float(), labels != 0
                 inputs = {"regions" if config.features else "images": images.to(device)}
                 with autocast:  # the encoders; the head and the loss compute in float32
                     logits = network(**inputs, classes=subset)
                 loss = config.loss_weight * loss_fn(logits.float(), targets, mask)
+                if not torch.isfinite(loss):
+                    raise ValueError(
+                        f"training diverged at epoch {epoch}, step {step}: the loss is {loss.item()}; lower --lr "
+                        "or --loss-weight (checkpoints/last.pt holds the run as the last epoch left it)"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 (loss * ranks.world).backward()  # the loss sums over the global batch; DDP averages
                 optimizer.step()
@@ -297,7 +327,7 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
                 epoch=epoch,
                 lr=lr,
                 train_loss=running["loss"] / max(running["images"], 1),
-                **{f"{config.select_on}_{selection_metric(config)}": score},
+                **{f"{config.select_on}_{metric}": score},
                 seconds=time.perf_counter() - started,
             )
             history.append(record)
@@ -310,17 +340,16 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
             save(epoch + 1, 0)
             _write_history(run, history)
             ranks.barrier()
+            if interrupt.asked:  # Ctrl-C while the epoch was being scored
+                raise KeyboardInterrupt(f"stopped after epoch {epoch}; saved: --resume continues")
     if not ranks.main:
         distributed.stop(ranks)
         return {}
     model.load_prompt_state_dict(best["prompts"])
-    results = dict(best_epoch=best["epoch"], selected_on=config.select_on, selection_metric=selection_metric(config))
+    results = dict(best_epoch=best["epoch"], selected_on=config.select_on, selection_metric=metric)
     reported = data.tests or ({"val": data.validation} if data.validation is not None else {})
     for name, dataset in reported.items():
-        evaluated = model_for(model, config, dataset.classnames)
-        scores = scores_of(evaluated, dataset, config, device, progress)
-        k = min(config.top_k, scores.shape[1])
-        results[name] = evaluate(scores, dataset.labels.numpy(), dataset.classnames, k=k)
+        results[name] = evaluate_split(model, dataset, config, device, progress)
     atomic_write_text(run / "eval.json", json.dumps(results, indent=2) + "\n")
     from .plots import plot_run
 
