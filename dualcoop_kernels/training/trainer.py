@@ -30,6 +30,7 @@ from .cache import CachedRegions, FeatureCache
 from .checkpoint import atomic_torch_save, load_torch_file, random_states, restore_random_states
 from .config import TrainConfig
 from .datasets import load_run_data, training_split
+from .plots import plot_run
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 RUNTIME_SETTINGS = ("workers", "device")  # may change when a run resumes: they do not change its numbers
@@ -187,22 +188,7 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
     run = Path(run)
     progress = tqdm if show_progress else None
     checkpoint_path = run / CHECKPOINT
-    if resume:
-        saved = TrainConfig.load(run / "config.json")
-        if replace(saved, **{name: getattr(config, name) for name in RUNTIME_SETTINGS}) != config:
-            raise ValueError(
-                f"{run}: --resume continues the run as configured in its config.json; other settings were given"
-            )
-        if not checkpoint_path.exists():
-            raise FileNotFoundError(
-                f"{run} has no checkpoint: the run stopped before its first epoch ended; start it again "
-                "without --resume (the folder is reused)"
-            )
-        state = load_torch_file(checkpoint_path, "checkpoint")
-    else:
-        if checkpoint_path.exists():
-            raise FileExistsError(f"{run} already holds a run: --resume continues it, or choose another --out")
-        state = None
+    state = _saved_state(config, run, resume)
     ranks, device = distributed.start(resolve_device(config.device))
     if ranks.world > 1 and config.batch_size % ranks.world:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {ranks.world} processes")
@@ -253,12 +239,7 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
             ),
         )
 
-    if config.features:
-        cached = FeatureCache(config.features).read_for(config, model, training_split(config))
-        augmented = CachedRegions(cached, data.train.labels, data.train_indices, config.seed)
-    else:
-        transform = train_transform(config.image_size, config.protocol, config.crop_scale)
-        augmented = _Augmented(data.train, transform, config.seed)
+    augmented = _training_items(config, model, data)
     classes = len(data.train.classnames)
     steps_per_epoch = len(data.train) // config.batch_size
     if steps_per_epoch == 0:
@@ -351,8 +332,36 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
     for name, dataset in reported.items():
         results[name] = evaluate_split(model, dataset, config, device, progress)
     atomic_write_text(run / "eval.json", json.dumps(results, indent=2) + "\n")
-    from .plots import plot_run
-
     plot_run(run, history, results)
     distributed.stop(ranks)
     return results
+
+
+def _saved_state(config: TrainConfig, run: Path, resume: bool) -> dict | None:
+    """The checkpoint a resumed run continues from (None for a new run), after checking that the run
+    folder holds what the call expects."""
+    checkpoint_path = run / CHECKPOINT
+    if not resume:
+        if checkpoint_path.exists():
+            raise FileExistsError(f"{run} already holds a run: --resume continues it, or choose another --out")
+        return None
+    saved = TrainConfig.load(run / "config.json")
+    if replace(saved, **{name: getattr(config, name) for name in RUNTIME_SETTINGS}) != config:
+        raise ValueError(
+            f"{run}: --resume continues the run as configured in its config.json; other settings were given"
+        )
+    if not checkpoint_path.exists():
+        raise FileNotFoundError(
+            f"{run} has no checkpoint: the run stopped before its first epoch ended; start it again "
+            "without --resume (the folder is reused)"
+        )
+    return load_torch_file(checkpoint_path, "checkpoint")
+
+
+def _training_items(config: TrainConfig, model, data) -> Dataset:
+    """What the loop reads: cached region features (one view an epoch), or images augmented afresh."""
+    if config.features:
+        cached = FeatureCache(config.features).read_for(config, model, training_split(config))
+        return CachedRegions(cached, data.train.labels, data.train_indices, config.seed)
+    transform = train_transform(config.image_size, config.protocol, config.crop_scale)
+    return _Augmented(data.train, transform, config.seed)
