@@ -221,6 +221,13 @@ def targets(rows: list[dict]) -> list[dict]:
     return found
 
 
+def table_or_reason(result: dict, columns) -> list[str]:
+    """A step's rows as a table, or why the step could not run (no extension, no open_clip)."""
+    if "rows" in result:
+        return ["```", format_table(result["rows"], columns), "```"]
+    return [f"not run: {result.get('error')}"]
+
+
 def write_report(env: dict, steps: dict, out: Path) -> Path:
     """``<card>.md`` and ``<card>.json`` from what the steps have written so far."""
     results = {step: json.loads(step_file(out, step).read_text()) for step in STEPS if step_file(out, step).exists()}
@@ -278,20 +285,12 @@ def write_report(env: dict, steps: dict, out: Path) -> Path:
         *section(
             "A training step: the authors' way and the package's",
             "train",
-            lambda r: (
-                ["```", format_table(r["rows"], bench_train.COLUMNS), "```"]
-                if "rows" in r
-                else [f"not run: {r.get('error')}"]
-            ),
+            lambda r: table_or_reason(r, bench_train.COLUMNS),
         ),
         *section(
             "Asymmetric loss, fwd+bwd",
             "loss",
-            lambda r: (
-                ["```", format_table(r["rows"], bench_asl.COLUMNS), "```"]
-                if "rows" in r
-                else [f"not run: {r.get('error')}"]
-            ),
+            lambda r: table_or_reason(r, bench_asl.COLUMNS),
         ),
     ]
     path = out / f"{slug}.md"

@@ -176,20 +176,18 @@ def _cache(args) -> int:
 
 
 def _load_run(run: Path, device: str | None):
-    import torch
-
     from .training import TrainConfig, build_model
     from .training.checkpoint import load_torch_file
+    from .training.trainer import resolve_device
 
     config = TrainConfig.load(run / "config.json")
     if device:
         config.device = device
     best = load_torch_file(run / "prompts.pt", "learned prompts", weights_only=True)
-    from .training.trainer import resolve_device
-
-    model = build_model(config, best["classnames"]).to(resolve_device(config.device))
+    resolved = resolve_device(config.device)
+    model = build_model(config, best["classnames"]).to(resolved)
     model.load_prompt_state_dict(best["prompts"])
-    return config, model.eval(), torch.device(resolve_device(config.device))
+    return config, model.eval(), resolved
 
 
 def _eval(args) -> int:
