@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from .._checks import check_choice
-
-PROTOCOLS = ("dualcoop++", "dualcoop")  # DualCoOp++ (the default), and the original DualCoOp
+from ..options import PROTOCOLS
 
 
 def check_protocol(protocol) -> str:

@@ -29,10 +29,9 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from ..model.images import OPENAI_MEAN, OPENAI_STD
+from ..options import CLIP_MEAN, CLIP_STD
 from .protocols import check_protocol
 
-CLIP_MEAN, CLIP_STD = OPENAI_MEAN, OPENAI_STD
 CROP_PROBABILITY = 0.5  # DualCoOp++: the RandomResizedCrop view, else the resized image with a cutout
 CUTOUT_FRACTIONS = {"dualcoop++": 0.4, "dualcoop": 0.5}  # the cutout's side, as a fraction of the image's
 TEST_INTERPOLATIONS = {"dualcoop++": InterpolationMode.BICUBIC, "dualcoop": InterpolationMode.BILINEAR}

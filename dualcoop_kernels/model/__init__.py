@@ -5,8 +5,8 @@ region features of CLIP's image towers; ``images.py`` CLIP's preprocessing and t
 ``loading.py`` open_clip models by name, with weights from a file or a tag.
 """
 
-from .dualcoop import VARIANTS, DualCoOpPlusPlus
+from .dualcoop import DualCoOpPlusPlus
 from .images import check_images, clip_image_transform
 from .loading import load_clip
 
-__all__ = ["VARIANTS", "DualCoOpPlusPlus", "check_images", "clip_image_transform", "load_clip"]
+__all__ = ["DualCoOpPlusPlus", "check_images", "clip_image_transform", "load_clip"]

@@ -13,14 +13,17 @@ from torch import nn
 
 from .._checks import check_choice, check_classnames, check_float, check_tensor
 from ..head import DualCoOpHead
-from ..options import DEFAULT_LOG_SPATIAL_TEMP, ORIGINAL_LOGIT_SCALE, ORIGINAL_TEMPERATURE
+from ..options import (
+    DEFAULT_LOG_SPATIAL_TEMP,
+    ORIGINAL_LOGIT_SCALE,
+    ORIGINAL_TEMPERATURE,
+    PROTOCOLS,
+    TEXT_ENCODINGS,
+)
 from .images import check_images, clip_image_transform
 from .loading import load_clip, open_clip_module, registered_name
 from .prompts import PromptLearner, TextEncoder
 from .regions import region_features
-
-VARIANTS = ("dualcoop++", "dualcoop")
-TEXT_ENCODINGS = ("short", "full")
 
 
 class DualCoOpPlusPlus(nn.Module):
@@ -63,7 +66,7 @@ class DualCoOpPlusPlus(nn.Module):
         text_encoding: str = "short",
     ):
         super().__init__()
-        check_choice("variant", variant, VARIANTS)
+        check_choice("variant", variant, PROTOCOLS)
         check_choice("text_encoding", text_encoding, TEXT_ENCODINGS)
         classnames = check_classnames(classnames)  # before loading CLIP, which takes a while
         if isinstance(clip, str):

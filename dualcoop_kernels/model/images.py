@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from .._checks import check_tensor, has_values
+from ..options import CLIP_MEAN, CLIP_STD
 
-# CLIP's image normalisation, for models that do not carry their own
-OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 # Normalised images lie within about [-1.8, 2.2]; pixels in 0..255 are far outside
 MAX_NORMALISED_PIXEL = 10.0
 
@@ -46,8 +45,8 @@ def clip_image_transform(visual: nn.Module, image_size: int | None = None):
         raise ValueError(f"image_size must be a positive number of pixels (an int), or None, got {image_size!r}")
     side = image_size or visual.image_size
     side = side if isinstance(side, int) else side[0]
-    mean = getattr(visual, "image_mean", None) or OPENAI_MEAN
-    std = getattr(visual, "image_std", None) or OPENAI_STD
+    mean = getattr(visual, "image_mean", None) or CLIP_MEAN
+    std = getattr(visual, "image_std", None) or CLIP_STD
     return v2.Compose(
         [
             v2.Lambda(_pil_as_rgb),
