@@ -59,6 +59,19 @@ def mean_average_precision(scores, targets) -> float:
     return 100.0 * float(average_precision(scores, targets).mean())
 
 
+def known_average_precision(scores, labels) -> np.ndarray:
+    """Each class's AP over its known labels only, for labels in +1 / -1 / 0 (0: unknown, as held-out
+    training images keep their partial labels): a class ranks the images whose label for it is known; a
+    class without a known positive has AP 0."""
+    scores, labels = _as_numpy("scores", scores, "fiu"), _as_numpy("labels", labels, "iu")
+    values = np.zeros(labels.shape[1])
+    for column in range(labels.shape[1]):
+        known = labels[:, column] != 0
+        if known.any():
+            values[column] = average_precision(scores[known, column, None], labels[known, column, None])[0]
+    return values
+
+
 def threshold_metrics(scores, targets, threshold: float = 0.0) -> dict:
     """Precision, recall and F1 of the predictions ``score > threshold``, in percent.
 

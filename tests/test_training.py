@@ -2,6 +2,7 @@
 (coloured shapes on noise, a tiny randomly initialised CLIP), resuming after a kill, zero-shot runs,
 and the schedule and settings."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -381,8 +382,118 @@ def test_the_module_runs_as_the_command():
 
 
 def test_zero_shot_runs_pick_by_f1_at_k_when_it_can_change():
-    from dualcoop_kernels.training.trainer import selection_metric
+    from dualcoop_kernels.training.evaluation import selection_metric
 
     zero_shot = TrainConfig(root="x", zero_shot=True, csc=False)
     assert selection_metric(zero_shot, 48) == "F1@3" and selection_metric(zero_shot, 3) == "mAP"
     assert selection_metric(TrainConfig(root="x"), 80) == "mAP"
+
+
+def parsed_settings(*arguments):
+    """The settings that ``dualcoop train ARGUMENTS`` gives, as TrainConfig values."""
+    from dualcoop_kernels.cli import _given_settings, _parser
+
+    return _given_settings(_parser().parse_args(["train", *arguments, "--out", "RUN"]))
+
+
+def other_value(item: dataclasses.Field):
+    """A value of a setting other than its default, valid on its own."""
+    default, choices = item.default, item.metadata["choices"]
+    if choices:
+        return next(choice for choice in choices if choice != default)
+    by_type = {
+        "bool": lambda: not default,
+        "int": lambda: default + 1,
+        "int | None": lambda: 7,
+        "float": lambda: default / 2,
+        "str": lambda: {"clip": "RN50", "device": "cpu"}.get(item.name, "data.csv"),
+        "str | None": lambda: "none" if item.name == "pretrained" else "given.file",
+        "tuple[float, float]": lambda: (0.25, 0.5),
+        "dict": lambda: {"note": "a=b"},
+    }
+    return by_type[item.type]()
+
+
+def as_arguments(flag: str, value) -> list[str]:
+    if isinstance(value, bool):
+        return [flag] if value else ["--no-" + flag[2:]]
+    if isinstance(value, tuple):
+        return [flag, *map(str, value)]
+    if isinstance(value, dict):
+        return [flag, *(f"{key}={item}" for key, item in value.items())]
+    return [flag, str(value)]
+
+
+def test_every_setting_has_a_documented_flag_that_round_trips(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for item in dataclasses.fields(TrainConfig):
+        flag = item.metadata["flag"] or "--" + item.name.replace("_", "-")
+        assert re.search(rf"^  {re.escape(flag)}\b.*\n.*\(default: ", help_text, re.M | re.S), flag
+        wanted = other_value(item)
+        negated = item.metadata["negated"]  # --shared-contexts turns class-specific contexts off
+        given = parsed_settings(*as_arguments(flag, not wanted if negated else wanted))
+        if item.metadata["path"] == "always":
+            wanted = str(tmp_path / wanted)
+        assert given == {item.name: wanted}, (flag, given)
+        needs = {"zero_shot": {"csc": False}, "mask_file": {}}.get(item.name, {})
+        config = TrainConfig(**{"root": "x", **needs, **given})
+        assert getattr(config, item.name) == wanted
+
+
+def test_help_states_defaults_in_the_users_terms(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: off: class-specific contexts)" in help_text and "(default: True)" not in help_text
+
+
+def test_a_presets_boolean_can_be_switched_off():
+    from dualcoop_kernels.cli import _config_from, _parser
+
+    arguments = ["--preset", "coco-zsl", "--root", "x", "--no-zero-shot", "--no-shared-contexts", "--out", "RUN"]
+    config = _config_from(_parser().parse_args(["train", *arguments]))
+    assert (config.zero_shot, config.csc, config.n_ctx) == (False, True, 64)
+
+
+def test_the_run_state_round_trips_through_a_safe_checkpoint(tmp_path):
+    from dualcoop_kernels.training.state import RunState, atomic_torch_save, load_torch_file
+
+    state = RunState()
+    state.add_step(0.5, 16)
+    state.add_step(0.25, 16)
+    assert state.end_epoch({"epoch": 0, "val_mAP": 12.5}, 12.5, {"ctx": torch.ones(2)})
+    assert not state.end_epoch({"epoch": 1, "val_mAP": 12.5}, 12.5, {"ctx": torch.zeros(2)})  # the first stays
+    state.add_step(1.0, 16)
+    atomic_torch_save(tmp_path / "state.pt", state.state_dict())
+    draws = torch.rand(3), random.random()
+    restored = RunState()
+    restored.load_state_dict(load_torch_file(tmp_path / "state.pt", "state"))  # weights_only: no code runs
+    again = torch.rand(3), random.random()
+    assert torch.equal(again[0], draws[0]) and again[1] == draws[1]  # the generators are back where they were
+    assert torch.equal(restored.best_prompts["ctx"], torch.ones(2))
+    restored.best_prompts = state.best_prompts
+    assert restored == state and (restored.epoch, restored.step, restored.best_epoch) == (2, 1, 0)
+    assert restored.mean_loss == 1.0
+
+
+@pytest.mark.slow
+def test_log_txt_has_a_line_per_epoch_and_the_results_in_a_quiet_run(trained):
+    run, _ = trained
+    log = (run / "log.txt").read_text()
+    assert len(re.findall(r"epoch \d+: lr .* training loss .* val mAP", log)) == 6
+    assert re.search(r"best epoch \d+, picked by mAP on val\n\s*test\s+mAP", log), log
+
+
+@pytest.mark.slow
+def test_a_resumed_run_reads_its_config_once(trained, tmp_path, monkeypatch):
+    run, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    reads = []
+    load = TrainConfig.load.__func__
+    monkeypatch.setattr(TrainConfig, "load", classmethod(lambda cls, path: reads.append(path) or load(cls, path)))
+    assert main(["train", "--resume", "--out", str(copy), "--quiet"]) == 0
+    assert reads == [copy / "config.json"]

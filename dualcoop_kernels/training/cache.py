@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -22,10 +23,15 @@ import torch
 from .._atomic import atomic_write_text
 from ..data import MultiLabelDataset
 from ..data.transforms import test_transform, train_transform
+from . import distributed
 from .config import TrainConfig
+from .datasets import training_split
 from .distributed import SINGLE_PROCESS, Ranks
+from .runs import build_model, resolve_device
+from .seeds import derived_seed
 
 CHUNK_IMAGES = 256
+LOGGER = logging.getLogger(__name__)
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -128,7 +134,7 @@ class FeatureCache:
 def _view_of(transform, image, seed: int, view: int, index: int):
     """An image's ``view``-th augmentation, a function of (seed, view, image) alone."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(np.random.SeedSequence([seed, view, index]).generate_state(1, np.uint64)[0] >> 1))
+        torch.manual_seed(derived_seed("augmentation", seed, view, index))
         return transform(image)
 
 
@@ -170,6 +176,31 @@ def extract(
         dtype=dtype,
         chunk_images=CHUNK_IMAGES,
     )
+    _create_or_check(cache, manifest, ranks)
+    ranks.barrier()  # the other ranks write into what rank 0 created
+    size = views * len(dataset) * manifest["regions"] * manifest["width"] * np.dtype(DTYPES[dtype]).itemsize
+    todo = [c for c in range(cache.chunks(manifest)) if c % ranks.world == ranks.rank and c not in cache.done()]
+    if ranks.main:
+        LOGGER.info(
+            f"{len(dataset)} images x {views} view(s) x {manifest['regions']} regions x "
+            f"{manifest['width']} ({dtype}): {size / 2**30:.2f} GiB in {cache.folder}; "
+            f"{cache.chunks(manifest) - len(cache.done())} of {cache.chunks(manifest)} chunks to do"
+        )
+    features = cache.open(manifest, "r+")
+    (cache.folder / "done").mkdir(exist_ok=True)
+    chunks = todo if progress is None else progress(todo, desc=f"caching (rank {ranks.rank})")
+    for chunk in chunks:
+        _write_chunk(features, chunk, dataset, model, transform, config, views, device)
+        features.flush()  # msync: the chunk is on disk before it is marked done
+        atomic_write_text(cache.folder / "done" / str(chunk), "")
+    del features
+    ranks.barrier()
+    return cache
+
+
+def _create_or_check(cache: FeatureCache, manifest: dict, ranks: Ranks) -> None:
+    """A new cache's manifest and features file (rank 0's), or the check that an existing cache is
+    the one asked for."""
     if cache.manifest_path.exists():
         found = cache.manifest()
         if found != manifest:
@@ -181,35 +212,21 @@ def extract(
         cache.folder.mkdir(parents=True, exist_ok=True)
         cache.open(manifest, "w+").flush()  # allocates the file; chunks fill it
         atomic_write_text(cache.manifest_path, json.dumps(manifest, indent=2) + "\n")
-    ranks.barrier()  # the other ranks write into what rank 0 created
-    size = views * len(dataset) * manifest["regions"] * manifest["width"] * np.dtype(DTYPES[dtype]).itemsize
-    todo = [c for c in range(cache.chunks(manifest)) if c % ranks.world == ranks.rank and c not in cache.done()]
-    if ranks.main:
-        print(
-            f"dualcoop cache: {len(dataset)} images x {views} view(s) x {manifest['regions']} regions x "
-            f"{manifest['width']} ({dtype}): {size / 2**30:.2f} GiB in {cache.folder}; "
-            f"{cache.chunks(manifest) - len(cache.done())} of {cache.chunks(manifest)} chunks to do"
-        )
-    features = cache.open(manifest, "r+")
-    (cache.folder / "done").mkdir(exist_ok=True)
-    chunks = todo if progress is None else progress(todo, desc=f"caching (rank {ranks.rank})")
-    for chunk in chunks:
-        indices = range(chunk * CHUNK_IMAGES, min((chunk + 1) * CHUNK_IMAGES, len(dataset)))
-        images = [dataset[index][0] for index in indices]
-        for view in range(views):
-            for start in range(0, len(images), config.batch_size):
-                batch = [
-                    _view_of(transform, image, config.seed, view, index)
-                    for image, index in zip(images[start : start + config.batch_size], indices[start:])
-                ]
-                regions = model.encode_regions(torch.stack(batch).to(device))
-                first = indices[start]
-                features[view, first : first + len(batch)] = regions.float().cpu().numpy().astype(DTYPES[dtype])
-        features.flush()  # msync: the chunk is on disk before it is marked done
-        atomic_write_text(cache.folder / "done" / str(chunk), "")
-    del features
-    ranks.barrier()
-    return cache
+
+
+def _write_chunk(features: np.memmap, chunk: int, dataset, model, transform, config: TrainConfig, views, device):
+    """Every view of the chunk's images, batch by batch, into ``features``."""
+    indices = range(chunk * CHUNK_IMAGES, min((chunk + 1) * CHUNK_IMAGES, len(dataset)))
+    images = [dataset[index][0] for index in indices]
+    for view in range(views):
+        for start in range(0, len(images), config.batch_size):
+            batch = [
+                _view_of(transform, image, config.seed, view, index)
+                for image, index in zip(images[start : start + config.batch_size], indices[start:])
+            ]
+            regions = model.encode_regions(torch.stack(batch).to(device))
+            first = indices[start]
+            features[view, first : first + len(batch)] = regions.float().cpu().numpy().astype(features.dtype)
 
 
 class CachedRegions(torch.utils.data.Dataset):
@@ -225,5 +242,20 @@ class CachedRegions(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index = int(self.indices[item])
         views = self.features.shape[0]
-        view = int(np.random.SeedSequence([self.seed, self.epoch, index, 2]).generate_state(1)[0]) % views
+        view = derived_seed("cached view", self.seed, self.epoch, index) % views
         return torch.from_numpy(np.array(self.features[view, index], dtype=np.float32)), self.labels[item], item
+
+
+def cache_training_split(config: TrainConfig, folder, *, show_progress: bool = True, **options) -> FeatureCache:
+    """``dualcoop cache``: the run's model on its device (this rank's, under torchrun), then
+    :func:`extract` of the training split into ``folder`` (``options``: views, augment, dtype)."""
+    dataset = training_split(config)
+    ranks, device = distributed.start(resolve_device(config.device))
+    try:
+        model = build_model(config, dataset.classnames).to(device)
+        progress = None
+        if show_progress and ranks.main:
+            from tqdm.auto import tqdm as progress
+        return extract(config, model, dataset, folder, **options, device=device, ranks=ranks, progress=progress)
+    finally:
+        distributed.stop(ranks)

@@ -1,80 +1,115 @@
 """What defines a run: every setting in one JSON-serialisable record, with the authors' values per preset.
 
 docs/training.md says where each value comes from. Every field can be overridden (``dualcoop train
---lr 0.002``, or ``TrainConfig(**preset_config("coco"), lr=0.002)``).
+--lr 0.002``, or ``TrainConfig(**preset_config("coco"), lr=0.002)``): the command line's settings are
+generated from the fields' metadata (:func:`setting`), so a field, its flag, its help and its choices are
+written once, here.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .._atomic import atomic_write_text
-from ..data.protocols import PROTOCOLS
-from ..options import WTA_ALIASES, WTA_MODES
+from ..options import DATASETS, PRECISIONS, PROTOCOLS, SELECT_ON, WTA_ALIASES, WTA_MODES
 
-DATASETS = ("coco", "voc", "nuswide", "bigearthnet", "csv")
-SELECT_ON = ("val", "test")
 MAX_IMAGE_SIZE = 2048
 # the types settings may take, by their annotation
 _TYPES = {"str": str, "str | None": str, "int": int, "int | None": int, "float": (int, float), "bool": bool}
-PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def setting(default, help: str, *, flag=None, choices=None, negated=False, path=None, runtime=False, shown=None):
+    """A field of :class:`TrainConfig` with what the command line needs to offer it.
+
+    ``flag``: the option's name (``--`` and the field's name with dashes by default); ``choices``: the
+    values allowed; ``negated``: a boolean whose flag turns it off (``--shared-contexts`` sets ``csc``
+    False); ``path``: "always" a file or folder, or a name or a path ("if it exists"); paths are made
+    absolute, so that the run folder works from any working folder;
+    ``runtime``: may change when a run resumes (it does not change the run's numbers); ``shown``: the
+    default in the user's words, for ``--help``."""
+    metadata = dict(help=help, flag=flag, choices=choices, negated=negated, path=path, runtime=runtime, shown=shown)
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = "coco"
-    root: str = ""  # the dataset's folder (for csv: the training CSV file)
-    test_root: str | None = None  # csv only: a CSV file of test images (else the validation split is reported)
-    protocol: str = "dualcoop++"
-    partial: float = 1.0  # proportion of the training labels known
-    mask_seed: int | None = None  # seed of the partial-label draw (None: the run's seed; VOC's published masks: 0)
-    mask_file: str | None = None  # a saved mask (.npy) to use instead of drawing one
-    features: str | None = None  # a feature cache of the training split (dualcoop cache) instead of its images
-    zero_shot: bool = False
-    bigearthnet_classes: int = 19  # BigEarthNet's nomenclature: 19 classes, or the 43 original ones (v1.0)
-    rgb_max: float = 2000  # BigEarthNet: the reflectance (x 10,000) that the RGB composite maps to 255
-    clip: str = "RN101"  # an open_clip model name, or the path of an open_clip model config (.json)
-    pretrained: str | None = "openai"  # an open_clip tag, a checkpoint file, or None for random weights
-    image_size: int = 448
-    n_ctx: int = 21
-    csc: bool = True  # class-specific contexts
-    wta: str = "pos_norm"
-    epochs: int = 50
-    batch_size: int = 64
-    lr: float = 0.005
-    warmup_lr: float = 1e-5  # the first epoch's constant rate
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    gamma_neg: float = 2.0
-    gamma_pos: float = 1.0
-    asl_clip: float = 0.05
-    loss_weight: float = 0.02  # the summed loss is scaled by this
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    val_fraction: float = 0.05  # of the training images, held out to pick the best epoch
-    select_on: str = "val"  # "test": pick the epoch on the test set, as the authors did
-    max_train_classes: int = 100  # zero-shot: each batch trains on a random subset of this many seen classes
-    top_k: int = 3
-    seed: int = 1
-    workers: int = 4
-    device: str = "auto"
-    precision: str = "fp32"  # the encoders': fp32 (the authors'), tf32 matmuls, or bf16 autocast
-    compile_text: bool = False  # torch.compile the text encoder
-    extra: dict = field(default_factory=dict)  # free-form notes kept with the run
+    dataset: str = setting("coco", "the dataset's reader", choices=DATASETS)
+    root: str = setting("", "the dataset's folder (csv: the training CSV file)", path="always", shown="none; needed")
+    test_root: str | None = setting(
+        None, "csv: a CSV file of test images", path="always", shown="none: the held-out validation images are reported"
+    )
+    protocol: str = setting(
+        "dualcoop++", "whose protocol and model: DualCoOp++ or the original DualCoOp", choices=PROTOCOLS
+    )
+    partial: float = setting(1.0, "proportion of the training labels known, in (0, 1]")
+    mask_seed: int | None = setting(
+        None, "seed of the partial-label draw", shown="the run's seed; VOC: 0, as its published masks"
+    )
+    mask_file: str | None = setting(
+        None, "a saved mask (.npy, N x C, True: known) instead of a drawn one", flag="--mask", path="always"
+    )
+    features: str | None = setting(
+        None, "a feature cache of the training split (dualcoop cache) instead of its images", path="always"
+    )
+    zero_shot: bool = setting(False, "train on the seen classes; evaluate on the unseen (zsl) and all (gzsl)")
+    bigearthnet_classes: int = setting(19, "BigEarthNet: 19 classes, or the 43 original ones (v1.0)", choices=(19, 43))
+    rgb_max: float = setting(2000, "BigEarthNet: the reflectance (x 10,000) that the RGB composite maps to 255")
+    clip: str = setting(
+        "RN101", "an open_clip model name, or an open_clip model config file (.json)", path="if it exists"
+    )
+    pretrained: str | None = setting(
+        "openai", "an open_clip tag, a checkpoint file, or 'none' for random weights", path="if it exists"
+    )
+    image_size: int = setting(448, "image side in pixels")
+    n_ctx: int = setting(21, "learned context tokens per prompt")
+    csc: bool = setting(
+        True,
+        "one set of contexts shared by all classes (zero-shot runs need it; it can score unseen names)",
+        flag="--shared-contexts",
+        negated=True,
+        shown="off: class-specific contexts",
+    )
+    wta: str = setting("pos_norm", "winner-take-all across classes", choices=(*WTA_MODES, *WTA_ALIASES))
+    epochs: int = setting(50, "epochs (the first at the warm-up rate)")
+    batch_size: int = setting(64, "images per step (over all processes)")
+    lr: float = setting(0.005, "the base learning rate (cosine-decayed over the epochs)")
+    warmup_lr: float = setting(1e-5, "the first epoch's constant learning rate")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(5e-4, "SGD weight decay")
+    gamma_neg: float = setting(2.0, "the asymmetric loss's focusing exponent of negatives")
+    gamma_pos: float = setting(1.0, "the asymmetric loss's focusing exponent of positives")
+    asl_clip: float = setting(0.05, "the asymmetric loss's probability shift of negatives")
+    loss_weight: float = setting(0.02, "scales the summed loss")
+    crop_scale: tuple[float, float] = setting((0.5, 1.0), "the random crop's range of areas (low high)")
+    val_fraction: float = setting(0.05, "of the training images, held out to pick the best epoch")
+    select_on: str = setting(
+        "val", "where the best epoch is picked (test: on the test set, the authors' way)", choices=SELECT_ON
+    )
+    max_train_classes: int = setting(100, "zero-shot: seen classes per batch (a random subset drawn each batch)")
+    top_k: int = setting(3, "k of the top-k metrics (precision, recall, F1 at k)")
+    seed: int = setting(1, "seed of the random weights and contexts, the image order, augmentation and masks")
+    workers: int = setting(4, "data-loading processes", runtime=True)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N", runtime=True, shown="auto: a GPU where there is one")
+    precision: str = setting("fp32", "of the encoders: float32, TF32 matmuls or bf16 autocast", choices=PRECISIONS)
+    compile_text: bool = setting(False, "torch.compile the text encoder")
+    extra: dict = setting({}, "free-form notes kept with the run (KEY=VALUE, repeatable)", shown="none")  # noqa: RUF009 (a field with a default factory)
 
     def __post_init__(self):
         self._check_types()
-        self.wta = WTA_ALIASES.get(self.wta, self.wta)
         self.crop_scale = tuple(self.crop_scale)
         checks = [
-            (self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}"),
-            (self.protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}"),
-            (self.wta in WTA_MODES, f"wta must be one of {WTA_MODES}, got {self.wta!r}"),
-            (self.select_on in SELECT_ON, f"select_on must be one of {SELECT_ON}, got {self.select_on!r}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (getattr(self, item.name) in item.metadata["choices"], _choice_error(item, getattr(self, item.name)))
+            for item in dataclasses.fields(self)
+            if item.metadata["choices"]
+        ]
+        checks += [
             (0 < self.partial <= 1, f"partial must be in (0, 1], got {self.partial}"),
             (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be at least 1"),
@@ -106,6 +141,7 @@ class TrainConfig:
         for passed, message in checks:
             if not passed:
                 raise ValueError(message)
+        self.wta = WTA_ALIASES.get(self.wta, self.wta)
         if self.select_on == "val" and self.val_fraction == 0:
             raise ValueError("select_on='val' needs val_fraction > 0 (or select_on='test', the authors' way)")
 
@@ -141,6 +177,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{path}: unknown settings {unknown}")
         return cls(**values)
+
+
+def _choice_error(item: dataclasses.Field, value) -> str:
+    return f"{item.name} must be one of {item.metadata['choices']}, got {value!r}"
 
 
 _PARTIAL = dict(clip="RN101", n_ctx=21, csc=True, epochs=50, lr=0.005, loss_weight=0.02)

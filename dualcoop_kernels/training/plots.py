@@ -4,12 +4,15 @@ test AP. PNG files in the run folder, when matplotlib is installed (the ``plot``
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
+
+LOGGER = logging.getLogger(__name__)
 
 
 def plot_run(run: Path, history: list[dict], results: dict) -> list[Path]:
     if importlib.util.find_spec("matplotlib") is None:
-        print("dualcoop: no plots (pip install matplotlib, or the 'plot' extra, draws them)")
+        LOGGER.warning("no plots (pip install matplotlib, or the 'plot' extra, draws them)")
         return []
     import matplotlib
 

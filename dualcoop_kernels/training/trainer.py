@@ -1,51 +1,47 @@
 """Training a run: the authors' schedule, the best epoch picked on held-out images, atomic checkpoints
 that resume exactly, and the final evaluation.
 
+:func:`train` is a short sequence of phases: :func:`set_up` (the data, the model, the optimizer, and the
+state a resumed run continues from), then for each epoch :func:`train_one_epoch` and :func:`end_epoch`
+(score it, keep the best prompts, save), then :func:`final_evaluation` of the best epoch.
+
 Determinism: the order of an epoch's images, the class subsets of zero-shot batches and every image's
-augmentation are functions of (seed, epoch, step or image index) alone, so a run resumed from any
-checkpoint, with any number of workers, computes what the uninterrupted run computes.
+augmentation are functions of (seed, epoch, step or image index) alone (``seeds.py``), so a run resumed
+from any checkpoint, with any number of workers, computes what the uninterrupted run computes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from .._atomic import atomic_write_text
-from ..data.transforms import test_transform, train_transform
+from ..data import MultiLabelDataset
+from ..data.transforms import train_transform
 from ..loss import AsymmetricLoss
-from ..metrics import average_precision, evaluate, ranking_scores, top_k_metrics
 from ..model import DualCoOpPlusPlus
 from . import distributed
 from .cache import CachedRegions, FeatureCache
-from .checkpoint import atomic_torch_save, load_torch_file, random_states, restore_random_states
 from .config import TrainConfig
-from .datasets import load_run_data, training_split
+from .datasets import RunData, load_run_data, training_split
+from .distributed import Ranks
+from .evaluation import evaluate_split, results_table, selection_metric, selection_score
 from .plots import plot_run
+from .runs import CHECKPOINT, build_model, open_run, resolve_device, run_log, save_best_prompts
+from .seeds import derived_generator, derived_seed
+from .state import RunState, save_checkpoint
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
-RUNTIME_SETTINGS = ("workers", "device")  # may change when a run resumes: they do not change its numbers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
-    return device
+LOGGER = logging.getLogger(__name__)
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -56,9 +52,216 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     return config.lr * (1 + math.cos(math.pi * (epoch - 1) / config.epochs)) / 2
 
 
-def _mix(*numbers: int) -> int:
-    """A seed from several integers (the run's seed, the epoch, a step or an image)."""
-    return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1, np.uint64)[0] >> 1)
+@dataclass
+class Session:
+    """What a run works with once set up; ``state`` is what it has done (and what a checkpoint keeps)."""
+
+    config: TrainConfig
+    run: Path
+    ranks: Ranks
+    device: torch.device
+    data: RunData
+    model: DualCoOpPlusPlus
+    network: torch.nn.Module  # the model, or its distributed wrapper
+    optimizer: torch.optim.Optimizer
+    loss_fn: AsymmetricLoss
+    autocast: torch.autocast  # of the encoders; the head and the loss compute in float32
+    items: Dataset  # what the loop reads: augmented images or cached regions
+    steps_per_epoch: int
+    selection_set: MultiLabelDataset  # what picks the best epoch
+    metric: str
+    state: RunState
+    progress: Callable | None  # tqdm, on the first rank, unless the run is quiet
+
+
+def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress: bool = True) -> dict:
+    """Train, pick the best epoch, evaluate it on the test set(s); returns what ``eval.json`` holds."""
+    run = Path(run)
+    ranks, device = distributed.start(resolve_device(config.device))
+    try:
+        checkpoint = open_run(config, run, resume, ranks)
+        with run_log(run, ranks):
+            session = set_up(config, run, ranks, device, checkpoint, show_progress)
+            with _Interrupt() as interrupt:
+                for epoch in _epochs(session):
+                    started = time.perf_counter()
+                    train_one_epoch(session, epoch, interrupt)
+                    end_epoch(session, epoch, started, interrupt)
+            return final_evaluation(session)
+    finally:
+        distributed.stop(ranks)
+
+
+def set_up(config: TrainConfig, run: Path, ranks: Ranks, device, checkpoint: dict | None, show_progress) -> Session:
+    """The run's data, model and optimizer, at the state of ``checkpoint`` when it resumes."""
+    if ranks.world > 1 and config.batch_size % ranks.world:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {ranks.world} processes")
+    data = load_run_data(config, run if ranks.main else None)
+    model = build_model(config, data.train.classnames).to(device)
+    if config.compile_text:
+        model.text_encoder = torch.compile(model.text_encoder)
+    network = model
+    if ranks.world > 1:  # averages the prompts' gradients over the ranks
+        cuda = device.type == "cuda"
+        network = DistributedDataParallel(model, device_ids=[device] if cuda else None, broadcast_buffers=False)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.precision == "tf32"
+    optimizer = torch.optim.SGD(
+        model.learnable_parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    state = RunState()
+    if checkpoint is not None:
+        model.load_prompt_state_dict(checkpoint["prompts"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state.load_state_dict(checkpoint)
+    steps_per_epoch = len(data.train) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch_size {config.batch_size} exceeds the {len(data.train)} training images (batches drop the last)"
+        )
+    selection_set = data.validation if data.validation is not None else data.tests.get("zsl", data.tests.get("test"))
+    if selection_set is None:
+        raise ValueError("select_on='test' needs a test set")
+    return Session(
+        config=config,
+        run=run,
+        ranks=ranks,
+        device=device,
+        data=data,
+        model=model,
+        network=network,
+        optimizer=optimizer,
+        loss_fn=AsymmetricLoss(gamma_neg=config.gamma_neg, gamma_pos=config.gamma_pos, clip=config.asl_clip),
+        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"),
+        items=_training_items(config, model, data),
+        steps_per_epoch=steps_per_epoch,
+        selection_set=selection_set,
+        metric=selection_metric(config, len(selection_set.classnames)),
+        state=state,
+        progress=_tqdm() if show_progress and ranks.main else None,
+    )
+
+
+def train_one_epoch(s: Session, epoch: int, interrupt: _Interrupt) -> None:
+    """The epoch's steps, from the step the state has reached (a resumed run continues inside its epoch)."""
+    lr = learning_rate(s.config, epoch)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    s.items.epoch = epoch
+    s.network.train()
+    started = time.perf_counter()
+    batches = _epoch_loader(s, epoch)
+    if s.progress is not None:
+        batches = s.progress(batches, desc=f"epoch {epoch}", leave=False, initial=s.state.step, total=s.steps_per_epoch)
+    for images, labels, _ in batches:
+        loss = train_step(s, epoch, images, labels)
+        s.state.add_step(loss, s.config.batch_size)
+        if s.progress is not None:
+            rate = s.state.images / max(time.perf_counter() - started, 1e-9)
+            batches.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+        if interrupt.asked:
+            _save(s)
+            raise KeyboardInterrupt(f"stopped at epoch {epoch}, step {s.state.step}; saved: --resume continues")
+
+
+def train_step(s: Session, epoch: int, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """One optimizer step on this rank's share of a batch; the loss of the whole batch (all ranks)."""
+    subset = _class_subset(s, epoch)
+    if subset is not None:
+        labels, subset = labels[:, subset], subset.to(s.device)
+    labels = labels.to(s.device)
+    targets, mask = (labels == 1).float(), labels != 0
+    inputs = {"regions" if s.config.features else "images": images.to(s.device)}
+    with s.autocast:
+        logits = s.network(**inputs, classes=subset)
+    loss = s.config.loss_weight * s.loss_fn(logits.float(), targets, mask)
+    if not torch.isfinite(loss):
+        raise ValueError(
+            f"training diverged at epoch {epoch}, step {s.state.step}: the loss is {loss.item()}; lower --lr "
+            "or --loss-weight (checkpoints/last.pt holds the run as the last epoch left it)"
+        )
+    s.optimizer.zero_grad(set_to_none=True)
+    (loss * s.ranks.world).backward()  # the loss sums over the global batch; DDP averages
+    s.optimizer.step()
+    (total,) = s.ranks.total(loss.item())
+    return total
+
+
+def end_epoch(s: Session, epoch: int, started: float, interrupt: _Interrupt) -> None:
+    """The first rank scores the epoch, keeps the best prompts and saves the run; the others wait."""
+    if s.ranks.main:
+        score = selection_score(s.model, s.selection_set, s.config, s.device, s.progress)
+        key = f"{s.config.select_on}_{s.metric}"
+        record = dict(
+            epoch=epoch,
+            lr=learning_rate(s.config, epoch),
+            train_loss=s.state.mean_loss,
+            **{key: score},
+            seconds=time.perf_counter() - started,
+        )
+        if s.state.end_epoch(record, score, s.model.prompt_state_dict()):
+            save_best_prompts(s.run, s.state.best_prompts, s.data.train.classnames, epoch)
+        _save(s)
+        atomic_write_text(s.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in s.state.history))
+        LOGGER.info(
+            "epoch %d: lr %.2e, training loss %.4f, %s %.2f, %.1f s (best: epoch %d)",
+            *(epoch, record["lr"], record["train_loss"], key.replace("_", " "), score, record["seconds"]),
+            s.state.best_epoch,
+        )
+    else:
+        s.state.end_epoch()
+    s.ranks.barrier()
+    if interrupt.asked:  # Ctrl-C while the epoch was being scored
+        raise KeyboardInterrupt(f"stopped after epoch {epoch}; saved: --resume continues")
+
+
+def final_evaluation(s: Session) -> dict:
+    """The best epoch's prompts on the test set(s), or on the held-out images where there is none:
+    ``eval.json``, the pictures and the log's last lines. The first rank's; the others return {}."""
+    if not s.ranks.main:
+        return {}
+    s.model.load_prompt_state_dict(s.state.best_prompts)
+    results = dict(best_epoch=s.state.best_epoch, selected_on=s.config.select_on, selection_metric=s.metric)
+    reported = s.data.tests or ({"val": s.data.validation} if s.data.validation is not None else {})
+    for name, dataset in reported.items():
+        results[name] = evaluate_split(s.model, dataset, s.config, s.device, s.progress)
+    atomic_write_text(s.run / "eval.json", json.dumps(results, indent=2) + "\n")
+    plot_run(s.run, s.state.history, results)
+    splits = {name: metrics for name, metrics in results.items() if isinstance(metrics, dict)}
+    LOGGER.info(
+        "best epoch %d, picked by %s on %s\n%s", s.state.best_epoch, s.metric, s.config.select_on, results_table(splits)
+    )
+    return results
+
+
+def _epochs(s: Session):
+    epochs = range(s.state.epoch, s.config.epochs)
+    if s.progress is not None:
+        epochs = s.progress(epochs, desc="epochs", initial=s.state.epoch, total=s.config.epochs)
+    return epochs
+
+
+def _epoch_loader(s: Session, epoch: int) -> DataLoader:
+    """This rank's share of the epoch's batches, from the step the state has reached."""
+    size = s.config.batch_size
+    order = torch.randperm(len(s.data.train), generator=derived_generator("epoch order", s.config.seed, epoch))
+    batches = order[: s.steps_per_epoch * size].view(s.steps_per_epoch, size)[s.state.step :]
+    shards = [s.ranks.slice(batch) for batch in batches.tolist()]
+    return DataLoader(s.items, batch_sampler=shards, num_workers=s.config.workers)
+
+
+def _class_subset(s: Session, epoch: int) -> torch.Tensor | None:
+    """Zero-shot runs with many seen classes train each batch on a fresh random subset of them."""
+    classes = len(s.data.train.classnames)
+    if not (s.config.zero_shot and classes > s.config.max_train_classes):
+        return None
+    picker = derived_generator("class subset", s.config.seed, epoch, s.state.step)
+    return torch.randperm(classes, generator=picker)[: s.config.max_train_classes].sort().values
+
+
+def _save(s: Session) -> None:
+    if s.ranks.main:
+        config = s.config.as_dict()
+        save_checkpoint(s.run / CHECKPOINT, s.state, s.model, s.optimizer, s.data.train.classnames, config)
 
 
 class _Augmented(Dataset):
@@ -73,91 +276,23 @@ class _Augmented(Dataset):
     def __getitem__(self, index):
         image, labels, _ = self.dataset[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, self.epoch, index))
+            torch.manual_seed(derived_seed("augmentation", self.seed, self.epoch, index))
             return self.transform(image), labels, index
 
 
-def build_model(config: TrainConfig, classnames: list[str], clip=None) -> DualCoOpPlusPlus:
-    """The run's model for ``classnames``; ``clip`` reuses an already loaded CLIP (zero-shot evaluation
-    builds a model per class list around the same frozen CLIP)."""
-    variant = "dualcoop" if config.protocol == "dualcoop" else "dualcoop++"
-    pretrained = None if config.pretrained in (None, "none") else config.pretrained
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # random weights and contexts: the same for a run's every rebuild
-        return DualCoOpPlusPlus(
-            clip if clip is not None else config.clip,
-            classnames,
-            pretrained=pretrained if clip is None else None,
-            n_ctx=config.n_ctx,
-            csc=config.csc,
-            wta=config.wta,
-            variant=variant,
-        )
+def _training_items(config: TrainConfig, model, data) -> Dataset:
+    """What the loop reads: cached region features (one view an epoch), or images augmented afresh."""
+    if config.features:
+        cached = FeatureCache(config.features).read_for(config, model, training_split(config))
+        return CachedRegions(cached, data.train.labels, data.train_indices, config.seed)
+    transform = train_transform(config.image_size, config.protocol, config.crop_scale)
+    return _Augmented(data.train, transform, config.seed)
 
 
-def model_for(model: DualCoOpPlusPlus, config: TrainConfig, classnames: list[str]) -> DualCoOpPlusPlus:
-    """The trained prompts scoring other classes: needs contexts shared by all classes."""
-    if classnames == model.prompts.classnames:
-        return model
-    if config.csc:
-        raise ValueError("class-specific contexts cannot score classes they were not trained on (use csc=False)")
-    other = build_model(config, classnames, clip=model.clip).to(next(model.prompts.parameters()).device)
-    other.load_prompt_state_dict(model.prompt_state_dict())
-    return other
+def _tqdm():
+    from tqdm.auto import tqdm
 
-
-@torch.no_grad()
-def scores_of(model, dataset, config: TrainConfig, device: torch.device, progress=None) -> np.ndarray:
-    """N x C ranking scores (P+ - P-) of a dataset's images, with the test transform."""
-    model.eval()
-    view = replace(dataset, transform=test_transform(config.image_size, config.protocol))
-    loader = DataLoader(view, batch_size=config.batch_size, num_workers=config.workers)
-    batches = []
-    if progress is not None:
-        loader = progress(loader, desc=f"scoring {dataset.name}", leave=False)
-    for images, _, _ in loader:
-        batches.append(ranking_scores(model(images.to(device)).float()).cpu())
-    return torch.cat(batches).numpy()
-
-
-def known_average_precisions(scores: np.ndarray, labels: torch.Tensor) -> np.ndarray:
-    """Each class's AP over its known labels only (validation images keep their partial labels): the
-    class ranks the images whose label for it is known; a class without a known positive has AP 0."""
-    labels = labels.numpy()
-    values = np.zeros(labels.shape[1])
-    for column in range(labels.shape[1]):
-        known = labels[:, column] != 0
-        if known.any():
-            values[column] = average_precision(scores[known, column, None], labels[known, column, None])[0]
-    return values
-
-
-def evaluate_split(model, dataset, config: TrainConfig, device, progress=None) -> dict:
-    """The papers' metrics of a split (docs/data.md); where some labels are unknown (held-out training
-    images), AP and mAP rank each class's known labels only, as the epoch was picked."""
-    scores = scores_of(model_for(model, config, dataset.classnames), dataset, config, device, progress)
-    results = evaluate(scores, dataset.labels.numpy(), dataset.classnames, k=min(config.top_k, scores.shape[1]))
-    if bool((dataset.labels == 0).any()):
-        per_class = 100 * known_average_precisions(scores, dataset.labels)
-        results.update(
-            mAP=float(per_class.mean()),
-            per_class_AP=dict(zip(dataset.classnames, per_class.tolist())),
-            unknown_labels="left out of AP and mAP; counted as negatives by the threshold and top-k metrics",
-        )
-    return results
-
-
-def selection_metric(config: TrainConfig, classes: int) -> str:
-    """What picks the best epoch: mAP (over known labels), or F1 at k for zero-shot runs (unless
-    they have k classes or fewer, where every class is in the top k and F1 at k cannot change)."""
-    return f"F1@{config.top_k}" if config.zero_shot and classes > config.top_k else "mAP"
-
-
-def selection_score(model, dataset, config: TrainConfig, device, progress=None) -> float:
-    scores = scores_of(model, dataset, config, device, progress)
-    if selection_metric(config, scores.shape[1]) != "mAP":
-        return top_k_metrics(scores, dataset.labels.numpy(), k=config.top_k)["f1"]
-    return 100 * float(known_average_precisions(scores, dataset.labels).mean())
+    return tqdm
 
 
 class _Interrupt:
@@ -175,193 +310,3 @@ class _Interrupt:
 
     def __exit__(self, *_):
         signal.signal(signal.SIGINT, self.previous)
-
-
-def _write_history(run: Path, history: list[dict]) -> None:
-    atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
-
-
-def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress: bool = True) -> dict:
-    """Train, pick the best epoch, evaluate it on the test set(s); returns what ``eval.json`` holds."""
-    from tqdm.auto import tqdm
-
-    run = Path(run)
-    progress = tqdm if show_progress else None
-    checkpoint_path = run / CHECKPOINT
-    state = _saved_state(config, run, resume)
-    ranks, device = distributed.start(resolve_device(config.device))
-    if ranks.world > 1 and config.batch_size % ranks.world:
-        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {ranks.world} processes")
-    if not ranks.main:
-        progress = None
-    elif state is None:
-        run.mkdir(parents=True, exist_ok=True)
-        config.save(run / "config.json")
-    data = load_run_data(config, run if ranks.main else None)
-    model = build_model(config, data.train.classnames).to(device)
-    if config.compile_text:
-        model.text_encoder = torch.compile(model.text_encoder)
-    network = model
-    if ranks.world > 1:  # averages the prompts' gradients over the ranks
-        network = DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
-        )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.precision == "tf32"
-    optimizer = torch.optim.SGD(
-        model.learnable_parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    loss_fn = AsymmetricLoss(gamma_neg=config.gamma_neg, gamma_pos=config.gamma_pos, clip=config.asl_clip)
-    start_epoch, step, history, best = 0, 0, [], {"score": -math.inf, "epoch": None, "prompts": None}
-    running = {"loss": 0.0, "images": 0}
-    if state is not None:
-        model.load_prompt_state_dict(state["prompts"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step, running = state["epoch"], state["step"], state["running"]
-        history, best = state["history"], state["best"]
-        restore_random_states(state["random"])
-
-    def save(epoch_, step_):
-        if not ranks.main:
-            return
-        atomic_torch_save(
-            checkpoint_path,
-            dict(
-                prompts=model.prompt_state_dict(),
-                optimizer=optimizer.state_dict(),
-                epoch=epoch_,
-                step=step_,
-                history=history,
-                best=best,
-                running=running,
-                random=random_states(),
-                classnames=data.train.classnames,
-            ),
-        )
-
-    augmented = _training_items(config, model, data)
-    classes = len(data.train.classnames)
-    steps_per_epoch = len(data.train) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"batch_size {config.batch_size} exceeds the {len(data.train)} training images (batches drop the last)"
-        )
-    selection_set = data.validation if data.validation is not None else data.tests.get("zsl", data.tests.get("test"))
-    if selection_set is None:
-        raise ValueError("select_on='test' needs a test set")
-    metric = selection_metric(config, len(selection_set.classnames))
-    with _Interrupt() as interrupt:
-        epochs = range(start_epoch, config.epochs)
-        if progress is not None:
-            epochs = progress(epochs, desc="epochs", initial=start_epoch, total=config.epochs)
-        for epoch in epochs:
-            lr = learning_rate(config, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(_mix(config.seed, epoch)))
-            batches = order[: steps_per_epoch * config.batch_size].view(steps_per_epoch, config.batch_size)[step:]
-            augmented.epoch = epoch
-            shards = [ranks.slice(batch) for batch in batches.tolist()]
-            loader = DataLoader(augmented, batch_sampler=shards, num_workers=config.workers)
-            network.train()
-            started = time.perf_counter()
-            bar = loader
-            if progress is not None:
-                bar = progress(loader, desc=f"epoch {epoch}", leave=False, initial=step, total=steps_per_epoch)
-            for images, labels, _ in bar:
-                subset = None
-                if config.zero_shot and classes > config.max_train_classes:
-                    picker = torch.Generator().manual_seed(_mix(config.seed, epoch, step, 1))
-                    subset = torch.randperm(classes, generator=picker)[: config.max_train_classes].sort().values
-                    labels = labels[:, subset]
-                    subset = subset.to(device)
-                labels = labels.to(device)
-                targets, mask = (labels == 1).float(), labels != 0
-                inputs = {"regions" if config.features else "images": images.to(device)}
-                with autocast:  # the encoders; the head and the loss compute in float32
-                    logits = network(**inputs, classes=subset)
-                loss = config.loss_weight * loss_fn(logits.float(), targets, mask)
-                if not torch.isfinite(loss):
-                    raise ValueError(
-                        f"training diverged at epoch {epoch}, step {step}: the loss is {loss.item()}; lower --lr "
-                        "or --loss-weight (checkpoints/last.pt holds the run as the last epoch left it)"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                (loss * ranks.world).backward()  # the loss sums over the global batch; DDP averages
-                optimizer.step()
-                step += 1
-                (batch_loss,) = ranks.total(loss.item())
-                running["loss"] += batch_loss * config.batch_size
-                running["images"] += config.batch_size
-                if progress is not None:
-                    rate = running["images"] / max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix(loss=f"{batch_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                if interrupt.asked:
-                    save(epoch, step)
-                    raise KeyboardInterrupt(f"stopped at epoch {epoch}, step {step}; saved: --resume continues")
-            if not ranks.main:  # rank 0 picks the epoch and writes the files
-                step, running = 0, {"loss": 0.0, "images": 0}
-                ranks.barrier()
-                continue
-            score = selection_score(model, selection_set, config, device, progress)
-            record = dict(
-                epoch=epoch,
-                lr=lr,
-                train_loss=running["loss"] / max(running["images"], 1),
-                **{f"{config.select_on}_{metric}": score},
-                seconds=time.perf_counter() - started,
-            )
-            history.append(record)
-            if score > best["score"]:  # the first of equal scores stays
-                best = {"score": score, "epoch": epoch, "prompts": model.prompt_state_dict()}
-                atomic_torch_save(
-                    run / "prompts.pt", dict(prompts=best["prompts"], classnames=data.train.classnames, epoch=epoch)
-                )
-            step, running = 0, {"loss": 0.0, "images": 0}
-            save(epoch + 1, 0)
-            _write_history(run, history)
-            ranks.barrier()
-            if interrupt.asked:  # Ctrl-C while the epoch was being scored
-                raise KeyboardInterrupt(f"stopped after epoch {epoch}; saved: --resume continues")
-    if not ranks.main:
-        distributed.stop(ranks)
-        return {}
-    model.load_prompt_state_dict(best["prompts"])
-    results = dict(best_epoch=best["epoch"], selected_on=config.select_on, selection_metric=metric)
-    reported = data.tests or ({"val": data.validation} if data.validation is not None else {})
-    for name, dataset in reported.items():
-        results[name] = evaluate_split(model, dataset, config, device, progress)
-    atomic_write_text(run / "eval.json", json.dumps(results, indent=2) + "\n")
-    plot_run(run, history, results)
-    distributed.stop(ranks)
-    return results
-
-
-def _saved_state(config: TrainConfig, run: Path, resume: bool) -> dict | None:
-    """The checkpoint a resumed run continues from (None for a new run), after checking that the run
-    folder holds what the call expects."""
-    checkpoint_path = run / CHECKPOINT
-    if not resume:
-        if checkpoint_path.exists():
-            raise FileExistsError(f"{run} already holds a run: --resume continues it, or choose another --out")
-        return None
-    saved = TrainConfig.load(run / "config.json")
-    if replace(saved, **{name: getattr(config, name) for name in RUNTIME_SETTINGS}) != config:
-        raise ValueError(
-            f"{run}: --resume continues the run as configured in its config.json; other settings were given"
-        )
-    if not checkpoint_path.exists():
-        raise FileNotFoundError(
-            f"{run} has no checkpoint: the run stopped before its first epoch ended; start it again "
-            "without --resume (the folder is reused)"
-        )
-    return load_torch_file(checkpoint_path, "checkpoint")
-
-
-def _training_items(config: TrainConfig, model, data) -> Dataset:
-    """What the loop reads: cached region features (one view an epoch), or images augmented afresh."""
-    if config.features:
-        cached = FeatureCache(config.features).read_for(config, model, training_split(config))
-        return CachedRegions(cached, data.train.labels, data.train_indices, config.seed)
-    transform = train_transform(config.image_size, config.protocol, config.crop_scale)
-    return _Augmented(data.train, transform, config.seed)
