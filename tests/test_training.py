@@ -497,3 +497,15 @@ def test_a_resumed_run_reads_its_config_once(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(TrainConfig, "load", classmethod(lambda cls, path: reads.append(path) or load(cls, path)))
     assert main(["train", "--resume", "--out", str(copy), "--quiet"]) == 0
     assert reads == [copy / "config.json"]
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_failure_is_said_once_and_logged_by_every_rank(task, tmp_path):
+    run = tmp_path / "two"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    arguments = train_arguments(task, run, epochs=1, extra=["--loss-weight", "1e39"])
+    finished = subprocess.run([*launcher, "-m", "dualcoop_kernels", *arguments], capture_output=True, text=True)
+    assert finished.returncode != 0
+    assert finished.stderr.count("dualcoop train: error: training diverged") == 1, finished.stderr[-3000:]
+    log = (run / "log.txt").read_text()
+    assert "rank 0 stopped: ValueError: training diverged" in log and "rank 1 stopped: ValueError" in log
