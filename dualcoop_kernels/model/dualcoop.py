@@ -6,6 +6,7 @@ frozen and stay in eval mode. The original DualCoOp (NeurIPS 2022) is ``variant=
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -22,8 +23,13 @@ from ..options import (
 )
 from .images import check_images, clip_image_transform
 from .loading import load_clip, open_clip_module, registered_name
-from .prompts import PromptLearner, TextEncoder
+from .prompts import PromptLearner
 from .regions import region_features
+from .text import TextEncoder
+
+# Without autograd the head scores chunks of images whose B x N x C intermediates hold about this many
+# numbers (the head must see all classes at once for WTA): 4 MiB each in float32, whatever the vocabulary
+HEAD_CHUNK_ELEMENTS = 2**20
 
 
 class DualCoOpPlusPlus(nn.Module):
@@ -42,12 +48,14 @@ class DualCoOpPlusPlus(nn.Module):
             logit scale e^3, WTA) or ``"dualcoop"`` (two prompts, the positive one as evidence, tau 20,
             logit scale 100, no WTA, mean token and positional embedding in the ResNet tokens).
         text_encoding: ``"short"`` runs the causal text transformer on the tokens up to the last [EOS]
-            only, with fused attention (the same features to rounding, several times faster);
+            only, with fused attention, and with shared contexts computes their common prefix once per
+            prompt set (the same features to rounding, several to many times faster: model/text.py);
             ``"full"`` on all 77 tokens through open_clip's own modules, as the authors did.
 
     ``forward(images)`` takes B x 3 x H x W images normalised as :meth:`image_transform` does and
     returns B x 2 x C logits (``[:, 0]`` negative, ``[:, 1]`` positive); ``forward(regions=...)``
-    takes cached :meth:`encode_regions` output instead.
+    takes cached :meth:`encode_regions` output instead. :meth:`for_classes` scores other class names
+    with the same CLIP and learned shared contexts.
     """
 
     def __init__(
@@ -131,9 +139,7 @@ class DualCoOpPlusPlus(nn.Module):
         cached = not tracked and classes is None
         if cached and self._text_cache is not None and self._text_cache[0] == key:
             return self._text_cache[1]
-        tokenized = self.prompts.tokenized if classes is None else self.prompts.tokenized[classes]
-        features = self.text_encoder(self.prompts(classes), tokenized.repeat(len(contexts), 1))
-        features = list(features.split(tokenized.shape[0]))
+        features = list(self.text_encoder(*self.prompts(classes)).unbind(0))
         if cached:
             self._text_cache = (key, features)
         return features
@@ -163,7 +169,26 @@ class DualCoOpPlusPlus(nn.Module):
         dtype = torch.float64 if regions.dtype == torch.float64 else torch.float32
         evidence, positive, negative = (t.to(dtype) for t in (texts if len(texts) == 3 else (texts[0], *texts)))
         with torch.autocast(regions.device.type, enabled=False):
-            return self.head(regions.to(dtype), evidence, positive, negative)
+            return self._head_logits(regions.to(dtype), evidence, positive, negative)
+
+    def _head_logits(self, regions: torch.Tensor, *texts: torch.Tensor) -> torch.Tensor:
+        """The head; without autograd in chunks of images, so that many classes fit in bounded memory."""
+        step = max(1, HEAD_CHUNK_ELEMENTS // (regions.shape[1] * texts[0].shape[0]))
+        if torch.is_grad_enabled() or regions.shape[0] <= step:
+            return self.head(regions, *texts)
+        return torch.cat([self.head(chunk, *texts) for chunk in regions.split(step)])
+
+    def for_classes(self, classnames: list[str]) -> DualCoOpPlusPlus:
+        """This model scoring other classes: the same frozen CLIP, learned shared contexts, head and
+        text encoder (shared, not copied: the new model follows this one's training), prompts around
+        ``classnames``. Only their token ids are stored (C x 77), and without autograd the text
+        features are computed in chunks of classes and the head in chunks of images, so 10,000 names
+        cost little beyond their C x D features. Needs contexts shared by all classes (``csc=False``).
+        WTA compares the classes scored together: logits depend on the list they are scored with."""
+        other = copy.copy(self)  # every setting; the submodules' table is its own (prompts replaced)
+        other.__dict__.update(_modules=dict(self._modules), _text_cache=None)
+        other.prompts = self.prompts.for_classes(classnames)
+        return other
 
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """The learned state alone (the contexts, and the log temperature), without the CLIP weights."""
