@@ -17,6 +17,7 @@ import sys
 import torch
 
 from harness import (
+    RATIO_LEGEND,
     add_ratios,
     environment,
     format_table,
@@ -89,9 +90,9 @@ COLUMNS = [
     ("C", "C"),
     ("backend", "backend"),
     ("time_ms", "fwd+bwd ms"),
-    ("speedup", "x eager"),
+    ("speedup", "x faster"),
     ("peak_mib", "peak MiB"),
-    ("memory_ratio", "mem / eager"),
+    ("memory_saving", "x less mem"),
     ("relative_error", "rel err"),
 ]
 
@@ -117,6 +118,7 @@ def main(argv=None) -> int:
     if "cpu" in devices:
         print(machine_line(env))
     print(format_table(rows, COLUMNS))
+    print(RATIO_LEGEND)
     if args.out:
         write_json(args.out, dict(environment=env, extension=status.as_dict(), options=OPTIONS, results=rows))
     return 0

@@ -25,6 +25,7 @@ import torch
 from harness import (
     HEAD_PRESETS,
     PRESET_WTA,
+    RATIO_LEGEND,
     RESULTS_DIR,
     add_ratios,
     cuda_graph,
@@ -195,9 +196,9 @@ BENCH_COLUMNS = [
     ("backend", "backend"),
     ("mode", "pass"),
     ("time_ms", "median ms"),
-    ("speedup", "x eager"),
+    ("speedup", "x faster"),
     ("peak_mib", "peak MiB"),
-    ("memory_ratio", "mem / eager"),
+    ("memory_saving", "x less mem"),
     ("max_abs_error", "max |err|"),
 ]
 CHECK_COLUMNS = [
@@ -274,6 +275,7 @@ def main(argv=None) -> int:
     for name, reason in library_backends(device, args.interpreted_triton)[1].items():
         print(f"left out: {name}: {reason}")
     print(format_table(rows, BENCH_COLUMNS))
+    print(RATIO_LEGEND)
     if device.type == "cpu":
         recorded = recorded_results(RESULTS_DIR)
         print("GPU results recorded in benchmarks/results/:" if recorded else "No GPU results recorded yet.")

@@ -115,8 +115,15 @@ def peak_memory_mib(fn, device: torch.device) -> float | None:
         return None
 
 
+# Both ratios point the same way: above 1, the row beats eager PyTorch.
+RATIO_LEGEND = (
+    "x faster = eager's time / the row's time; x less mem = eager's peak memory / the row's peak memory "
+    "(above 1: better than eager, for both)"
+)
+
+
 def add_ratios(rows: list[dict], same: tuple[str, ...], base=None) -> None:
-    """Add each row's speed-up (eager time / time) and memory ratio (peak / eager peak) against the
+    """Add each row's speed-up (eager time / time) and memory saving (eager peak / peak) against the
     row with backend "eager" that agrees with it on the ``same`` keys, or on ``base(row)`` where given
     (the key values of the row to compare with); None where a number is missing."""
     key = base or (lambda row: tuple(row[name] for name in same))
@@ -126,7 +133,7 @@ def add_ratios(rows: list[dict], same: tuple[str, ...], base=None) -> None:
         ok = row["time_ms"] and baseline["time_ms"]
         row["speedup"] = baseline["time_ms"] / row["time_ms"] if ok else None
         ok = row["peak_mib"] and baseline["peak_mib"]
-        row["memory_ratio"] = row["peak_mib"] / baseline["peak_mib"] if ok else None
+        row["memory_saving"] = baseline["peak_mib"] / row["peak_mib"] if ok else None
 
 
 def environment(device: torch.device) -> dict:

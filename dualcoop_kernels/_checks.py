@@ -214,3 +214,12 @@ def check_classnames(classnames) -> list[str]:
     if repeated:
         raise ValueError(f"class names must be distinct, these repeat: {repeated[:5]}")
     return list(classnames)
+
+
+def error_gist(error: Exception) -> str:
+    """An error's type and first line, for a message of ours; torch's advice to unpickle a file with
+    weights_only=False, which would run any code it holds, is not ours to give."""
+    line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not line or "weights_only" in line or "Weights only" in line:
+        return type(error).__name__
+    return f"{type(error).__name__}: {line[:200]}"

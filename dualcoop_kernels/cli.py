@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+CLASS_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".lst", ".list", ".names")  # --classes: a value ending so is a file
 
 
 def _shown_default(item: dataclasses.Field) -> str:
@@ -65,6 +65,8 @@ def _add_settings(parser) -> None:
             options.update(action=argparse.BooleanOptionalAction)
         else:
             options.update(ARGUMENT_TYPES.get(item.type, {}), choices=item.metadata["choices"])
+        if item.metadata["bare"] is not None:
+            options.update(nargs="?", const=item.metadata["bare"])
         group.add_argument(flag, **options)
     parser.add_argument("--quiet", action="store_true", help="no progress bars, no log lines (log.txt has them)")
 
@@ -102,22 +104,39 @@ def _config_from(args):
     return TrainConfig(**{**(preset_config(args.preset) if args.preset else {}), **given})
 
 
+def _resumed_config(args):
+    """A resumed run's settings: its own (its config.json, read once). The same settings given again
+    (the first command line, say) are welcome; other values are refused, each named with the run's,
+    except those of --workers and --device, which may change."""
+    from .training import TrainConfig, preset_config
+    from .training.runs import RUNTIME_SETTINGS, resumed_config
+
+    given = _given_settings(args)
+    try:
+        config = resumed_config(args.out, {name: value for name, value in given.items() if name in RUNTIME_SETTINGS})
+    except ValueError as error:
+        raise ValueError(f"--resume continues the run in {args.out}: {error}") from error
+    asked = {**(preset_config(args.preset) if args.preset else {}), **given}
+    wanted = TrainConfig(**{**config.as_dict(), **asked})  # the values as the run would hold them
+    different = [
+        f"{name} {getattr(wanted, name)!r} (the run's: {getattr(config, name)!r})"
+        for name in asked
+        if name not in RUNTIME_SETTINGS and getattr(wanted, name) != getattr(config, name)
+    ]
+    if different:
+        raise ValueError(
+            f"--resume continues {args.out} as its config.json says, and these settings differ: "
+            f"{', '.join(different)}; drop them (only --workers and --device may change)"
+        )
+    return config
+
+
 def _train(args) -> int:
     from .training import train
     from .training.evaluation import results_table
-    from .training.runs import RUNTIME_SETTINGS, resumed_config
 
-    if args.resume:
-        given = _given_settings(args)
-        fixed = sorted(name for name in given if name not in RUNTIME_SETTINGS)
-        if fixed or args.preset:
-            raise ValueError(
-                f"--resume continues {args.out} as configured (only --workers and --device may change); "
-                f"drop {fixed or ['--preset']}"
-            )
-        config = resumed_config(args.out, given)
-    else:
-        config = _config_from(args)
+    _writable_folder(args.out, f"--out {args.out}")
+    config = _resumed_config(args) if args.resume else _config_from(args)
     results = train(config, args.out, resume=args.resume, show_progress=not args.quiet)
     print(results_table(results))
     return 0
@@ -126,8 +145,9 @@ def _train(args) -> int:
 def _cache(args) -> int:
     from .training.cache import cache_training_split
 
+    _writable_folder(args.out, f"--out {args.out}")
     config = _config_from(args)
-    options = dict(views=args.views, augment=args.augment, dtype=args.dtype)
+    options = dict(views=args.views, augment=args.augment not in (None, "none"), dtype=args.dtype)
     cache_training_split(config, args.out, show_progress=not args.quiet, **options)
     if _rank() == 0:
         print(f"dualcoop cache: {args.out} is complete; train with --features {args.out}")
@@ -142,30 +162,65 @@ def _eval(args) -> int:
     return 0
 
 
+def _image_suffixes() -> set[str]:
+    """The file suffixes of every image format PIL reads."""
+    from PIL import Image
+
+    return {suffix for suffix, format in Image.registered_extensions().items() if format in Image.OPEN}
+
+
 def _images(paths: list[str]) -> list[Path]:
-    found = []
+    found, suffixes = [], _image_suffixes()
     for given in map(Path, paths):
         if given.is_dir():
-            found += sorted(p for p in given.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in given.rglob("*") if p.suffix.lower() in suffixes)
         elif given.is_file():
             found.append(given)
         else:
             raise FileNotFoundError(f"{given} is neither an image file nor a folder")
     if not found:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {paths}")
+        raise ValueError(f"no images (files of a format PIL reads: .jpg, .png, .gif, .webp, .tif, ...) in {paths}")
     return found
 
 
 def _class_list(given: str) -> list[str]:
-    """``--classes``: names separated by commas, or the path of a file with one name a line."""
+    """``--classes``: names separated by commas, or the path of a file with one name a line (a value
+    with a path separator or a file suffix is a path, and the file must exist)."""
     path = Path(given)
     if path.is_file():
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    elif "/" in given or os.sep in given or path.suffix.lower() in CLASS_FILE_SUFFIXES:
+        raise FileNotFoundError(
+            f"--classes {given!r} reads as a file of class names (it has a path separator or a file suffix), "
+            "but there is no such file; give class names separated by commas, or an existing file"
+        )
     else:
         names = [name.strip() for name in given.split(",") if name.strip()]
     if not names:
         raise ValueError(f"--classes {given!r} names no class (give names separated by commas, or a file of names)")
     return names
+
+
+def _writable_file(value: str | None) -> Path | None:
+    """``--out`` of a file: not a folder, in a folder that exists (or can be made) and is writable."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_dir():
+        raise ValueError(f"--out {value} is a folder; give the path of a file to write")
+    _writable_folder(path.parent, f"--out {value}")
+    return path
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """A folder to write in: it, or the nearest of its parents that exists, must be a writable folder."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: the folder {existing} is not writable")
 
 
 def _predict(args) -> int:
@@ -175,7 +230,9 @@ def _predict(args) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    out = _writable_file(args.out)
     config, model, device = load_best(args.run, args.device)
+    paths = _images(args.images)
     if args.classes is not None:
         model = model_for(model, config, _class_list(args.classes))
     classnames = model.prompts.classnames
@@ -186,8 +243,9 @@ def _predict(args) -> int:
     else:
         ranks = range(1, args.top_k + 1)
         rows = [["image", *[f"{kind}_{rank}" for rank in ranks for kind in ("class", "probability")]]]
-    for paths, probabilities in image_probabilities(model, _images(args.images), config, device, args.batch_size):
-        for path, row in zip(paths, probabilities):
+    unreadable = {}
+    for scored, probabilities in image_probabilities(model, paths, config, device, args.batch_size, unreadable):
+        for path, row in zip(scored, probabilities):
             if args.top_k is None:
                 rows.append([str(path), *(f"{value:.6f}" for value in row.tolist())])
             else:
@@ -196,10 +254,15 @@ def _predict(args) -> int:
                 rows.append([str(path), *(cell for i, v in pairs for cell in (classnames[i], f"{v:.6f}"))])
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows(rows)
-    if args.out:
-        atomic_write_text(Path(args.out), text.getvalue())
+    if out:
+        atomic_write_text(out, text.getvalue())
     else:
         sys.stdout.write(text.getvalue())
+    if unreadable:
+        listing = "; ".join(f"{path} ({reason})" for path, reason in list(unreadable.items())[:10])
+        raise ValueError(
+            f"{len(unreadable)} of {len(paths)} images could not be read (the others are scored): {listing}"
+        )
     return 0
 
 
@@ -216,7 +279,6 @@ def _parser() -> argparse.ArgumentParser:
     _add_settings(cache)
     cache.add_argument("--out", required=True, type=Path, help="the cache folder (a rerun finishes it)")
     cache.add_argument("--views", type=int, default=1, help="augmented views per image (needs --augment)")
-    cache.add_argument("--augment", action="store_true", help="the training augmentation (else the test transform)")
     cache.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     evaluate = commands.add_parser("eval", help="evaluate a run's best prompts on its test split(s)")
     evaluate.add_argument("run", type=Path)
@@ -229,12 +291,22 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     predict.add_argument("--top-k", dest="top_k", type=int, help="only the k most likely classes per image")
     predict.add_argument(
-        "--classes", help="score these class names instead (comma-separated, or a file of names; shared-context runs)"
+        "--classes",
+        help="score these class names instead (shared-context runs): names separated by commas, or a file with "
+        "one name a line (a value with a / or a suffix such as .txt is read as a file, which must exist)",
     )
     predict.add_argument("--out", help="CSV file to write (default: standard output)")
     predict.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     predict.add_argument("--device")
     return parser
+
+
+STOPPED = {  # what Ctrl-C leaves, where the command has nothing more to say
+    "train": "stopped",
+    "cache": "stopped; the chunks written are kept: the same command finishes the cache",
+    "eval": "stopped; nothing was written",
+    "predict": "stopped; nothing was written",
+}
 
 
 def _rank() -> int:
@@ -245,13 +317,15 @@ def _rank() -> int:
 def _show_log_lines(quiet: bool) -> None:
     """The package's log lines on standard error (only warnings when quiet), through tqdm's bars."""
     logger = logging.getLogger("dualcoop_kernels")
-    if any(getattr(handler, "dualcoop_cli", False) for handler in logger.handlers):
-        return
+    for old in [handler for handler in logger.handlers if getattr(handler, "dualcoop_cli", False)]:
+        logger.removeHandler(old)  # an earlier command's, in this process: its stream may be gone
     handler = logging.StreamHandler(sys.stderr)
     handler.dualcoop_cli = True
     handler.setFormatter(logging.Formatter("dualcoop: %(message)s"))
     handler.setLevel(logging.WARNING if quiet or _rank() != 0 else logging.INFO)
+    handler.addFilter(lambda record: not getattr(record, "run_log_only", False))  # the command prints those
     logger.addHandler(handler)
+    logger.propagate = False  # not again through a handler someone gave the root logger
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)
 
@@ -265,9 +339,12 @@ def main(argv=None) -> int:
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt as stopped:
-        print(f"dualcoop: {stopped}", file=sys.stderr)
+        print(f"dualcoop {args.command}: {str(stopped) or STOPPED[args.command]}", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, WeightsUnavailable) as error:
+    except BrokenPipeError:  # the reader of the output went away (| head): no traceback, no more output
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, OSError, WeightsUnavailable) as error:
         if _rank() == 0:  # every rank meets a bad option; the first says it (each rank's log.txt line too)
             print(f"dualcoop {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -34,16 +34,24 @@ def ranking_scores(logits):
     return scores.detach() if isinstance(scores, torch.Tensor) else scores
 
 
-def average_precision(scores, targets) -> np.ndarray:
+def average_precision(scores, targets, known=None) -> np.ndarray:
     """Average precision of each class: a numpy array of C floats in [0, 1].
 
     The images of a class are sorted by descending score; with ``r`` the rank of a positive (1-based) and
     ``TP(r)`` the number of positives within the top ``r``, ``AP = (1 / n_pos) * sum over positives of
     TP(r) / r``. A class without positives has AP 0. Ties: the sort is stable, so images with equal scores
     keep their order, the earlier image ranked first (the authors reversed numpy's default argsort, whose
-    tie order is unspecified).
+    tie order is unspecified). ``known`` (N x C bool, optional): a class ranks only the images whose label
+    for it is known.
     """
     scores, positives = _checked(scores, targets)
+    known = _checked_known(known, scores.shape)
+    if known is not None:
+        values = np.zeros(scores.shape[1])
+        for c in range(scores.shape[1]):
+            if known[:, c].any():
+                values[c] = average_precision(scores[known[:, c], c, None], positives[known[:, c], c, None])[0]
+        return values
     order = np.argsort(-scores, axis=0, kind="stable")
     ranked = np.take_along_axis(positives, order, axis=0)
     ranks = np.arange(1, len(scores) + 1)[:, None]
@@ -59,20 +67,7 @@ def mean_average_precision(scores, targets) -> float:
     return 100.0 * float(average_precision(scores, targets).mean())
 
 
-def known_average_precision(scores, labels) -> np.ndarray:
-    """Each class's AP over its known labels only, for labels in +1 / -1 / 0 (0: unknown, as held-out
-    training images keep their partial labels): a class ranks the images whose label for it is known; a
-    class without a known positive has AP 0."""
-    scores, labels = _as_numpy("scores", scores, "fiu"), _as_numpy("labels", labels, "iu")
-    values = np.zeros(labels.shape[1])
-    for column in range(labels.shape[1]):
-        known = labels[:, column] != 0
-        if known.any():
-            values[column] = average_precision(scores[known, column, None], labels[known, column, None])[0]
-    return values
-
-
-def threshold_metrics(scores, targets, threshold: float = 0.0) -> dict:
+def threshold_metrics(scores, targets, threshold: float = 0.0, known=None) -> dict:
     """Precision, recall and F1 of the predictions ``score > threshold``, in percent.
 
     With :func:`ranking_scores` and the default threshold 0 a class is predicted where ``P+ > P-``. Per class
@@ -80,17 +75,20 @@ def threshold_metrics(scores, targets, threshold: float = 0.0) -> dict:
     ``tp = 0``. Returns ``per_class_precision``, ``per_class_recall`` and ``per_class_f1`` (C-arrays),
     ``CP`` and ``CR`` (their means), ``CF1`` (the mean of ``f_c``, as DualCoOp reports it), ``CF1_harmonic``
     (``2 CP CR / (CP + CR)``, the usual form, 0 if both are 0), and ``OP``, ``OR`` (the same ratios on the
-    counts pooled over all classes and images) with ``OF1 = 2 OP OR / (OP + OR)``.
+    counts pooled over all classes and images) with ``OF1 = 2 OP OR / (OP + OR)``. With ``known`` (N x C
+    bool) only the known labels count.
     """
     scores, positives = _checked(scores, targets)
+    known = _checked_known(known, scores.shape)
+    counted = np.ones_like(positives) if known is None else known
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(f"threshold must be a real number, got {type(threshold).__name__}")
     if np.isnan(threshold):
         raise ValueError("threshold must be a number, got NaN")
     predicted = scores > threshold
-    tp = (predicted & positives).sum(axis=0)
-    fp = (predicted & ~positives).sum(axis=0)
-    fn = (~predicted & positives).sum(axis=0)
+    tp = (predicted & positives & counted).sum(axis=0)
+    fp = (predicted & ~positives & counted).sum(axis=0)
+    fn = (~predicted & positives & counted).sum(axis=0)
     precision = _ratio(tp, tp + fp)
     recall = _ratio(tp, tp + fn)
     f1 = _ratio(2 * precision * recall, precision + recall)
@@ -111,44 +109,58 @@ def threshold_metrics(scores, targets, threshold: float = 0.0) -> dict:
     }
 
 
-def top_k_metrics(scores, targets, k: int = 3) -> dict:
+def top_k_metrics(scores, targets, k: int = 3, known=None) -> dict:
     """Precision, recall and F1 at top k, in percent: ``precision``, ``recall``, ``f1``.
 
     Each image predicts its k highest-scoring classes, equal scores taken by lower class index first (a
     stable sort). ``TP`` = sum over images of the positives among their top k; ``P@k = TP / (k N)``,
     ``R@k = TP / (number of positives)`` and ``F1 = 2 P R / (P + R)``, each 0 where ``TP = 0``. Needs
-    ``1 <= k <= C``.
+    ``1 <= k <= C``. With ``known`` (N x C bool) only the known labels count: a predicted class whose
+    label is unknown is neither right nor wrong (``P@k = TP / the predictions with a known label``).
     """
     scores, positives = _checked(scores, targets)
-    n_images, n_classes = scores.shape
+    known = _checked_known(known, scores.shape)
+    counted = np.ones_like(positives) if known is None else known
+    n_classes = scores.shape[1]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= n_classes:
         raise ValueError(f"k must satisfy 1 <= k <= C = {n_classes}, got {k}")
     top_k = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    tp = int(np.take_along_axis(positives, top_k, axis=1).sum())
-    precision = 100.0 * tp / (k * n_images)
-    recall = 100.0 * float(_ratio(tp, positives.sum()))
+    picked_known = np.take_along_axis(counted, top_k, axis=1)
+    tp = int((np.take_along_axis(positives, top_k, axis=1) & picked_known).sum())
+    precision = 100.0 * float(_ratio(tp, picked_known.sum()))
+    recall = 100.0 * float(_ratio(tp, (positives & counted).sum()))
     return {"precision": precision, "recall": recall, "f1": _harmonic_mean(precision, recall)}
 
 
-def evaluate(scores, targets, classnames=None, k: int | None = None) -> dict:
+def evaluate(scores, targets, classnames=None, k: int | None = None, known=None) -> dict:
     """A JSON-serialisable summary in percent (plain floats, lists and dicts).
 
     ``mAP``; ``per_class_AP``, a dict name -> AP when ``classnames`` (C distinct strings) are given, else a
     list in class order; the summary values of :func:`threshold_metrics` at threshold 0 (``CP``, ``CR``,
     ``CF1``, ``CF1_harmonic``, ``OP``, ``OR``, ``OF1``); and, when ``k`` is given, ``top_k``: ``k`` with the
-    ``precision``, ``recall`` and ``f1`` of :func:`top_k_metrics`.
+    ``precision``, ``recall`` and ``f1`` of :func:`top_k_metrics`. Beside the mAP (the papers': a class
+    without a positive counts 0), ``mAP_classes_with_positives`` averages the classes with one, named
+    in ``classes_without_positives``. ``known`` (N x C bool): every metric counts the known labels only.
     """
-    average_precisions = average_precision(scores, targets)
+    average_precisions = average_precision(scores, targets, known)
     per_class_ap = (100.0 * average_precisions).tolist()
+    names = list(range(len(per_class_ap))) if classnames is None else _checked_classnames(classnames, len(per_class_ap))
     if classnames is not None:
-        per_class_ap = dict(zip(_checked_classnames(classnames, len(per_class_ap)), per_class_ap))
-    thresholded = threshold_metrics(scores, targets)
+        per_class_ap = dict(zip(names, per_class_ap))
+    scores, positives = _checked(scores, targets)
+    known = _checked_known(known, scores.shape)
+    with_positive = (positives & (True if known is None else known)).any(axis=0)
+    thresholded = threshold_metrics(scores, targets, known=known)
     summary = {"mAP": 100.0 * float(average_precisions.mean()), "per_class_AP": per_class_ap}
+    summary["mAP_classes_with_positives"] = (
+        100.0 * float(average_precisions[with_positive].mean()) if with_positive.any() else 0.0
+    )
+    summary["classes_without_positives"] = [names[c] for c in np.flatnonzero(~with_positive)]
     summary.update({key: thresholded[key] for key in THRESHOLD_SUMMARY})
     if k is not None:
-        summary["top_k"] = {**top_k_metrics(scores, targets, k), "k": int(k)}
+        summary["top_k"] = {**top_k_metrics(scores, targets, k, known=known), "k": int(k)}
     return summary
 
 
@@ -177,6 +189,16 @@ def _checked(scores, targets) -> tuple[np.ndarray, np.ndarray]:
     if not np.isin(targets, (-1, 0, 1)).all():
         raise ValueError("targets must hold only -1, 0 and 1 (1 positive; 0 and -1 not positive)")
     return scores, targets == 1
+
+
+def _checked_known(known, shape) -> np.ndarray | None:
+    """The N x C bool mask of known labels, or None where every label is known."""
+    if known is None:
+        return None
+    known = _as_numpy("known", known, kinds="b")
+    if known.shape != shape:
+        raise ValueError(f"known must have the shape N x C of scores, {shape}, got {known.shape}")
+    return None if known.all() else known
 
 
 def _checked_classnames(classnames, n_classes: int) -> list[str]:

@@ -122,9 +122,8 @@ def test_training_on_bigearthnet_through_the_command_line(tmp_path, capsys):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from synthetic import write_tiny_clip
-
     from dualcoop_kernels.cli import main
+    from dualcoop_kernels.data.shapes import write_tiny_clip
 
     write_v1(tmp_path / "ben")
     run = tmp_path / "run"

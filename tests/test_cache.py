@@ -8,9 +8,8 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from synthetic import write_shapes, write_tiny_clip
-
 from dualcoop_kernels.cli import main
+from dualcoop_kernels.data.shapes import write_shapes, write_tiny_clip
 from dualcoop_kernels.data.transforms import test_transform
 from dualcoop_kernels.training import TrainConfig, build_model
 from dualcoop_kernels.training import cache as cache_module

@@ -21,9 +21,8 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from synthetic import SHAPES, write_shapes, write_tiny_clip
-
 from dualcoop_kernels.cli import main
+from dualcoop_kernels.data.shapes import SHAPES, write_shapes, write_tiny_clip
 from dualcoop_kernels.training import PRESETS, TrainConfig, learning_rate, preset_config
 
 
@@ -484,7 +483,7 @@ def test_log_txt_has_a_line_per_epoch_and_the_results_in_a_quiet_run(trained):
     run, _ = trained
     log = (run / "log.txt").read_text()
     assert len(re.findall(r"epoch \d+: lr .* training loss .* val mAP", log)) == 6
-    assert re.search(r"best epoch \d+, picked by mAP on val\n\s*test\s+mAP", log), log
+    assert re.search(r"best epoch \d+, picked by mAP on val\n\s*split\s+images\s+mAP.*\n\s*test\s+64\s", log), log
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Your own data: a CSV file with a header ``image,<class 1>,<class 2>,...`` and one row per image.
 
 Values: ``1`` present, ``0`` absent, empty unknown. Image paths are relative to the CSV file (or
-absolute). The class names come from the header, in its order.
+absolute), each listed once. The class names come from the header, in its order.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def read_csv_labels(path) -> MultiLabelDataset:
     classnames = [name.strip() for name in rows[0][1:]]
     if any(not name for name in classnames) or len(set(classnames)) != len(classnames):
         raise DatasetError(f"{path}, line 1: class names must be distinct and not empty, got {classnames}")
-    images, labels = [], []
+    images, labels, lines = [], [], {}
     for number, row in enumerate(rows[1:], 2):
         if not any(field.strip() for field in row):
             continue
@@ -43,7 +43,14 @@ def read_csv_labels(path) -> MultiLabelDataset:
         if bad or not row[0].strip():
             problem = f"values must be 1, 0 or empty, got {bad[0]!r}" if bad else "the image path is empty"
             raise DatasetError(f"{path}, line {number}: {problem}")
-        images.append(path.parent / row[0].strip())
+        image = path.parent / row[0].strip()
+        if image in lines:
+            raise DatasetError(
+                f"{path}, line {number}: image {row[0].strip()} is listed again (first on line {lines[image]}); "
+                "list each image once"
+            )
+        lines[image] = number
+        images.append(image)
         labels.append([VALUES[value] for value in values])
     if not images:
         raise DatasetError(f"{path}: no images listed")

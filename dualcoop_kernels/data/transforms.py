@@ -6,7 +6,9 @@ side (scale 0.5 to 1 by default, NUS-WIDE 0.6 to 1; bicubic), or the whole image
 the authors' multi-label AutoAugment table (``mlc_autoaugment_policy.json`` beside this module: two ops at
 fixed magnitudes, each applied with its own probability), a horizontal flip with probability 1/2, and
 CLIP's normalisation. The original DualCoOp resizes to the square, always cuts out a square of half the
-side and applies torchvision's RandAugment (two ops), with neither crop nor flip. Both test on a plain
+side and applies torchvision's RandAugment (two ops), with neither crop nor flip. For data whose classes
+are told by colour (the authors' colour operations and cutout erase them), ``augmentation="crop-flip"``
+keeps only DualCoOp++'s RandomResizedCrop and the flip, and ``"none"`` is the test transform. Both test on a plain
 resize to the square (bicubic for DualCoOp++, bilinear for the original). Every random draw comes from
 torch's global generator, so ``torch.manual_seed`` (which DataLoader applies to each worker) replays an
 augmentation exactly. Inputs are PIL images of any mode (made RGB); outputs float32 3 x side x side.
@@ -29,7 +31,8 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from ..options import CLIP_MEAN, CLIP_STD
+from .._checks import check_choice
+from ..options import AUGMENTATIONS, CLIP_MEAN, CLIP_STD
 from .protocols import check_protocol
 
 CROP_PROBABILITY = 0.5  # DualCoOp++: the RandomResizedCrop view, else the resized image with a cutout
@@ -243,22 +246,33 @@ test_transform.__test__ = False  # a builder, not a test: pytest would collect i
 
 
 def train_transform(
-    image_size: int, protocol: str = "dualcoop++", crop_scale=(0.5, 1.0), mean=CLIP_MEAN, std=CLIP_STD
+    image_size: int,
+    protocol: str = "dualcoop++",
+    crop_scale=(0.5, 1.0),
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+    augmentation: str = "authors",
 ) -> v2.Compose:
     """The training augmentation of ``protocol`` (see the module doc) to float32 ``image_size`` x
     ``image_size`` images normalised with ``mean`` and ``std``. ``crop_scale`` bounds the area of
-    DualCoOp++'s RandomResizedCrop (NUS-WIDE used (0.6, 1.0)); the original DualCoOp crops nothing."""
+    DualCoOp++'s RandomResizedCrop (NUS-WIDE used (0.6, 1.0)); the original DualCoOp crops nothing.
+    ``augmentation``: ``"authors"`` (the protocol's own), ``"crop-flip"`` (the crop and a flip, no
+    colour operation or cutout, for any protocol) or ``"none"`` (the test transform)."""
+    check_choice("augmentation", augmentation, AUGMENTATIONS)
+    if augmentation == "none":
+        return test_transform(image_size, protocol, mean, std)
     side = _check_image_size(image_size)
     protocol = check_protocol(protocol)
-    crop_scale = _check_crop_scale(crop_scale)
+    crop = v2.RandomResizedCrop(
+        side, scale=_check_crop_scale(crop_scale), ratio=(3 / 4, 4 / 3), interpolation=InterpolationMode.BICUBIC
+    )
     resize = v2.Resize((side, side), interpolation=InterpolationMode.BILINEAR)
     resize_with_cutout = [resize, RandomCutout(CUTOUT_FRACTIONS[protocol])]
-    if protocol == "dualcoop":
+    if augmentation == "crop-flip":
+        augment = [crop, v2.RandomHorizontalFlip(p=0.5)]
+    elif protocol == "dualcoop":
         augment = [*resize_with_cutout, v2.RandAugment(num_ops=RANDAUGMENT_OPS)]
     else:
-        crop = v2.RandomResizedCrop(
-            side, scale=crop_scale, ratio=(3 / 4, 4 / 3), interpolation=InterpolationMode.BICUBIC
-        )
         view = v2.RandomChoice([crop, v2.Compose(resize_with_cutout)], p=[CROP_PROBABILITY, 1.0 - CROP_PROBABILITY])
         augment = [view, MultiLabelAutoAugment(), v2.RandomHorizontalFlip(p=0.5)]
     return v2.Compose([v2.RGB(), *augment, *_normalised_tensor(mean, std)])

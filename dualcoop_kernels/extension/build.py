@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes.util
 import functools
 import glob
+import hashlib
 import logging
 import os
 import platform
@@ -154,12 +155,18 @@ def _unbuildable() -> str | None:
     return None
 
 
-def _sources_changed_since(library: Path) -> bool:
-    """Whether the library is missing or older than a source file (a new version of the package)."""
-    if not library.exists():
-        return True
-    built = library.stat().st_mtime
-    return any(source.stat().st_mtime > built for source in _sources().rglob("*") if source.suffix in SOURCE_SUFFIXES)
+def _keyed(name: str, **load_arguments) -> str:
+    """A library's name with a digest of what it is built from: the sources' contents, the flags, the
+    compiler and torch's version. Two installs of the package (two checkouts, a checkout and a wheel)
+    thus never rebuild each other's library in the shared extension cache, and a library is rebuilt
+    exactly when something it is made of changed."""
+    digest = hashlib.sha256(
+        f"{torch.__version__} {os.environ.get('CXX', 'c++')} {sorted(load_arguments.items())}".encode()
+    )
+    sources = _sources()
+    for source in sorted(path for path in sources.rglob("*") if path.suffix in SOURCE_SUFFIXES):
+        digest.update(str(source.relative_to(sources)).encode() + b"\0" + source.read_bytes())
+    return f"{name}_{digest.hexdigest()[:12]}"
 
 
 def _cuda_include_paths() -> list[str]:
@@ -211,16 +218,14 @@ class _Loader:
         self.looked = True
         self.build_tried |= wanted
         name, cflags, ldflags = _cpu_flags()
-        self.status.cache_directory = str(_build_directory(name).parent)
         sources = _sources()
-        if not self._load_part(
-            "cpu",
-            name,
-            "cpu" in build,
+        cpu = dict(
             sources=[str(sources / SCHEMA), str(sources / "cpu" / "asl_cpu.cpp")],
             extra_cflags=cflags,
             extra_ldflags=ldflags,
-        ):
+        )
+        self.status.cache_directory = str(_build_directory(name).parent)
+        if not self._load_part("cpu", _keyed(name, **cpu), "cpu" in build, **cpu):
             return self.status
         register_python_side()
         reason = _cuda_unbuildable()
@@ -228,14 +233,12 @@ class _Loader:
             self.status.why_not["cuda"] = reason
             return self.status
         arch = _cuda_arch()
-        self._load_part(
-            "cuda",
-            f"dualcoop_asl_cuda_sm{arch}",
-            "cuda" in build,
+        cuda = dict(
             sources=[str(sources / "cuda" / "asl_cuda.cu")],
             extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
             extra_include_paths=_cuda_include_paths(),
         )
+        self._load_part("cuda", _keyed(f"dualcoop_asl_cuda_sm{arch}", **cuda), "cuda" in build, **cuda)
         return self.status
 
     def _load_part(self, part: str, name: str, build: bool, **load_arguments) -> bool:
@@ -246,7 +249,7 @@ class _Loader:
         if part in self.failed:
             return False
         library = _build_directory(name) / f"{name}.so"
-        if _sources_changed_since(library):
+        if not library.exists():
             if not build:  # loading would compile
                 reason = _unbuildable()
                 self.status.why_not[part] = (
@@ -260,7 +263,7 @@ class _Loader:
                 return False
             LOG.warning(
                 "dualcoop_kernels: building the %s part of the asymmetric-loss extension, about a minute, once "
-                "(cached in %s)",
+                "for these sources, flags and torch (cached in %s)",
                 part.upper(),
                 library.parent,
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -12,11 +14,30 @@ from ..options import CLIP_MEAN, CLIP_STD
 MAX_NORMALISED_PIXEL = 10.0
 
 
-def _pil_as_rgb(image):
-    """PIL images of any mode as RGB (torchvision's RGB step refuses an alpha channel)."""
+def _as_rgb(image):
+    """PIL images of any mode and H x W x C NumPy arrays (C = 1, 3 or 4, or none) as RGB, an alpha
+    channel dropped as PIL drops it; anything but an image is refused, naming what it is."""
+    import numpy as np
     from PIL import Image
 
-    return image.convert("RGB") if isinstance(image, Image.Image) and image.mode != "RGB" else image
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+            return np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=2)
+        if image.ndim == 3 and image.shape[2] in (3, 4):
+            return image[:, :, :3]
+        raise ValueError(f"a NumPy image must be H x W, H x W x 1, 3 or 4 (RGB or RGBA), got shape {image.shape}")
+    if isinstance(image, torch.Tensor):
+        if image.dim() in (3, 4) and image.shape[-3] == 3:
+            return image
+        raise ValueError(f"an image tensor must be 3 x H x W or B x 3 x H x W (uint8), got {tuple(image.shape)}")
+    opened = isinstance(image, (str, os.PathLike))
+    hint = ": open the file first (PIL.Image.open, or dualcoop_kernels.data.load_image)" if opened else ""
+    raise TypeError(
+        "the image transform takes an image (a PIL image, an H x W x 3 NumPy array or a 3 x H x W uint8 "
+        f"tensor), got {type(image).__name__}{hint}"
+    )
 
 
 def check_images(images) -> None:
@@ -49,7 +70,7 @@ def clip_image_transform(visual: nn.Module, image_size: int | None = None):
     std = getattr(visual, "image_std", None) or CLIP_STD
     return v2.Compose(
         [
-            v2.Lambda(_pil_as_rgb),
+            v2.Lambda(_as_rgb),
             v2.ToImage(),
             v2.RGB(),
             v2.Resize((side, side), interpolation=InterpolationMode.BICUBIC, antialias=True),

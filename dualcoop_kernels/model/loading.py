@@ -8,11 +8,16 @@ is at load time.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
 
 from torch import nn
+
+from .._checks import error_gist
+
+MODEL_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what every open_clip model config holds
 
 
 def open_clip_module():
@@ -53,12 +58,23 @@ def _without_random_weights_warning():
 def registered_name(model: str) -> str:
     """The open_clip name of a model given by name or by the path of its config (.json), which this
     registers with open_clip under the file's stem."""
-    if str(model).endswith(".json") and not os.path.isfile(model):
+    if not str(model).endswith(".json"):
+        return model
+    if not os.path.isfile(model):
         raise FileNotFoundError(f"open_clip model config {model} does not exist")
-    if str(model).endswith(".json"):
-        open_clip_module().add_model_config(model)
-        return os.path.splitext(os.path.basename(model))[0]
-    return model
+    try:
+        with open(model, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"open_clip model config {model} is not readable JSON ({error})") from error
+    missing = [key for key in MODEL_CONFIG_KEYS if not isinstance(config, dict) or key not in config]
+    if missing:
+        raise ValueError(
+            f"open_clip model config {model} lacks {missing}: it must be a JSON object with embed_dim, "
+            "vision_cfg and text_cfg, as open_clip's model configs are (docs/training.md shows one)"
+        )
+    open_clip_module().add_model_config(model)
+    return os.path.splitext(os.path.basename(model))[0]
 
 
 def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
@@ -80,7 +96,10 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
         try:
             return open_clip.create_model(model_name, pretrained=pretrained)
         except Exception as error:  # not a checkpoint, or one of another model: torch's and pickle's errors
-            raise ValueError(f"pretrained file {pretrained} is not a checkpoint of {model_name} ({error})") from error
+            raise ValueError(
+                f"pretrained file {pretrained} is not a checkpoint of {model_name} ({error_gist(error)}); it "
+                "must hold the model's state dict (a torch .pt/.bin or .safetensors file, as open_clip saves them)"
+            ) from error
     if pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
         raise ValueError(
             f"pretrained={pretrained!r} is neither a file nor an open_clip tag of {model_name}; "

@@ -88,6 +88,20 @@ def vit_regions(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return x @ visual.proj
 
 
+def check_image_side(visual: nn.Module, side: int) -> None:
+    """A ViT's patches tile only sides that are multiples of its patch size: refuse any other side,
+    whose last rows and columns of pixels the patch convolution would silently leave out."""
+    if not is_vit(visual):
+        return
+    patch = visual.conv1.stride[0]
+    if side % patch:
+        below = side - side % patch
+        raise ValueError(
+            f"image_size {side} is not a multiple of the ViT's patch size {patch}: its last {side % patch} rows "
+            f"and columns of pixels would be left out; use {below or patch} or {below + patch}"
+        )
+
+
 def region_features(visual: nn.Module, images: torch.Tensor, with_positions: bool = False) -> torch.Tensor:
     """Region features of any supported open_clip image tower (ResNet or ViT); see the module doc."""
     if images.dim() != 4 or images.shape[1] != 3:

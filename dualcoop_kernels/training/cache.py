@@ -22,7 +22,7 @@ import torch
 
 from .._atomic import atomic_write_text
 from ..data import MultiLabelDataset
-from ..data.transforms import test_transform, train_transform
+from ..data.transforms import train_transform
 from . import distributed
 from .config import TrainConfig
 from .datasets import training_split
@@ -33,6 +33,8 @@ from .seeds import derived_seed
 CHUNK_IMAGES = 256
 LOGGER = logging.getLogger(__name__)
 DTYPES = {"float16": np.float16, "float32": np.float32}
+# the manifest's name of each augmentation ("train" and "test" as caches made before there was a choice)
+TRANSFORM_NAMES = {"authors": "train", "crop-flip": "crop-flip", "none": "test"}
 
 
 def weights_checksum(module: torch.nn.Module) -> str:
@@ -50,13 +52,14 @@ def images_checksum(dataset: MultiLabelDataset) -> str:
 
 
 def expected_manifest(config: TrainConfig, model, dataset: MultiLabelDataset, views: int, augment: bool) -> dict:
-    """What the features of ``dataset`` under ``config`` are made of; a cache must match it."""
+    """What the features of ``dataset`` under ``config`` are made of; a cache must match it. ``augment``:
+    views of the run's training augmentation (``config.augment``), else the test transform."""
     return dict(
         clip=str(config.clip),
         image_weights=weights_checksum(model.clip.visual),
         image_size=config.image_size,
         protocol=config.protocol,
-        transform="train" if augment else "test",
+        transform=TRANSFORM_NAMES[config.augment] if augment else "test",
         crop_scale=list(config.crop_scale) if augment else None,
         views=views,
         seed=config.seed if augment else None,
@@ -103,7 +106,7 @@ class FeatureCache:
     def read_for(self, config: TrainConfig, model, dataset: MultiLabelDataset) -> np.memmap:
         """The features of ``dataset`` for a run, refused unless the cache is complete and matches it."""
         manifest = self.manifest()
-        augment = manifest.get("transform") == "train"
+        augment = manifest.get("transform") != "test"  # the cache tells; an augmented one must be the run's
         return self.read(expected_manifest(config, model, dataset, manifest.get("views"), augment))
 
     def read(self, expected: dict) -> np.memmap:
@@ -153,21 +156,19 @@ def extract(
     progress=None,
 ) -> FeatureCache:
     """Write (or finish) the cache of ``dataset``'s region features: ``views`` augmented views of every
-    image with the training transform when ``augment``, else one view with the test transform. Under
+    image with the run's training augmentation when ``augment``, else one view with the test transform. Under
     torchrun rank 0 creates the cache and every rank writes its own chunks (``rank``, ``rank + world``,
     ...)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    augment = augment and config.augment != "none"
     if isinstance(views, bool) or not isinstance(views, int) or views < 1 or (views > 1 and not augment):
         raise ValueError(f"views must be a positive int, and 1 without augmentation (--augment), got {views!r}")
     cache = FeatureCache(folder)
     device = device or next(model.parameters()).device
     model.eval()
-    transform = (
-        train_transform(config.image_size, config.protocol, config.crop_scale)
-        if augment
-        else test_transform(config.image_size, config.protocol)
-    )
+    augmentation = config.augment if augment else "none"
+    transform = train_transform(config.image_size, config.protocol, config.crop_scale, augmentation=augmentation)
     probe = model.encode_regions(transform(dataset[0][0])[None].to(device))
     manifest = dict(
         expected_manifest(config, model, dataset, views, augment),

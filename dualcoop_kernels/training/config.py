@@ -12,18 +12,22 @@ import copy
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .._atomic import atomic_write_text
-from ..options import DATASETS, PRECISIONS, PROTOCOLS, SELECT_ON, WTA_ALIASES, WTA_MODES
+from ..options import AUGMENTATIONS, DATASETS, PRECISIONS, PROTOCOLS, SELECT_ON, WTA_ALIASES, WTA_MODES
 
 MAX_IMAGE_SIZE = 2048
+DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 # the types settings may take, by their annotation
 _TYPES = {"str": str, "str | None": str, "int": int, "int | None": int, "float": (int, float), "bool": bool}
 
 
-def setting(default, help: str, *, flag=None, choices=None, negated=False, path=None, runtime=False, shown=None):
+def setting(
+    default, help: str, *, flag=None, choices=None, negated=False, path=None, runtime=False, shown=None, bare=None
+):
     """A field of :class:`TrainConfig` with what the command line needs to offer it.
 
     ``flag``: the option's name (``--`` and the field's name with dashes by default); ``choices``: the
@@ -31,8 +35,9 @@ def setting(default, help: str, *, flag=None, choices=None, negated=False, path=
     False); ``path``: "always" a file or folder, or a name or a path ("if it exists"); paths are made
     absolute, so that the run folder works from any working folder;
     ``runtime``: may change when a run resumes (it does not change the run's numbers); ``shown``: the
-    default in the user's words, for ``--help``."""
+    default in the user's words, for ``--help``; ``bare``: the value of the flag given without one."""
     metadata = dict(help=help, flag=flag, choices=choices, negated=negated, path=path, runtime=runtime, shown=shown)
+    metadata.update(bare=bare)
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -87,15 +92,28 @@ class TrainConfig:
     gamma_pos: float = setting(1.0, "the asymmetric loss's focusing exponent of positives")
     asl_clip: float = setting(0.05, "the asymmetric loss's probability shift of negatives")
     loss_weight: float = setting(0.02, "scales the summed loss")
+    augment: str = setting(
+        "authors",
+        "training augmentation: the authors' (crop or cutout, colour operations, flip), crop-flip (crop and "
+        "flip only: for classes told by colour), none (the test transform); the cache command: of its views",
+        choices=AUGMENTATIONS,
+        bare="authors",
+        shown="authors; the cache command: none",
+    )
     crop_scale: tuple[float, float] = setting((0.5, 1.0), "the random crop's range of areas (low high)")
     val_fraction: float = setting(0.05, "of the training images, held out to pick the best epoch")
+    val_images: int | None = setting(
+        None, "training images held out to pick the best epoch, instead of a fraction", shown="none: --val-fraction"
+    )
     select_on: str = setting(
         "val", "where the best epoch is picked (test: on the test set, the authors' way)", choices=SELECT_ON
     )
     max_train_classes: int = setting(100, "zero-shot: seen classes per batch (a random subset drawn each batch)")
     top_k: int = setting(3, "k of the top-k metrics (precision, recall, F1 at k)")
     seed: int = setting(1, "seed of the random weights and contexts, the image order, augmentation and masks")
-    workers: int = setting(4, "data-loading processes", runtime=True)
+    workers: int = setting(
+        DEFAULT_WORKERS, "data-loading processes", runtime=True, shown="the machine's cores, at most 4"
+    )
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", runtime=True, shown="auto: a GPU where there is one")
     precision: str = setting("fp32", "of the encoders: float32, TF32 matmuls or bf16 autocast", choices=PRECISIONS)
     compile_text: bool = setting(False, "torch.compile the text encoder")
@@ -142,7 +160,9 @@ class TrainConfig:
             if not passed:
                 raise ValueError(message)
         self.wta = WTA_ALIASES.get(self.wta, self.wta)
-        if self.select_on == "val" and self.val_fraction == 0:
+        if self.val_images is not None and self.val_images < 1:
+            raise ValueError(f"val_images must be at least 1, got {self.val_images}")
+        if self.select_on == "val" and self.val_fraction == 0 and self.val_images is None:
             raise ValueError("select_on='val' needs val_fraction > 0 (or select_on='test', the authors' way)")
 
     def _check_types(self) -> None:

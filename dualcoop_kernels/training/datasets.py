@@ -3,6 +3,7 @@ and the test set(s), as the run's configuration names them."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -113,11 +114,12 @@ def mask_seed(config: TrainConfig) -> int:
     return 0 if config.dataset == "voc" else config.seed
 
 
-def validation_indices(count: int, fraction: float) -> np.ndarray:
-    """A fixed random ``fraction`` of the training images (at least one), sorted."""
-    if fraction == 0:
+def validation_indices(count: int, fraction: float, images: int | None = None) -> np.ndarray:
+    """A fixed random ``fraction`` of the training images (at least one), or ``images`` of them when
+    given, sorted. The draw is the same for every run: more images extend fewer."""
+    if fraction == 0 and images is None:
         return np.zeros(0, dtype=np.int64)
-    held = max(1, round(fraction * count))
+    held = max(1, round(fraction * count)) if images is None else images
     if held >= count:
         raise ValueError(f"val_fraction {fraction} leaves no training images of {count}")
     return np.sort(np.random.RandomState(VALIDATION_SEED).permutation(count)[:held])
@@ -130,9 +132,10 @@ def load_run_data(config: TrainConfig, run: Path | None) -> RunData:
     train, tests = _splits(config)
     shape = tuple(train.labels.shape)
     if config.mask_file:
-        mask = load_mask(config.mask_file, shape)
+        drawn = load_mask(config.mask_file, shape)
     else:
-        mask = known_mask(shape, config.partial, seed=mask_seed(config))
+        drawn = known_mask(shape, config.partial, seed=mask_seed(config))
+    mask = drawn & (train.labels != 0)  # a label the dataset leaves blank is never known
     if run is not None:
         save_mask(run / "mask.npy", mask)
     train = train.with_labels(train.labels * mask.to(train.labels.dtype))
@@ -140,7 +143,30 @@ def load_run_data(config: TrainConfig, run: Path | None) -> RunData:
     if config.select_on == "val" and config.dataset == "bigearthnet":
         validation = official_validation(config)
     elif config.select_on == "val":
-        held = validation_indices(len(train), config.val_fraction)
+        held = validation_indices(len(train), config.val_fraction, config.val_images)
         rest = np.setdiff1d(rest, held)
         train, validation = train.subset(rest), replace(train.subset(held), name=f"{train.name} (validation)")
+    _check_disjoint(train, {"validation": validation, **tests})
     return RunData(train=train, validation=validation, tests=tests, mask=mask, train_indices=rest)
+
+
+def _check_disjoint(train: MultiLabelDataset, others: dict[str, MultiLabelDataset | None]) -> None:
+    """No image of the validation or test sets may be a training image."""
+    training = {os.path.abspath(path) for path in train.image_paths}
+    for name, other in others.items():
+        shared = [
+            path for path in (other.image_paths if other is not None else []) if os.path.abspath(path) in training
+        ]
+        if shared:
+            raise ValueError(
+                f"the {name} images ({other.name}) share {len(shared)} image(s) with the training images, "
+                f"e.g. {shared[0]}: a score on them would not be a held-out score"
+            )
+
+
+def known_fractions(data: RunData) -> dict[str, float]:
+    """The fraction of labels known (not blank, kept by the partial-label draw), overall and per split."""
+    fractions = {"overall": float(data.mask.float().mean())}
+    splits = {"train": data.train, "validation": data.validation, **data.tests}
+    fractions.update({name: float((d.labels != 0).float().mean()) for name, d in splits.items() if d is not None})
+    return fractions

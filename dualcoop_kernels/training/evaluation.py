@@ -3,6 +3,8 @@ epoch, and the learned prompts around other class lists (zero-shot splits, open-
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -11,13 +13,21 @@ from torch.utils.data import DataLoader
 
 from ..data import load_image
 from ..data.transforms import test_transform
-from ..metrics import evaluate, known_average_precision, ranking_scores, top_k_metrics
+from ..metrics import average_precision, evaluate, ranking_scores, top_k_metrics
 from .config import TrainConfig
 from .datasets import load_run_data
 from .runs import build_model, load_best
 
 SUMMARY_COLUMNS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")
 TOP_K_COLUMNS = (("P", "precision"), ("R", "recall"), ("F1", "f1"))
+LOGGER = logging.getLogger(__name__)
+METRIC_MEANINGS = (
+    "mAP: each class's average precision (images ranked by P+ - P-), averaged over classes; a class without a "
+    "positive counts 0",
+    "CP CR CF1: precision, recall and F1 of the predictions P+ > P-, per class, averaged over classes",
+    "OP OR OF1: the same over every (image, class) pair pooled",
+    "P@k R@k F1@k: each image's k highest-scoring classes taken as its predictions, pooled over images",
+)
 
 
 def model_for(model, config: TrainConfig, classnames: list[str]):
@@ -48,16 +58,30 @@ def scores_of(model, dataset, config: TrainConfig, device: torch.device, progres
 
 
 def evaluate_split(model, dataset, config: TrainConfig, device, progress=None) -> dict:
-    """The papers' metrics of a split (docs/data.md); where some labels are unknown (held-out training
-    images), AP and mAP rank each class's known labels only, as the epoch was picked."""
+    """The papers' metrics of a split (docs/data.md) and its image count. Where some labels are unknown
+    (held-out training images, blanks in a CSV) every metric counts the known labels only, as the epoch
+    was picked. Warns of what makes a number misleading: classes without a positive (they count 0 in
+    the mAP, the papers' rule) and top-k metrics of a split with k classes or fewer."""
     scores = scores_of(model_for(model, config, dataset.classnames), dataset, config, device, progress)
-    results = evaluate(scores, dataset.labels.numpy(), dataset.classnames, k=min(config.top_k, scores.shape[1]))
-    if bool((dataset.labels == 0).any()):
-        per_class = 100 * known_average_precision(scores, dataset.labels)
-        results.update(
-            mAP=float(per_class.mean()),
-            per_class_AP=dict(zip(dataset.classnames, per_class.tolist())),
-            unknown_labels="left out of AP and mAP; counted as negatives by the threshold and top-k metrics",
+    labels, classes = dataset.labels.numpy(), len(dataset.classnames)
+    known = labels != 0
+    k = min(config.top_k, classes)
+    results = dict(images=len(dataset), **evaluate(scores, labels, dataset.classnames, k=k, known=known))
+    if not known.all():
+        unknown = 100 * (1 - known.mean())
+        results["unknown_labels"] = f"{unknown:.1f} % of the labels are unknown: every metric counts the known ones"
+    if config.top_k >= classes:
+        results["top_k"].update(k=config.top_k, picks=k, trivial=f"{classes} classes, all in every image's top k")
+        LOGGER.warning(
+            "%s: top-%d metrics are trivial with %d classes (every class is in every image's top %d)",
+            *(dataset.name, config.top_k, classes, config.top_k),
+        )
+    missing = results["classes_without_positives"]
+    if missing:
+        LOGGER.warning(
+            "%s: %d class(es) without a positive count 0 in the mAP, the papers' rule (%s); over the classes "
+            "with one, mAP %.2f",
+            *(dataset.name, len(missing), ", ".join(map(str, missing[:10])), results["mAP_classes_with_positives"]),
         )
     return results
 
@@ -87,32 +111,47 @@ def selection_metric(config: TrainConfig, classes: int) -> str:
 
 def selection_score(model, dataset, config: TrainConfig, device, progress=None) -> float:
     scores = scores_of(model, dataset, config, device, progress)
+    labels = dataset.labels.numpy()
     if selection_metric(config, scores.shape[1]) != "mAP":
-        return top_k_metrics(scores, dataset.labels.numpy(), k=config.top_k)["f1"]
-    return 100 * float(known_average_precision(scores, dataset.labels).mean())
+        return top_k_metrics(scores, labels, k=config.top_k, known=labels != 0)["f1"]
+    return 100 * float(average_precision(scores, labels, known=labels != 0).mean())
 
 
 @torch.no_grad()
-def image_probabilities(model, paths, config: TrainConfig, device, batch_size: int):
-    """Each image's class probabilities ``sigmoid(P+ - P-)``, batch by batch: (paths, B x C) pairs."""
+def image_probabilities(model, paths, config: TrainConfig, device, batch_size: int, unreadable: dict):
+    """Each image's class probabilities ``sigmoid(P+ - P-)``, batch by batch: (paths, B x C) pairs.
+    Images that cannot be read are left out, with the reason, in ``unreadable``."""
     model.eval()
     transform = test_transform(config.image_size, config.protocol)
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        images = torch.stack([transform(load_image(path, "predict")) for path in chunk]).to(device)
-        yield chunk, torch.sigmoid(ranking_scores(model(images).float())).cpu()
+        chunk, images = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                images.append(transform(load_image(path, "predict")))
+                chunk.append(path)
+            except (OSError, ValueError) as error:
+                unreadable[path] = str(error)
+        if chunk:
+            yield chunk, torch.sigmoid(ranking_scores(model(torch.stack(images).to(device)).float())).cpu()
 
 
 def results_table(results: dict) -> str:
-    """A readable table of evaluated splits: one row each."""
-    lines = []
-    for name, metrics in results.items():
-        if not isinstance(metrics, dict) or "mAP" not in metrics:
-            lines.append(f"{name}: {metrics}")
-            continue
-        row = "  ".join(f"{column} {metrics[column]:6.2f}" for column in SUMMARY_COLUMNS)
-        top = metrics.get("top_k")
-        if top:
-            row += "".join(f"  {label}@{top['k']} {top[key]:6.2f}" for label, key in TOP_K_COLUMNS)
-        lines.append(f"{name:>6}  {row}")
-    return "\n".join(lines)
+    """A readable table of evaluated splits, one row each with its image count, then what each metric
+    family means (and, per split, whether unknown labels were left out)."""
+    splits = {name: metrics for name, metrics in results.items() if isinstance(metrics, dict) and "mAP" in metrics}
+    lines = [f"{name}: {value}" for name, value in results.items() if name not in splits]
+    if not splits:
+        return "\n".join(lines)
+    k = next((m["top_k"]["k"] for m in splits.values() if m.get("top_k")), None)
+    columns = [*SUMMARY_COLUMNS, *([f"{label}@{k}" for label, _ in TOP_K_COLUMNS] if k else [])]
+    lines.append(f"{'split':>6} {'images':>7} " + " ".join(f"{column:>6}" for column in columns))
+    for name, metrics in splits.items():
+        values = [metrics[column] for column in SUMMARY_COLUMNS]
+        if k:
+            values += [metrics["top_k"][key] if metrics.get("top_k") else math.nan for _, key in TOP_K_COLUMNS]
+        lines.append(f"{name:>6} {metrics.get('images', ''):>7} " + " ".join(f"{value:6.2f}" for value in values))
+    lines += [f"{name}: {m['unknown_labels']}" for name, m in splits.items() if "unknown_labels" in m]
+    lines += [
+        f"{name}: top-k {m['top_k']['trivial']}" for name, m in splits.items() if m.get("top_k", {}).get("trivial")
+    ]
+    return "\n".join([*lines, *METRIC_MEANINGS[: 3 + bool(k)]])

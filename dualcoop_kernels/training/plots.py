@@ -1,5 +1,6 @@
-"""Pictures of a run, for a person: the loss and the validation score over epochs, and each class's
-test AP. PNG files in the run folder, when matplotlib is installed (the ``plot`` extra)."""
+"""Pictures of a run, for a person: the loss and the validation score over epochs with the picked
+epoch marked, and each class's test AP, sorted, with a zero-shot run's unseen classes told apart. PNG
+files in the run folder, when matplotlib is installed (the ``plot`` extra)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 from pathlib import Path
 
 LOGGER = logging.getLogger(__name__)
+LABELLED_CLASSES = 120  # more bars than this get no class names (they could not be read)
 
 
 def plot_run(run: Path, history: list[dict], results: dict) -> list[Path]:
@@ -19,28 +21,50 @@ def plot_run(run: Path, history: list[dict], results: dict) -> list[Path]:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    written = []
+    written = [_curves(pyplot, Path(run) / "curves.png", history, results.get("best_epoch"))]
+    unseen = set(results["zsl"]["per_class_AP"]) if isinstance(results.get("zsl"), dict) else set()
+    for name, evaluated in results.items():
+        if isinstance(evaluated, dict) and isinstance(evaluated.get("per_class_AP"), dict):
+            written.append(_class_aps(pyplot, Path(run) / f"ap_{name}.png", name, evaluated, unseen))
+    return written
+
+
+def _curves(pyplot, path: Path, history: list[dict], best_epoch) -> Path:
     epochs = [record["epoch"] for record in history]
     score_key = next(key for key in history[0] if key.startswith(("val_", "test_")))
     figure, (loss_axis, score_axis) = pyplot.subplots(1, 2, figsize=(10, 4))
     loss_axis.plot(epochs, [record["train_loss"] for record in history], marker="o")
-    loss_axis.set(xlabel="epoch", ylabel="training loss")
+    loss_axis.set(xlabel="epoch", ylabel="training loss", title="training loss (mean over the epoch)")
     score_axis.plot(epochs, [record[score_key] for record in history], marker="o")
-    score_axis.set(xlabel="epoch", ylabel=score_key.replace("_", " "))
+    label = score_key.replace("_", " ")
+    score_axis.set(xlabel="epoch", ylabel=label, title=f"{label}, which picks the epoch")
+    if best_epoch is not None:
+        for axis in (loss_axis, score_axis):
+            axis.axvline(best_epoch, color="tab:green", linestyle="--", label=f"picked: epoch {best_epoch}")
+        score_axis.legend()
     figure.tight_layout()
-    written.append(Path(run) / "curves.png")
-    figure.savefig(written[-1])
+    figure.savefig(path)
     pyplot.close(figure)
-    for name, evaluated in results.items():
-        if not isinstance(evaluated, dict) or not isinstance(evaluated.get("per_class_AP"), dict):
-            continue
-        ap = evaluated["per_class_AP"]
-        figure, axis = pyplot.subplots(figsize=(max(6, 0.25 * len(ap)), 4))
-        axis.bar(range(len(ap)), list(ap.values()))
-        axis.set_xticks(range(len(ap)), list(ap), rotation=90, fontsize=6)
-        axis.set(ylabel="AP (%)", title=f"{name}: mAP {evaluated['mAP']:.1f}")
-        figure.tight_layout()
-        written.append(Path(run) / f"ap_{name}.png")
-        figure.savefig(written[-1])
-        pyplot.close(figure)
-    return written
+    return path
+
+
+def _class_aps(pyplot, path: Path, split: str, evaluated: dict, unseen: set) -> Path:
+    """Each class's AP, best first; unseen classes (a zero-shot run's) in another colour."""
+    ranked = sorted(evaluated["per_class_AP"].items(), key=lambda item: -item[1])
+    labelled = len(ranked) <= LABELLED_CLASSES
+    figure, axis = pyplot.subplots(figsize=(min(max(6, 0.22 * len(ranked)), 30), 4.5))
+    colours = ["tab:orange" if name in unseen else "tab:blue" for name, _ in ranked]
+    axis.bar(range(len(ranked)), [ap for _, ap in ranked], color=colours, width=0.8)
+    if labelled:
+        axis.set_xticks(range(len(ranked)), [name for name, _ in ranked], rotation=90, fontsize=7)
+    else:
+        axis.set_xticks([])
+        axis.set_xlabel(f"{len(ranked)} classes, best first (too many to name; eval.json lists them)")
+    if unseen and split != "zsl" and any(name in unseen for name, _ in ranked):
+        handles = [pyplot.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange")]
+        axis.legend(handles, ["seen", "unseen"])
+    axis.set(ylabel="AP (%)", ylim=(0, 100), title=f"{split}: mAP {evaluated['mAP']:.1f}, per class")
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
+    return path

@@ -99,11 +99,37 @@ def save_best_prompts(run: Path, prompts: dict, classnames: list[str], epoch: in
 def load_best(run: Path, device: str | None = None) -> tuple[TrainConfig, DualCoOpPlusPlus, torch.device]:
     """A finished run's settings and its best epoch's model, on ``device`` (the run's own when None)."""
     config = resumed_config(run, {"device": device} if device else {})
-    best = load_torch_file(Path(run) / PROMPTS, "learned prompts")
+    path = Path(run) / PROMPTS
+    best = load_torch_file(path, "learned prompts")
+    if not isinstance(best, dict) or not {"prompts", "classnames"} <= set(best):
+        raise ValueError(f"{path} is not a prompts file of dualcoop_kernels (the best epoch's prompts and class names)")
     resolved = resolve_device(config.device)
     model = build_model(config, best["classnames"]).to(resolved)
-    model.load_prompt_state_dict(best["prompts"])
+    try:
+        model.load_prompt_state_dict(best["prompts"])
+    except ValueError as error:
+        raise ValueError(
+            f"{path} holds {describe_prompts(best['prompts'], best['classnames'])}, but this run's config.json "
+            f"asks for {describe_settings(config, len(best['classnames']))}: it is another run's file"
+        ) from error
     return config, model.eval(), resolved
+
+
+def describe_prompts(prompts: dict, classnames: list[str]) -> str:
+    """What a prompts file holds, in the user's words: its classes and its contexts."""
+    contexts = [tensor for name, tensor in prompts.items() if "ctx_" in name]
+    names = ", ".join(classnames[:5]) + (", ..." if len(classnames) > 5 else "")
+    if not contexts:
+        return f"no contexts for {len(classnames)} classes ({names})"
+    shape = tuple(contexts[0].shape)
+    kind = "class-specific contexts" if len(shape) == 3 else "contexts shared by all classes"
+    return f"{len(contexts)} prompt sets of {kind} of {shape[-2]} tokens, for {len(classnames)} classes ({names})"
+
+
+def describe_settings(config: TrainConfig, classes: int) -> str:
+    kind = "class-specific contexts" if config.csc else "contexts shared by all classes"
+    sets = 2 if config.protocol == "dualcoop" else 3
+    return f"{sets} prompt sets of {kind} of {config.n_ctx} tokens, for {classes} classes"
 
 
 @contextlib.contextmanager

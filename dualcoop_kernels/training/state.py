@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_open
+from .._checks import error_gist
 
 
 @dataclass
@@ -91,8 +92,9 @@ def load_torch_file(path: Path, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: pickle, zip and torch errors alike
-        reason = str(error).split("\n")[0]  # torch's advice to load with weights_only=False is not for us to give
-        raise ValueError(f"{what} {path} cannot be read safely ({type(error).__name__}: {reason})") from error
+        raise ValueError(
+            f"{what} {path} cannot be read as a file of tensors, numbers and strings ({error_gist(error)})"
+        ) from error
 
 
 def random_states() -> dict:

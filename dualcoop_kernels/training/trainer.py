@@ -30,10 +30,11 @@ from ..data import MultiLabelDataset
 from ..data.transforms import train_transform
 from ..loss import AsymmetricLoss
 from ..model import DualCoOpPlusPlus
+from ..model.regions import check_image_side
 from . import distributed
 from .cache import CachedRegions, FeatureCache
 from .config import TrainConfig
-from .datasets import RunData, load_run_data, training_split
+from .datasets import RunData, known_fractions, load_run_data, training_split
 from .distributed import Ranks
 from .evaluation import evaluate_split, results_table, selection_metric, selection_score
 from .plots import plot_run
@@ -42,6 +43,8 @@ from .seeds import derived_generator, derived_seed
 from .state import RunState, save_checkpoint
 
 LOGGER = logging.getLogger(__name__)
+# fewer known positives per class (the median) in the images that pick the epoch make the pick noise
+MIN_SELECTION_POSITIVES = 10
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -82,11 +85,16 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
         checkpoint = open_run(config, run, resume, ranks)
         with run_log(run, ranks):
             session = set_up(config, run, ranks, device, checkpoint, show_progress)
+            if ranks.main:
+                announce(session, resumed=checkpoint is not None)
             with _Interrupt() as interrupt:
-                for epoch in _epochs(session):
+                epochs = _epochs(session)
+                for epoch in epochs:
                     started = time.perf_counter()
                     train_one_epoch(session, epoch, interrupt)
-                    end_epoch(session, epoch, started, interrupt)
+                    score = end_epoch(session, epoch, started, interrupt)
+                    if session.progress is not None:
+                        epochs.set_postfix(score=f"{score:.2f}", best=f"epoch {session.state.best_epoch}")
             return final_evaluation(session)
     finally:
         distributed.stop(ranks)
@@ -98,6 +106,7 @@ def set_up(config: TrainConfig, run: Path, ranks: Ranks, device, checkpoint: dic
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {ranks.world} processes")
     data = load_run_data(config, run if ranks.main else None)
     model = build_model(config, data.train.classnames).to(device)
+    check_image_side(model.clip.visual, config.image_size)
     if config.compile_text:
         model.text_encoder = torch.compile(model.text_encoder)
     network = model
@@ -141,6 +150,33 @@ def set_up(config: TrainConfig, run: Path, ranks: Ranks, device, checkpoint: dic
     )
 
 
+def announce(s: Session, resumed: bool) -> None:
+    """The run's start in the log: what it trains on and with; and the warnings its settings call for."""
+    config, data = s.config, s.data
+    sets = {"train": data.train, "validation": data.validation, **data.tests}
+    counts = ", ".join(f"{name} {len(dataset)}" for name, dataset in sets.items() if dataset is not None)
+    known = ", ".join(f"{name} {100 * value:.1f} %" for name, value in known_fractions(data).items())
+    parameters = sum(p.numel() for p in s.model.learnable_parameters())
+    LOGGER.info(
+        "%s: %d classes; images: %s; labels known: %s; %s on %s; %s learnable parameters",
+        *(s.run, len(data.train.classnames), counts, known, config.clip, s.device, f"{parameters:,}"),
+    )
+    if resumed:
+        LOGGER.info("resuming at epoch %d, step %d of %d", s.state.epoch, s.state.step, s.steps_per_epoch)
+    if config.epochs == 1:
+        LOGGER.warning(
+            "epochs 1 trains nothing at the base rate: epoch 0 is the warm-up at %g; ask for 2 or more",
+            config.warmup_lr,
+        )
+    positives = (s.selection_set.labels == 1).sum(dim=0).float().median().item()
+    if s.metric == "mAP" and positives < MIN_SELECTION_POSITIVES:
+        LOGGER.warning(
+            "the %d %s images that pick the best epoch hold a median of %d known positives per class: the pick "
+            "is mostly noise; hold out more with --val-fraction or --val-images",
+            *(len(s.selection_set), "validation" if config.select_on == "val" else "test", positives),
+        )
+
+
 def train_one_epoch(s: Session, epoch: int, interrupt: _Interrupt) -> None:
     """The epoch's steps, from the step the state has reached (a resumed run continues inside its epoch)."""
     lr = learning_rate(s.config, epoch)
@@ -174,6 +210,11 @@ def train_step(s: Session, epoch: int, images: torch.Tensor, labels: torch.Tenso
     with s.autocast:
         logits = s.network(**inputs, classes=subset)
     loss = s.config.loss_weight * s.loss_fn(logits.float(), targets, mask)
+    if not torch.isfinite(loss) and s.config.features and not torch.isfinite(images).all():
+        raise ValueError(
+            f"the feature cache {s.config.features} holds NaN or infinite features (epoch {epoch}, step "
+            f"{s.state.step}): it is damaged; make it again with dualcoop cache"
+        )
     if not torch.isfinite(loss):
         raise ValueError(
             f"training diverged at epoch {epoch}, step {s.state.step}: the loss is {loss.item()}; lower --lr "
@@ -186,8 +227,10 @@ def train_step(s: Session, epoch: int, images: torch.Tensor, labels: torch.Tenso
     return total
 
 
-def end_epoch(s: Session, epoch: int, started: float, interrupt: _Interrupt) -> None:
-    """The first rank scores the epoch, keeps the best prompts and saves the run; the others wait."""
+def end_epoch(s: Session, epoch: int, started: float, interrupt: _Interrupt) -> float:
+    """The first rank scores the epoch, keeps the best prompts and saves the run; the others wait.
+    The epoch's score (NaN on the other ranks)."""
+    score = math.nan
     if s.ranks.main:
         score = selection_score(s.model, s.selection_set, s.config, s.device, s.progress)
         key = f"{s.config.select_on}_{s.metric}"
@@ -212,6 +255,7 @@ def end_epoch(s: Session, epoch: int, started: float, interrupt: _Interrupt) -> 
     s.ranks.barrier()
     if interrupt.asked:  # Ctrl-C while the epoch was being scored
         raise KeyboardInterrupt(f"stopped after epoch {epoch}; saved: --resume continues")
+    return score
 
 
 def final_evaluation(s: Session) -> dict:
@@ -226,9 +270,17 @@ def final_evaluation(s: Session) -> dict:
         results[name] = evaluate_split(s.model, dataset, s.config, s.device, s.progress)
     atomic_write_text(s.run / "eval.json", json.dumps(results, indent=2) + "\n")
     plot_run(s.run, s.state.history, results)
+    if s.state.best_epoch == 0 and s.config.epochs > 1:
+        LOGGER.warning(
+            "the best epoch is epoch 0, the warm-up at %g: no trained epoch scored better than the untrained "
+            "prompts on the %s images (train longer, or hold out more images to pick on)",
+            *(s.config.warmup_lr, s.config.select_on),
+        )
     splits = {name: metrics for name, metrics in results.items() if isinstance(metrics, dict)}
-    LOGGER.info(
-        "best epoch %d, picked by %s on %s\n%s", s.state.best_epoch, s.metric, s.config.select_on, results_table(splits)
+    LOGGER.info(  # the command prints the table itself
+        "best epoch %d, picked by %s on %s\n%s",
+        *(s.state.best_epoch, s.metric, s.config.select_on, results_table(splits)),
+        extra={"run_log_only": True},
     )
     return results
 
@@ -285,7 +337,7 @@ def _training_items(config: TrainConfig, model, data) -> Dataset:
     if config.features:
         cached = FeatureCache(config.features).read_for(config, model, training_split(config))
         return CachedRegions(cached, data.train.labels, data.train_indices, config.seed)
-    transform = train_transform(config.image_size, config.protocol, config.crop_scale)
+    transform = train_transform(config.image_size, config.protocol, config.crop_scale, augmentation=config.augment)
     return _Augmented(data.train, transform, config.seed)
 
 
