@@ -1,8 +1,14 @@
 """A small multi-label task that a randomly initialised CLIP's prompts can learn: coloured shapes on
-noise, written as a labelled CSV with PNG images, and a tiny open_clip model config to learn it with."""
+noise, written as a labelled CSV with PNG images, and a tiny open_clip model config to learn it with.
+A first try of the package on a CPU, in a minute (README, "A first try"), and the tests' task.
 
+    python -m dualcoop_kernels.data.shapes FOLDER   # labels.csv, test.csv, images/, tiny-clip.json
+"""
+
+import argparse
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -61,3 +67,19 @@ def write_tiny_clip(folder):
     path = folder / "tiny-clip.json"
     path.write_text(json.dumps(TINY_CLIP))
     return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="where to write the task (made if missing)")
+    parser.add_argument("--train", type=int, default=160, help="training images")
+    parser.add_argument("--test", type=int, default=64, help="test images")
+    args = parser.parse_args(argv)
+    train = write_shapes(args.folder, args.train, seed=0)
+    test = write_shapes(args.folder, args.test, seed=1, name="test.csv")
+    print(f"{train} ({args.train} images), {test} ({args.test} images), {write_tiny_clip(args.folder)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
