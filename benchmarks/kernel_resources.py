@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 from harness import format_table
 
-from dualcoop_kernels.options import WTA_CODES
+from dualcoop_kernels.options import WTA_WEIGHT_CODES, WTA_WEIGHTS
 from dualcoop_kernels.triton import head as triton_head
 from dualcoop_kernels.triton.head import LaunchConfig, choose_launch_config
 
@@ -114,7 +114,9 @@ def main(argv=None) -> int:
     tiles = dict(BLOCK_N=launch.block_n, BLOCK_C=launch.block_c, BLOCK_D=launch.block_d)
     tiles.update(ACC=accumulator, PRECISION=precision)
     rows = []
-    for wta, code in WTA_CODES.items():
+    reported = {triton_head._text_grad_finish_kernel}
+    for wta, (positive, negative) in WTA_WEIGHTS.items():
+        sides = dict(WTA_POS=WTA_WEIGHT_CODES[positive], WTA_NEG=WTA_WEIGHT_CODES[negative])
         kernels = [
             (triton_head._head_forward_kernel, {}),
             (triton_head._text_grad_kernel, dict(WANT_TEXT=True, BLOCK_DT=launch.block_d_grad)),
@@ -123,9 +125,9 @@ def main(argv=None) -> int:
         if wta != "none":
             kernels += [(triton_head._region_stats_kernel, {}), (triton_head._region_sums_kernel, {})]
         for kernel, extra in kernels:
-            found = resources(kernel, dict(tiles, WTA=code, **extra), args.dtype, args.arch, num_warps, num_stages)
+            found = resources(kernel, dict(tiles, **sides, **extra), args.dtype, args.arch, num_warps, num_stages)
             rows.append(dict(kernel=kernel.fn.__name__, wta=wta, **found))
-    reported = {kernel for kernel, _ in kernels} | {triton_head._text_grad_finish_kernel}
+            reported.add(kernel)
     missing = [kernel.fn.__name__ for kernel in triton_head.KERNELS if kernel not in reported]
     if missing:
         sys.exit(f"kernels without a report here: {missing} (add them to main)")

@@ -14,7 +14,7 @@ import numbers
 
 import torch
 
-from .options import REDUCTIONS, WTA_ALIASES, WTA_MODES
+from .options import REDUCTIONS, WTA_ALIASES, WTA_MODES, WTA_TRAINING_ALIASES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -58,7 +58,15 @@ def check_choice(name: str, value: str, choices) -> None:
 
 
 def wta_mode(wta) -> str:
-    """The WTA mode by its name, or by an alias (the authors' ``pos200`` for ``pos_softmax``)."""
+    """The WTA mode by its name, or by an alias (the authors' names: ``pos200`` for ``pos_softmax``, ...).
+    The authors' ``pos_norm_det`` also freezes the temperature, which the head's caller owns: refused
+    here with what to pass instead."""
+    if isinstance(wta, str) and wta in WTA_TRAINING_ALIASES:
+        meaning = ", ".join(f"{key}={value!r}" for key, value in WTA_TRAINING_ALIASES[wta].items())
+        raise ValueError(
+            f"wta {wta!r} (the authors' name) is {meaning}: pass those to DualCoOpHead or DualCoOpPlusPlus "
+            "(or a log_spatial_temp that does not require grad to dualcoop_head)"
+        )
     wta = WTA_ALIASES.get(wta, wta) if isinstance(wta, str) else wta
     check_choice("wta", wta, WTA_MODES)
     return wta

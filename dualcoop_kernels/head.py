@@ -50,11 +50,15 @@ def dualcoop_head(
         log_spatial_temp: theta, the learnable log temperature of the region softmax (tau = exp(theta),
             ``spatial_T`` in the authors' code): a 0-d floating tensor on the same device, or a number
             for a fixed temperature.
-        wta: winner-take-all across classes per region: ``"pos_norm"`` (COCO setting,
-            ``exp(u - max u)``), ``"pos_softmax"`` (VOC and NUS-WIDE, ``1 + softmax(u)``; the authors'
-            name ``"pos200"`` is accepted too) or ``"none"``.
-        wta_gamma: WTA sharpness gamma >= 0 in ``u = gamma * max_m(s+) * s+``: a number, or a
-            one-element tensor that does not require grad.
+        wta: winner-take-all across classes per region (docs/math.md), weighing the positive logits by
+            a function of ``u = gamma * max_m(s+) * s+`` and, in the ``pos_neg`` modes, the negative ones by
+            the same function of ``u- = gamma * min_m(s+) * s+``: ``"pos_norm"`` (COCO setting,
+            ``exp(u - max u)``), ``"pos_softmax"`` (VOC and NUS-WIDE, ``1 + softmax(u)``),
+            ``"pos_pure_softmax"`` (``softmax(u)``), ``"pos_neg_softmax"`` (``1 + softmax`` on both
+            sides), ``"pos_neg_pure_softmax"`` (``softmax`` on both) or ``"none"``. The authors' names
+            are accepted too: ``"pos200"``, ``"pos_test"``, ``"pos_neg"``, ``"pos_neg_test"``.
+        wta_gamma: WTA sharpness gamma >= 0 in u: a number, or a one-element tensor that does not
+            require grad.
         logit_scale: k, the constant scale of the logits (e^3 in DualCoOp++); a number or a tensor
             as ``wta_gamma``.
         backend: ``"auto"`` (the fused Triton kernels for CUDA tensors, the reference elsewhere),
@@ -88,6 +92,8 @@ class DualCoOpHead(nn.Module):
     Args:
         wta, wta_gamma, logit_scale, backend: as in :func:`dualcoop_head`.
         spatial_temp_init: initial theta (log temperature); 3.0 as in DualCoOp++, so tau starts at ~20.
+        learn_temperature: False freezes theta at ``spatial_temp_init`` (``requires_grad`` False): with
+            ``wta="pos_norm"``, the authors' ``pos_norm_det``.
 
     ``forward(features, text_evidence, text_pos, text_neg)`` takes B x N x D regions and three C x D
     prompt sets and returns B x 2 x C logits (``[:, 0]`` negative, ``[:, 1]`` positive).
@@ -100,6 +106,7 @@ class DualCoOpHead(nn.Module):
         logit_scale: float = DEFAULT_LOGIT_SCALE,
         spatial_temp_init: float = DEFAULT_LOG_SPATIAL_TEMP,
         backend: str = "auto",
+        learn_temperature: bool = True,
     ):
         super().__init__()
         HEAD_BACKENDS.check_known(backend)
@@ -107,7 +114,8 @@ class DualCoOpHead(nn.Module):
         self.wta_gamma = wta_sharpness(wta_gamma)
         self.logit_scale = positive_scale(logit_scale)
         self.backend = backend
-        self.log_spatial_temp = nn.Parameter(torch.tensor(finite_number("spatial_temp_init", spatial_temp_init)))
+        theta = torch.tensor(finite_number("spatial_temp_init", spatial_temp_init))
+        self.log_spatial_temp = nn.Parameter(theta, requires_grad=bool(learn_temperature))
 
     def forward(
         self,
@@ -131,5 +139,5 @@ class DualCoOpHead(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"wta={self.wta!r}, wta_gamma={self.wta_gamma}, logit_scale={self.logit_scale:.4f}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, learn_temperature={self.log_spatial_temp.requires_grad}"
         )

@@ -7,10 +7,30 @@ from __future__ import annotations
 
 import math
 
-# Winner-take-all across classes (docs/math.md): pos_norm = exp(u - max u), pos_softmax = 1 + softmax(u)
-WTA_MODES = ("pos_norm", "pos_softmax", "none")
-WTA_ALIASES = {"pos200": "pos_softmax"}  # the authors' name of pos_softmax, accepted too
-WTA_CODES = {"none": 0, "pos_norm": 1, "pos_softmax": 2}  # the Triton kernels' WTA constexpr, by mode
+# Winner-take-all across classes (docs/math.md): each mode weighs the positive logits by u = gamma * M * s+
+# and the negative ones by u- = gamma * m * s+ (M, m: the largest and smallest s+ of the region), as
+# "one" (no weight), "norm" exp(u - max u), "softmax" softmax(u) or "one_plus_softmax" 1 + softmax(u).
+WTA_WEIGHTS = {  # mode: (weight of the positive logits, weight of the negative logits)
+    "pos_norm": ("norm", "one"),
+    "pos_softmax": ("one_plus_softmax", "one"),
+    "pos_pure_softmax": ("softmax", "one"),
+    "pos_neg_softmax": ("one_plus_softmax", "one_plus_softmax"),
+    "pos_neg_pure_softmax": ("softmax", "softmax"),
+    "none": ("one", "one"),
+}
+WTA_MODES = tuple(WTA_WEIGHTS)
+# the authors' names (cfg.MODE of their trainers/Caption_tri_wta_soft.py), accepted too
+WTA_ALIASES = {
+    "pos200": "pos_softmax",
+    "pos_test": "pos_pure_softmax",
+    "pos_neg": "pos_neg_softmax",
+    "pos_neg_test": "pos_neg_pure_softmax",
+}
+# The authors' pos_norm_det is pos_norm with the log temperature frozen at its start: a WTA mode plus
+# a training option (learn_temperature of DualCoOpHead and DualCoOpPlusPlus), so no mode of the head.
+WTA_TRAINING_ALIASES = {"pos_norm_det": dict(wta="pos_norm", learn_temperature=False)}
+WTA_CHOICES = (*WTA_MODES, *WTA_ALIASES, *WTA_TRAINING_ALIASES)  # every name a run's --wta accepts
+WTA_WEIGHT_CODES = {"one": 0, "norm": 1, "one_plus_softmax": 2, "softmax": 3}  # the Triton kernels' constexprs
 
 DEFAULT_WTA_GAMMA = 200.0  # gamma, the WTA sharpness
 DEFAULT_LOGIT_SCALE = math.exp(3.0)  # k, the constant scale of the logits (DualCoOp++)

@@ -12,7 +12,7 @@ from utils import asl_inputs, head_inputs
 import dualcoop_kernels as dk
 from dualcoop_kernels.dispatch import BackendRegistry
 from dualcoop_kernels.head import HEAD_BACKENDS
-from dualcoop_kernels.options import WTA_MODES
+from dualcoop_kernels.options import WTA_ALIASES, WTA_CHOICES, WTA_MODES, WTA_TRAINING_ALIASES
 from dualcoop_kernels.reference import dualcoop_head_reference
 
 
@@ -36,12 +36,29 @@ def test_head_function_and_module_agree():
     assert "pos_softmax" in repr(head)
 
 
-def test_wta_accepts_the_authors_name_pos200():
+@pytest.mark.parametrize("authors, ours", list(WTA_ALIASES.items()))
+def test_wta_accepts_the_authors_names(authors, ours):
     features, te, tp, tn, log_temp = head_inputs(2, 7, 6, 5, requires_grad=False)
-    head = dk.DualCoOpHead(wta="pos200")
-    assert head.wta == "pos_softmax"
-    expected = dk.dualcoop_head(features, te, tp, tn, log_temp, wta="pos_softmax")
-    torch.testing.assert_close(dk.dualcoop_head(features, te, tp, tn, log_temp, wta="pos200"), expected, rtol=0, atol=0)
+    head = dk.DualCoOpHead(wta=authors)
+    assert head.wta == ours
+    expected = dk.dualcoop_head(features, te, tp, tn, log_temp, wta=ours)
+    torch.testing.assert_close(dk.dualcoop_head(features, te, tp, tn, log_temp, wta=authors), expected, rtol=0, atol=0)
+
+
+def test_the_authors_pos_norm_det_is_a_mode_and_a_frozen_temperature():
+    """pos_norm_det is refused as a mode, with what to pass instead: pos_norm and learn_temperature=False."""
+    message = r"'pos_norm_det' .* is wta='pos_norm', learn_temperature=False"
+    with pytest.raises(ValueError, match=message):
+        dk.dualcoop_head(**_head_args(), wta="pos_norm_det")
+    with pytest.raises(ValueError, match=message):
+        dk.DualCoOpHead(wta="pos_norm_det")
+    assert set(WTA_CHOICES) == set(WTA_MODES) | set(WTA_ALIASES) | set(WTA_TRAINING_ALIASES)
+    head = dk.DualCoOpHead(**WTA_TRAINING_ALIASES["pos_norm_det"], spatial_temp_init=2.5)
+    assert not head.log_spatial_temp.requires_grad and head.log_spatial_temp.item() == 2.5
+    assert "learn_temperature=False" in repr(head)
+    features, te, tp, tn, _ = head_inputs(2, 7, 6, 5, dtype=torch.float32)
+    head(features, te, tp, tn).sum().backward()
+    assert head.log_spatial_temp.grad is None and te.grad is not None
 
 
 def test_log_spatial_temp_forms():
@@ -231,7 +248,7 @@ def test_head_rejects_bad_input(change, error, message):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(wta="max"), r"wta must be one of \('pos_norm', 'pos_softmax', 'none'\)"),
+        (dict(wta="max"), r"wta must be one of \('pos_norm', 'pos_softmax', 'pos_pure_softmax', .*'none'\)"),
         (dict(wta_gamma=float("nan")), r"wta_gamma must be a finite real number"),
         (dict(logit_scale="20"), r"logit_scale must be a finite real number"),
         (dict(logit_scale=0.0), r"logit_scale must be > 0"),  # every logit 0

@@ -11,6 +11,14 @@ def head_inputs(B, N, D, C, dtype=torch.float64, requires_grad=True, device="cpu
     return features, *texts, log_temp
 
 
+def low_precision_head_inputs(B, N, D, C, dtype, device="cpu"):
+    """A draw of head inputs rounded to ``dtype`` and requiring grad (the log temperature float32, as
+    DualCoOpHead keeps it), and an output gradient in ``dtype``."""
+    exact = head_inputs(B, N, D, C, requires_grad=False, device=device)
+    inputs = [t.to(dtype).requires_grad_() for t in exact[:4]] + [exact[4].float().requires_grad_()]
+    return inputs, torch.randn(B, 2, C, dtype=torch.float64, device=device).to(dtype)
+
+
 def asl_inputs(B, C, two_way, dtype=torch.float64, unknown_fraction=0.3, scale=2.0):
     """Random logits (requiring grad), 0/1 targets and a mask with about ``unknown_fraction`` unknown."""
     shape = (B, 2, C) if two_way else (B, C)

@@ -5,13 +5,17 @@ kernels fold the inverse row norms of the features (B x N) and of the prompts (3
 similarity tile, and the backward applies the normalisation's own gradient. Launches:
 
 forward
-  region stats  (WTA modes)  grid (B, region tiles), sweeping all class tiles: M = max_m s+, max_m u,
-                             log-sum-exp of u (pos_softmax), both arg-maxima, s+ at the arg-max of u
+  region stats  (WTA modes)  grid (B, region tiles), sweeping all class tiles: M = max_m s+ and
+                             m = min_m s+ with their arg-maxima, and per side (u = gamma M s+ for the
+                             positive logits, gamma m s+ for the negative ones) max u, s+ at its
+                             arg-max and, for the softmax kinds, 1 / sum_m exp(u - max u) (a second
+                             sweep: u needs M and m first)
   main                       grid (B, class tiles), sweeping region tiles: the three similarity tiles,
                              WTA weights, online softmax over regions; writes P-, P+ and the region
                              softmax's log-sum-exp per (image, class)
 backward
-  region sums   (WTA modes)  grid (B, region tiles): the per-region sums over classes of the WTA backward
+  region sums   (WTA modes)  grid (B, region tiles): per weighted side, the per-region sums over
+                             classes of the WTA backward
   text grads                 grid (class tiles, D chunks, splits): dS tiles fed into dT = dS^T f with
                              the D chunk in registers, one partial per split (no atomics), plus the
                              partial sums of dL/dtheta and of <t, dT> for the normalisation step
@@ -37,18 +41,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ..options import DEFAULT_LOGIT_SCALE, DEFAULT_WTA_GAMMA, WTA_CODES
+from ..options import DEFAULT_LOGIT_SCALE, DEFAULT_WTA_GAMMA, WTA_WEIGHT_CODES, WTA_WEIGHTS
 
-WTA_NONE, WTA_POS_NORM, WTA_POS_SOFTMAX = (
-    tl.constexpr(WTA_CODES[mode]) for mode in ("none", "pos_norm", "pos_softmax")
+# The kernels' WTA_POS and WTA_NEG: how a mode weighs the positive and the negative logits (options.py).
+WEIGHT_ONE, WEIGHT_NORM, WEIGHT_ONE_PLUS_SOFTMAX, WEIGHT_SOFTMAX = (
+    tl.constexpr(WTA_WEIGHT_CODES[kind]) for kind in ("one", "norm", "one_plus_softmax", "softmax")
 )
+SIDE_POS, SIDE_NEG = tl.constexpr(0), tl.constexpr(1)  # added to a statistic's first row: that side's row
 NORM_EPS = 1e-12  # as F.normalize
 PARTIALS_BYTES = 32 * 2**20  # most memory the text gradient's per-split partial sums may take
 
-# Per-region float statistics, stacked along dim 0 of one (4, B, N) tensor (constexpr: kernels read them).
-STAT_MAX, STAT_MAX_U, STAT_LSE_U, STAT_S_AT_ARGMAX_U = (tl.constexpr(i) for i in range(4))
-# Per-region indices, stacked along dim 0 of one (2, B, N) int32 tensor.
-INDEX_ARGMAX_S, INDEX_ARGMAX_U = tl.constexpr(0), tl.constexpr(1)
+# Per-region float statistics, stacked along dim 0 of one (STATS, B, N) tensor, two rows each (a side's
+# row: the first plus the side): STAT_COEF is c in u = gamma c s+ (M for the positive side, m for the
+# negative one), STAT_MAX_U the largest u, STAT_INV_TOTAL 1 / sum_m exp(u - max u) (the softmax kinds;
+# 1 otherwise), STAT_SHIFT s+ at the arg-max of u. Constexpr: kernels read them.
+STAT_COEF, STAT_MAX_U, STAT_INV_TOTAL, STAT_SHIFT = (tl.constexpr(i) for i in (0, 2, 4, 6))
+# Per-region indices, stacked along dim 0 of one (INDICES, B, N) int32 tensor: the arg-max and arg-min
+# of s+ (where dM and dm go; first row plus the side), and the arg-max of the positive u (norm's winner).
+INDEX_COEF, INDEX_WINNER = tl.constexpr(0), tl.constexpr(2)
+SUMS_PER_SIDE = tl.constexpr(3)  # per-region sums of the WTA backward, three per side: (SUMS, B, N)
+STATS, INDICES, SUMS = 8, 3, 6  # the host's sizes of the three
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -136,31 +148,82 @@ def _similarity_tiles(
 
 
 @triton.jit
-def _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA: tl.constexpr):
-    """WTA weights of a tile from the per-region statistics: (w, sigma, M).
+def _side_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE: tl.constexpr, KIND: tl.constexpr):
+    """One side's WTA weights of a tile from the per-region statistics: (w, sigma).
 
-    ``WTA`` 0 (none): w = 1; 1 (pos_norm): w = exp(u - max u); 2 (pos_softmax): w = 1 + sigma with
-    sigma = softmax_m(u), returned on its own because w - 1 would round small sigmas away.
-    Where sigma is not defined it is w. M = max_m s+ per row.
+    sigma = exp(u - max u), divided by its sum over classes for the softmax kinds (times the stored
+    reciprocal: exp(u - log-sum-exp) would lose the rounding of a log-sum-exp of about gamma), with
+    u = gamma c s+ and c = M (positive side) or m (negative side); w = sigma for ``KIND`` norm and
+    softmax, 1 + sigma for one_plus_softmax (sigma comes back on its own because w - 1 would round
+    small sigmas away), and w = sigma = 1 for a side that is not weighted.
     """
-    best = tl.load(stats_ptr + STAT_MAX * stat_stride + offsets, mask=region_mask, other=0.0)
-    if WTA == WTA_NONE:
+    if KIND == WEIGHT_ONE:
         weights = tl.full(sim_p.shape, 1.0, sim_p.dtype)
         sigma = weights
-    elif WTA == WTA_POS_NORM:
-        max_u = tl.load(stats_ptr + STAT_MAX_U * stat_stride + offsets, mask=region_mask, other=0.0)
-        weights = tl.exp(gamma * best[:, None] * sim_p - max_u[:, None])
-        sigma = weights
     else:
-        lse_u = tl.load(stats_ptr + STAT_LSE_U * stat_stride + offsets, mask=region_mask, other=0.0)
-        sigma = tl.exp(gamma * best[:, None] * sim_p - lse_u[:, None])
-        weights = 1.0 + sigma
-    return weights, sigma, best
+        coef = tl.load(stats_ptr + (STAT_COEF + SIDE) * stat_stride + offsets, mask=region_mask, other=0.0)
+        max_u = tl.load(stats_ptr + (STAT_MAX_U + SIDE) * stat_stride + offsets, mask=region_mask, other=0.0)
+        sigma = tl.exp(gamma * coef[:, None] * sim_p - max_u[:, None])
+        if KIND != WEIGHT_NORM:
+            inv_total = tl.load(
+                stats_ptr + (STAT_INV_TOTAL + SIDE) * stat_stride + offsets, mask=region_mask, other=0.0
+            )
+            sigma *= inv_total[:, None]
+        weights = 1.0 + sigma if KIND == WEIGHT_ONE_PLUS_SOFTMAX else sigma
+    return weights, sigma
 
 
 # ----------------------------------------------------------------------------------------------------
 # Forward kernels
 # ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _positive_tile(
+    f_ptr,
+    stride_fn,
+    stride_fd,
+    regions,
+    region_mask,
+    inv_norm,
+    tp_ptr,
+    text_inv_norm_ptr,
+    C,
+    D,
+    c_start,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The class tile starting at ``c_start``: its mask and s+ alone."""
+    classes = c_start + tl.arange(0, BLOCK_C)
+    class_mask = classes < C
+    _, sim_p, _ = _similarity_tiles(
+        f_ptr,
+        stride_fn,
+        stride_fd,
+        regions,
+        region_mask,
+        inv_norm,
+        tp_ptr,
+        tp_ptr,
+        tp_ptr,
+        text_inv_norm_ptr,
+        C,
+        D,
+        classes,
+        class_mask,
+        False,
+        False,
+        BLOCK_N,
+        BLOCK_C,
+        BLOCK_D,
+        ACC,
+        PRECISION,
+    )
+    return class_mask, sim_p
 
 
 @triton.jit
@@ -181,13 +244,16 @@ def _region_stats_kernel(
     C,
     D,
     gamma: tl.float64,
-    WTA: tl.constexpr,
+    WTA_POS: tl.constexpr,
+    WTA_NEG: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """Every row of the statistics (STAT_*, INDEX_*) for a region tile; a side that is not weighted
+    gets defined values all the same, since an operator's outputs must be."""
     gamma = tl.full((), gamma, ACC)  # typed float64: module doc
     _image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     run_max = tl.full((BLOCK_N,), float("-inf"), ACC)
@@ -195,25 +261,18 @@ def _region_stats_kernel(
     arg_max = tl.zeros((BLOCK_N,), tl.int32)
     arg_min = tl.zeros((BLOCK_N,), tl.int32)
     for c_start in range(0, C, BLOCK_C):
-        classes = c_start + tl.arange(0, BLOCK_C)
-        class_mask = classes < C
-        _, sim_p, _ = _similarity_tiles(
+        class_mask, sim_p = _positive_tile(
             f_ptr,
             stride_fn,
             stride_fd,
             regions,
             region_mask,
             inv_norm,
-            te_ptr,
             tp_ptr,
-            tn_ptr,
             text_inv_norm_ptr,
             C,
             D,
-            classes,
-            class_mask,
-            False,
-            False,
+            c_start,
             BLOCK_N,
             BLOCK_C,
             BLOCK_D,
@@ -230,53 +289,58 @@ def _region_stats_kernel(
         run_max = tl.maximum(run_max, tile_max)
         run_min = tl.minimum(run_min, tile_min)
 
-    # u = gamma * M * s+ peaks where s+ does when M >= 0, and where s+ is smallest when M < 0
-    nonnegative = run_max >= 0
-    s_at_argmax_u = tl.where(nonnegative, run_max, run_min)
-    max_u = gamma * run_max * s_at_argmax_u
-    tl.store(stats_ptr + STAT_MAX * stat_stride + offsets, run_max, mask=region_mask)
-    tl.store(stats_ptr + STAT_MAX_U * stat_stride + offsets, max_u, mask=region_mask)
-    tl.store(stats_ptr + STAT_S_AT_ARGMAX_U * stat_stride + offsets, s_at_argmax_u, mask=region_mask)
-    tl.store(index_ptr + INDEX_ARGMAX_S * stat_stride + offsets, arg_max, mask=region_mask)
-    tl.store(
-        index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, tl.where(nonnegative, arg_max, arg_min), mask=region_mask
-    )
-
-    if (
-        WTA != WTA_POS_SOFTMAX
-    ):  # only pos_softmax uses it; written all the same, since an operator's outputs must be defined
-        tl.store(stats_ptr + STAT_LSE_U * stat_stride + offsets, tl.zeros((BLOCK_N,), ACC), mask=region_mask)
-    else:  # pos_softmax needs log sum_m exp(u), and u needs M: a second sweep
-        total = tl.zeros((BLOCK_N,), ACC)
+    # u = gamma c s+ peaks where s+ does when c >= 0, and where s+ is smallest when c < 0
+    shift_pos = tl.where(run_max >= 0, run_max, run_min)
+    shift_neg = tl.where(run_min >= 0, run_max, run_min)
+    max_u_pos = gamma * run_max * shift_pos
+    max_u_neg = gamma * run_min * shift_neg
+    total_pos = tl.full((BLOCK_N,), 1.0, ACC)  # what a side that is no softmax stores
+    total_neg = tl.full((BLOCK_N,), 1.0, ACC)
+    POS_SOFTMAX: tl.constexpr = (WTA_POS != WEIGHT_ONE) and (WTA_POS != WEIGHT_NORM)
+    if POS_SOFTMAX or (WTA_NEG != WEIGHT_ONE):  # sum_m exp(u - max u) needs M and m first: a second sweep
+        if POS_SOFTMAX:
+            total_pos = tl.zeros((BLOCK_N,), ACC)
+        if WTA_NEG != WEIGHT_ONE:
+            total_neg = tl.zeros((BLOCK_N,), ACC)
         for c_start in range(0, C, BLOCK_C):
-            classes = c_start + tl.arange(0, BLOCK_C)
-            class_mask = classes < C
-            _, sim_p, _ = _similarity_tiles(
+            class_mask, sim_p = _positive_tile(
                 f_ptr,
                 stride_fn,
                 stride_fd,
                 regions,
                 region_mask,
                 inv_norm,
-                te_ptr,
                 tp_ptr,
-                tn_ptr,
                 text_inv_norm_ptr,
                 C,
                 D,
-                classes,
-                class_mask,
-                False,
-                False,
+                c_start,
                 BLOCK_N,
                 BLOCK_C,
                 BLOCK_D,
                 ACC,
                 PRECISION,
             )
-            terms = tl.exp(gamma * run_max[:, None] * sim_p - max_u[:, None])
-            total += tl.sum(tl.where(class_mask[None, :], terms, 0.0), axis=1)
-        tl.store(stats_ptr + STAT_LSE_U * stat_stride + offsets, max_u + tl.log(total), mask=region_mask)
+            if POS_SOFTMAX:
+                terms = tl.exp(gamma * run_max[:, None] * sim_p - max_u_pos[:, None])
+                total_pos += tl.sum(tl.where(class_mask[None, :], terms, 0.0), axis=1)
+            if WTA_NEG != WEIGHT_ONE:
+                terms = tl.exp(gamma * run_min[:, None] * sim_p - max_u_neg[:, None])
+                total_neg += tl.sum(tl.where(class_mask[None, :], terms, 0.0), axis=1)
+
+    stats = stats_ptr + offsets
+    tl.store(stats + (STAT_COEF + SIDE_POS) * stat_stride, run_max, mask=region_mask)
+    tl.store(stats + (STAT_COEF + SIDE_NEG) * stat_stride, run_min, mask=region_mask)
+    tl.store(stats + (STAT_MAX_U + SIDE_POS) * stat_stride, max_u_pos, mask=region_mask)
+    tl.store(stats + (STAT_MAX_U + SIDE_NEG) * stat_stride, max_u_neg, mask=region_mask)
+    tl.store(stats + (STAT_INV_TOTAL + SIDE_POS) * stat_stride, 1.0 / total_pos, mask=region_mask)
+    tl.store(stats + (STAT_INV_TOTAL + SIDE_NEG) * stat_stride, 1.0 / total_neg, mask=region_mask)
+    tl.store(stats + (STAT_SHIFT + SIDE_POS) * stat_stride, shift_pos, mask=region_mask)
+    tl.store(stats + (STAT_SHIFT + SIDE_NEG) * stat_stride, shift_neg, mask=region_mask)
+    index = index_ptr + offsets
+    tl.store(index + (INDEX_COEF + SIDE_POS) * stat_stride, arg_max, mask=region_mask)
+    tl.store(index + (INDEX_COEF + SIDE_NEG) * stat_stride, arg_min, mask=region_mask)
+    tl.store(index + INDEX_WINNER * stat_stride, tl.where(run_max >= 0, arg_max, arg_min), mask=region_mask)
 
 
 @triton.jit
@@ -300,7 +364,8 @@ def _head_forward_kernel(
     D,
     gamma: tl.float64,
     logit_scale: tl.float64,
-    WTA: tl.constexpr,
+    WTA_POS: tl.constexpr,
+    WTA_NEG: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -346,15 +411,16 @@ def _head_forward_kernel(
             ACC,
             PRECISION,
         )
-        weights, _, _ = _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA)
+        weights_pos, _ = _side_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE_POS, WTA_POS)
+        weights_neg, _ = _side_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE_NEG, WTA_NEG)
         # online softmax over regions (as in flash attention): rescale the sums so far to the new max
         logits = tl.where(region_mask[:, None], tau * sim_e, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(logits, axis=0))
         rescale = tl.exp(run_max - new_max)
         p = tl.exp(logits - new_max[None, :])
         run_sum = run_sum * rescale + tl.sum(p, axis=0)
-        acc_pos = acc_pos * rescale + tl.sum(p * sim_p * weights, axis=0)
-        acc_neg = acc_neg * rescale + tl.sum(p * sim_n, axis=0)
+        acc_pos = acc_pos * rescale + tl.sum(p * sim_p * weights_pos, axis=0)
+        acc_neg = acc_neg * rescale + tl.sum(p * sim_n * weights_neg, axis=0)
         run_max = new_max
 
     pair = logits_ptr + image * 2 * C + classes
@@ -376,14 +442,15 @@ def _attention_and_h(
     region_mask,
     sim_e,
     sim_p,
+    sim_n,
     lse_ptr,
     grad_ptr,
     tau,
     logit_scale,
     C,
 ):
-    """Region softmax a and its log (both zero outside the tile's valid part), g-, g+ and
-    h = dL/dw = a k s+ g+."""
+    """Region softmax a and its log (both zero outside the tile's valid part), g-, g+, and the
+    gradients to both sides' WTA weights: h+ = dL/dw+ = a k s+ g+ and h- = dL/dw- = a k s- g-."""
     lse = tl.load(lse_ptr + image * C + classes, mask=class_mask, other=0.0)
     valid = region_mask[:, None] & class_mask[None, :]
     log_attention = tl.where(valid, tau * sim_e - lse[None, :], 0.0)
@@ -391,8 +458,26 @@ def _attention_and_h(
     pair = image * 2 * C + classes
     grad_neg = tl.load(grad_ptr + pair, mask=class_mask, other=0.0)
     grad_pos = tl.load(grad_ptr + pair + C, mask=class_mask, other=0.0)
-    h = attention * logit_scale * sim_p * grad_pos[None, :]
-    return attention, log_attention, grad_neg, grad_pos, h
+    h_pos = attention * logit_scale * sim_p * grad_pos[None, :]
+    h_neg = attention * logit_scale * sim_n * grad_neg[None, :]
+    return attention, log_attention, grad_neg, grad_pos, h_pos, h_neg
+
+
+@triton.jit
+def _side_sums(sim_p, weights, sigma, h, classes, class_mask, winner, shift, KIND: tl.constexpr):
+    """A class tile's part of one side's per-region sums (``_region_sums_kernel``)."""
+    shifted = sim_p - shift[:, None]
+    if KIND == WEIGHT_NORM:
+        weighted_h = weights * h  # zero outside the valid part, as h is
+        sum_0 = tl.sum(tl.where(classes[None, :] == winner[:, None], 0.0, weighted_h), axis=1)
+        sum_1 = tl.sum(shifted * weighted_h, axis=1)
+        sum_2 = tl.zeros_like(sum_0)
+    else:
+        sigma = tl.where(class_mask[None, :], sigma, 0.0)
+        sum_0 = tl.sum(sigma * h, axis=1)
+        sum_1 = tl.sum(shifted * sigma * h, axis=1)
+        sum_2 = tl.sum(shifted * sigma, axis=1)
+    return sum_0, sum_1, sum_2
 
 
 @triton.jit
@@ -418,33 +503,36 @@ def _region_sums_kernel(
     D,
     gamma: tl.float64,
     logit_scale: tl.float64,
-    WTA: tl.constexpr,
+    WTA_POS: tl.constexpr,
+    WTA_NEG: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Per-region sums over all classes for the WTA backward (docs/math.md), in forms where the winning class
-    drops out exactly instead of cancelling (it dominates when gamma is large):
-    pos_norm, a = argmax u:  sum_{m != a} w h  and  sum (s+ - s+_a) w h
-    pos_softmax, sigma = w - 1:   sum sigma h,  sum (s+ - M) sigma h  and  sum (s+ - M) sigma"""
+    """Per-region sums over all classes for the WTA backward (docs/math.md), three per weighted side,
+    in forms where the winning class drops out exactly instead of cancelling (it dominates when gamma
+    is large); z is s+ at the arg-max of the side's u (STAT_SHIFT):
+    norm, a = argmax u:          sum_{m != a} w h  and  sum (s+ - z) w h
+    the softmax kinds, sigma:    sum sigma h,  sum (s+ - z) sigma h  and  sum (s+ - z) sigma"""
     gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
     image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
-    if WTA == WTA_POS_NORM:
-        winner = tl.load(index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, mask=region_mask, other=-1)
-        shift = tl.load(stats_ptr + STAT_S_AT_ARGMAX_U * stat_stride + offsets, mask=region_mask, other=0.0)
-    else:
-        shift = tl.load(stats_ptr + STAT_MAX * stat_stride + offsets, mask=region_mask, other=0.0)
+    winner = tl.load(index_ptr + INDEX_WINNER * stat_stride + offsets, mask=region_mask, other=-1)
+    shift_pos = tl.load(stats_ptr + (STAT_SHIFT + SIDE_POS) * stat_stride + offsets, mask=region_mask, other=0.0)
+    shift_neg = tl.load(stats_ptr + (STAT_SHIFT + SIDE_NEG) * stat_stride + offsets, mask=region_mask, other=0.0)
 
-    sum_0 = tl.zeros((BLOCK_N,), ACC)
-    sum_1 = tl.zeros((BLOCK_N,), ACC)
-    sum_2 = tl.zeros((BLOCK_N,), ACC)
+    pos_0 = tl.zeros((BLOCK_N,), ACC)
+    pos_1 = tl.zeros((BLOCK_N,), ACC)
+    pos_2 = tl.zeros((BLOCK_N,), ACC)
+    neg_0 = tl.zeros((BLOCK_N,), ACC)
+    neg_1 = tl.zeros((BLOCK_N,), ACC)
+    neg_2 = tl.zeros((BLOCK_N,), ACC)
     for c_start in range(0, C, BLOCK_C):
         classes = c_start + tl.arange(0, BLOCK_C)
         class_mask = classes < C
-        sim_e, sim_p, _ = _similarity_tiles(
+        sim_e, sim_p, sim_n = _similarity_tiles(
             f_ptr,
             stride_fn,
             stride_fd,
@@ -460,30 +548,77 @@ def _region_sums_kernel(
             classes,
             class_mask,
             True,
-            False,
+            WTA_NEG != WEIGHT_ONE,
             BLOCK_N,
             BLOCK_C,
             BLOCK_D,
             ACC,
             PRECISION,
         )
-        _, _, _, _, h = _attention_and_h(
-            image, classes, class_mask, region_mask, sim_e, sim_p, lse_ptr, grad_ptr, tau, logit_scale, C
+        _, _, _, _, h_pos, h_neg = _attention_and_h(
+            image, classes, class_mask, region_mask, sim_e, sim_p, sim_n, lse_ptr, grad_ptr, tau, logit_scale, C
         )
-        weights, sigma, _ = _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA)
-        shifted = sim_p - shift[:, None]
-        if WTA == WTA_POS_NORM:
-            weighted_h = weights * h  # zero outside the valid part, as h is
-            sum_0 += tl.sum(tl.where(classes[None, :] == winner[:, None], 0.0, weighted_h), axis=1)
-            sum_1 += tl.sum(shifted * weighted_h, axis=1)
-        else:
-            sigma = tl.where(class_mask[None, :], sigma, 0.0)
-            sum_0 += tl.sum(sigma * h, axis=1)
-            sum_1 += tl.sum(shifted * sigma * h, axis=1)
-            sum_2 += tl.sum(shifted * sigma, axis=1)
-    tl.store(sums_ptr + offsets, sum_0, mask=region_mask)
-    tl.store(sums_ptr + stat_stride + offsets, sum_1, mask=region_mask)
-    tl.store(sums_ptr + 2 * stat_stride + offsets, sum_2, mask=region_mask)
+        if WTA_POS != WEIGHT_ONE:
+            weights, sigma = _side_weights(
+                sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE_POS, WTA_POS
+            )
+            sum_0, sum_1, sum_2 = _side_sums(
+                sim_p, weights, sigma, h_pos, classes, class_mask, winner, shift_pos, WTA_POS
+            )
+            pos_0, pos_1, pos_2 = pos_0 + sum_0, pos_1 + sum_1, pos_2 + sum_2
+        if WTA_NEG != WEIGHT_ONE:
+            weights, sigma = _side_weights(
+                sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE_NEG, WTA_NEG
+            )
+            sum_0, sum_1, sum_2 = _side_sums(
+                sim_p, weights, sigma, h_neg, classes, class_mask, winner, shift_neg, WTA_NEG
+            )
+            neg_0, neg_1, neg_2 = neg_0 + sum_0, neg_1 + sum_1, neg_2 + sum_2
+    if WTA_POS != WEIGHT_ONE:
+        sums = sums_ptr + SIDE_POS * SUMS_PER_SIDE * stat_stride + offsets
+        tl.store(sums, pos_0, mask=region_mask)
+        tl.store(sums + stat_stride, pos_1, mask=region_mask)
+        tl.store(sums + 2 * stat_stride, pos_2, mask=region_mask)
+    if WTA_NEG != WEIGHT_ONE:
+        sums = sums_ptr + SIDE_NEG * SUMS_PER_SIDE * stat_stride + offsets
+        tl.store(sums, neg_0, mask=region_mask)
+        tl.store(sums + stat_stride, neg_1, mask=region_mask)
+        tl.store(sums + 2 * stat_stride, neg_2, mask=region_mask)
+
+
+@triton.jit
+def _side_grad(
+    weights,
+    sigma,
+    h,
+    sim_p,
+    classes,
+    sums_ptr,
+    stats_ptr,
+    index_ptr,
+    stat_stride,
+    offsets,
+    region_mask,
+    gamma,
+    SIDE: tl.constexpr,
+    KIND: tl.constexpr,
+):
+    """One side's WTA part of dL/ds+ on a tile (docs/math.md): gamma c du, plus dc = gamma sum_m s+ du
+    at the arg-max of s+ (c = M, positive side) or its arg-min (c = m, negative side)."""
+    sums = sums_ptr + SIDE * SUMS_PER_SIDE * stat_stride + offsets
+    sum_0 = tl.load(sums, mask=region_mask, other=0.0)
+    sum_1 = tl.load(sums + stat_stride, mask=region_mask, other=0.0)
+    if KIND == WEIGHT_NORM:  # du = w h - onehot(a) sum(w h), which is -sum_{m != a} w h at a itself (w_a = 1)
+        winner = tl.load(index_ptr + INDEX_WINNER * stat_stride + offsets, mask=region_mask, other=-1)
+        grad_u = tl.where(classes[None, :] == winner[:, None], -sum_0[:, None], weights * h)
+        grad_coef = gamma * sum_1
+    else:  # du = sigma (h - sum(sigma h))
+        sum_2 = tl.load(sums + 2 * stat_stride, mask=region_mask, other=0.0)
+        grad_u = sigma * (h - sum_0[:, None])
+        grad_coef = gamma * (sum_1 - sum_0 * sum_2)
+    coef = tl.load(stats_ptr + (STAT_COEF + SIDE) * stat_stride + offsets, mask=region_mask, other=0.0)
+    at = tl.load(index_ptr + (INDEX_COEF + SIDE) * stat_stride + offsets, mask=region_mask, other=-1)
+    return gamma * coef[:, None] * grad_u + tl.where(classes[None, :] == at[:, None], grad_coef[:, None], 0.0)
 
 
 @triton.jit
@@ -514,7 +649,8 @@ def _grad_similarity_tiles(
     N,
     C,
     D,
-    WTA: tl.constexpr,
+    WTA_POS: tl.constexpr,
+    WTA_NEG: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -548,35 +684,31 @@ def _grad_similarity_tiles(
         ACC,
         PRECISION,
     )
-    attention, log_attention, grad_neg, grad_pos, h = _attention_and_h(
-        image, classes, class_mask, region_mask, sim_e, sim_p, lse_ptr, grad_ptr, tau, logit_scale, C
+    attention, log_attention, grad_neg, grad_pos, h_pos, h_neg = _attention_and_h(
+        image, classes, class_mask, region_mask, sim_e, sim_p, sim_n, lse_ptr, grad_ptr, tau, logit_scale, C
     )
     offsets = image * N + regions
-    weights, sigma, best = _wta_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, WTA)
+    weights_pos, sigma_pos = _side_weights(
+        sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE_POS, WTA_POS
+    )
+    weights_neg, sigma_neg = _side_weights(
+        sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE_NEG, WTA_NEG
+    )
     pair = logits_ptr + image * 2 * C + classes
     logit_neg = tl.load(pair, mask=class_mask, other=0.0)
     logit_pos = tl.load(pair + C, mask=class_mask, other=0.0)
 
     # softmax over regions: dL/d(tau s^e) = a (v - sum_i a v), and sum_i a v = P+ g+ + P- g-
-    v = logit_scale * (sim_p * weights * grad_pos[None, :] + sim_n * grad_neg[None, :])
+    v = logit_scale * (sim_p * weights_pos * grad_pos[None, :] + sim_n * weights_neg * grad_neg[None, :])
     mean_v = logit_pos * grad_pos + logit_neg * grad_neg
     grad_e = tau * attention * (v - mean_v[None, :])
-    grad_n = attention * logit_scale * grad_neg[None, :]
-    grad_p = attention * logit_scale * weights * grad_pos[None, :]
-    if WTA != WTA_NONE:
-        sum_0 = tl.load(sums_ptr + offsets, mask=region_mask, other=0.0)
-        sum_1 = tl.load(sums_ptr + stat_stride + offsets, mask=region_mask, other=0.0)
-        if WTA == WTA_POS_NORM:  # du = w h - onehot(a) sum(w h), which is -sum_{m != a} w h at a itself (w_a = 1)
-            winner = tl.load(index_ptr + INDEX_ARGMAX_U * stat_stride + offsets, mask=region_mask, other=-1)
-            grad_u = tl.where(classes[None, :] == winner[:, None], -sum_0[:, None], weights * h)
-            grad_best = gamma * sum_1
-        else:  # du = sigma (h - sum(sigma h))
-            sum_2 = tl.load(sums_ptr + 2 * stat_stride + offsets, mask=region_mask, other=0.0)
-            grad_u = sigma * (h - sum_0[:, None])
-            grad_best = gamma * (sum_1 - sum_0 * sum_2)
-        argmax_s = tl.load(index_ptr + INDEX_ARGMAX_S * stat_stride + offsets, mask=region_mask, other=-1)
-        grad_p += gamma * best[:, None] * grad_u
-        grad_p += tl.where(classes[None, :] == argmax_s[:, None], grad_best[:, None], 0.0)
+    grad_n = attention * logit_scale * weights_neg * grad_neg[None, :]
+    grad_p = attention * logit_scale * weights_pos * grad_pos[None, :]
+    side_args = (sim_p, classes, sums_ptr, stats_ptr, index_ptr, stat_stride, offsets, region_mask, gamma)
+    if WTA_POS != WEIGHT_ONE:
+        grad_p += _side_grad(weights_pos, sigma_pos, h_pos, *side_args, SIDE_POS, WTA_POS)
+    if WTA_NEG != WEIGHT_ONE:  # the negative weights are functions of s+ too
+        grad_p += _side_grad(weights_neg, sigma_neg, h_neg, *side_args, SIDE_NEG, WTA_NEG)
     valid = region_mask[:, None] & class_mask[None, :]
     grad_e = tl.where(valid, grad_e, 0.0)
     grad_p = tl.where(valid, grad_p, 0.0)
@@ -615,7 +747,8 @@ def _text_grad_kernel(
     gamma: tl.float64,
     logit_scale: tl.float64,
     WANT_TEXT: tl.constexpr,
-    WTA: tl.constexpr,
+    WTA_POS: tl.constexpr,
+    WTA_NEG: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -671,7 +804,8 @@ def _text_grad_kernel(
             N,
             C,
             D,
-            WTA,
+            WTA_POS,
+            WTA_NEG,
             BLOCK_N,
             BLOCK_C,
             BLOCK_D,
@@ -790,7 +924,8 @@ def _feature_grad_kernel(
     D,
     gamma: tl.float64,
     logit_scale: tl.float64,
-    WTA: tl.constexpr,
+    WTA_POS: tl.constexpr,
+    WTA_NEG: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -836,7 +971,8 @@ def _feature_grad_kernel(
             N,
             C,
             D,
-            WTA,
+            WTA_POS,
+            WTA_NEG,
             BLOCK_N,
             BLOCK_C,
             BLOCK_D,
@@ -960,7 +1096,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _kernel_constants(compute: torch.dtype, launch: LaunchConfig, wta: str) -> dict:
     return dict(
-        WTA=WTA_CODES[wta],
+        WTA_POS=WTA_WEIGHT_CODES[WTA_WEIGHTS[wta][0]],
+        WTA_NEG=WTA_WEIGHT_CODES[WTA_WEIGHTS[wta][1]],
         BLOCK_N=launch.block_n,
         BLOCK_C=launch.block_c,
         BLOCK_D=launch.block_d,
@@ -997,8 +1134,8 @@ def dualcoop_head_forward(
     """Fused forward; the prompt sets are C x D and contiguous.
 
     Returns the B x 2 x C logits in the compute dtype and, for the backward, the (B, C) log-sum-exp of
-    the region softmax, the (B, N) and (3, C) inverse norms, the (4, B, N) region statistics and the
-    (2, B, N) arg-maxima.
+    the region softmax, the (B, N) and (3, C) inverse norms, the (STATS, B, N) region statistics and
+    the (INDICES, B, N) arg-maxima.
     """
     B, N, D = features.shape
     C = text_pos.shape[0]
@@ -1010,8 +1147,8 @@ def dualcoop_head_forward(
     lse = _kernel_output(B, C, device=device, dtype=compute)
     # without WTA no kernel writes the statistics: zeros, since an operator's outputs must be defined
     buffer = torch.zeros if wta == "none" else _kernel_output
-    stats = buffer(4, B, N, device=device, dtype=compute)
-    index = buffer(2, B, N, device=device, dtype=torch.int32)
+    stats = buffer(STATS, B, N, device=device, dtype=compute)
+    index = buffer(INDICES, B, N, device=device, dtype=torch.int32)
     inv_norm = _inverse_norms(features, compute)
     text_inv_norm = torch.stack([_inverse_norms(text, compute) for text in texts])  # (3, C)
     if B == 0:
@@ -1038,7 +1175,7 @@ def _(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_ga
     def new(*shape, dtype=compute):
         return features.new_empty(shape, dtype=dtype)
 
-    return new(B, 2, C), new(B, C), new(B, N), new(3, C), new(4, B, N), new(2, B, N, dtype=torch.int32)
+    return new(B, 2, C), new(B, C), new(B, N), new(3, C), new(STATS, B, N), new(INDICES, B, N, dtype=torch.int32)
 
 
 @torch.library.custom_op("dualcoop_kernels::dualcoop_head_backward", mutates_args=())
@@ -1089,7 +1226,7 @@ def dualcoop_head_backward(
         region_tiles = triton.cdiv(N, launch.block_n)
         class_tiles = triton.cdiv(C, launch.block_c)
 
-        sums = _kernel_output(3, B, N, device=device, dtype=compute)
+        sums = _kernel_output(SUMS, B, N, device=device, dtype=compute)
         if wta != "none":
             _region_sums_kernel[(B, region_tiles)](
                 *common,
