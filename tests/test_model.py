@@ -190,6 +190,23 @@ def test_prompt_state_round_trip(rn50, tmp_path):
         dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=5).load_prompt_state_dict(torch.load(path))
 
 
+def test_a_frozen_temperature_is_neither_learned_nor_saved(rn50):
+    """learn_temperature=False (with wta="pos_norm": the authors' pos_norm_det) keeps theta at its start,
+    out of the learnable parameters and the prompt state, which still round-trips."""
+    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4, learn_temperature=False, spatial_temp_init=2.5)
+    assert set(model.prompt_state_dict()) == {"prompts.ctx_evidence", "prompts.ctx_pos", "prompts.ctx_neg"}
+    assert all(p is not model.head.log_spatial_temp for p in model.learnable_parameters())
+    regions = model.encode_regions(torch.randn(2, 3, 64, 64))
+    model(regions=regions).sum().backward()
+    assert model.head.log_spatial_temp.grad is None and model.head.log_spatial_temp.item() == 2.5
+    assert model.prompts.ctx_pos.grad is not None
+    fresh = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4, learn_temperature=False, spatial_temp_init=2.5)
+    fresh.load_prompt_state_dict(model.prompt_state_dict())
+    torch.testing.assert_close(fresh(regions=regions), model(regions=regions))
+    with pytest.raises(ValueError, match="this model learns"):
+        dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4).load_prompt_state_dict(model.prompt_state_dict())
+
+
 def test_text_features_are_cached_at_inference_until_the_prompts_change(rn50):
     model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4)
     with torch.no_grad():

@@ -47,6 +47,8 @@ class DualCoOpPlusPlus(nn.Module):
         variant: ``"dualcoop++"`` (three prompts, learned temperature starting at ``spatial_temp_init``,
             logit scale e^3, WTA) or ``"dualcoop"`` (two prompts, the positive one as evidence, tau 20,
             logit scale 100, no WTA, mean token and positional embedding in the ResNet tokens).
+        learn_temperature: False keeps DualCoOp++'s log temperature at ``spatial_temp_init`` (not
+            learned, not in :meth:`prompt_state_dict`): with ``wta="pos_norm"``, the authors' ``pos_norm_det``.
         text_encoding: ``"short"`` runs the causal text transformer on the tokens up to the last [EOS]
             only, with fused attention, and with shared contexts computes their common prefix once per
             prompt set (the same features to rounding, several to many times faster: model/text.py);
@@ -72,6 +74,7 @@ class DualCoOpPlusPlus(nn.Module):
         variant: str = "dualcoop++",
         spatial_temp_init: float = DEFAULT_LOG_SPATIAL_TEMP,
         text_encoding: str = "short",
+        learn_temperature: bool = True,
     ):
         super().__init__()
         check_choice("variant", variant, PROTOCOLS)
@@ -95,10 +98,12 @@ class DualCoOpPlusPlus(nn.Module):
                 logit_scale=ORIGINAL_LOGIT_SCALE,
                 spatial_temp_init=math.log(ORIGINAL_TEMPERATURE),
                 backend=head_backend,
+                learn_temperature=False,
             )
-            self.head.log_spatial_temp.requires_grad_(False)
         else:
-            self.head = DualCoOpHead(wta=wta, spatial_temp_init=spatial_temp_init, backend=head_backend)
+            self.head = DualCoOpHead(
+                wta=wta, spatial_temp_init=spatial_temp_init, backend=head_backend, learn_temperature=learn_temperature
+            )
         self._text_cache: tuple | None = None
 
     def train(self, mode: bool = True):
