@@ -28,10 +28,12 @@ setup(
     install_requires=["torch>=2.4", "numpy", 'triton; platform_system == "Linux"'],
     entry_points={"console_scripts": ["dualcoop = dualcoop_kernels.cli:main"]},
     extras_require={
-        "clip": ["open_clip_torch>=2.24"],  # the model, training and the dualcoop command (torchvision, tqdm)
+        # the model, training and the dualcoop command (torchvision, tqdm); shared prompts in safetensors
+        "clip": ["open_clip_torch>=2.24", "safetensors"],
         "plot": ["matplotlib"],  # pictures of a training run
         "bigearthnet": ["pyarrow"],  # BigEarthNet v2.0's metadata table
         "extension": ["ninja"],  # builds the optional C++/CUDA loss (also needs a C++ compiler)
-        "test": ["pytest", "pytest-benchmark", "ninja", "ruff", "matplotlib", "pyarrow"],
+        # selenium drives Debian's chromium (and chromium-driver) in the report's browser test
+        "test": ["pytest", "pytest-benchmark", "ninja", "ruff", "matplotlib", "pyarrow", "selenium"],
     },
 )

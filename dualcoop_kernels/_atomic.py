@@ -1,5 +1,6 @@
 """Files written atomically: a temporary file in the same folder, flushed to disk, then renamed into
-place. A process killed at any moment leaves either the previous file or the new one, never half of one."""
+place. A process killed at any moment leaves either the previous file or the new one, never half of one.
+And torch files read back without running code (``weights_only``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+
+from ._checks import error_gist
 
 
 @contextmanager
@@ -30,6 +35,25 @@ def atomic_open(path, mode: str = "wb"):
 def atomic_write_text(path, text: str) -> None:
     with atomic_open(path, "w") as file:
         file.write(text)
+
+
+def atomic_torch_save(path: Path, value) -> None:
+    with atomic_open(path, "wb") as file:
+        torch.save(value, file)
+
+
+def load_torch_file(path: Path, what: str):
+    """A file written by :func:`atomic_torch_save`, read without running code (``weights_only``);
+    anything unreadable, or holding more than tensors, numbers and strings, is refused with its name."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: pickle, zip and torch errors alike
+        raise ValueError(
+            f"{what} {path} cannot be read as a file of tensors, numbers and strings ({error_gist(error)})"
+        ) from error
 
 
 def _umask() -> int:

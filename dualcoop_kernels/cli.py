@@ -4,6 +4,9 @@
     dualcoop cache --preset coco --root DATA --out CACHE [--augment --views 4]   (then train --features CACHE)
     dualcoop eval RUN [--json]
     dualcoop predict RUN IMAGE_OR_FOLDER ... [--top-k 3] [--out predictions.csv]
+    dualcoop report RUN [--out report.html]
+    dualcoop explain RUN IMAGE_OR_FOLDER ... [--classes ...] [--top-k 3] --out FOLDER
+    dualcoop export RUN --out model.pt2
 
 Errors in what was asked (a missing file, a bad option) end the command with one line that says what is
 wrong, not a traceback; under torchrun the first process alone says it.
@@ -223,6 +226,26 @@ def _writable_folder(folder: Path, what: str) -> None:
         raise ValueError(f"{what}: the folder {existing} is not writable")
 
 
+def _prediction_header(classnames: list[str], top_k: int | None) -> list[str]:
+    if top_k is None:
+        return ["image", *classnames, "present"]
+    return [
+        "image",
+        *[f"{kind}_{rank}" for rank in range(1, top_k + 1) for kind in ("class", "probability", "present")],
+    ]
+
+
+def _prediction_row(path, probabilities, classnames: list[str], top_k: int | None) -> list[str]:
+    """An image's probabilities, and which classes are present: P+ > P- (probability above 1/2), the
+    threshold of the metrics (1 / 0 per class of the top k, or the present classes joined by ';')."""
+    if top_k is None:
+        present = ";".join(name for name, p in zip(classnames, probabilities.tolist()) if p > 0.5)
+        return [str(path), *(f"{value:.6f}" for value in probabilities.tolist()), present]
+    best = probabilities.topk(top_k)
+    pairs = zip(best.indices.tolist(), best.values.tolist())
+    return [str(path), *(cell for i, v in pairs for cell in (classnames[i], f"{v:.6f}", str(int(v > 0.5))))]
+
+
 def _predict(args) -> int:
     from ._atomic import atomic_write_text
     from .training.evaluation import image_probabilities, model_for
@@ -238,20 +261,10 @@ def _predict(args) -> int:
     classnames = model.prompts.classnames
     if args.top_k is not None and not 1 <= args.top_k <= len(classnames):
         raise ValueError(f"--top-k must be from 1 to the {len(classnames)} classes, got {args.top_k}")
-    if args.top_k is None:
-        rows = [["image", *classnames]]
-    else:
-        ranks = range(1, args.top_k + 1)
-        rows = [["image", *[f"{kind}_{rank}" for rank in ranks for kind in ("class", "probability")]]]
+    rows = [_prediction_header(classnames, args.top_k)]
     unreadable = {}
     for scored, probabilities in image_probabilities(model, paths, config, device, args.batch_size, unreadable):
-        for path, row in zip(scored, probabilities):
-            if args.top_k is None:
-                rows.append([str(path), *(f"{value:.6f}" for value in row.tolist())])
-            else:
-                best = row.topk(args.top_k)
-                pairs = zip(best.indices.tolist(), best.values.tolist())
-                rows.append([str(path), *(cell for i, v in pairs for cell in (classnames[i], f"{v:.6f}"))])
+        rows += [_prediction_row(path, row, classnames, args.top_k) for path, row in zip(scored, probabilities)]
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows(rows)
     if out:
@@ -263,6 +276,47 @@ def _predict(args) -> int:
         raise ValueError(
             f"{len(unreadable)} of {len(paths)} images could not be read (the others are scored): {listing}"
         )
+    return 0
+
+
+def _report(args) -> int:
+    from .training.report import write_report
+
+    out = _writable_file(args.out)
+    print(f"dualcoop report: {write_report(args.run, out)}")
+    return 0
+
+
+def _explain(args) -> int:
+    from .training.evaluation import model_for
+    from .training.maps import write_explanations
+    from .training.runs import load_best
+
+    _writable_folder(args.out, f"--out {args.out}")
+    config, model, _ = load_best(args.run, "cpu")
+    paths = _images(args.images)
+    classes = None
+    if args.classes is not None:
+        names = _class_list(args.classes)
+        known = [name for name in names if name in model.prompts.classnames]
+        model = model if len(known) == len(names) else model_for(model, config, names)
+        classes = [model.prompts.classnames.index(name) for name in names]
+    written = write_explanations(model, paths, args.out, config, classes, args.top_k)
+    print(f"dualcoop explain: {len(written)} picture(s) in {args.out}")
+    return 0
+
+
+def _export(args) -> int:
+    from .model.export import export_model
+    from .training.runs import load_best
+
+    out = _writable_file(args.out)
+    config, model, _ = load_best(args.run, "cpu")
+    export_model(model, out, config.image_size)
+    print(
+        f"dualcoop export: {out}: {config.image_size} x {config.image_size} normalised images in, "
+        f"B x {len(model.prompts.classnames)} probabilities out (torch.export.load(path).module())"
+    )
     return 0
 
 
@@ -298,6 +352,18 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", help="CSV file to write (default: standard output)")
     predict.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     predict.add_argument("--device")
+    report = commands.add_parser("report", help="one HTML page of what a run learned (self-contained)")
+    report.add_argument("run", type=Path)
+    report.add_argument("--out", help="the HTML file (default: RUN/report.html)")
+    explain = commands.add_parser("explain", help="where each class finds its evidence in images, as PNGs")
+    explain.add_argument("run", type=Path)
+    explain.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    explain.add_argument("--classes", help="these classes (as --classes of predict) instead of the top k")
+    explain.add_argument("--top-k", dest="top_k", type=int, default=3, help="the k most probable classes")
+    explain.add_argument("--out", required=True, type=Path, help="the folder of the pictures")
+    export = commands.add_parser("export", help="the inference model as a torch.export program (.pt2)")
+    export.add_argument("run", type=Path)
+    export.add_argument("--out", required=True, help="the .pt2 file to write")
     return parser
 
 
@@ -306,6 +372,9 @@ STOPPED = {  # what Ctrl-C leaves, where the command has nothing more to say
     "cache": "stopped; the chunks written are kept: the same command finishes the cache",
     "eval": "stopped; nothing was written",
     "predict": "stopped; nothing was written",
+    "report": "stopped; nothing was written",
+    "explain": "stopped; the pictures written are kept",
+    "export": "stopped; nothing was written",
 }
 
 
@@ -335,7 +404,8 @@ def main(argv=None) -> int:
 
     args = _parser().parse_args(argv)
     _show_log_lines(getattr(args, "quiet", False))
-    handlers = {"train": _train, "cache": _cache, "eval": _eval, "predict": _predict}
+    handlers = dict(train=_train, cache=_cache, eval=_eval, predict=_predict, report=_report, explain=_explain)
+    handlers.update(export=_export)
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt as stopped:

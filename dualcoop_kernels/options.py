@@ -46,7 +46,7 @@ PROTOCOLS = ("dualcoop++", "dualcoop")  # also the model's variants: DualCoOp++ 
 DATASETS = ("coco", "voc", "nuswide", "bigearthnet", "csv")
 SELECT_ON = ("val", "test")  # where the best epoch is picked: held-out training images, or the authors' test set
 PRECISIONS = ("fp32", "tf32", "bf16")  # of the encoders: float32, TF32 matmuls, bf16 autocast
+AUGMENTATIONS = ("authors", "crop-flip", "none")  # of training images: the authors', crop and flip only, none
 TEXT_ENCODINGS = ("short", "full")  # up to the last [EOS] (exact, faster), or all 77 tokens (the authors')
 # CLIP's image normalisation (OpenAI's), for the transforms and for models that carry none of their own
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-AUGMENTATIONS = ("authors", "crop-flip", "none")  # of training images: the authors', crop and flip only, none

@@ -224,14 +224,20 @@ def test_a_foreign_prompts_file_is_described(shared_run, task, tmp_path, capsys)
     images = str(task["root"] / "images" / "1_0.png")
     broken = tmp_path / "broken"
     shutil.copytree(shared_run, broken)
-    (broken / "prompts.pt").write_text("not prompts")
-    assert "learned prompts" in error_of(capsys, ["predict", str(broken), images])
+    (broken / "model" / "model.safetensors").write_text("not prompts")
+    assert "model.safetensors cannot be read as safetensors" in error_of(capsys, ["predict", str(broken), images])
     other = tmp_path / "other"
     assert main(arguments(task, other, "--n-ctx", "6", epochs=1)) == 0  # class-specific, 6 tokens
-    shutil.copy(other / "prompts.pt", broken / "prompts.pt")
+    shutil.rmtree(broken / "model")
+    shutil.copytree(other / "model", broken / "model")
+    error = error_of(capsys, ["predict", str(broken), images])
+    assert "holds another run's prompts: its settings differ from" in error and "['n_ctx', 'csc']" in error
+    shutil.rmtree(broken / "model")  # an older run's layout: prompts.pt beside the run's settings
+    old = torch.load(other / "checkpoints" / "last.pt", weights_only=True)
+    torch.save(dict(prompts=old["best_prompts"], classnames=old["classnames"]), broken / "prompts.pt")
     error = error_of(capsys, ["predict", str(broken), images])
     assert "holds 3 prompt sets of class-specific contexts of 6 tokens, for 4 classes (red square" in error
-    assert "asks for 3 prompt sets of contexts shared by all classes of 4 tokens" in error
+    assert "its settings ask for 3 prompt sets of contexts shared by all classes of 4 tokens" in error
 
 
 def test_bad_model_files_are_named(tmp_path, capsys, monkeypatch):

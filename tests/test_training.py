@@ -73,7 +73,7 @@ def test_a_run_learns_the_synthetic_task(trained, capsys):
     evaluated = json.loads((run / "eval.json").read_text())
     assert evaluated["selected_on"] == "val" and evaluated["best_epoch"] == max(range(6), key=scores.__getitem__)
     assert set(evaluated["test"]["per_class_AP"]) == set(SHAPES)
-    for name in ("config.json", "mask.npy", "prompts.pt", "checkpoints/last.pt"):
+    for name in ("config.json", "mask.npy", "model/model.safetensors", "model/config.json", "checkpoints/last.pt"):
         assert (run / name).is_file(), name
     assert TrainConfig.load(run / "config.json").epochs == 6
     assert not list(run.rglob("*.tmp"))  # every file renamed into place
@@ -97,12 +97,17 @@ def test_eval_and_predict_commands(trained, task, tmp_path, capsys):
     out = tmp_path / "predictions.csv"
     assert main(["predict", str(run), str(images), "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
-    assert lines[0] == "image," + ",".join(SHAPES) and len(lines) == 1 + 224
-    probabilities = [float(value) for value in lines[1].split(",")[1:]]
+    assert lines[0] == "image," + ",".join(SHAPES) + ",present" and len(lines) == 1 + 224
+    cells = lines[1].split(",")
+    probabilities = [float(value) for value in cells[1:-1]]
     assert all(0 <= p <= 1 for p in probabilities)
+    present = {name for name, p in zip(SHAPES, probabilities) if p > 0.5}  # P+ > P-, the metrics' threshold
+    assert set(filter(None, cells[-1].split(";"))) == present
     assert main(["predict", str(run), str(images / "1_0.png"), "--top-k", "2"]) == 0
     header, row = capsys.readouterr().out.splitlines()
-    assert header == "image,class_1,probability_1,class_2,probability_2" and row.split(",")[1] in SHAPES
+    assert header == "image,class_1,probability_1,present_1,class_2,probability_2,present_2"
+    row = row.split(",")
+    assert row[1] in SHAPES and row[3] == str(int(float(row[2]) > 0.5))
 
 
 def run_command(arguments, **kwargs):
@@ -163,7 +168,7 @@ def predictions(capsys, arguments):
     capsys.readouterr()  # what came before
     assert main(["predict", *arguments]) == 0
     header, *rows = capsys.readouterr().out.splitlines()
-    names = header.split(",")[1:]
+    names = header.split(",")[1:-1]  # the last column: the classes present
     return {name: [float(row.split(",")[1 + i]) for row in rows] for i, name in enumerate(names)}
 
 
@@ -458,7 +463,8 @@ def test_a_presets_boolean_can_be_switched_off():
 
 
 def test_the_run_state_round_trips_through_a_safe_checkpoint(tmp_path):
-    from dualcoop_kernels.training.state import RunState, atomic_torch_save, load_torch_file
+    from dualcoop_kernels._atomic import atomic_torch_save, load_torch_file
+    from dualcoop_kernels.training.state import RunState
 
     state = RunState()
     state.add_step(0.5, 16)

@@ -1,8 +1,10 @@
 """The model wing: DualCoOp++ on a frozen open_clip CLIP (needs the ``clip`` extra, imported on use).
 
-``dualcoop.py`` the model; ``prompts.py`` the learned prompts and the text encoder; ``regions.py`` dense
-region features of CLIP's image towers; ``images.py`` CLIP's preprocessing and the image check;
-``loading.py`` open_clip models by name, with weights from a file or a tag.
+``dualcoop.py`` the model; ``prompts.py`` the learned prompts; ``text.py`` the text encoder (full, short,
+shared prefix); ``regions.py`` dense region features of CLIP's image towers; ``images.py`` CLIP's
+preprocessing and the image check; ``loading.py`` open_clip models by name, with weights from a file or a tag;
+``pretrained.py`` folders of trained prompts to share (``save_pretrained``, ``from_pretrained``);
+``export.py`` the inference model as a ``torch.export`` program.
 """
 
 from .dualcoop import DualCoOpPlusPlus

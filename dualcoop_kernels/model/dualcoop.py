@@ -21,10 +21,11 @@ from ..options import (
     PROTOCOLS,
     TEXT_ENCODINGS,
 )
+from ..reference.head import dualcoop_head_regions
 from .images import check_images, clip_image_transform
 from .loading import load_clip, open_clip_module, registered_name
 from .prompts import PromptLearner
-from .regions import region_features
+from .regions import region_features, region_grid
 from .text import TextEncoder
 
 # Without autograd the head scores chunks of images whose B x N x C intermediates hold about this many
@@ -80,6 +81,9 @@ class DualCoOpPlusPlus(nn.Module):
         check_choice("variant", variant, PROTOCOLS)
         check_choice("text_encoding", text_encoding, TEXT_ENCODINGS)
         classnames = check_classnames(classnames)  # before loading CLIP, which takes a while
+        # what rebuilds this model (model/pretrained.py): a CLIP given as a module cannot be named
+        self.settings = dict(clip=clip if isinstance(clip, str) else None, pretrained=pretrained, seed=None)
+        self.settings.update(csc=csc, protocol=variant, learn_temperature=learn_temperature)
         if isinstance(clip, str):
             clip = registered_name(clip)
             tokenizer = open_clip_module().get_tokenizer(clip)
@@ -105,6 +109,7 @@ class DualCoOpPlusPlus(nn.Module):
                 wta=wta, spatial_temp_init=spatial_temp_init, backend=head_backend, learn_temperature=learn_temperature
             )
         self._text_cache: tuple | None = None
+        self.settings.update(n_ctx=self.prompts.n_ctx, wta=self.head.wta)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -183,6 +188,27 @@ class DualCoOpPlusPlus(nn.Module):
             return self.head(regions, *texts)
         return torch.cat([self.head(chunk, *texts) for chunk in regions.split(step)])
 
+    @torch.no_grad()
+    def region_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Where each class finds its evidence in each image, as B x C x h x w maps over the image's grid
+        of regions: ``evidence``, the weights of the regions (the softmax over regions of tau s^e at the
+        learned temperature), and ``positive`` and ``negative``, the region logits after WTA; with
+        ``logits`` (B x 2 x C), their weighted sums ``P+ = sum(evidence * positive)`` and ``P- =
+        sum(evidence * negative)``: exactly what the head aggregates (computed by the reference head)."""
+        regions = self.encode_regions(images).float()
+        texts = [t.float() for t in self.text_features()]
+        evidence, positive, negative = texts if len(texts) == 3 else (texts[0], *texts)
+        head = self.head
+        attention, region_pos, region_neg = dualcoop_head_regions(
+            *(regions, evidence, positive, negative, head.log_spatial_temp.float()),
+            *(head.wta, head.wta_gamma, head.logit_scale),
+        )
+        logits = torch.stack([(attention * region_neg).sum(dim=1), (attention * region_pos).sum(dim=1)], dim=1)
+        height, width = region_grid(regions.shape[1], images.shape[-2], images.shape[-1])
+        maps = {"evidence": attention, "positive": region_pos, "negative": region_neg}
+        shape = (regions.shape[0], height, width, -1)
+        return {name: m.reshape(shape).permute(0, 3, 1, 2) for name, m in maps.items()} | {"logits": logits}
+
     def for_classes(self, classnames: list[str]) -> DualCoOpPlusPlus:
         """This model scoring other classes: the same frozen CLIP, learned shared contexts, head and
         text encoder (shared, not copied: the new model follows this one's training), prompts around
@@ -194,6 +220,25 @@ class DualCoOpPlusPlus(nn.Module):
         other.__dict__.update(_modules=dict(self._modules), _text_cache=None)
         other.prompts = self.prompts.for_classes(classnames)
         return other
+
+    def save_pretrained(self, folder, settings: dict | None = None, **info):
+        """Write the learned prompts as a folder to share (``config.json`` and ``model.safetensors``,
+        the layout of a Hugging Face ``PyTorchModelHubMixin`` model), with ``info`` (an epoch, scores)
+        beside them. ``settings`` (how to rebuild the model: clip, pretrained, seed, ...) default to
+        what this model was built with; a CLIP given as a module must be named there."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, folder, {**self.settings, **(settings or {})}, **info)
+
+    @classmethod
+    def from_pretrained(cls, source, *, clip=None, pretrained: str | None = None) -> DualCoOpPlusPlus:
+        """The trained model in ``source``: a folder of :meth:`save_pretrained`, a run folder (its
+        ``model/``), or a run folder of an older version (``prompts.pt``), read without running any
+        code; CLIP is built from the name and weights the folder records (``clip``: an already loaded
+        CLIP instead; ``pretrained``: another copy of its weights)."""
+        from .pretrained import load_pretrained
+
+        return load_pretrained(source, clip=clip, pretrained=pretrained)
 
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """The learned state alone (the contexts, and the log temperature), without the CLIP weights."""

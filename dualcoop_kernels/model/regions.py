@@ -16,6 +16,8 @@ The positional embedding is resized (bicubic) when the input is not the model's 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,6 +88,15 @@ def vit_regions(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     x = x if batch_first else x.transpose(0, 1)
     x = visual.ln_post(_value_path(transformer.resblocks[-1], x)[:, 1:])
     return x @ visual.proj
+
+
+def region_grid(regions: int, height: int, width: int) -> tuple[int, int]:
+    """The rows and columns of the grid of ``regions`` regions of an image of ``height`` x ``width``
+    pixels (row-major, as both towers flatten their feature maps)."""
+    rows = max(1, round(math.sqrt(regions * height / width)))
+    if regions % rows:
+        raise ValueError(f"{regions} regions do not form a grid for a {height} x {width} image")
+    return rows, regions // rows
 
 
 def check_image_side(visual: nn.Module, side: int) -> None:

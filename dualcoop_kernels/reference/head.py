@@ -60,20 +60,28 @@ def dualcoop_head_reference(
     features, text_evidence, text_pos, text_neg, log_spatial_temp = upcast_low_precision(
         [features, text_evidence, text_pos, text_neg, log_spatial_temp], upcast
     )
+    attention, region_pos, region_neg = dualcoop_head_regions(
+        features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_gamma, logit_scale
+    )
+    logits_pos = (attention * region_pos).sum(dim=1)
+    logits_neg = (attention * region_neg).sum(dim=1)
+    return torch.stack([logits_neg, logits_pos], dim=1).to(out_dtype)
+
+
+def dualcoop_head_regions(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_gamma, logit_scale):
+    """What the head aggregates, each B x N x C: the evidence weights of every class over the regions
+    (``softmax_i(tau s^e)``), and the positive and negative region logits after WTA (``k s+ w+`` and
+    ``k s- w-``); ``P+ = sum_i attention * positive`` and ``P- = sum_i attention * negative``."""
     regions = F.normalize(features, dim=-1)
     sim_evidence = regions @ F.normalize(text_evidence, dim=-1).T
     sim_pos = regions @ F.normalize(text_pos, dim=-1).T
     sim_neg = regions @ F.normalize(text_neg, dim=-1).T
-
     weight_pos, weight_neg = wta_weights(sim_pos, wta, wta_gamma)
     tau = torch.exp(log_spatial_temp.to(sim_evidence.dtype))
     attention = torch.softmax(tau * sim_evidence, dim=1)  # over regions, per class
-
-    terms_pos = attention * sim_pos if weight_pos is None else attention * sim_pos * weight_pos
-    terms_neg = attention * sim_neg if weight_neg is None else attention * sim_neg * weight_neg
-    logits_pos = logit_scale * terms_pos.sum(dim=1)
-    logits_neg = logit_scale * terms_neg.sum(dim=1)
-    return torch.stack([logits_neg, logits_pos], dim=1).to(out_dtype)
+    region_pos = logit_scale * (sim_pos if weight_pos is None else sim_pos * weight_pos)
+    region_neg = logit_scale * (sim_neg if weight_neg is None else sim_neg * weight_neg)
+    return attention, region_pos, region_neg
 
 
 def _one_hot(indices: torch.Tensor, classes: int, like: torch.Tensor) -> torch.Tensor:

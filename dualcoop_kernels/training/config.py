@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._atomic import atomic_write_text
-from ..options import AUGMENTATIONS, DATASETS, PRECISIONS, PROTOCOLS, SELECT_ON, WTA_ALIASES, WTA_MODES
+from ..options import (
+    AUGMENTATIONS,
+    DATASETS,
+    PRECISIONS,
+    PROTOCOLS,
+    SELECT_ON,
+    WTA_ALIASES,
+    WTA_CHOICES,
+    WTA_TRAINING_ALIASES,
+)
 
 MAX_IMAGE_SIZE = 2048
 DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -81,7 +90,18 @@ class TrainConfig:
         negated=True,
         shown="off: class-specific contexts",
     )
-    wta: str = setting("pos_norm", "winner-take-all across classes", choices=(*WTA_MODES, *WTA_ALIASES))
+    wta: str = setting(
+        "pos_norm",
+        "winner-take-all across classes (the authors' names too: pos_norm_det freezes the temperature)",
+        choices=WTA_CHOICES,
+    )
+    learn_temperature: bool = setting(
+        True,
+        "keep the spatial temperature at its start instead of learning it (the authors' pos_norm_det)",
+        flag="--freeze-temperature",
+        negated=True,
+        shown="off: the temperature learns",
+    )
     epochs: int = setting(50, "epochs (the first at the warm-up rate)")
     batch_size: int = setting(64, "images per step (over all processes)")
     lr: float = setting(0.005, "the base learning rate (cosine-decayed over the epochs)")
@@ -159,6 +179,8 @@ class TrainConfig:
         for passed, message in checks:
             if not passed:
                 raise ValueError(message)
+        for name, value in WTA_TRAINING_ALIASES.get(self.wta, {}).items():  # a mode and a setting
+            setattr(self, name, value)
         self.wta = WTA_ALIASES.get(self.wta, self.wta)
         if self.val_images is not None and self.val_images < 1:
             raise ValueError(f"val_images must be at least 1, got {self.val_images}")

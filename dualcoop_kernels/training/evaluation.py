@@ -11,12 +11,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .._atomic import atomic_open
 from ..data import load_image
 from ..data.transforms import test_transform
 from ..metrics import average_precision, evaluate, ranking_scores, top_k_metrics
 from .config import TrainConfig
 from .datasets import load_run_data
-from .runs import build_model, load_best
+from .runs import load_best
 
 SUMMARY_COLUMNS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")
 TOP_K_COLUMNS = (("P", "precision"), ("R", "recall"), ("F1", "f1"))
@@ -32,7 +33,8 @@ METRIC_MEANINGS = (
 
 def model_for(model, config: TrainConfig, classnames: list[str]):
     """The trained prompts scoring ``classnames``: the model itself for its own classes; for others,
-    the learned contexts around their names, which only contexts shared by all classes can give."""
+    the learned contexts around their names (``model.for_classes``: the same CLIP and head, text
+    features in chunks), which only contexts shared by all classes can give."""
     if classnames == model.prompts.classnames:
         return model
     if config.csc:
@@ -40,9 +42,7 @@ def model_for(model, config: TrainConfig, classnames: list[str]):
             "scoring other classes needs a run trained with contexts shared by all classes (--zero-shot or "
             "--shared-contexts); this run learned class-specific contexts, which exist only for its own classes"
         )
-    other = build_model(config, classnames, clip=model.clip).to(next(model.prompts.parameters()).device)
-    other.load_prompt_state_dict(model.prompt_state_dict())
-    return other.eval()
+    return model.for_classes(classnames).eval()
 
 
 @torch.no_grad()
@@ -57,12 +57,15 @@ def scores_of(model, dataset, config: TrainConfig, device: torch.device, progres
     return torch.cat(batches).numpy()
 
 
-def evaluate_split(model, dataset, config: TrainConfig, device, progress=None) -> dict:
-    """The papers' metrics of a split (docs/data.md) and its image count. Where some labels are unknown
-    (held-out training images, blanks in a CSV) every metric counts the known labels only, as the epoch
-    was picked. Warns of what makes a number misleading: classes without a positive (they count 0 in
-    the mAP, the papers' rule) and top-k metrics of a split with k classes or fewer."""
+def evaluate_split(model, dataset, config: TrainConfig, device, progress=None, scores_file=None) -> dict:
+    """The papers' metrics of a split (docs/data.md) and its image count; the per-image scores also go
+    to ``scores_file`` when given (:func:`save_scores`). Where some labels are unknown (held-out
+    training images, blanks in a CSV) every metric counts the known labels only, as the epoch was
+    picked. Warns of what makes a number misleading: classes without a positive (they count 0 in the
+    mAP, the papers' rule) and top-k metrics of a split with k classes or fewer."""
     scores = scores_of(model_for(model, config, dataset.classnames), dataset, config, device, progress)
+    if scores_file is not None:
+        save_scores(scores_file, scores, dataset)
     labels, classes = dataset.labels.numpy(), len(dataset.classnames)
     known = labels != 0
     k = min(config.top_k, classes)
@@ -84,6 +87,33 @@ def evaluate_split(model, dataset, config: TrainConfig, device, progress=None) -
             *(dataset.name, len(missing), ", ".join(map(str, missing[:10])), results["mAP_classes_with_positives"]),
         )
     return results
+
+
+def save_scores(path, scores: np.ndarray, dataset) -> None:
+    """A split's N x C ranking scores with its labels, image paths and class names: a NumPy .npz file
+    (no pickled objects), written atomically, which the report reads instead of scoring again."""
+    with atomic_open(path, "wb") as file:
+        np.savez(
+            file,
+            scores=scores.astype(np.float32),
+            labels=dataset.labels.numpy(),
+            paths=np.array([str(p) for p in dataset.image_paths], dtype=str),
+            classnames=np.array(dataset.classnames, dtype=str),
+        )
+
+
+def load_scores(path) -> dict:
+    """What :func:`save_scores` wrote, as plain arrays and lists."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return dict(
+                scores=saved["scores"],
+                labels=saved["labels"],
+                paths=saved["paths"].tolist(),
+                classnames=saved["classnames"].tolist(),
+            )
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"scores file {path} cannot be read ({error})") from error
 
 
 def evaluate_run(run, splits: list[str] | None = None, device: str | None = None, workers: int | None = None) -> dict:

@@ -64,7 +64,6 @@ def _class_aps(pyplot, path: Path, split: str, evaluated: dict, unseen: set) -> 
         handles = [pyplot.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange")]
         axis.legend(handles, ["seen", "unseen"])
     axis.set(ylabel="AP (%)", ylim=(0, 100), title=f"{split}: mAP {evaluated['mAP']:.1f}, per class")
-    figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, bbox_inches="tight")  # room for long class names
     pyplot.close(figure)
     return path

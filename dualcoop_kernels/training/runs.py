@@ -2,7 +2,7 @@
 a finished run's best prompts for evaluation and prediction, and the run's log (``log.txt``).
 
 A run folder (docs/training.md) holds ``config.json``, ``mask.npy``, ``metrics.jsonl``, ``log.txt``,
-``checkpoints/last.pt``, ``prompts.pt``, ``eval.json`` and pictures.
+``checkpoints/last.pt``, ``model/`` (the best prompts, to share), ``eval.json``, ``scores/`` and pictures.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
+from .._atomic import load_torch_file
 from ..model import DualCoOpPlusPlus
+from ..model.pretrained import SETTINGS, build_from_settings, load_pretrained, read_config, save_pretrained
 from .config import TrainConfig
 from .distributed import Ranks
-from .state import atomic_torch_save, load_torch_file
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
-PROMPTS = "prompts.pt"
+MODEL = "model"  # the best epoch's prompts, a folder to share (model/pretrained.py)
 LOG = "log.txt"
 PACKAGE_LOGGER = logging.getLogger("dualcoop_kernels")  # every module's logger is a child
 # settings that may change when a run resumes: they do not change its numbers
@@ -40,21 +41,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(config: TrainConfig, classnames: list[str], clip=None) -> DualCoOpPlusPlus:
-    """The run's model for ``classnames``; ``clip`` reuses an already loaded CLIP (zero-shot evaluation
-    builds a model per class list around the same frozen CLIP)."""
-    variant = "dualcoop" if config.protocol == "dualcoop" else "dualcoop++"
-    pretrained = None if config.pretrained in (None, "none") else config.pretrained
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # random weights and contexts: the same for a run's every rebuild
-        return DualCoOpPlusPlus(
-            clip if clip is not None else config.clip,
-            classnames,
-            pretrained=pretrained if clip is None else None,
-            n_ctx=config.n_ctx,
-            csc=config.csc,
-            wta=config.wta,
-            variant=variant,
-        )
+    """The run's model for ``classnames``, its random parts (CLIP weights without a tag, the initial
+    contexts) from the run's seed: the same for every rebuild; ``clip`` reuses a loaded CLIP."""
+    return build_from_settings(config.as_dict(), classnames, clip)
 
 
 def resumed_config(run: Path, runtime: dict) -> TrainConfig:
@@ -92,44 +81,29 @@ def open_run(config: TrainConfig, run: Path, resume: bool, ranks: Ranks) -> dict
     return saved
 
 
-def save_best_prompts(run: Path, prompts: dict, classnames: list[str], epoch: int) -> None:
-    atomic_torch_save(Path(run) / PROMPTS, dict(prompts=prompts, classnames=list(classnames), epoch=epoch))
+def save_best_model(run: Path, model: DualCoOpPlusPlus, config: TrainConfig, **info) -> None:
+    """The best epoch's prompts as a folder to share as it is: ``RUN/model`` (config.json and
+    model.safetensors, model/pretrained.py), with ``info`` (the epoch, its scores)."""
+    save_pretrained(model, Path(run) / MODEL, config.as_dict(), image_size=config.image_size, **info)
 
 
 def load_best(run: Path, device: str | None = None) -> tuple[TrainConfig, DualCoOpPlusPlus, torch.device]:
-    """A finished run's settings and its best epoch's model, on ``device`` (the run's own when None)."""
+    """A finished run's settings and its best epoch's model, on ``device`` (the run's own when None).
+    Runs of older versions hold ``prompts.pt`` instead of ``model/``: read weights-only."""
     config = resumed_config(run, {"device": device} if device else {})
-    path = Path(run) / PROMPTS
-    best = load_torch_file(path, "learned prompts")
-    if not isinstance(best, dict) or not {"prompts", "classnames"} <= set(best):
-        raise ValueError(f"{path} is not a prompts file of dualcoop_kernels (the best epoch's prompts and class names)")
+    folder = Path(run) / MODEL
+    if (folder / "config.json").is_file():
+        saved = read_config(folder)
+        ours = config.as_dict()
+        different = [key for key in SETTINGS if key != "clip" and saved.get(key) != ours.get(key)]
+        if saved.get("clip") not in (config.clip, Path(config.clip).stem):
+            different.insert(0, "clip")
+        if different:
+            raise ValueError(
+                f"{folder} holds another run's prompts: its settings differ from {run}/config.json in {different}"
+            )
     resolved = resolve_device(config.device)
-    model = build_model(config, best["classnames"]).to(resolved)
-    try:
-        model.load_prompt_state_dict(best["prompts"])
-    except ValueError as error:
-        raise ValueError(
-            f"{path} holds {describe_prompts(best['prompts'], best['classnames'])}, but this run's config.json "
-            f"asks for {describe_settings(config, len(best['classnames']))}: it is another run's file"
-        ) from error
-    return config, model.eval(), resolved
-
-
-def describe_prompts(prompts: dict, classnames: list[str]) -> str:
-    """What a prompts file holds, in the user's words: its classes and its contexts."""
-    contexts = [tensor for name, tensor in prompts.items() if "ctx_" in name]
-    names = ", ".join(classnames[:5]) + (", ..." if len(classnames) > 5 else "")
-    if not contexts:
-        return f"no contexts for {len(classnames)} classes ({names})"
-    shape = tuple(contexts[0].shape)
-    kind = "class-specific contexts" if len(shape) == 3 else "contexts shared by all classes"
-    return f"{len(contexts)} prompt sets of {kind} of {shape[-2]} tokens, for {len(classnames)} classes ({names})"
-
-
-def describe_settings(config: TrainConfig, classes: int) -> str:
-    kind = "class-specific contexts" if config.csc else "contexts shared by all classes"
-    sets = 2 if config.protocol == "dualcoop" else 3
-    return f"{sets} prompt sets of {kind} of {config.n_ctx} tokens, for {classes} classes"
+    return config, load_pretrained(run).to(resolved), resolved
 
 
 @contextlib.contextmanager

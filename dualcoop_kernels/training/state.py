@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._atomic import atomic_open
-from .._checks import error_gist
+from .._atomic import atomic_torch_save
 
 
 @dataclass
@@ -76,25 +75,6 @@ def save_checkpoint(path: Path, state: RunState, model, optimizer, classnames: l
         config=config,
     )
     atomic_torch_save(path, value)
-
-
-def atomic_torch_save(path: Path, value) -> None:
-    with atomic_open(path, "wb") as file:
-        torch.save(value, file)
-
-
-def load_torch_file(path: Path, what: str):
-    """A file written by :func:`atomic_torch_save`, read without running code (``weights_only``);
-    anything unreadable, or holding more than tensors, numbers and strings, is refused with its name."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: pickle, zip and torch errors alike
-        raise ValueError(
-            f"{what} {path} cannot be read as a file of tensors, numbers and strings ({error_gist(error)})"
-        ) from error
 
 
 def random_states() -> dict:

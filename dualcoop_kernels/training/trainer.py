@@ -38,7 +38,7 @@ from .datasets import RunData, known_fractions, load_run_data, training_split
 from .distributed import Ranks
 from .evaluation import evaluate_split, results_table, selection_metric, selection_score
 from .plots import plot_run
-from .runs import CHECKPOINT, build_model, open_run, resolve_device, run_log, save_best_prompts
+from .runs import CHECKPOINT, build_model, open_run, resolve_device, run_log, save_best_model
 from .seeds import derived_generator, derived_seed
 from .state import RunState, save_checkpoint
 
@@ -242,7 +242,7 @@ def end_epoch(s: Session, epoch: int, started: float, interrupt: _Interrupt) -> 
             seconds=time.perf_counter() - started,
         )
         if s.state.end_epoch(record, score, s.model.prompt_state_dict()):
-            save_best_prompts(s.run, s.state.best_prompts, s.data.train.classnames, epoch)
+            save_best_model(s.run, s.model, s.config, epoch=epoch, selection={key: score})
         _save(s)
         atomic_write_text(s.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in s.state.history))
         LOGGER.info(
@@ -264,11 +264,20 @@ def final_evaluation(s: Session) -> dict:
     if not s.ranks.main:
         return {}
     s.model.load_prompt_state_dict(s.state.best_prompts)
+    parameters = sum(p.numel() for p in s.model.learnable_parameters())
     results = dict(best_epoch=s.state.best_epoch, selected_on=s.config.select_on, selection_metric=s.metric)
+    results.update(learnable_parameters=parameters)
     reported = s.data.tests or ({"val": s.data.validation} if s.data.validation is not None else {})
     for name, dataset in reported.items():
-        results[name] = evaluate_split(s.model, dataset, s.config, s.device, s.progress)
+        scores_file = s.run / "scores" / f"{name}.npz"
+        results[name] = evaluate_split(s.model, dataset, s.config, s.device, s.progress, scores_file)
     atomic_write_text(s.run / "eval.json", json.dumps(results, indent=2) + "\n")
+    summary = {
+        name: {key: m[key] for key in ("mAP", "CF1", "OF1")} for name, m in results.items() if isinstance(m, dict)
+    }
+    save_best_model(
+        s.run, s.model, s.config, epoch=s.state.best_epoch, selection={s.metric: s.state.best_score}, metrics=summary
+    )
     plot_run(s.run, s.state.history, results)
     if s.state.best_epoch == 0 and s.config.epochs > 1:
         LOGGER.warning(

@@ -1,0 +1,274 @@
+"""What comes after training: #P, the region maps, the report (in a real browser), shareable folders
+loaded in one line, files that run no code, thresholded predictions and the exported model."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+
+import dualcoop_kernels as dk
+from dualcoop_kernels.cli import main
+from dualcoop_kernels.data.shapes import write_shapes, write_tiny_clip
+from dualcoop_kernels.options import WTA_MODES
+from dualcoop_kernels.training import PRESETS, TrainConfig, evaluation
+from dualcoop_kernels.training.datasets import load_run_data
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return dict(
+        root=root,
+        train=write_shapes(root, 96, seed=0),
+        test=write_shapes(root, 32, seed=1, name="test.csv"),
+        clip=write_tiny_clip(root),
+    )
+
+
+@pytest.fixture(scope="module")
+def run(task, tmp_path_factory):
+    """A 3-epoch run on the synthetic task."""
+    out = tmp_path_factory.mktemp("runs") / "shapes"
+    arguments = [
+        "train", "--dataset", "csv", "--root", str(task["train"]), "--test-root", str(task["test"]),
+        "--clip", str(task["clip"]), "--pretrained", "none", "--image-size", "48", "--n-ctx", "4",
+        "--epochs", "3", "--batch-size", "16", "--lr", "0.002", "--val-fraction", "0.25", "--workers", "0",
+        "--quiet", "--out", str(out),
+    ]  # fmt: skip
+    assert main(arguments) == 0
+    return out
+
+
+def learnable(settings: dict, classes: int, width: int = 512) -> int:
+    """#P: every prompt set's contexts (per class when class-specific) and the log temperature."""
+    sets = 2 if settings.get("protocol") == "dualcoop" else 3
+    return sets * settings["n_ctx"] * width * (classes if settings.get("csc", True) else 1) + 1
+
+
+def test_the_docs_give_each_presets_learnable_parameters():
+    classes = {"coco": 80, "voc": 20, "nuswide": 81, "bigearthnet": 19, "coco-zsl": 48, "nuswide-zsl": 925}
+    table = (ROOT / "docs" / "training.md").read_text()
+    for name, settings in PRESETS.items():
+        assert f"| {name} | {learnable(settings, classes[name]):,} |" in table, name
+    assert learnable(PRESETS["coco"], 80) == 2_580_481  # the model's own count: tests/test_model.py
+
+
+@pytest.mark.slow
+def test_learnable_parameters_are_reported(run):
+    expected = learnable(dict(n_ctx=4), 4, width=64)
+    assert json.loads((run / "eval.json").read_text())["learnable_parameters"] == expected
+    assert json.loads((run / "model" / "config.json").read_text())["learnable_parameters"] == expected
+    assert f"{expected:,} learnable parameters" in (run / "log.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    import open_clip
+
+    tiny = write_tiny_clip(tmp_path_factory.mktemp("tiny"))
+    open_clip.add_model_config(str(tiny))
+    return {"vit": open_clip.create_model("tiny-clip").eval(), "resnet": open_clip.create_model("RN50").eval()}
+
+
+@pytest.mark.parametrize("wta", WTA_MODES)
+@pytest.mark.parametrize("tower", ["vit", pytest.param("resnet", marks=pytest.mark.slow)])
+def test_region_maps_weighted_sums_are_the_heads_logits(towers, tower, wta):
+    model = dk.DualCoOpPlusPlus(towers[tower], ["cat", "dog", "red bus"], n_ctx=3, wta=wta, head_backend="reference")
+    model.eval()
+    images = torch.randn(2, 3, 48, 80) if tower == "vit" else torch.randn(2, 3, 64, 96)
+    maps = model.region_maps(images)
+    grid = (6, 10) if tower == "vit" else (2, 3)
+    assert maps["evidence"].shape == (2, 3, *grid)
+    torch.testing.assert_close(maps["evidence"].sum(dim=(2, 3)), torch.ones(2, 3))  # a softmax over regions
+    with torch.no_grad():
+        logits = model(images)
+    summed = [(maps["evidence"] * maps[side]).sum(dim=(2, 3)) for side in ("negative", "positive")]
+    torch.testing.assert_close(torch.stack(summed, dim=1), logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(maps["logits"], logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_explain_writes_a_picture_per_image(run, task, tmp_path):
+    from PIL import Image
+
+    images = [str(task["root"] / "images" / f"1_{i}.png") for i in range(3)]
+    assert main(["explain", str(run), *images, "--top-k", "2", "--out", str(tmp_path / "maps")]) == 0
+    pictures = sorted((tmp_path / "maps").glob("*.png"))
+    assert [p.name for p in pictures] == ["1_0.png", "1_1.png", "1_2.png"]
+    assert Image.open(pictures[0]).size == (3 * 224, 224 + 24)  # the image and two classes
+    assert main(["explain", str(run), images[0], "--classes", "blue bar", "--out", str(tmp_path / "one")]) == 0
+    assert Image.open(tmp_path / "one" / "1_0.png").size == (2 * 224, 224 + 24)
+
+
+@pytest.mark.slow
+def test_the_final_evaluation_keeps_every_scored_image(run):
+    scored = evaluation.load_scores(run / "scores" / "test.npz")
+    assert scored["scores"].shape == (32, 4) and scored["classnames"] == list(json.loads(
+        (run / "model" / "config.json").read_text())["classnames"])  # fmt: skip
+    assert all(Path(path).name.startswith("1_") for path in scored["paths"])
+
+
+@pytest.mark.slow
+def test_from_pretrained_reproduces_the_test_map_exactly(run):
+    model = dk.DualCoOpPlusPlus.from_pretrained(run)
+    config = TrainConfig.load(run / "config.json")
+    test = load_run_data(config, None).tests["test"]
+    again = evaluation.evaluate_split(model, test, config, torch.device("cpu"))
+    assert again["mAP"] == json.loads((run / "eval.json").read_text())["test"]["mAP"]
+    shared = dk.DualCoOpPlusPlus.from_pretrained(run / "model")  # the folder alone, as shared
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(images), model(images))
+
+
+@pytest.mark.slow
+def test_runs_of_older_versions_still_load(run, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    model = dk.DualCoOpPlusPlus.from_pretrained(run)
+    old_prompts = dict(prompts=model.prompt_state_dict(), classnames=model.prompts.classnames, epoch=1)
+    torch.save(old_prompts, old / "prompts.pt")
+    shutil.rmtree(old / "model")
+    loaded = dk.DualCoOpPlusPlus.from_pretrained(old)
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))
+
+
+def test_a_half_written_folder_is_refused(tmp_path):
+    model = dk.DualCoOpPlusPlus(str(write_tiny_clip(tmp_path)), ["cat", "dog"], n_ctx=2)
+    with pytest.raises(ValueError, match="random weights, which the receiver can rebuild only from their seed"):
+        model.save_pretrained(tmp_path / "shared")
+    model.save_pretrained(tmp_path / "shared", settings={"seed": 0})
+    other = dk.DualCoOpPlusPlus(str(tmp_path / "tiny-clip.json"), ["cat", "dog"], n_ctx=2)
+    with torch.no_grad():
+        other.prompts.ctx_pos.add_(1.0)
+    other.save_pretrained(tmp_path / "second", settings={"seed": 0})
+    shutil.copy(tmp_path / "second" / "model.safetensors", tmp_path / "shared" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"is not the file config\.json was written with"):
+        dk.DualCoOpPlusPlus.from_pretrained(tmp_path / "shared")
+    config = json.loads((tmp_path / "second" / "config.json").read_text())
+    assert config["clip_config"]["embed_dim"] == 64 and config["format"] == "dualcoop_kernels prompts"
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a malicious file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.slow
+def test_files_crafted_to_run_code_are_refused_everywhere(run, task, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    hostile = tmp_path / "hostile"
+    shutil.copytree(run, hostile)
+    shutil.rmtree(hostile / "model")  # an older run's layout: its prompts.pt is read
+    for name in ("prompts.pt", "checkpoints/last.pt"):
+        with open(hostile / name, "wb") as file:
+            pickle.dump({"prompts": _RunsCode(marker), "config": _RunsCode(marker)}, file)
+    image = str(task["root"] / "images" / "1_0.png")
+    for arguments in (["train", "--resume", "--out", str(hostile)], ["eval", str(hostile)],
+                      ["predict", str(hostile), image], ["report", str(hostile)]):  # fmt: skip
+        capsys.readouterr()
+        assert main(arguments) == 2, arguments
+        assert "cannot be read as a file of tensors" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cannot be read as a file of tensors"):
+        dk.DualCoOpPlusPlus.from_pretrained(hostile)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_the_exported_model_runs_in_a_fresh_process(run, tmp_path):
+    out = tmp_path / "model.pt2"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    images = torch.randn(3, 3, 48, 48)
+    torch.save(images, tmp_path / "images.pt")
+    script = (
+        "import sys, torch; program = torch.export.load(sys.argv[1]).module(); "
+        "torch.save(program(torch.load(sys.argv[2])), sys.argv[3])"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", script, str(out), str(tmp_path / "images.pt"), str(tmp_path / "out.pt")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""},
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    model = dk.DualCoOpPlusPlus.from_pretrained(run)
+    with torch.no_grad():
+        logits = model(images)
+    expected = torch.sigmoid(logits[:, 1] - logits[:, 0])
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_report_is_small_and_self_contained(run):
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert (run / "report.html").stat().st_size < 5e6
+    assert "http://" not in page and "https://" not in page.replace("github.com/kjmillerCURIS", "")
+    for expected in ("learnable parameters (#P)", "Learning curves", "AP against chance", "Precision-recall",
+                     "most confident false positives", "data:image/jpeg;base64,"):  # fmt: skip
+        assert expected in page, expected
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+def test_the_report_in_a_real_browser(run, tmp_path):
+    pytest.importorskip("selenium")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    assert main(["report", str(run), "--out", str(tmp_path / "report.html")]) == 0
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,3000"):  # fmt: skip
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get((tmp_path / "report.html").as_uri())
+        undecoded = driver.execute_script(
+            "return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length"
+        )
+        assert driver.execute_script("return document.images.length") > 0 and undecoded == 0
+        table = driver.find_element(By.CSS_SELECTOR, "table.sortable")
+        first = [row.text.split()[0] for row in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
+        table.find_elements(By.CSS_SELECTOR, "th")[1].click()  # AP, descending
+        cells = table.find_elements(By.CSS_SELECTOR, "tbody tr td:nth-child(2)")
+        values = [float(cell.get_attribute("data-value")) for cell in cells]
+        assert values == sorted(values, reverse=True)
+        reordered = [row.text.split()[0] for row in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
+        assert sorted(reordered) == sorted(first)
+        driver.save_screenshot(str(tmp_path / "report.png"))
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_predictions_mark_the_present_classes(tmp_path):
+    from dualcoop_kernels.cli import _prediction_header, _prediction_row
+
+    probabilities = torch.tensor([0.9, 0.2, 0.51])
+    assert _prediction_header(["a", "b", "c"], None)[-1] == "present"
+    assert _prediction_row("x.png", probabilities, ["a", "b", "c"], None)[-1] == "a;c"
+    top = _prediction_row("x.png", probabilities, ["a", "b", "c"], 2)
+    assert top == ["x.png", "a", "0.900000", "1", "c", "0.510000", "1"]
