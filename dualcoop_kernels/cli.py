@@ -15,9 +15,9 @@ wrong, not a traceback; under torchrun the first process alone says it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -247,7 +247,7 @@ def _prediction_row(path, probabilities, classnames: list[str], top_k: int | Non
 
 
 def _predict(args) -> int:
-    from ._atomic import atomic_write_text
+    from ._atomic import atomic_open
     from .training.evaluation import image_probabilities, model_for
     from .training.runs import load_best
 
@@ -261,16 +261,14 @@ def _predict(args) -> int:
     classnames = model.prompts.classnames
     if args.top_k is not None and not 1 <= args.top_k <= len(classnames):
         raise ValueError(f"--top-k must be from 1 to the {len(classnames)} classes, got {args.top_k}")
-    rows = [_prediction_header(classnames, args.top_k)]
     unreadable = {}
-    for scored, probabilities in image_probabilities(model, paths, config, device, args.batch_size, unreadable):
-        rows += [_prediction_row(path, row, classnames, args.top_k) for path, row in zip(scored, probabilities)]
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(rows)
-    if out:
-        atomic_write_text(out, text.getvalue())
-    else:
-        sys.stdout.write(text.getvalue())
+    with atomic_open(out, "w") if out else contextlib.nullcontext(sys.stdout) as file:
+        writer = csv.writer(file, lineterminator="\n")  # row by row: a vocabulary's rows are not all kept
+        writer.writerow(_prediction_header(classnames, args.top_k))
+        for scored, probabilities in image_probabilities(model, paths, config, device, args.batch_size, unreadable):
+            writer.writerows(
+                _prediction_row(path, row, classnames, args.top_k) for path, row in zip(scored, probabilities)
+            )
     if unreadable:
         listing = "; ".join(f"{path} ({reason})" for path, reason in list(unreadable.items())[:10])
         raise ValueError(

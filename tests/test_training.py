@@ -514,3 +514,39 @@ def test_under_torchrun_a_failure_is_said_once_and_logged_by_every_rank(task, tm
     assert finished.stderr.count("dualcoop train: error: training diverged") == 1, finished.stderr[-3000:]
     log = (run / "log.txt").read_text()
     assert "rank 0 stopped: ValueError: training diverged" in log and "rank 1 stopped: ValueError" in log
+
+
+@pytest.mark.slow
+def test_ten_thousand_names_through_predict_in_bounded_memory(task, tmp_path):
+    """predict --classes with 10,000 names: the text features in chunks of classes, the head in chunks
+    of images, so the peak grows by a chunk's constant cost (some 0.1 to 0.4 GiB here), less than half
+    of one B x N x C float32 tensor of the vocabulary (1.4 GiB; the eager head would hold several)."""
+    run = tmp_path / "shared"
+    extra = ["--shared-contexts", "--n-ctx", "4", "--image-size", "96"]  # 12 x 12 regions an image
+    assert main(train_arguments(task, run, epochs=1, extra=extra)) == 0
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index, image in enumerate(sorted((task["test"].parent / "images").glob("1_*.png"))[:32] * 8):
+        shutil.copy(image, photos / f"{index}.png")
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"thing number {i}\n" for i in range(10_000)))
+    measure = (
+        "import resource, subprocess, sys; "
+        "subprocess.run([sys.executable, '-m', 'dualcoop_kernels', *sys.argv[1:]], check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+
+    def peak_kib(*classes) -> int:
+        arguments = ["predict", str(run), str(photos), "--batch-size", "256", "--out", str(tmp_path / "p.csv")]
+        finished = subprocess.run([sys.executable, "-c", measure, *arguments, *classes], capture_output=True, text=True)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        return int(finished.stdout.split()[-1])
+
+    own = peak_kib()
+    vocabulary = peak_kib("--classes", str(names))
+    header = (tmp_path / "p.csv").read_text().splitlines()[0].split(",")
+    assert len(header) == 1 + 10_000 + 1 and header[1] == "thing number 0"
+    regions = (96 // 8) ** 2  # the tiny ViT's patches
+    one_tensor_kib = 256 * regions * 10_000 * 4 / 1024  # B x N x C float32 over the vocabulary
+    print(f"peak {own / 1024:.0f} MiB with the run's classes, {vocabulary / 1024:.0f} MiB with 10,000 names")
+    assert vocabulary - own < one_tensor_kib / 2

@@ -186,7 +186,12 @@ class DualCoOpPlusPlus(nn.Module):
         step = max(1, HEAD_CHUNK_ELEMENTS // (regions.shape[1] * texts[0].shape[0]))
         if torch.is_grad_enabled() or regions.shape[0] <= step:
             return self.head(regions, *texts)
-        return torch.cat([self.head(chunk, *texts) for chunk in regions.split(step)])
+        # one tensor made before the chunks: small results kept between the chunks' large temporaries
+        # would fragment the heap, and the peak would grow with the number of images after all
+        logits = regions.new_empty(regions.shape[0], 2, texts[0].shape[0])
+        for start in range(0, regions.shape[0], step):
+            logits[start : start + step] = self.head(regions[start : start + step], *texts)
+        return logits
 
     @torch.no_grad()
     def region_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
