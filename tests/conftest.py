@@ -26,3 +26,17 @@ def pytest_report_header(config):
 def seeded():
     """Every test draws fresh random inputs from a known seed, so a failure can be replayed."""
     torch.manual_seed(SEED)
+
+
+@pytest.fixture(scope="module")
+def small_task(tmp_path_factory):
+    """The synthetic task, small: 96 training and 32 test images of coloured shapes, a tiny CLIP."""
+    from dualcoop_kernels.data.shapes import write_shapes, write_tiny_clip
+
+    root = tmp_path_factory.mktemp("shapes")
+    return dict(
+        root=root,
+        train=write_shapes(root, 96, seed=0),
+        test=write_shapes(root, 32, seed=1, name="test.csv"),
+        clip=write_tiny_clip(root),
+    )

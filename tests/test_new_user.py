@@ -19,23 +19,12 @@ pytest.importorskip("open_clip")
 
 from dualcoop_kernels.cli import main
 from dualcoop_kernels.data import MultiLabelDataset, read_csv_labels
-from dualcoop_kernels.data.shapes import TINY_CLIP, write_shapes, write_tiny_clip
+from dualcoop_kernels.data.shapes import TINY_CLIP
 from dualcoop_kernels.metrics import evaluate, threshold_metrics, top_k_metrics
 from dualcoop_kernels.training import TrainConfig, evaluation
 from dualcoop_kernels.training.datasets import load_run_data, validation_indices
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    return dict(
-        root=root,
-        train=write_shapes(root, 96, seed=0),
-        test=write_shapes(root, 32, seed=1, name="test.csv"),
-        clip=write_tiny_clip(root),
-    )
 
 
 def arguments(task, out, *extra, epochs=2):
@@ -45,6 +34,11 @@ def arguments(task, out, *extra, epochs=2):
         "--epochs", str(epochs), "--batch-size", "16", "--val-fraction", "0.25", "--workers", "0", "--quiet",
         "--out", str(out), *extra,
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def task(small_task):
+    return small_task
 
 
 @pytest.fixture(scope="module")

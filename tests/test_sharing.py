@@ -16,7 +16,7 @@ pytest.importorskip("open_clip")
 
 import dualcoop_kernels as dk
 from dualcoop_kernels.cli import main
-from dualcoop_kernels.data.shapes import write_shapes, write_tiny_clip
+from dualcoop_kernels.data.shapes import write_tiny_clip
 from dualcoop_kernels.options import WTA_MODES
 from dualcoop_kernels.training import PRESETS, TrainConfig, evaluation
 from dualcoop_kernels.training.datasets import load_run_data
@@ -26,14 +26,8 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    return dict(
-        root=root,
-        train=write_shapes(root, 96, seed=0),
-        test=write_shapes(root, 32, seed=1, name="test.csv"),
-        clip=write_tiny_clip(root),
-    )
+def task(small_task):
+    return small_task
 
 
 @pytest.fixture(scope="module")
