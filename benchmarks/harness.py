@@ -84,6 +84,14 @@ def _resident_kib(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M)[1])
 
 
+def resident_mib() -> float | None:
+    """This process's resident memory now, in MiB; None where /proc does not say."""
+    try:
+        return _resident_kib("VmRSS") / 1024
+    except OSError:
+        return None
+
+
 def _release_free_heap() -> None:
     """Hand freed heap memory back to the OS (glibc malloc_trim), so that reusing it shows up in the
     resident set again and a peak is not hidden by blocks an earlier call left behind."""
@@ -191,6 +199,16 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines.append("  ".join("-" * width for width in widths))
     lines += ["  ".join(value.rjust(width) for value, width in zip(line, widths)) for line in body]
     return "\n".join(lines)
+
+
+def print_report(title: str, device: torch.device, env: dict, rows: list[dict], columns, out: str | None) -> None:
+    """A benchmark's table under its title (on a CPU, the threads and the load), and its JSON to ``out``."""
+    print(f"{title}, {env['device']}, torch {env['torch']}")
+    if device.type == "cpu":
+        print(machine_line(env))
+    print(format_table(rows, columns))
+    if out:
+        write_json(out, dict(environment=env, results=rows))
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -48,7 +48,7 @@ def test_bench_head_quick(tmp_path):
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     """The GPU check's every step at small shapes on the CPU, Triton in its interpreter: the CUDA suite
     is collected (and skipped), every preset and WTA mode is checked against float64, then timing,
-    the launch-settings sweep, the loss and a training step; the report files are written."""
+    the launch-settings sweep, the loss, training steps and text features; the report files are written."""
     finished = run(  # a generous budget: each step's share must not stop it on a busy machine
         [
             sys.executable,
@@ -76,12 +76,18 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert len(results["sweep"]["rows"]) == 6 and all("time_ms" in row for row in results["sweep"]["rows"])
     assert {row["backend"] for row in results["loss"]["rows"]} == {"eager", "torch.compile", "extension"}
     if importlib.util.find_spec("open_clip"):
-        assert [row["way"] for row in results["train"]["rows"]] == ["authors", "package"]
+        ways = [(row["config"], row["way"]) for row in results["train"]["rows"]]
+        assert ways == [("quick", "authors"), ("quick", "package")] + [
+            ("nuswide-zsl", way) for way in ("authors", "package-short", "package")
+        ]
+        assert {row["section"] for row in results["text"]["rows"]} == {"training", "features", "open", "grouping"}
     else:
         assert "open_clip_torch is not installed" in results["train"]["error"]
+        assert "open_clip_torch is not installed" in results["text"]["error"]
     markdown = next(tmp_path.glob("*.md")).read_text()
     assert f"{expected} of {expected} checks pass" in markdown
     assert "Launch settings" in markdown and "A training step" in markdown
+    assert "Text features" in markdown
 
 
 @pytest.mark.slow
@@ -143,3 +149,22 @@ def test_bench_train_quick(tmp_path):
         assert row["config"] == "quick"
         for part in ("step", "image", "text", "head", "loss", "optimizer"):
             assert math.isfinite(row[f"{part}_ms"]) and row[f"{part}_ms"] > 0
+
+
+@pytest.mark.slow
+def test_bench_text_quick(tmp_path):
+    """Every section of the text-feature benchmark on a tiny CLIP: each way's row, its tokens and time."""
+    pytest.importorskip("open_clip")
+    out = tmp_path / "text.json"
+    finished = run([sys.executable, str(ROOT / "benchmarks" / "bench_text.py"), "--quick", "--out", str(out)])
+    assert "x short" in finished.stdout and "tokens" in finished.stdout
+    rows = json.loads(out.read_text())["results"]
+    cases = {(row["section"], row["way"]) for row in rows}
+    training = {("training", way) for way in ("full", "short", "shared", "shared-sdpa")}
+    features = {("features", way) for way in ("full", "short", "shared")}
+    assert cases == training | features | {("open", "shared"), ("grouping", "short"), ("grouping", "grouped")}
+    for row in rows:
+        assert math.isfinite(row["time_ms"]) and row["time_ms"] > 0 and row["tokens"] > 0
+    shared = next(row for row in rows if (row["section"], row["way"]) == ("training", "shared"))
+    short = next(row for row in rows if (row["section"], row["way"]) == ("training", "short"))
+    assert shared["tokens"] < short["tokens"] / 5  # 64 shared contexts: the prefix once, not per class
