@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from harness import environment, peak_memory_mib, print_report, progress, resident_mib, synchronize
 
 import dualcoop_kernels as dk
+from dualcoop_kernels.data.shapes import TINY_CLIP  # a CLIP small enough for --quick
 from dualcoop_kernels.model import text as text_module
 from dualcoop_kernels.model.loading import load_clip, open_clip_module
 
@@ -61,11 +62,6 @@ GROUPING = [("coco", "RN101", 80, 21, True), ("nuswide", "RN101", 81, 21, True)]
 FEATURE_CLASSES = (1006, 10_000)
 OPEN_NAMES, OPEN_IMAGES, OPEN_SIDE = 10_000, 16, 224
 QUICK = dict(training=13, grouping=11, features=(37, 101), open_names=300, open_images=4, open_side=48)
-TINY_CLIP = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 48, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-}
 COLUMNS = [
     ("section", "section"),
     ("case", "case"),

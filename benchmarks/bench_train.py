@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from bench_text import class_names
 
+from bench_text import class_names
 from harness import environment, peak_memory_mib, print_report, progress, synchronize
 
 import dualcoop_kernels as dk

@@ -38,11 +38,11 @@ import sys
 import time
 from pathlib import Path
 
-import bench_text
 import torch
 
 import bench_asl
 import bench_head
+import bench_text
 import bench_train
 from bench_head import bench_preset, candidates, check_preset, library_backends, make_inputs, quick_shape
 from harness import HEAD_PRESETS, PRESET_WTA, ROOT, environment, format_table, median_time_ms, progress, write_json

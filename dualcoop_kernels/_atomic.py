@@ -14,13 +14,22 @@ import torch
 from ._checks import error_gist
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+UMASK = _umask()  # read once, at import: setting it to read it would race with other threads' files
+
+
 @contextmanager
 def atomic_open(path, mode: str = "wb"):
     """A file object for writing ``path``; it appears there only when the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the owner's group
+    os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp's 0600 would hide results from the owner's group
     try:
         with os.fdopen(descriptor, mode) as file:
             yield file
@@ -54,9 +63,3 @@ def load_torch_file(path: Path, what: str):
         raise ValueError(
             f"{what} {path} cannot be read as a file of tensors, numbers and strings ({error_gist(error)})"
         ) from error
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current

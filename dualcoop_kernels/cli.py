@@ -1,4 +1,5 @@
-"""The ``dualcoop`` command line: train, cache, evaluate and predict (also ``python -m dualcoop_kernels``).
+"""The ``dualcoop`` command line (also ``python -m dualcoop_kernels``): train, cache, evaluate, predict,
+report, explain and export.
 
     dualcoop train --preset coco --root DATA --partial 0.3 --seed 1 --out RUN
     dualcoop cache --preset coco --root DATA --out CACHE [--augment --views 4]   (then train --features CACHE)
@@ -111,26 +112,15 @@ def _resumed_config(args):
     """A resumed run's settings: its own (its config.json, read once). The same settings given again
     (the first command line, say) are welcome; other values are refused, each named with the run's,
     except those of --workers and --device, which may change."""
-    from .training import TrainConfig, preset_config
-    from .training.runs import RUNTIME_SETTINGS, resumed_config
+    from .training import preset_config
+    from .training.runs import RUNTIME_SETTINGS, refuse_other_settings, resumed_config
 
     given = _given_settings(args)
     try:
         config = resumed_config(args.out, {name: value for name, value in given.items() if name in RUNTIME_SETTINGS})
     except ValueError as error:
         raise ValueError(f"--resume continues the run in {args.out}: {error}") from error
-    asked = {**(preset_config(args.preset) if args.preset else {}), **given}
-    wanted = TrainConfig(**{**config.as_dict(), **asked})  # the values as the run would hold them
-    different = [
-        f"{name} {getattr(wanted, name)!r} (the run's: {getattr(config, name)!r})"
-        for name in asked
-        if name not in RUNTIME_SETTINGS and getattr(wanted, name) != getattr(config, name)
-    ]
-    if different:
-        raise ValueError(
-            f"--resume continues {args.out} as its config.json says, and these settings differ: "
-            f"{', '.join(different)}; drop them (only --workers and --device may change)"
-        )
+    refuse_other_settings(args.out, config, {**(preset_config(args.preset) if args.preset else {}), **given})
     return config
 
 
@@ -248,7 +238,7 @@ def _prediction_row(path, probabilities, classnames: list[str], top_k: int | Non
 
 def _predict(args) -> int:
     from ._atomic import atomic_open
-    from .training.evaluation import image_probabilities, model_for
+    from .training.evaluation import image_probabilities, scoring
     from .training.runs import load_best
 
     if args.batch_size < 1:
@@ -256,18 +246,16 @@ def _predict(args) -> int:
     out = _writable_file(args.out)
     config, model, device = load_best(args.run, args.device)
     paths = _images(args.images)
-    if args.classes is not None:
-        model = model_for(model, config, _class_list(args.classes))
-    classnames = model.prompts.classnames
-    if args.top_k is not None and not 1 <= args.top_k <= len(classnames):
-        raise ValueError(f"--top-k must be from 1 to the {len(classnames)} classes, got {args.top_k}")
+    model, columns = scoring(model, config, None if args.classes is None else _class_list(args.classes))
+    classnames = [model.prompts.classnames[c] for c in columns]
+    _check_top_k(args.top_k, len(classnames))
     unreadable = {}
     with atomic_open(out, "w") if out else contextlib.nullcontext(sys.stdout) as file:
         writer = csv.writer(file, lineterminator="\n")  # row by row: a vocabulary's rows are not all kept
         writer.writerow(_prediction_header(classnames, args.top_k))
         for scored, probabilities in image_probabilities(model, paths, config, device, args.batch_size, unreadable):
             writer.writerows(
-                _prediction_row(path, row, classnames, args.top_k) for path, row in zip(scored, probabilities)
+                _prediction_row(path, row[columns], classnames, args.top_k) for path, row in zip(scored, probabilities)
             )
     if unreadable:
         listing = "; ".join(f"{path} ({reason})" for path, reason in list(unreadable.items())[:10])
@@ -285,21 +273,23 @@ def _report(args) -> int:
     return 0
 
 
+def _check_top_k(top_k: int | None, classes: int) -> None:
+    if top_k is not None and not 1 <= top_k <= classes:
+        raise ValueError(f"--top-k must be from 1 to the {classes} classes, got {top_k}")
+
+
 def _explain(args) -> int:
-    from .training.evaluation import model_for
+    from .training.evaluation import scoring
     from .training.maps import write_explanations
     from .training.runs import load_best
 
     _writable_folder(args.out, f"--out {args.out}")
     config, model, _ = load_best(args.run, "cpu")
     paths = _images(args.images)
-    classes = None
-    if args.classes is not None:
-        names = _class_list(args.classes)
-        known = [name for name in names if name in model.prompts.classnames]
-        model = model if len(known) == len(names) else model_for(model, config, names)
-        classes = [model.prompts.classnames.index(name) for name in names]
-    written = write_explanations(model, paths, args.out, config, classes, args.top_k)
+    model, columns = scoring(model, config, None if args.classes is None else _class_list(args.classes))
+    _check_top_k(args.top_k, len(model.prompts.classnames))
+    named = columns if args.classes is not None else None  # else each image's top k
+    written = write_explanations(model, paths, args.out, config, named, args.top_k)
     print(f"dualcoop explain: {len(written)} picture(s) in {args.out}")
     return 0
 
@@ -402,8 +392,10 @@ def main(argv=None) -> int:
 
     args = _parser().parse_args(argv)
     _show_log_lines(getattr(args, "quiet", False))
-    handlers = dict(train=_train, cache=_cache, eval=_eval, predict=_predict, report=_report, explain=_explain)
-    handlers.update(export=_export)
+    handlers = {
+        "train": _train, "cache": _cache, "eval": _eval, "predict": _predict,
+        "report": _report, "explain": _explain, "export": _export,
+    }  # fmt: skip
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt as stopped:
@@ -412,7 +404,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # the reader of the output went away (| head): no traceback, no more output
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (ValueError, OSError, WeightsUnavailable) as error:
+    except (ValueError, TypeError, OSError, WeightsUnavailable) as error:  # TypeError: a hand-edited config.json
         if _rank() == 0:  # every rank meets a bad option; the first says it (each rank's log.txt line too)
             print(f"dualcoop {args.command}: error: {error}", file=sys.stderr)
         return 2

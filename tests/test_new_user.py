@@ -158,7 +158,7 @@ def test_a_run_states_what_it_trains_on_and_warns_of_what_makes_it_meaningless(t
     assert "epochs 1 trains nothing at the base rate" in capsys.readouterr().err
     assert "median of" in log and "the pick is mostly noise; hold out more with --val-fraction or --val-images" in log
     assert main(["train", "--resume", "--out", str(run), "--workers", "0"]) == 0
-    assert "resuming at epoch 1, step 0 of 5" in (run / "log.txt").read_text()
+    assert "the run had finished its 1 epochs: its best epoch is evaluated again" in (run / "log.txt").read_text()
 
 
 def test_val_images_sets_the_held_out_count_and_extends_smaller_draws():
@@ -381,3 +381,44 @@ def test_benchmark_ratios_read_the_same_way():
     assert "above 1: better than eager, for both" in harness.RATIO_LEGEND
     for columns in (bench_head.BENCH_COLUMNS, bench_asl.COLUMNS):
         assert ("speedup", "x faster") in columns and ("memory_saving", "x less mem") in columns
+
+
+@pytest.mark.slow
+def test_what_review_found(shared_run, task, tmp_path, capsys):
+    """Errors that name what the user gave, and the same --classes rules in predict and explain."""
+    import shutil
+
+    image = str(task["root"] / "images" / "1_0.png")
+    assert "--top-k must be from 1 to the 4 classes, got 0" in error_of(
+        capsys, ["explain", str(shared_run), image, "--top-k", "0", "--out", str(tmp_path / "maps")]
+    )
+    assert "--workers must be >= 0" in error_of(capsys, ["eval", str(shared_run), "--workers", "-1"])
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(shared_run, unfinished)
+    shutil.rmtree(unfinished / "model")
+    assert "holds no trained prompts yet" in error_of(capsys, ["predict", str(unfinished), image])
+    copy = tmp_path / "copy"
+    shutil.copytree(shared_run, copy)
+    error = error_of(capsys, [*arguments(task, copy, "--shared-contexts", "--wta", "pos_norm_det"), "--resume"])
+    assert "learn_temperature False (the run's: True)" in error  # what the alias implies is compared too
+    specific = tmp_path / "specific"
+    assert main(arguments(task, specific, epochs=1)) == 0  # class-specific contexts
+    capsys.readouterr()
+    assert main(["predict", str(specific), image, "--classes", "blue bar,red square"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "image,blue bar,red square,present"  # the run's columns
+
+
+def test_messages_name_the_option_given(task, tmp_path):
+    config = TrainConfig(dataset="csv", root=str(task["train"]), val_images=500)
+    with pytest.raises(ValueError, match="--val-images 500 leaves no training images of 96"):
+        load_run_data(config, None)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("image,cat\nx.png,1\nsub/../x.png,0\n")
+    with pytest.raises(ValueError, match=r"line 3: image sub/../x.png is listed again \(first on line 2\)"):
+        read_csv_labels(csv)
+
+
+def test_a_mismatched_cache_speaks_of_augment_choices():
+    from dualcoop_kernels.training.cache import _mismatch
+
+    assert _mismatch("transform", "crop-flip", "train") == "augment: cache 'crop-flip', run 'authors'"

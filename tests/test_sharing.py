@@ -266,3 +266,23 @@ def test_predictions_mark_the_present_classes(tmp_path):
     assert _prediction_row("x.png", probabilities, ["a", "b", "c"], None)[-1] == "a;c"
     top = _prediction_row("x.png", probabilities, ["a", "b", "c"], 2)
     assert top == ["x.png", "a", "0.900000", "1", "c", "0.510000", "1"]
+
+
+@pytest.mark.slow
+def test_a_loaded_model_can_be_shared_again(run, tmp_path):
+    model = dk.DualCoOpPlusPlus.from_pretrained(run)
+    model.save_pretrained(tmp_path / "again")  # its seed and its CLIP's config came with it
+    again = dk.DualCoOpPlusPlus.from_pretrained(tmp_path / "again")
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(again(images), model(images))
+
+
+def test_the_published_number_is_shown_only_for_the_published_experiment():
+    from dualcoop_kernels.training.report import reference_result
+
+    coco = dict(PRESETS["coco"], root="COCO", partial=0.3)
+    assert reference_result(TrainConfig(**coco)) == 84.0
+    assert reference_result(TrainConfig(**dict(coco, partial=0.4))) is None  # not a published proportion
+    for changed in (dict(pretrained="none"), dict(epochs=2), dict(lr=0.01), dict(augment="none")):
+        assert reference_result(TrainConfig(**{**coco, **changed})) is None, changed

@@ -146,6 +146,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(trained, task, tmp_path):
     assert state["step"] > 0 or state["epoch"] > 1  # stopped inside an epoch (or just past one)
     assert main(["train", "--resume", "--out", str(stopped), "--quiet"]) == 0
     assert without_times(history(stopped)) == without_times(history(run))
+    assert re.search(r"resuming at epoch \d+, step \d+ of \d+", (stopped / "log.txt").read_text())
 
 
 @pytest.mark.slow

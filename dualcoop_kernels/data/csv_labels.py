@@ -7,6 +7,7 @@ absolute), each listed once. The class names come from the header, in its order.
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import torch
@@ -22,7 +23,9 @@ def read_csv_labels(path) -> MultiLabelDataset:
         raise TypeError(f"path must be a path to a CSV file, got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
-        raise DatasetError(f"{path} is a folder; a csv dataset's --root is its CSV file (image,<class 1>,...)")
+        raise DatasetError(
+            f"{path} is a folder; a csv dataset's --root is its CSV file, as --test-root is (image,<class 1>,...)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"label file {path} does not exist")
     with open(path, newline="", encoding="utf-8-sig") as file:
@@ -44,12 +47,13 @@ def read_csv_labels(path) -> MultiLabelDataset:
             problem = f"values must be 1, 0 or empty, got {bad[0]!r}" if bad else "the image path is empty"
             raise DatasetError(f"{path}, line {number}: {problem}")
         image = path.parent / row[0].strip()
-        if image in lines:
+        spelled = os.path.abspath(image)  # a/../x.png is x.png
+        if spelled in lines:
             raise DatasetError(
-                f"{path}, line {number}: image {row[0].strip()} is listed again (first on line {lines[image]}); "
+                f"{path}, line {number}: image {row[0].strip()} is listed again (first on line {lines[spelled]}); "
                 "list each image once"
             )
-        lines[image] = number
+        lines[spelled] = number
         images.append(image)
         labels.append([VALUES[value] for value in values])
     if not images:

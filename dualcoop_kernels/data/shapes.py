@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 SHAPES = {
     "red square": (220, 30, 30),
@@ -43,6 +42,8 @@ def _draw(draw, name, colour, rng, side):
 
 def write_shapes(folder, count, seed=0, side=48, classes=SHAPES, name="labels.csv"):
     """``count`` images with each shape present with probability 0.4 (at least one), and their CSV."""
+    from PIL import Image, ImageDraw  # here: TINY_CLIP is read where PIL may be missing (a GPU machine)
+
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "images").mkdir(exist_ok=True)

@@ -119,6 +119,10 @@ class DualCoOpPlusPlus(nn.Module):
     def learnable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def learnable_parameter_count(self) -> int:
+        """#P, as the papers count it: the numbers that learn (contexts, and the log temperature)."""
+        return sum(p.numel() for p in self.learnable_parameters())
+
     @property
     def embed_dim(self) -> int:
         """D, the width of the joint image-text space: of the region features and the text features."""

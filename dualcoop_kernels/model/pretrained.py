@@ -40,7 +40,7 @@ def build_from_settings(settings: dict, classnames: list[str], clip=None):
     pretrained = None if pretrained in (None, "none") else pretrained
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.get("seed") or 0)
-        return DualCoOpPlusPlus(
+        model = DualCoOpPlusPlus(
             clip if clip is not None else _registered_clip(settings),
             classnames,
             pretrained=pretrained if clip is None else None,
@@ -50,6 +50,8 @@ def build_from_settings(settings: dict, classnames: list[str], clip=None):
             variant=settings.get("protocol", "dualcoop++"),
             learn_temperature=settings.get("learn_temperature") is not False,
         )
+    model.settings.update({key: settings.get(key) for key in (*SETTINGS, "clip_config") if key in settings})
+    return model
 
 
 def save_pretrained(model, folder, settings: dict, **info) -> Path:
@@ -75,8 +77,10 @@ def save_pretrained(model, folder, settings: dict, **info) -> Path:
     clip = str(settings.get("clip"))
     if clip.endswith(".json") and Path(clip).is_file():
         config.update(clip=Path(clip).stem, clip_config=json.loads(Path(clip).read_text()))
-    parameters = sum(p.numel() for p in model.learnable_parameters())
-    config.update(learnable_parameters=parameters, **info, weights_sha256=hashlib.sha256(weights).hexdigest())
+    elif settings.get("clip_config"):  # a model built from a shared folder, shared again
+        config.update(clip_config=settings["clip_config"])
+    config.update(learnable_parameters=model.learnable_parameter_count(), **info)
+    config.update(weights_sha256=hashlib.sha256(weights).hexdigest())
     atomic_write_text(folder / CONFIG, json.dumps(config, indent=2) + "\n")
     return folder
 

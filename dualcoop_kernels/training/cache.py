@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .datasets import training_split
 from .distributed import SINGLE_PROCESS, Ranks
 from .runs import build_model, resolve_device
-from .seeds import derived_seed
+from .seeds import augmented, derived_seed
 
 CHUNK_IMAGES = 256
 LOGGER = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class FeatureCache:
         manifest = self.manifest()
         mismatched = {key: (manifest.get(key), value) for key, value in expected.items() if manifest.get(key) != value}
         if mismatched:
-            listing = "; ".join(f"{key}: cache {got!r}, run {want!r}" for key, (got, want) in mismatched.items())
+            listing = "; ".join(_mismatch(key, got, want) for key, (got, want) in mismatched.items())
             raise ValueError(f"feature cache {self.folder} was made otherwise than this run needs ({listing})")
         missing = sorted(set(range(self.chunks(manifest))) - self.done())
         if missing:
@@ -134,11 +134,12 @@ class FeatureCache:
         return features
 
 
-def _view_of(transform, image, seed: int, view: int, index: int):
-    """An image's ``view``-th augmentation, a function of (seed, view, image) alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derived_seed("augmentation", seed, view, index))
-        return transform(image)
+def _mismatch(key: str, cached, wanted) -> str:
+    """One difference between a cache and a run, in the command line's words (--augment's choices)."""
+    if key == "transform":
+        words = {name: choice for choice, name in TRANSFORM_NAMES.items()}
+        return f"augment: cache {words.get(cached, cached)!r}, run {words.get(wanted, wanted)!r}"
+    return f"{key}: cache {cached!r}, run {wanted!r}"
 
 
 @torch.no_grad()
@@ -222,7 +223,7 @@ def _write_chunk(features: np.memmap, chunk: int, dataset, model, transform, con
     for view in range(views):
         for start in range(0, len(images), config.batch_size):
             batch = [
-                _view_of(transform, image, config.seed, view, index)
+                augmented(transform, image, config.seed, view, index)
                 for image, index in zip(images[start : start + config.batch_size], indices[start:])
             ]
             regions = model.encode_regions(torch.stack(batch).to(device))

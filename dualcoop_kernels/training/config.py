@@ -45,8 +45,9 @@ def setting(
     absolute, so that the run folder works from any working folder;
     ``runtime``: may change when a run resumes (it does not change the run's numbers); ``shown``: the
     default in the user's words, for ``--help``; ``bare``: the value of the flag given without one."""
-    metadata = dict(help=help, flag=flag, choices=choices, negated=negated, path=path, runtime=runtime, shown=shown)
-    metadata.update(bare=bare)
+    metadata = dict(
+        help=help, flag=flag, choices=choices, negated=negated, path=path, runtime=runtime, shown=shown, bare=bare
+    )
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

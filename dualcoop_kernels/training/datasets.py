@@ -121,7 +121,8 @@ def validation_indices(count: int, fraction: float, images: int | None = None) -
         return np.zeros(0, dtype=np.int64)
     held = max(1, round(fraction * count)) if images is None else images
     if held >= count:
-        raise ValueError(f"val_fraction {fraction} leaves no training images of {count}")
+        asked = f"--val-fraction {fraction}" if images is None else f"--val-images {images}"
+        raise ValueError(f"{asked} leaves no training images of {count}")
     return np.sort(np.random.RandomState(VALIDATION_SEED).permutation(count)[:held])
 
 

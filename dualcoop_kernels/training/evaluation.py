@@ -45,6 +45,16 @@ def model_for(model, config: TrainConfig, classnames: list[str]):
     return model.for_classes(classnames).eval()
 
 
+def scoring(model, config: TrainConfig, classnames: list[str] | None):
+    """The model that scores ``classnames`` (all the run's classes when None) and the columns of its
+    output they are: the run's own model where every name is one of its classes (its scores, whatever
+    contexts it learned), else the learned contexts around the names (shared contexts only)."""
+    own = model.prompts.classnames
+    if classnames is None or all(name in own for name in classnames):
+        return model, [own.index(name) for name in classnames or own]
+    return model_for(model, config, classnames), list(range(len(classnames)))
+
+
 @torch.no_grad()
 def scores_of(model, dataset, config: TrainConfig, device: torch.device, progress=None) -> np.ndarray:
     """N x C ranking scores (P+ - P-) of a dataset's images, with the test transform."""
@@ -119,6 +129,8 @@ def load_scores(path) -> dict:
 def evaluate_run(run, splits: list[str] | None = None, device: str | None = None, workers: int | None = None) -> dict:
     """A finished run's best prompts on ``splits`` (test, zsl, gzsl, val; by default its test sets, or
     its held-out images where it has none): each split's metrics, by name."""
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers must be >= 0 (data-loading processes), got {workers}")
     config, model, resolved = load_best(run, device)
     if workers is not None:
         config.workers = workers

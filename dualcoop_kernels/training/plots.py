@@ -8,6 +8,8 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from .._atomic import atomic_open
+
 LOGGER = logging.getLogger(__name__)
 LABELLED_CLASSES = 120  # more bars than this get no class names (they could not be read)
 
@@ -31,7 +33,7 @@ def plot_run(run: Path, history: list[dict], results: dict) -> list[Path]:
 
 def _curves(pyplot, path: Path, history: list[dict], best_epoch) -> Path:
     epochs = [record["epoch"] for record in history]
-    score_key = next(key for key in history[0] if key.startswith(("val_", "test_")))
+    score_key = selection_key(history)
     figure, (loss_axis, score_axis) = pyplot.subplots(1, 2, figsize=(10, 4))
     loss_axis.plot(epochs, [record["train_loss"] for record in history], marker="o")
     loss_axis.set(xlabel="epoch", ylabel="training loss", title="training loss (mean over the epoch)")
@@ -43,7 +45,7 @@ def _curves(pyplot, path: Path, history: list[dict], best_epoch) -> Path:
             axis.axvline(best_epoch, color="tab:green", linestyle="--", label=f"picked: epoch {best_epoch}")
         score_axis.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    _save(figure, path)
     pyplot.close(figure)
     return path
 
@@ -64,6 +66,17 @@ def _class_aps(pyplot, path: Path, split: str, evaluated: dict, unseen: set) -> 
         handles = [pyplot.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange")]
         axis.legend(handles, ["seen", "unseen"])
     axis.set(ylabel="AP (%)", ylim=(0, 100), title=f"{split}: mAP {evaluated['mAP']:.1f}, per class")
-    figure.savefig(path, bbox_inches="tight")  # room for long class names
+    _save(figure, path, bbox_inches="tight")  # room for long class names
     pyplot.close(figure)
     return path
+
+
+def selection_key(history: list[dict]) -> str:
+    """The key of the score that picked the epoch in a run's records (val_mAP, test_F1@3, ...)."""
+    return next(key for key in history[0] if key.startswith(("val_", "test_")))
+
+
+def _save(figure, path: Path, **options) -> None:
+    """A PNG written atomically, as every file of a run."""
+    with atomic_open(path, "wb") as file:
+        figure.savefig(file, format="png", **options)

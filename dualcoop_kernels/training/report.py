@@ -23,9 +23,10 @@ import numpy as np
 
 from .. import __version__
 from .._atomic import atomic_write_text
-from .config import TrainConfig
-from .evaluation import METRIC_MEANINGS, load_scores
+from .config import PRESETS, TrainConfig, preset_config
+from .evaluation import METRIC_MEANINGS, SUMMARY_COLUMNS, TOP_K_COLUMNS, load_scores
 from .maps import jpeg_bytes, overlay
+from .plots import selection_key
 
 # Published test mAP (%) of DualCoOp++ at the best epoch, by (dataset, image side, partial); the first
 # author's run logs (kjmillerCURIS/dualcoopstarstar), RN101, the authors' protocol.
@@ -125,12 +126,13 @@ def _table(headers: list[str], rows: list[list], sortable: bool = False) -> str:
     head = "".join(f"<th{css}>{html.escape(h)}</th>" for h in headers)
     cells = []
     for row in rows:
-        items = [cell if isinstance(cell, tuple) else (cell, cell) for cell in row]
-        cells.append("<tr>" + "".join(f"<td data-value='{html.escape(str(v))}'>{t}</td>" for t, v in items) + "</tr>")
+        pairs = [cell if isinstance(cell, tuple) else (cell, cell) for cell in row]
+        tds = "".join(f"<td data-value='{html.escape(str(value))}'>{text}</td>" for text, value in pairs)
+        cells.append(f"<tr>{tds}</tr>")
     return f"<table{css}><thead><tr>{head}</tr></thead><tbody>{''.join(cells)}</tbody></table>"
 
 
-def _number(value, digits: int = 2) -> tuple[str, float]:
+def _cell(value, digits: int = 2) -> tuple[str, float]:
     return (f"{value:.{digits}f}", value) if value is not None and not math.isnan(value) else ("-", -1)
 
 
@@ -147,7 +149,7 @@ def _settings_section(config: TrainConfig, results: dict) -> str:
 def _curves_section(history: list[dict], best_epoch) -> str:
     if not history:
         return ""
-    score_key = next(key for key in history[0] if key.startswith(("val_", "test_")))
+    score_key = selection_key(history)
     epochs = [record["epoch"] for record in history]
     loss = _line_chart(epochs, [r["train_loss"] for r in history], "training loss", best_epoch)
     score = _line_chart(epochs, [r[score_key] for r in history], score_key.replace("_", " "), best_epoch)
@@ -187,8 +189,16 @@ def _line_chart(xs, ys, label: str, marked=None, width=420, height=220) -> str:
 
 
 def reference_result(config: TrainConfig) -> float | None:
-    """The published test mAP of the experiment the run's settings repeat, where there is one."""
-    if config.zero_shot or config.protocol != "dualcoop++" or config.clip != "RN101":
+    """The published test mAP of the experiment the run repeats, where there is one: the dataset's
+    preset in every setting (the authors' weights, schedule, contexts, WTA, loss and augmentation), and
+    a proportion of known labels that was published."""
+    if config.dataset not in PRESETS or config.pretrained != "openai" or config.protocol != "dualcoop++":
+        return None
+    preset = TrainConfig(**{**preset_config(config.dataset), "root": config.root, "partial": config.partial})
+    same = ("clip", "image_size", "n_ctx", "csc", "wta", "learn_temperature", "epochs", "batch_size", "lr")
+    same += ("warmup_lr", "momentum", "weight_decay", "gamma_neg", "gamma_pos", "asl_clip", "loss_weight")
+    same += ("crop_scale", "augment", "zero_shot", "features")
+    if any(getattr(config, name) != getattr(preset, name) for name in same):
         return None
     return REFERENCE_RESULTS.get((config.dataset, config.image_size, round(config.partial, 2)))
 
@@ -200,26 +210,12 @@ def _metrics_section(config: TrainConfig, results: dict) -> str:
         if not _is_split(metrics):
             continue
         top = metrics.get("top_k") or {}
-        values = [metrics.get(key) for key in ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")]
-        values += [top.get(key) for key in ("precision", "recall", "f1")]
-        published = _number(reference) if reference is not None and name == "test" else ("-", -1)
-        rows.append([name, metrics.get("images", "-"), *(_number(v) for v in values), published])
+        values = [metrics.get(key) for key in SUMMARY_COLUMNS] + [top.get(key) for _, key in TOP_K_COLUMNS]
+        published = _cell(reference) if reference is not None and name == "test" else ("-", -1)
+        rows.append([name, metrics.get("images", "-"), *(_cell(v) for v in values), published])
     k = next((m["top_k"]["k"] for m in results.values() if _is_split(m) and m.get("top_k")), 3)
-    headers = [
-        "split",
-        "images",
-        "mAP",
-        "CP",
-        "CR",
-        "CF1",
-        "OP",
-        "OR",
-        "OF1",
-        f"P@{k}",
-        f"R@{k}",
-        f"F1@{k}",
-        "published mAP",
-    ]
+    top_k_headers = [f"{label}@{k}" for label, _ in TOP_K_COLUMNS]
+    headers = ["split", "images", *SUMMARY_COLUMNS, *top_k_headers, "published mAP"]
     notes = [f"<li>{html.escape(line)}</li>" for line in METRIC_MEANINGS]
     notes += [
         f"<li>{html.escape(name)}: {html.escape(m['unknown_labels'])}</li>"
@@ -246,8 +242,8 @@ def _classes_section(name: str, scored: dict, metrics: dict, model, config: Trai
     ap = np.array([metrics["per_class_AP"][c] for c in classnames])
     thresholded = threshold_metrics(scores, labels, known=known)
     rows = [
-        [html.escape(c), _number(ap[i]), int(positives[i]), _number(100 * prevalence[i], 1)]
-        + [_number(thresholded[f"per_class_{key}"][i], 1) for key in ("precision", "recall", "f1")]
+        [html.escape(c), _cell(ap[i]), int(positives[i]), _cell(100 * prevalence[i], 1)]
+        + [_cell(thresholded[f"per_class_{key}"][i], 1) for key in ("precision", "recall", "f1")]
         for i, c in enumerate(classnames)
     ]
     table = _table(["class", "AP", "positives", "prevalence %", "precision", "recall", "F1"], rows, sortable=True)

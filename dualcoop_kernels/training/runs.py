@@ -55,6 +55,23 @@ def resumed_config(run: Path, runtime: dict) -> TrainConfig:
     return dataclasses.replace(TrainConfig.load(Path(run) / "config.json"), **runtime)
 
 
+def refuse_other_settings(run: Path, config: TrainConfig, asked: dict) -> None:
+    """A resumed run continues as configured: settings given again are welcome where they come to the
+    run's own values (aliases resolved, ``--wta pos_norm_det`` with the temperature it freezes); the
+    others are refused, each named with both values (runtime settings may change)."""
+    wanted = TrainConfig(**{**config.as_dict(), **asked})  # the values as the run would hold them
+    different = [
+        f"{item.name} {getattr(wanted, item.name)!r} (the run's: {getattr(config, item.name)!r})"
+        for item in dataclasses.fields(TrainConfig)
+        if not item.metadata["runtime"] and getattr(wanted, item.name) != getattr(config, item.name)
+    ]
+    if different:
+        raise ValueError(
+            f"--resume continues {run} as its config.json says, and these settings differ: "
+            f"{', '.join(different)}; drop them (only --workers and --device may change)"
+        )
+
+
 def open_run(config: TrainConfig, run: Path, resume: bool, ranks: Ranks) -> dict | None:
     """A new run's folder, created with its config.json (None returned); or, to resume, the checkpoint
     the run continues from, after checking that it was made with these settings."""
@@ -92,6 +109,11 @@ def load_best(run: Path, device: str | None = None) -> tuple[TrainConfig, DualCo
     Runs of older versions hold ``prompts.pt`` instead of ``model/``: read weights-only."""
     config = resumed_config(run, {"device": device} if device else {})
     folder = Path(run) / MODEL
+    if not (folder / "model.safetensors").is_file() and not (Path(run) / "prompts.pt").is_file():
+        raise FileNotFoundError(
+            f"{run} holds no trained prompts yet ({MODEL}/ appears when the first epoch ends): "
+            "dualcoop train --resume --out RUN continues it"
+        )
     if (folder / "config.json").is_file():
         saved = read_config(folder)
         ours = config.as_dict()

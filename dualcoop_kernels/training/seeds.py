@@ -27,6 +27,13 @@ def derived_seed(stream: str, seed: int, *numbers: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
+def augmented(transform, image, seed: int, number: int, index: int):
+    """An image's augmentation drawn from its own seed: (run seed, epoch or cached view, image index)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed("augmentation", seed, number, index))
+        return transform(image)
+
+
 def derived_generator(stream: str, seed: int, *numbers: int) -> torch.Generator:
     """A CPU generator seeded by :func:`derived_seed`."""
     return torch.Generator().manual_seed(derived_seed(stream, seed, *numbers))

@@ -78,7 +78,9 @@ def save_checkpoint(path: Path, state: RunState, model, optimizer, classnames: l
 
 
 def random_states() -> dict:
-    """Every random generator a run draws from, as tensors and plain numbers."""
+    """Every global random generator, as tensors and plain numbers. The run's own draws come from
+    derived seeds (seeds.py); these are kept for what else draws from the global generators (a
+    transform's library, a user's callback), so that a resumed run sees them where they were."""
     kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
     numpy_state = dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), position=int(position))
     numpy_state.update(has_gauss=int(has_gauss), cached_gauss=float(cached_gauss))

@@ -39,7 +39,7 @@ from .distributed import Ranks
 from .evaluation import evaluate_split, results_table, selection_metric, selection_score
 from .plots import plot_run
 from .runs import CHECKPOINT, build_model, open_run, resolve_device, run_log, save_best_model
-from .seeds import derived_generator, derived_seed
+from .seeds import augmented, derived_generator
 from .state import RunState, save_checkpoint
 
 LOGGER = logging.getLogger(__name__)
@@ -150,179 +150,208 @@ def set_up(config: TrainConfig, run: Path, ranks: Ranks, device, checkpoint: dic
     )
 
 
-def announce(s: Session, resumed: bool) -> None:
+def announce(session: Session, resumed: bool) -> None:
     """The run's start in the log: what it trains on and with; and the warnings its settings call for."""
-    config, data = s.config, s.data
+    config, data = session.config, session.data
     sets = {"train": data.train, "validation": data.validation, **data.tests}
     counts = ", ".join(f"{name} {len(dataset)}" for name, dataset in sets.items() if dataset is not None)
     known = ", ".join(f"{name} {100 * value:.1f} %" for name, value in known_fractions(data).items())
-    parameters = sum(p.numel() for p in s.model.learnable_parameters())
+    parameters = session.model.learnable_parameter_count()
     LOGGER.info(
         "%s: %d classes; images: %s; labels known: %s; %s on %s; %s learnable parameters",
-        *(s.run, len(data.train.classnames), counts, known, config.clip, s.device, f"{parameters:,}"),
+        *(session.run, len(data.train.classnames), counts, known, config.clip, session.device, f"{parameters:,}"),
     )
-    if resumed:
-        LOGGER.info("resuming at epoch %d, step %d of %d", s.state.epoch, s.state.step, s.steps_per_epoch)
+    if resumed and session.state.epoch >= config.epochs:
+        LOGGER.info("the run had finished its %d epochs: its best epoch is evaluated again", config.epochs)
+    elif resumed:
+        LOGGER.info(
+            "resuming at epoch %d, step %d of %d", session.state.epoch, session.state.step, session.steps_per_epoch
+        )
     if config.epochs == 1:
         LOGGER.warning(
             "epochs 1 trains nothing at the base rate: epoch 0 is the warm-up at %g; ask for 2 or more",
             config.warmup_lr,
         )
-    positives = (s.selection_set.labels == 1).sum(dim=0).float().median().item()
-    if s.metric == "mAP" and positives < MIN_SELECTION_POSITIVES:
+    positives = (session.selection_set.labels == 1).sum(dim=0).float().median().item()
+    if session.metric == "mAP" and positives < MIN_SELECTION_POSITIVES:
         LOGGER.warning(
             "the %d %s images that pick the best epoch hold a median of %d known positives per class: the pick "
             "is mostly noise; hold out more with --val-fraction or --val-images",
-            *(len(s.selection_set), "validation" if config.select_on == "val" else "test", positives),
+            *(len(session.selection_set), "validation" if config.select_on == "val" else "test", positives),
         )
 
 
-def train_one_epoch(s: Session, epoch: int, interrupt: _Interrupt) -> None:
+def train_one_epoch(session: Session, epoch: int, interrupt: _Interrupt) -> None:
     """The epoch's steps, from the step the state has reached (a resumed run continues inside its epoch)."""
-    lr = learning_rate(s.config, epoch)
-    for group in s.optimizer.param_groups:
+    lr = learning_rate(session.config, epoch)
+    for group in session.optimizer.param_groups:
         group["lr"] = lr
-    s.items.epoch = epoch
-    s.network.train()
+    session.items.epoch = epoch
+    session.network.train()
     started = time.perf_counter()
-    batches = _epoch_loader(s, epoch)
-    if s.progress is not None:
-        batches = s.progress(batches, desc=f"epoch {epoch}", leave=False, initial=s.state.step, total=s.steps_per_epoch)
+    batches = _epoch_loader(session, epoch)
+    if session.progress is not None:
+        batches = session.progress(
+            batches, desc=f"epoch {epoch}", leave=False, initial=session.state.step, total=session.steps_per_epoch
+        )
     for images, labels, _ in batches:
-        loss = train_step(s, epoch, images, labels)
-        s.state.add_step(loss, s.config.batch_size)
-        if s.progress is not None:
-            rate = s.state.images / max(time.perf_counter() - started, 1e-9)
+        loss = train_step(session, epoch, images, labels)
+        session.state.add_step(loss, session.config.batch_size)
+        if session.progress is not None:
+            rate = session.state.images / max(time.perf_counter() - started, 1e-9)
             batches.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
         if interrupt.asked:
-            _save(s)
-            raise KeyboardInterrupt(f"stopped at epoch {epoch}, step {s.state.step}; saved: --resume continues")
+            _save(session)
+            raise KeyboardInterrupt(f"stopped at epoch {epoch}, step {session.state.step}; saved: --resume continues")
 
 
-def train_step(s: Session, epoch: int, images: torch.Tensor, labels: torch.Tensor) -> float:
+def train_step(session: Session, epoch: int, images: torch.Tensor, labels: torch.Tensor) -> float:
     """One optimizer step on this rank's share of a batch; the loss of the whole batch (all ranks)."""
-    subset = _class_subset(s, epoch)
+    subset = _class_subset(session, epoch)
     if subset is not None:
-        labels, subset = labels[:, subset], subset.to(s.device)
-    labels = labels.to(s.device)
+        labels, subset = labels[:, subset], subset.to(session.device)
+    labels = labels.to(session.device)
     targets, mask = (labels == 1).float(), labels != 0
-    inputs = {"regions" if s.config.features else "images": images.to(s.device)}
-    with s.autocast:
-        logits = s.network(**inputs, classes=subset)
-    loss = s.config.loss_weight * s.loss_fn(logits.float(), targets, mask)
-    if not torch.isfinite(loss) and s.config.features and not torch.isfinite(images).all():
+    inputs = {"regions" if session.config.features else "images": images.to(session.device)}
+    with session.autocast:
+        logits = session.network(**inputs, classes=subset)
+    loss = session.config.loss_weight * session.loss_fn(logits.float(), targets, mask)
+    if not torch.isfinite(loss) and session.config.features and not torch.isfinite(images).all():
         raise ValueError(
-            f"the feature cache {s.config.features} holds NaN or infinite features (epoch {epoch}, step "
-            f"{s.state.step}): it is damaged; make it again with dualcoop cache"
+            f"the feature cache {session.config.features} holds NaN or infinite features (epoch {epoch}, step "
+            f"{session.state.step}): it is damaged; make it again with dualcoop cache"
         )
     if not torch.isfinite(loss):
         raise ValueError(
-            f"training diverged at epoch {epoch}, step {s.state.step}: the loss is {loss.item()}; lower --lr "
-            "or --loss-weight (checkpoints/last.pt holds the run as the last epoch left it)"
+            f"training diverged at epoch {epoch}, step {session.state.step}: the loss is {loss.item()}; lower --lr "
+            "or --loss-weight"
+            + (
+                " (checkpoints/last.pt holds the run as the last epoch left it)"
+                if (session.run / CHECKPOINT).exists()
+                else ""
+            )
         )
-    s.optimizer.zero_grad(set_to_none=True)
-    (loss * s.ranks.world).backward()  # the loss sums over the global batch; DDP averages
-    s.optimizer.step()
-    (total,) = s.ranks.total(loss.item())
+    session.optimizer.zero_grad(set_to_none=True)
+    (loss * session.ranks.world).backward()  # the loss sums over the global batch; DDP averages
+    session.optimizer.step()
+    (total,) = session.ranks.total(loss.item())
     return total
 
 
-def end_epoch(s: Session, epoch: int, started: float, interrupt: _Interrupt) -> float:
+def end_epoch(session: Session, epoch: int, started: float, interrupt: _Interrupt) -> float:
     """The first rank scores the epoch, keeps the best prompts and saves the run; the others wait.
     The epoch's score (NaN on the other ranks)."""
     score = math.nan
-    if s.ranks.main:
-        score = selection_score(s.model, s.selection_set, s.config, s.device, s.progress)
-        key = f"{s.config.select_on}_{s.metric}"
+    if session.ranks.main:
+        score = selection_score(session.model, session.selection_set, session.config, session.device, session.progress)
+        key = f"{session.config.select_on}_{session.metric}"
         record = dict(
             epoch=epoch,
-            lr=learning_rate(s.config, epoch),
-            train_loss=s.state.mean_loss,
+            lr=learning_rate(session.config, epoch),
+            train_loss=session.state.mean_loss,
             **{key: score},
             seconds=time.perf_counter() - started,
         )
-        if s.state.end_epoch(record, score, s.model.prompt_state_dict()):
-            save_best_model(s.run, s.model, s.config, epoch=epoch, selection={key: score})
-        _save(s)
-        atomic_write_text(s.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in s.state.history))
+        if session.state.end_epoch(record, score, session.model.prompt_state_dict()):
+            save_best_model(session.run, session.model, session.config, epoch=epoch, selection={key: score})
+        _save(session)
+        atomic_write_text(session.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in session.state.history))
         LOGGER.info(
             "epoch %d: lr %.2e, training loss %.4f, %s %.2f, %.1f s (best: epoch %d)",
             *(epoch, record["lr"], record["train_loss"], key.replace("_", " "), score, record["seconds"]),
-            s.state.best_epoch,
+            session.state.best_epoch,
         )
     else:
-        s.state.end_epoch()
-    s.ranks.barrier()
+        session.state.end_epoch()
+    session.ranks.barrier()
     if interrupt.asked:  # Ctrl-C while the epoch was being scored
         raise KeyboardInterrupt(f"stopped after epoch {epoch}; saved: --resume continues")
     return score
 
 
-def final_evaluation(s: Session) -> dict:
+def final_evaluation(session: Session) -> dict:
     """The best epoch's prompts on the test set(s), or on the held-out images where there is none:
     ``eval.json``, the pictures and the log's last lines. The first rank's; the others return {}."""
-    if not s.ranks.main:
+    if not session.ranks.main:
         return {}
-    s.model.load_prompt_state_dict(s.state.best_prompts)
-    parameters = sum(p.numel() for p in s.model.learnable_parameters())
-    results = dict(best_epoch=s.state.best_epoch, selected_on=s.config.select_on, selection_metric=s.metric)
+    session.model.load_prompt_state_dict(session.state.best_prompts)
+    parameters = session.model.learnable_parameter_count()
+    results = dict(
+        best_epoch=session.state.best_epoch, selected_on=session.config.select_on, selection_metric=session.metric
+    )
     results.update(learnable_parameters=parameters)
-    reported = s.data.tests or ({"val": s.data.validation} if s.data.validation is not None else {})
+    reported = session.data.tests or ({"val": session.data.validation} if session.data.validation is not None else {})
     for name, dataset in reported.items():
-        scores_file = s.run / "scores" / f"{name}.npz"
-        results[name] = evaluate_split(s.model, dataset, s.config, s.device, s.progress, scores_file)
-    atomic_write_text(s.run / "eval.json", json.dumps(results, indent=2) + "\n")
+        scores_file = session.run / "scores" / f"{name}.npz"
+        results[name] = evaluate_split(
+            session.model, dataset, session.config, session.device, session.progress, scores_file
+        )
+    atomic_write_text(session.run / "eval.json", json.dumps(results, indent=2) + "\n")
     summary = {
         name: {key: m[key] for key in ("mAP", "CF1", "OF1")} for name, m in results.items() if isinstance(m, dict)
     }
     save_best_model(
-        s.run, s.model, s.config, epoch=s.state.best_epoch, selection={s.metric: s.state.best_score}, metrics=summary
+        session.run,
+        session.model,
+        session.config,
+        epoch=session.state.best_epoch,
+        selection={session.metric: session.state.best_score},
+        metrics=summary,
     )
-    plot_run(s.run, s.state.history, results)
-    if s.state.best_epoch == 0 and s.config.epochs > 1:
+    plot_run(session.run, session.state.history, results)
+    if session.state.best_epoch == 0 and session.config.epochs > 1:
         LOGGER.warning(
             "the best epoch is epoch 0, the warm-up at %g: no trained epoch scored better than the untrained "
             "prompts on the %s images (train longer, or hold out more images to pick on)",
-            *(s.config.warmup_lr, s.config.select_on),
+            *(session.config.warmup_lr, session.config.select_on),
         )
     splits = {name: metrics for name, metrics in results.items() if isinstance(metrics, dict)}
     LOGGER.info(  # the command prints the table itself
         "best epoch %d, picked by %s on %s\n%s",
-        *(s.state.best_epoch, s.metric, s.config.select_on, results_table(splits)),
+        *(session.state.best_epoch, session.metric, session.config.select_on, results_table(splits)),
         extra={"run_log_only": True},
     )
     return results
 
 
-def _epochs(s: Session):
-    epochs = range(s.state.epoch, s.config.epochs)
-    if s.progress is not None:
-        epochs = s.progress(epochs, desc="epochs", initial=s.state.epoch, total=s.config.epochs)
+def _epochs(session: Session):
+    epochs = range(session.state.epoch, session.config.epochs)
+    if session.progress is not None:
+        epochs = session.progress(epochs, desc="epochs", initial=session.state.epoch, total=session.config.epochs)
     return epochs
 
 
-def _epoch_loader(s: Session, epoch: int) -> DataLoader:
+def _epoch_loader(session: Session, epoch: int) -> DataLoader:
     """This rank's share of the epoch's batches, from the step the state has reached."""
-    size = s.config.batch_size
-    order = torch.randperm(len(s.data.train), generator=derived_generator("epoch order", s.config.seed, epoch))
-    batches = order[: s.steps_per_epoch * size].view(s.steps_per_epoch, size)[s.state.step :]
-    shards = [s.ranks.slice(batch) for batch in batches.tolist()]
-    return DataLoader(s.items, batch_sampler=shards, num_workers=s.config.workers)
+    size = session.config.batch_size
+    order = torch.randperm(
+        len(session.data.train), generator=derived_generator("epoch order", session.config.seed, epoch)
+    )
+    batches = order[: session.steps_per_epoch * size].view(session.steps_per_epoch, size)[session.state.step :]
+    shards = [session.ranks.slice(batch) for batch in batches.tolist()]
+    return DataLoader(session.items, batch_sampler=shards, num_workers=session.config.workers)
 
 
-def _class_subset(s: Session, epoch: int) -> torch.Tensor | None:
+def _class_subset(session: Session, epoch: int) -> torch.Tensor | None:
     """Zero-shot runs with many seen classes train each batch on a fresh random subset of them."""
-    classes = len(s.data.train.classnames)
-    if not (s.config.zero_shot and classes > s.config.max_train_classes):
+    classes = len(session.data.train.classnames)
+    if not (session.config.zero_shot and classes > session.config.max_train_classes):
         return None
-    picker = derived_generator("class subset", s.config.seed, epoch, s.state.step)
-    return torch.randperm(classes, generator=picker)[: s.config.max_train_classes].sort().values
+    picker = derived_generator("class subset", session.config.seed, epoch, session.state.step)
+    return torch.randperm(classes, generator=picker)[: session.config.max_train_classes].sort().values
 
 
-def _save(s: Session) -> None:
-    if s.ranks.main:
-        config = s.config.as_dict()
-        save_checkpoint(s.run / CHECKPOINT, s.state, s.model, s.optimizer, s.data.train.classnames, config)
+def _save(session: Session) -> None:
+    if session.ranks.main:
+        config = session.config.as_dict()
+        save_checkpoint(
+            session.run / CHECKPOINT,
+            session.state,
+            session.model,
+            session.optimizer,
+            session.data.train.classnames,
+            config,
+        )
 
 
 class _Augmented(Dataset):
@@ -336,9 +365,7 @@ class _Augmented(Dataset):
 
     def __getitem__(self, index):
         image, labels, _ = self.dataset[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed("augmentation", self.seed, self.epoch, index))
-            return self.transform(image), labels, index
+        return augmented(self.transform, image, self.seed, self.epoch, index), labels, index
 
 
 def _training_items(config: TrainConfig, model, data) -> Dataset:
