@@ -124,6 +124,23 @@ def test_non_standard_blocks_fall_back_to_open_clips_transformer():
     assert all(gradient.abs().sum() > 0 for gradient in context_gradients(model))
 
 
+@pytest.mark.parametrize("text_encoding", ["short", "full"])
+def test_a_text_tower_without_causal_mask_runs_all_77_tokens(text_encoding):
+    """Without the mask the feature at [EOS] depends on the padding after it: no shorter path is exact."""
+    clip = tiny_clip("rn", torch.float64, no_causal_mask=True)
+    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=3, csc=False, text_encoding=text_encoding).to(torch.float64)
+    assert model.text_encoder.full_length and not model.text_encoder.fused
+    tokens = with_token_contexts(model)
+    with torch.no_grad():
+        for got, ids in zip(model.text_features(), tokens):
+            torch.testing.assert_close(got, clip.encode_text(ids), rtol=1e-12, atol=1e-12)
+
+
+def test_a_text_tower_pooled_other_than_at_eos_is_refused():
+    with pytest.raises(ValueError, match=r"pools its text features by 'first'.*\[EOS\]"):
+        dk.DualCoOpPlusPlus(tiny_clip("rn", pool_type="first"), NAMES, n_ctx=3)
+
+
 def test_the_fallback_equals_the_shared_prefix_on_standard_blocks():
     model = dk.DualCoOpPlusPlus(tiny_clip("rn", torch.float64), NAMES, n_ctx=7, csc=False).to(torch.float64)
     fast = [f.detach() for f in model.text_features()], context_gradients(model)

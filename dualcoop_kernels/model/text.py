@@ -45,12 +45,20 @@ class TextEncoder(nn.Module):
 
     def __init__(self, clip_model, full_length: bool = False):
         super().__init__()
-        for part in ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection"):
+        parts = ("transformer", "attn_mask", "token_embedding", "positional_embedding", "ln_final", "text_projection")
+        for part in parts:
             if not hasattr(clip_model, part):
                 raise TypeError(f"the CLIP model has no {part}: only open_clip CLIP models (not CustomTextCLIP) work")
+        pooling = getattr(clip_model, "text_pool_type", "argmax")
+        if pooling != "argmax":
+            raise ValueError(
+                f"the CLIP model pools its text features by {pooling!r}; prompts are read at their [EOS] token "
+                "(text pool type 'argmax', as in OpenAI's CLIP)"
+            )
         self.clip = [clip_model]  # a list: not a submodule, so its weights are not registered twice
-        self.full_length = full_length
-        self.fused = not full_length and _standard_causal_blocks(clip_model)
+        # without a causal mask the feature at [EOS] sees the padding after it: only all 77 tokens are exact
+        self.full_length = full_length or clip_model.attn_mask is None
+        self.fused = not self.full_length and _standard_causal_blocks(clip_model)
         self.shared_prefix = self.fused
 
     def forward(self, contexts: list[torch.Tensor], tokenized: torch.Tensor) -> torch.Tensor:
@@ -81,7 +89,8 @@ class TextEncoder(nn.Module):
             for block in clip.transformer.resblocks:
                 x = _causal_block(block, x)[0]
         else:
-            x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
+            mask = clip.attn_mask
+            x = clip.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
         return self._project(x[torch.arange(x.shape[0], device=x.device), ends])
 
     def _prompt_embeddings(self, contexts: list[torch.Tensor], tokenized: torch.Tensor, length: int) -> torch.Tensor:
