@@ -371,6 +371,19 @@ def test_a_run_folder_is_not_overwritten(task, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_a_new_run_is_not_written_among_other_files(task, tmp_path, capsys):
+    """A dataset's folder, or another model's config.json, is not a place for a run's files."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "labels.csv").write_text("image,cat\n")
+    (data / "config.json").write_text('{"architectures": ["BertModel"]}')
+    assert main(train_arguments(task, data)) == 2
+    error = capsys.readouterr().err
+    assert f"--out {data} holds other files (config.json, labels.csv)" in error and "new or empty folder" in error
+    assert (data / "config.json").read_text() == '{"architectures": ["BertModel"]}'
+    assert sorted(p.name for p in data.iterdir()) == ["config.json", "labels.csv"]
+
+
 def test_a_truncated_checkpoint_is_refused(task, tmp_path, capsys):
     run = tmp_path / "run"
     TrainConfig(dataset="csv", root=str(task["train"])).save(run / "config.json")

@@ -79,6 +79,8 @@ def open_run(config: TrainConfig, run: Path, resume: bool, ranks: Ranks) -> dict
     if not resume:
         if checkpoint.exists():
             raise FileExistsError(f"{run} already holds a run: --resume continues it, or choose another --out")
+        _refuse_other_files(Path(run))
+        ranks.barrier()  # every rank has looked before rank 0 writes
         if ranks.main:
             Path(run).mkdir(parents=True, exist_ok=True)
             config.save(Path(run) / "config.json")
@@ -96,6 +98,21 @@ def open_run(config: TrainConfig, run: Path, resume: bool, ranks: Ranks) -> dict
         different = [n for n in saved["config"] if getattr(made_with, n) != getattr(config, n)]
         raise ValueError(f"{run}: its checkpoint was made with other settings than these (they differ in {different})")
     return saved
+
+
+def _refuse_other_files(run: Path) -> None:
+    """A new run writes into an absent or empty folder, or one where an attempt stopped before its first
+    checkpoint (its config.json there): never among other files (a dataset, another model's config.json)."""
+    entries = sorted(entry.name for entry in run.iterdir()) if run.is_dir() else []
+    if not entries:
+        return
+    try:
+        TrainConfig.load(run / "config.json")
+    except (ValueError, TypeError):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise FileExistsError(
+            f"--out {run} holds other files ({shown}) and no run's config.json: a new run needs a new or empty folder"
+        ) from None
 
 
 def save_best_model(run: Path, model: DualCoOpPlusPlus, config: TrainConfig, **info) -> None:
