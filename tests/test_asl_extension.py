@@ -291,6 +291,26 @@ def test_the_first_build_is_announced_once(fresh_loader, monkeypatch, caplog):
     assert not any("CUDA" in notice for notice in notices)  # a CPU loss builds the CPU part only
 
 
+def test_the_library_name_is_keyed_by_what_it_is_built_from(tmp_path, monkeypatch):
+    """Two installs share a built library only when they build the same thing, so they never rebuild
+    each other's in the shared extension cache."""
+    flags = dict(extra_cflags=["-O3"])
+    name = extension_build._keyed("dualcoop_asl_cpu", **flags)
+    copy = tmp_path / "another_checkout" / "csrc"
+    shutil.copytree(extension_build._sources(), copy)
+    monkeypatch.setattr(extension_build, "_sources", lambda: copy)
+    assert extension_build._keyed("dualcoop_asl_cpu", **flags) == name  # the same sources elsewhere
+    math_header = copy / "asl_math.h"
+    math_header.write_text(math_header.read_text() + "\n// another version\n")
+    changed = extension_build._keyed("dualcoop_asl_cpu", **flags)
+    others = [changed, extension_build._keyed("dualcoop_asl_cpu", extra_cflags=["-O2"])]
+    monkeypatch.setenv("CXX", "clang++")
+    others.append(extension_build._keyed("dualcoop_asl_cpu", **flags))
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    others.append(extension_build._keyed("dualcoop_asl_cpu", **flags))
+    assert len({name, *others}) == 5 and all(n.startswith("dualcoop_asl_cpu_") for n in others)
+
+
 def test_available_backends_counts_a_backend_built_on_first_use(fresh_loader, monkeypatch):
     cpu = torch.device("cpu")
     assert extension_build.unavailable_reason(cpu) is None  # not built, but the first call builds it

@@ -22,7 +22,7 @@ from dualcoop_kernels.data import MultiLabelDataset, read_csv_labels
 from dualcoop_kernels.data.shapes import TINY_CLIP
 from dualcoop_kernels.metrics import evaluate, threshold_metrics, top_k_metrics
 from dualcoop_kernels.training import TrainConfig, evaluation
-from dualcoop_kernels.training.datasets import load_run_data, validation_indices
+from dualcoop_kernels.training.datasets import known_fractions, load_run_data, validation_indices
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -113,6 +113,10 @@ def test_blank_labels_are_left_out_of_every_metric_and_the_table_says_so(monkeyp
     assert "50.0 % of the labels are unknown: every metric counts the known ones" in results["unknown_labels"]
     table = evaluation.results_table({"test": results})
     assert "test: 50.0 % of the labels are unknown" in table
+    assert "\nmAP: each class's average precision (images ranked by P+ - P-)" in table
+    assert "\nCP CR CF1: precision, recall and F1 of the predictions P+ > P-" in table
+    assert "\nOP OR OF1: the same over every (image, class) pair pooled" in table
+    assert "\nP@k R@k F1@k: each image's k highest-scoring classes" in table  # the run asked for top-k
 
 
 def test_top_k_keeps_k_and_says_when_it_is_trivial(monkeypatch, caplog):
@@ -145,6 +149,10 @@ def test_the_mask_never_marks_a_blank_label_known(task, tmp_path):
     assert not mask[labels.numpy() == 0].any()  # a blank is never known
     assert mask.mean() < (labels != 0).float().mean().item()  # and the draw keeps about half of the rest
     assert torch.equal(data.mask, torch.from_numpy(mask))
+    fractions = known_fractions(data)  # what the run's first line prints
+    assert fractions["overall"] == pytest.approx(mask.mean())
+    for name, split in [("train", data.train), ("validation", data.validation)]:
+        assert fractions[name] == pytest.approx((split.labels != 0).float().mean().item()) and fractions[name] < 0.5
 
 
 @pytest.mark.slow
@@ -159,6 +167,17 @@ def test_a_run_states_what_it_trains_on_and_warns_of_what_makes_it_meaningless(t
     assert "median of" in log and "the pick is mostly noise; hold out more with --val-fraction or --val-images" in log
     assert main(["train", "--resume", "--out", str(run), "--workers", "0"]) == 0
     assert "the run had finished its 1 epochs: its best epoch is evaluated again" in (run / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_whose_best_epoch_is_the_warm_up_says_so(task, tmp_path, monkeypatch):
+    from dualcoop_kernels.training import trainer
+
+    scores = iter([50.0, 40.0])  # the trained epoch scores worse than the untrained prompts
+    monkeypatch.setattr(trainer, "selection_score", lambda *args: next(scores))
+    assert main(arguments(task, tmp_path / "run")) == 0
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "the best epoch is epoch 0, the warm-up at 1e-05: no trained epoch scored better than the untrained" in log
 
 
 def test_val_images_sets_the_held_out_count_and_extends_smaller_draws():
@@ -232,6 +251,9 @@ def test_a_foreign_prompts_file_is_described(shared_run, task, tmp_path, capsys)
     error = error_of(capsys, ["predict", str(broken), images])
     assert "holds 3 prompt sets of class-specific contexts of 6 tokens, for 4 classes (red square" in error
     assert "its settings ask for 3 prompt sets of contexts shared by all classes of 4 tokens" in error
+    (broken / "prompts.pt").write_text("hello")  # a text file in its place
+    error = error_of(capsys, ["predict", str(broken), images])
+    assert f"learned prompts {broken / 'prompts.pt'} cannot be read as a file of tensors" in error
 
 
 def test_bad_model_files_are_named(tmp_path, capsys, monkeypatch):
@@ -273,7 +295,7 @@ def test_image_transform_takes_rgba_arrays_and_refuses_paths():
 
 
 @pytest.mark.slow
-def test_ctrl_c_names_what_was_left_and_a_closed_pipe_is_quiet(shared_run, capsys, monkeypatch):
+def test_ctrl_c_names_what_was_left_and_a_closed_pipe_is_quiet(shared_run, task, capsys, monkeypatch):
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -281,6 +303,13 @@ def test_ctrl_c_names_what_was_left_and_a_closed_pipe_is_quiet(shared_run, capsy
     capsys.readouterr()
     assert main(["eval", str(shared_run)]) == 130
     assert "dualcoop eval: stopped; nothing was written" in capsys.readouterr().err
+    from dualcoop_kernels.training import cache
+
+    monkeypatch.setattr(cache, "cache_training_split", stop)
+    cache_arguments = ["--dataset", "csv", "--root", str(task["train"]), "--out", str(shared_run.parent / "c")]
+    assert main(["cache", *cache_arguments]) == 130
+    error = capsys.readouterr().err
+    assert "dualcoop cache: stopped; the chunks written are kept: the same command finishes the cache" in error
     monkeypatch.undo()
     piped = subprocess.run(
         f"{shlex.quote(sys.executable)} -m dualcoop_kernels eval {shlex.quote(str(shared_run))} --json | head -1",
