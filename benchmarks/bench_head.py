@@ -43,7 +43,7 @@ from harness import (
 from dualcoop_kernels import available_backends, dualcoop_head
 from dualcoop_kernels.head import HEAD_BACKENDS
 from dualcoop_kernels.options import DEFAULT_WTA_GAMMA, WTA_ALIASES, WTA_MODES
-from dualcoop_kernels.testing import accuracy_failures, condition_ratio, head_draw, max_error
+from dualcoop_kernels.testing import DRAWS, accuracy_failures, condition_ratio, head_draw, max_error
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GRAPHED = " (CUDA graph)"
@@ -153,13 +153,13 @@ def bench_preset(preset, shape, device, dtype, heads, wta, min_repeats, budget_s
     return rows
 
 
-def check_preset(preset, shape, device, dtype, heads, wta, draws: int = 3) -> list[dict]:
+def check_preset(preset, shape, device, dtype, heads, wta) -> list[dict]:
     """Every head's output and gradients (the features frozen, as in training) against float64, over
-    ``draws`` random draws, by the rules of the tests (``dualcoop_kernels.testing``): the median error
-    at most twice eager's in ``dtype``, and every error within its condition bound."""
+    the tests' number of random draws for ``dtype``, by their rules (``dualcoop_kernels.testing``): the
+    median error at most twice eager's in ``dtype``, and every error within its condition bound."""
     names = ["logits", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
     found = {label: [] for label in heads}
-    for seed in range(draws):
+    for seed in range(DRAWS[dtype]):
         inputs = make_inputs(shape, device, dtype, seed)
         learned = [*inputs["texts"], inputs["log_spatial_temp"]]
         tensors = [inputs["features"], *(t.detach().requires_grad_() for t in learned)]

@@ -54,7 +54,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
             sys.executable,
             str(ROOT / "benchmarks" / "gpu_check.py"),
             "--budget",
-            "1500",
+            "2400",
             "--dry-run",
             "--out",
             str(tmp_path),

@@ -16,7 +16,14 @@ import dualcoop_kernels as dk
 from dualcoop_kernels.options import WTA_MODES, WTA_WEIGHTS
 from dualcoop_kernels.reference import dualcoop_head_reference
 from dualcoop_kernels.reference import head as reference_head
-from dualcoop_kernels.testing import FLOAT64_ATOL, FLOAT64_RTOL, accuracy_failures, assert_accurate, head_draw
+from dualcoop_kernels.testing import (
+    DRAWS,
+    FLOAT64_ATOL,
+    FLOAT64_RTOL,
+    accuracy_failures,
+    assert_accurate,
+    head_draw,
+)
 from dualcoop_kernels.triton import head as triton_head
 from dualcoop_kernels.triton.head import LaunchConfig, dualcoop_head_triton
 
@@ -57,12 +64,6 @@ def test_float64_matches_reference(wta, B, N, D, C, tiles, gamma):
         torch.testing.assert_close(
             ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL, msg=lambda m, name=name: f"{name}: {m}"
         )
-
-
-# The low-precision rules hold over draws of a case (dualcoop_kernels.testing), not on one. Eager fp16
-# and bf16 compute in their own precision, an order of magnitude less exact than the kernels: their
-# median rule needs fewer draws.
-DRAWS = {torch.float32: 5, torch.float16: 3, torch.bfloat16: 3}
 
 
 def assert_accurate_over_draws(B, N, D, C, tiles, gamma, wta, dtype):

@@ -16,6 +16,7 @@ from dualcoop_kernels.extension import build as extension_build
 from dualcoop_kernels.options import WTA_MODES, WTA_WEIGHTS
 from dualcoop_kernels.reference import asymmetric_loss_reference, dualcoop_head_reference
 from dualcoop_kernels.testing import (
+    DRAWS,
     FLOAT64_ATOL,
     FLOAT64_RTOL,
     assert_accurate,
@@ -60,9 +61,6 @@ def test_float64(wta, B, N, D, C, tiles, gamma):
         torch.testing.assert_close(
             ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL, msg=lambda m, name=name: f"{name}: {m}"
         )
-
-
-DRAWS = {torch.float32: 5, torch.bfloat16: 3}  # as in tests/test_head_triton.py
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # fp16 loads as bf16 does
