@@ -382,6 +382,12 @@ def test_a_new_run_is_not_written_among_other_files(task, tmp_path, capsys):
     assert f"--out {data} holds other files (config.json, labels.csv)" in error and "new or empty folder" in error
     assert (data / "config.json").read_text() == '{"architectures": ["BertModel"]}'
     assert sorted(p.name for p in data.iterdir()) == ["config.json", "labels.csv"]
+    from dualcoop_kernels.training.runs import _refuse_other_files
+
+    stopped = tmp_path / "stopped"  # an attempt that ended before its first checkpoint: reused
+    TrainConfig(dataset="csv", root=str(task["train"])).save(stopped / "config.json")
+    (stopped / "log.txt").write_text("")
+    _refuse_other_files(stopped)
 
 
 def test_a_truncated_checkpoint_is_refused(task, tmp_path, capsys):
