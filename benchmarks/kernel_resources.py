@@ -66,15 +66,22 @@ def signature(kernel, constexprs: dict, dtype: str) -> dict:
     return types
 
 
-def resources(kernel, constexprs: dict, dtype: str, arch: int, num_warps: int, num_stages: int) -> dict:
+def ast_source(kernel, types: dict, constexprs: dict) -> ASTSource:
+    """What triton.compile takes for a kernel: triton 3.3 and newer key the constexprs by argument path,
+    older releases by name (the package's oldest supported Triton, 3.2, among them)."""
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        return ASTSource(fn=kernel, signature=types, constants=constexprs)
     names = list(inspect.signature(kernel.fn).parameters)
-    source = ASTSource(
-        fn=kernel,
-        signature=signature(kernel, constexprs, dtype),
-        constexprs={(names.index(name),): value for name, value in constexprs.items()},
+    return ASTSource(
+        fn=kernel, signature=types, constexprs={(names.index(name),): value for name, value in constexprs.items()}
     )
+
+
+def resources(kernel, constexprs: dict, dtype: str, arch: int, num_warps: int, num_stages: int) -> dict:
     compiled = triton.compile(
-        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+        ast_source(kernel, signature(kernel, constexprs, dtype), constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
     )
     target = re.search(r"^\.target (\S+)", compiled.asm["ptx"], re.M)[1]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:

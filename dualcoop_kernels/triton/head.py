@@ -35,7 +35,7 @@ stream), whatever the current device is.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import astuple, dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import triton
@@ -704,11 +704,17 @@ def _grad_similarity_tiles(
     grad_e = tau * attention * (v - mean_v[None, :])
     grad_n = attention * logit_scale * weights_neg * grad_neg[None, :]
     grad_p = attention * logit_scale * weights_pos * grad_pos[None, :]
-    side_args = (sim_p, classes, sums_ptr, stats_ptr, index_ptr, stat_stride, offsets, region_mask, gamma)
+    # arguments spelled out: triton 3.2 compiles no starred arguments
     if WTA_POS != WEIGHT_ONE:
-        grad_p += _side_grad(weights_pos, sigma_pos, h_pos, *side_args, SIDE_POS, WTA_POS)
+        grad_p += _side_grad(
+            weights_pos, sigma_pos, h_pos, sim_p, classes, sums_ptr, stats_ptr, index_ptr, stat_stride, offsets,
+            region_mask, gamma, SIDE_POS, WTA_POS,
+        )  # fmt: skip
     if WTA_NEG != WEIGHT_ONE:  # the negative weights are functions of s+ too
-        grad_p += _side_grad(weights_neg, sigma_neg, h_neg, *side_args, SIDE_NEG, WTA_NEG)
+        grad_p += _side_grad(
+            weights_neg, sigma_neg, h_neg, sim_p, classes, sums_ptr, stats_ptr, index_ptr, stat_stride, offsets,
+            region_mask, gamma, SIDE_NEG, WTA_NEG,
+        )  # fmt: skip
     valid = region_mask[:, None] & class_mask[None, :]
     grad_e = tl.where(valid, grad_e, 0.0)
     grad_p = tl.where(valid, grad_p, 0.0)
@@ -1046,7 +1052,8 @@ class LaunchConfig:
     num_stages: int = 1
 
     def as_list(self) -> list[int]:
-        return list(astuple(self))  # as the operators take it
+        # as the operators take it; not astuple, whose deepcopy torch.compile <= 2.9 cannot trace
+        return [getattr(self, field.name) for field in fields(self)]
 
 
 def _pow2_between(value: int, low: int, high: int) -> int:
@@ -1119,7 +1126,14 @@ def _common_args(features, texts, text_inv_norm, inv_norm):
     return (features, *features.stride(), *texts, text_inv_norm, inv_norm)
 
 
-@torch.library.custom_op("dualcoop_kernels::dualcoop_head_forward", mutates_args=())
+# Explicit schemas: torch < 2.7 cannot infer one from string annotations or from list[int].
+@torch.library.custom_op(
+    "dualcoop_kernels::dualcoop_head_forward",
+    mutates_args=(),
+    schema="(Tensor features, Tensor text_evidence, Tensor text_pos, Tensor text_neg, Tensor log_spatial_temp, "
+    "str wta, float wta_gamma, float logit_scale, int[] launch_config) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
 def dualcoop_head_forward(
     features: torch.Tensor,
     text_evidence: torch.Tensor,
@@ -1178,7 +1192,14 @@ def _(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_ga
     return new(B, 2, C), new(B, C), new(B, N), new(3, C), new(STATS, B, N), new(INDICES, B, N, dtype=torch.int32)
 
 
-@torch.library.custom_op("dualcoop_kernels::dualcoop_head_backward", mutates_args=())
+@torch.library.custom_op(
+    "dualcoop_kernels::dualcoop_head_backward",
+    mutates_args=(),
+    schema="(Tensor grad_logits, Tensor features, Tensor text_evidence, Tensor text_pos, Tensor text_neg, "
+    "Tensor log_spatial_temp, Tensor logits, Tensor lse, Tensor inv_norm, Tensor text_inv_norm, Tensor stats, "
+    "Tensor index, str wta, float wta_gamma, float logit_scale, int[] launch_config, bool want_features, "
+    "bool want_texts, bool want_temp) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
 def dualcoop_head_backward(
     grad_logits: torch.Tensor,
     features: torch.Tensor,
