@@ -19,6 +19,7 @@ HEAD_BACKENDS.register(
     "triton",
     triton_backend.dualcoop_head,
     unavailable_reason=triton_backend.unavailable_reason,
+    unsupported_dtype=triton_backend.unsupported_dtype,
     prepare=triton_backend.prepare,
     use_in_auto=lambda device: device.type == "cuda",
 )
@@ -73,7 +74,7 @@ def dualcoop_head(
     log_spatial_temp = check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_temp)
     wta_gamma = wta_sharpness(wta_gamma)
     logit_scale = positive_scale(logit_scale)
-    implementation = HEAD_BACKENDS.resolve(backend, features.device).function
+    implementation = HEAD_BACKENDS.resolve(backend, features.device, features.dtype).function
     return implementation(
         features,
         text_evidence,

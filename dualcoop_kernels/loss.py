@@ -65,7 +65,7 @@ def asymmetric_loss(
     """
     numbers = check_asl_options(gamma_neg, gamma_pos, clip, eps, reduction)
     targets, mask = check_asl_inputs(logits, targets, mask)
-    implementation = ASL_BACKENDS.resolve(backend, logits.device).function
+    implementation = ASL_BACKENDS.resolve(backend, logits.device, logits.dtype).function
     return implementation(logits, targets, mask, **numbers, focal_grad=bool(focal_grad), reduction=reduction)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils import asl_inputs, head_inputs
+from utils import asl_inputs, head_inputs, needs_triton
 
 import dualcoop_kernels as dk
 from dualcoop_kernels.dispatch import BackendRegistry
@@ -117,7 +117,7 @@ def test_meta_tensors_pass_the_checks_that_need_no_values():
         dk.dualcoop_head(features, te, tp, tn, log_temp, logit_scale=torch.tensor(20.0, device="meta"))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton())])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_public_head_computes_low_precision_in_float32(backend, dtype):
     inputs = head_inputs(2, 9, 16, 5, dtype=torch.float32, requires_grad=False)
@@ -155,6 +155,7 @@ def test_split_signed_labels_warns_on_what_looks_like_0_1_labels():
         dk.split_signed_labels(torch.zeros(0, 3))
 
 
+@needs_triton()
 def test_backend_selection():
     # the Triton head runs here in its interpreter, but "auto" keeps it for CUDA tensors
     assert dk.available_backends("dualcoop_head") == ["triton", "reference"]

@@ -1,6 +1,16 @@
 """Input factories shared by the tests; the accuracy rules are in dualcoop_kernels.testing."""
 
+import pytest
 import torch
+
+from dualcoop_kernels.head import HEAD_BACKENDS
+
+
+def needs_triton(dtype=None):
+    """Skips a test where the Triton head cannot run on this CPU (in ``dtype``, when given), with the
+    package's own reason: an old Triton's interpreter, say, or one without float64 dots."""
+    reason = HEAD_BACKENDS.unavailable(torch.device("cpu"), dtype).get("triton")
+    return pytest.mark.skipif(reason is not None, reason=f"the Triton head cannot run here: {reason}")
 
 
 def head_inputs(B, N, D, C, dtype=torch.float64, requires_grad=True, device="cpu"):
