@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from utils import needs_triton
+
 open_clip = pytest.importorskip("open_clip")
 
 import dualcoop_kernels as dk  # noqa: E402
@@ -86,6 +88,20 @@ def test_vit_regions_are_self_attention_only_in_the_last_block(vit):
     torch.testing.assert_close(region_features(vit.visual, images), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_vit_regions_of_a_sequence_first_transformer():
+    """open_clip before 2.26 built sequence-first blocks and said nothing of it (no batch_first)."""
+    vision = dict(image_size=32, layers=2, width=32, patch_size=8, head_width=16)
+    text = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
+    visual = open_clip.model.CLIP(embed_dim=24, vision_cfg=vision, text_cfg=text).visual.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = region_features(visual, images)
+        del visual.transformer.batch_first
+        for block in visual.transformer.resblocks:
+            block.attn.batch_first = False
+        torch.testing.assert_close(region_features(visual, images), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_text_features_equal_encode_text_for_a_real_phrase(rn50, tokenizer):
     model = dk.DualCoOpPlusPlus(rn50, CLASSES, ctx_init="a photo of a")
     assert model.prompts.n_ctx == 4
@@ -152,6 +168,7 @@ def test_only_prompts_and_temperature_learn(rn50):
         assert torch.equal(value, clip_before[name]), name
 
 
+@needs_triton()
 def test_head_backends_give_the_same_logits(rn50):
     model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4, head_backend="reference")
     regions = model.encode_regions(torch.randn(2, 3, 96, 96))

@@ -112,6 +112,10 @@ def test_every_path_equals_encode_text(text_encoding, csc):
             torch.testing.assert_close(got, clip.encode_text(ids), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif(
+    "qk_norm" not in open_clip.model.CLIPTextCfg.__dataclass_fields__,
+    reason=f"open_clip {open_clip.__version__} builds no qk_norm blocks (the sequence-first test covers the fallback)",
+)
 def test_non_standard_blocks_fall_back_to_open_clips_transformer():
     """qk_norm makes open_clip build its custom blocks, which the fused paths do not compute."""
     clip = tiny_clip("vit", torch.float64, qk_norm=True)
@@ -122,6 +126,37 @@ def test_non_standard_blocks_fall_back_to_open_clips_transformer():
         for got, ids in zip(model.text_features(), tokens):
             torch.testing.assert_close(got, clip.encode_text(ids), rtol=1e-12, atol=1e-12)
     assert all(gradient.abs().sum() > 0 for gradient in context_gradients(model))
+
+
+class SequenceFirst(torch.nn.Module):
+    """open_clip's text transformer as releases before 2.26 made it: no batch_first attribute,
+    sequence-first input and output."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.batch_first_transformer = transformer
+        self.resblocks = transformer.resblocks
+
+    def get_cast_dtype(self):
+        return self.batch_first_transformer.get_cast_dtype()
+
+    def forward(self, x, attn_mask=None):
+        return self.batch_first_transformer(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+
+
+@pytest.mark.parametrize("tower", ["rn", "vit"])
+def test_a_sequence_first_transformer_falls_back_to_it_with_sequence_first_input(tower):
+    clip = tiny_clip(tower, torch.float64)
+    tokens = with_token_contexts(dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=3, csc=False).to(torch.float64))
+    with torch.no_grad():
+        expected = [clip.encode_text(ids) for ids in tokens]
+    clip.transformer = SequenceFirst(clip.transformer)
+    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=3, csc=False).to(torch.float64)
+    assert not model.text_encoder.fused and not model.text_encoder.shared_prefix
+    assert torch.equal(with_token_contexts(model), tokens)
+    with torch.no_grad():
+        for got, truth in zip(model.text_features(), expected):
+            torch.testing.assert_close(got, truth, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("text_encoding", ["short", "full"])

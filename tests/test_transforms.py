@@ -334,3 +334,15 @@ def test_nus_wide_crop_scale_is_accepted():
 def test_cutout_fraction_must_lie_in_0_1(fraction):
     with pytest.raises(ValueError, match="fraction must lie in"):
         T.RandomCutout(fraction)
+
+
+@pytest.mark.parametrize("make", [lambda: T.RandomCutout(0.5), lambda: T.MultiLabelAutoAugment()])
+def test_the_package_transforms_answer_both_torchvision_apis(make):
+    """torchvision 0.21 and newer call make_params and transform; older releases _get_params and
+    _transform: both give the same image from the same seed."""
+    transform, image = make(), pixels(noise_image(16, 16))
+    torch.manual_seed(3)
+    new = transform.transform(image, transform.make_params([image]))
+    torch.manual_seed(3)
+    old = transform._transform(image, transform._get_params([image]))
+    assert torch.equal(new, old)

@@ -161,7 +161,18 @@ def load_policy(policy_file: str | Path | None = None) -> tuple[tuple[PolicyStep
     return sub_policies
 
 
-class MultiLabelAutoAugment(v2.Transform):
+class _Transform(v2.Transform):
+    """A v2 transform for both of torchvision's APIs: 0.21 and newer call ``make_params`` and ``transform``,
+    older releases ``_get_params`` and ``_transform``."""
+
+    def _get_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return self.make_params(flat_inputs)
+
+    def _transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self.transform(inpt, params)
+
+
+class MultiLabelAutoAugment(_Transform):
     """DualCoOp++'s AutoAugment: one sub-policy of the table, picked uniformly at random per call, applies
     its first op with its probability, then its second op with its own (PIL images or uint8 tensors)."""
 
@@ -187,7 +198,7 @@ class MultiLabelAutoAugment(v2.Transform):
         return inpt
 
 
-class RandomCutout(v2.Transform):
+class RandomCutout(_Transform):
     """Fills a square of ``fraction`` x the image side (on each axis, rounded) with one random RGB colour
     (each channel uniform in 0..255); its centre is uniform over the pixels and it is clipped at the
     borders (PIL images or uint8 tensors)."""

@@ -85,9 +85,9 @@ class DualCoOpPlusPlus(nn.Module):
         self.settings = dict(clip=clip if isinstance(clip, str) else None, pretrained=pretrained, seed=None)
         self.settings.update(csc=csc, protocol=variant, learn_temperature=learn_temperature)
         if isinstance(clip, str):
-            clip = registered_name(clip)
-            tokenizer = open_clip_module().get_tokenizer(clip)
-            clip = load_clip(clip, pretrained)
+            name = registered_name(clip)
+            clip = load_clip(name, pretrained)  # first: it names an unknown model in a ValueError
+            tokenizer = open_clip_module().get_tokenizer(name)
         else:
             tokenizer = open_clip_module().get_tokenizer("RN50")  # the CLIP BPE tokenizer that every CLIP model uses
         self.clip = clip.requires_grad_(False).eval()

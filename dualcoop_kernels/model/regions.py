@@ -81,7 +81,8 @@ def vit_regions(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = visual.ln_pre(torch.cat([cls, x], dim=1) + positions)
     transformer = visual.transformer
-    batch_first = getattr(transformer, "batch_first", True)
+    # open_clip's blocks are sequence-first unless the transformer says otherwise (before 2.26 it never does)
+    batch_first = getattr(transformer, "batch_first", False)
     x = x if batch_first else x.transpose(0, 1)
     for block in transformer.resblocks[:-1]:
         x = block(x)

@@ -90,7 +90,7 @@ class TextEncoder(nn.Module):
                 x = _causal_block(block, x)[0]
         else:
             mask = clip.attn_mask
-            x = clip.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
+            x = _open_clip_transformer(clip.transformer, x, None if mask is None else mask[:length, :length])
         return self._project(x[torch.arange(x.shape[0], device=x.device), ends])
 
     def _prompt_embeddings(self, contexts: list[torch.Tensor], tokenized: torch.Tensor, length: int) -> torch.Tensor:
@@ -163,6 +163,15 @@ def suffix_attention(q, k, v, prefix_keys, prefix_values, length: int) -> torch.
     weights = torch.softmax(torch.cat([on_prefix, on_suffix], -1) * scale, dim=-1)
     to_prefix, to_suffix = weights.split([prefix_keys.shape[-2], length], -1)
     return to_prefix.flatten(2, 3) @ prefix_values + (to_suffix @ v).flatten(2, 3)
+
+
+def _open_clip_transformer(transformer, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """open_clip's own text transformer on batch-first ``x``. A transformer with a ``batch_first``
+    attribute (open_clip 2.26 and newer) takes batch-first input whatever its blocks use; older ones
+    (without it) take sequence-first input."""
+    if hasattr(transformer, "batch_first"):
+        return transformer(x, attn_mask=attn_mask)
+    return transformer(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
 
 
 def _standard_causal_blocks(clip_model) -> bool:

@@ -24,7 +24,8 @@ def derived_seed(stream: str, seed: int, *numbers: int) -> int:
     if stream not in STREAM_TAGS:
         raise ValueError(f"stream must be one of {tuple(STREAM_TAGS)}, got {stream!r}")
     entropy = [int(seed), *(int(n) for n in numbers), *STREAM_TAGS[stream]]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+    # shifted as a Python int: numpy 1.x refuses np.uint64 >> int
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
 
 
 def augmented(transform, image, seed: int, number: int, index: int):
