@@ -397,6 +397,36 @@ def test_cuda_part_compiles_where_nvcc_is_found(built):
     assert built.cuda_built, built.why_not.get("cuda")
 
 
+def test_the_cuda_build_names_its_architecture_to_torch(monkeypatch):
+    """Without TORCH_CUDA_ARCH_LIST torch guesses from the visible GPUs, and torch 2.4 to 2.8 fail on an
+    empty guess (no GPU): the build sets it, for the build alone, unless the user did."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    with extension_build._arch_list("90"):
+        assert cpp_extension._get_cuda_arch_flags() == ["-gencode=arch=compute_90,code=sm_90"]
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    with extension_build._arch_list("90"):
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0"
+
+
+def test_a_toolkit_of_another_cuda_major_version_is_named(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(extension_build, "_cuda_home", lambda: str(tmp_path))
+    monkeypatch.setattr(extension_build, "_is_cuda_toolkit", lambda home: True)
+    (tmp_path / "bin").mkdir()
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.48'\n")
+    nvcc.chmod(0o755)
+    extension_build._nvcc_release.cache_clear()
+    reason = extension_build._cuda_unbuildable()
+    assert reason == (
+        f"nvcc 13.0 (CUDA_HOME={tmp_path}) and this torch's CUDA 12.4 differ in major version; "
+        "set CUDA_HOME to a CUDA 12 toolkit"
+    )
+
+
 @pytest.mark.slow
 def test_ahead_of_time_build_command():
     finished = subprocess.run(

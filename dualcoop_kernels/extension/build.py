@@ -15,6 +15,7 @@ it compiles).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import functools
 import glob
@@ -24,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,6 +96,20 @@ def _cuda_arch() -> str:
     return os.environ.get("DUALCOOP_CUDA_ARCH", DEFAULT_CUDA_ARCH)
 
 
+@contextlib.contextmanager
+def _arch_list(arch: str | None):
+    """TORCH_CUDA_ARCH_LIST as the architecture built for (e.g. "9.0" for "90") while torch builds, unless
+    the user set it: unset, torch 2.4 to 2.8 fail on a machine without a GPU (an empty list)."""
+    if arch is None or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        yield
+        return
+    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{arch[:-1]}.{arch[-1]}"
+    try:
+        yield
+    finally:
+        del os.environ["TORCH_CUDA_ARCH_LIST"]
+
+
 def _is_cuda_toolkit(home: str | None) -> bool:
     return (
         bool(home)
@@ -134,7 +150,24 @@ def _cuda_unbuildable() -> str | None:
         return f"nvcc not found (CUDA_HOME={home}); set CUDA_HOME to a CUDA toolkit"
     if not _is_cuda_toolkit(home):
         return f"CUDA_HOME={home} has no lib64/libcudart.so to link; set CUDA_HOME to a CUDA toolkit"
+    release = _nvcc_release(home)
+    if release is not None and release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return (
+            f"nvcc {release} (CUDA_HOME={home}) and this torch's CUDA {torch.version.cuda} differ in major "
+            f"version; set CUDA_HOME to a CUDA {torch.version.cuda.split('.')[0]} toolkit"
+        )
     return None
+
+
+@functools.cache
+def _nvcc_release(home: str) -> str | None:
+    """The CUDA release of a toolkit's nvcc ("13.0"), None when it does not say."""
+    try:
+        banner = subprocess.run([str(Path(home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True)
+    except OSError:
+        return None
+    found = re.search(r"release (\d+\.\d+)", banner.stdout)
+    return found[1] if found else None
 
 
 @functools.cache
@@ -270,7 +303,8 @@ class _Loader:
         if part == "cuda":  # torch builds with its own guess of the toolkit, read when it compiles
             cpp_extension.CUDA_HOME = _cuda_home()
         try:
-            cpp_extension.load(name=name, is_python_module=False, verbose=False, **load_arguments)
+            with _arch_list(_cuda_arch() if part == "cuda" else None):
+                cpp_extension.load(name=name, is_python_module=False, verbose=False, **load_arguments)
         except Exception as error:  # a compiler error, a link error
             self.status.why_not[part] = f"build failed: {str(error).strip()[-2000:]}"
             self.failed.add(part)
