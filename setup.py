@@ -23,17 +23,18 @@ setup(
         "dualcoop_kernels.csrc": ["*.h", "*.cpp", "cpu/*.cpp", "cuda/*.cu"],
         "dualcoop_kernels.data": ["*.json"],
     },
+    # Python 3.9 and 3.10 are checked statically (vermin in the README's check line); 3.11 runs
     python_requires=">=3.9",
-    # No upper pins: GPU users keep their own torch. CI pins live in constraints/cpu.txt.
-    install_requires=["torch>=2.4", "numpy", 'triton; platform_system == "Linux"'],
+    # The oldest stack CI tests (constraints/oldest.txt), no upper pins: GPU users keep their own torch.
+    install_requires=["torch>=2.6", "numpy>=1.26", 'triton>=3.2; platform_system == "Linux"'],
     entry_points={"console_scripts": ["dualcoop = dualcoop_kernels.cli:main"]},
     extras_require={
         # the model, training and the dualcoop command (torchvision, tqdm); shared prompts in safetensors
-        "clip": ["open_clip_torch>=2.24", "safetensors"],
+        "clip": ["open_clip_torch>=2.26.1", "torchvision>=0.21", "safetensors"],
         "plot": ["matplotlib"],  # pictures of a training run
         "bigearthnet": ["pyarrow"],  # BigEarthNet v2.0's metadata table
         "extension": ["ninja"],  # builds the optional C++/CUDA loss (also needs a C++ compiler)
         # selenium drives Debian's chromium (and chromium-driver) in the report's browser test
-        "test": ["pytest", "pytest-benchmark", "ninja", "ruff", "matplotlib", "pyarrow", "selenium"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "ruff", "vermin", "matplotlib", "pyarrow", "selenium"],
     },
 )

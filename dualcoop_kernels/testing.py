@@ -142,14 +142,16 @@ def head_draw(head, inputs, grad_output, *, wta, wta_gamma, logit_scale=DEFAULT_
     got = results(head, inputs, grad_output, **options)
     conditions = head_conditions(*exact_inputs, grad_output, **settings)
     kept = [0] + [1 + i for i, t in enumerate(inputs) if t.requires_grad]
-    return [Draw(g, e, x, conditions[i]) for g, e, x, i in zip(got, eager, exact, kept, strict=True)]
+    assert len(got) == len(eager) == len(exact) == len(kept)  # no zip(strict=True): Python 3.9
+    return [Draw(g, e, x, conditions[i]) for g, e, x, i in zip(got, eager, exact, kept)]
 
 
 def assert_accurate(draws: list[list[Draw]], names: list[str], dtype: torch.dtype, what: str) -> None:
     """The rules over ``draws`` (one list of results per draw, named by ``names``), every failure listed."""
+    assert all(len(draw) == len(names) for draw in draws)
     failures = [
         failure
-        for name, column in zip(names, zip(*draws, strict=True))
+        for name, column in zip(names, zip(*draws))
         for failure in accuracy_failures(list(column), dtype, f"{what} {name}")
     ]
     assert not failures, "\n".join(failures)
