@@ -1,19 +1,29 @@
-"""Compile every Triton head kernel for a CUDA architecture without a GPU and print what ptxas reports:
-registers per thread and bytes spilled to local memory. A spill is a slow kernel on the GPU; this
-shows it on any machine.
+"""Compile the Triton head's kernels for CUDA GPUs without a GPU, exactly as the runtime compiles them for
+a preset's shapes, and read what would run: registers, spills, shared memory, programs per
+multiprocessor, the grid and its waves, and, from the SASS of each kernel's innermost loops, the
+matrix instructions, barriers, async copies and local-memory traffic per trip.
 
-    python benchmarks/kernel_resources.py                      # fp32, the tiles choose_launch_config picks, sm_90
-    python benchmarks/kernel_resources.py --dtype bfloat16 --tiles 64,32,16,64 --num-warps 8 --num-stages 1
+    python benchmarks/kernel_resources.py                                    # coco, float32, sm_90
+    python benchmarks/kernel_resources.py --arch 80 86 89 90 --dtype float32 bfloat16 --preset all --json rows.json
+    python benchmarks/kernel_resources.py --wta all --dtype float64 --preset coco    # every WTA mode
 
-It also shows that every kernel compiles for the GPU, which Triton's CPU interpreter never checks.
+How: the host functions (``dualcoop_head_forward`` and ``_backward``) run on CPU tensors of the
+preset's shapes with the kernels' launches recorded instead of made; each recorded launch is then
+compiled through Triton's own launcher in warm-up mode under a stand-in driver that names the target
+GPU, so the kernel gets the runtime's specialisations (16-byte aligned pointers and integer arguments
+divisible by 16 marked so, arguments equal to 1 made constants) and the launch settings
+``choose_launch_config`` picks for that GPU's multiprocessor count. ptxas reports registers and
+spills; nvdisasm (both shipped with Triton) gives the SASS. It also shows that every kernel compiles
+for the GPU, which Triton's CPU interpreter never checks.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
+import contextlib
+import json
+import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,142 +31,254 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.runtime import driver
 
-from harness import format_table
+from harness import HEAD_PRESETS, PRESET_WTA, format_table
 
-from dualcoop_kernels.options import WTA_WEIGHT_CODES, WTA_WEIGHTS
+from dualcoop_kernels.options import WTA_MODES
 from dualcoop_kernels.triton import head as triton_head
-from dualcoop_kernels.triton.head import LaunchConfig, choose_launch_config
+from dualcoop_kernels.triton.head import LaunchConfig
 
-
-def ptxas_path() -> str:
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    found = str(bundled) if bundled.exists() else shutil.which("ptxas")
-    if found is None:
-        sys.exit("no ptxas: neither triton's bundled one nor one on PATH")
-    return found
-
-
-DTYPES = {  # input dtype: (its pointer type, compute pointer type, accumulator, dot precision)
-    "float32": ("*fp32", "*fp32", tl.float32, "tf32x3"),
-    "bfloat16": ("*bf16", "*fp32", tl.float32, "tf32x3"),
-    "float16": ("*fp16", "*fp32", tl.float32, "tf32x3"),
-    "float64": ("*fp64", "*fp64", tl.float64, "ieee"),
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+# A GPU of each architecture: multiprocessors, and per multiprocessor the shared memory blocks may use,
+# the most resident threads and blocks (CUDA's occupancy tables); 65,536 registers on every one.
+GPUS = {
+    80: dict(gpu="A100", multiprocessors=108, shared=164 * 1024, threads=2048, blocks=32),
+    86: dict(gpu="RTX 3090", multiprocessors=82, shared=100 * 1024, threads=1536, blocks=16),
+    89: dict(gpu="RTX 4090", multiprocessors=128, shared=100 * 1024, threads=1536, blocks=24),
+    90: dict(gpu="H100 SXM", multiprocessors=132, shared=228 * 1024, threads=2048, blocks=32),
+}
+REGISTERS_PER_SM = 65536
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+# SASS opcodes counted per trip of an innermost loop
+SASS_CLASSES = {
+    "mma": re.compile(r"^(HGMMA|HMMA|DMMA|IMMA|QGMMA)\b"),
+    "barriers": re.compile(r"^BAR\b"),  # CTA-wide (BAR.SYNC); wgmma's own waits are not counted
+    "async_copies": re.compile(r"^(LDGSTS|UTMALDG|UBLKCP|LDGDEPBAR)\b"),
+    "global_loads": re.compile(r"^LDG\b"),
+    "local_memory": re.compile(r"^(LDL|STL)\b"),
 }
 
 
-def signature(kernel, constexprs: dict, dtype: str) -> dict:
-    """Types of a kernel's arguments: pointers by ``triton_head.POINTER_KINDS``, the float64-typed
-    scalars by their annotation, and 32-bit integers for the rest (sizes and strides)."""
-    input_pointer, compute_pointer, _, _ = DTYPES[dtype]
-    pointer_types = {"input": input_pointer, "compute": compute_pointer, "index": "*i32"}
-    types = {}
-    for name, parameter in inspect.signature(kernel.fn).parameters.items():
-        if name in constexprs:
-            types[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            types[name] = pointer_types[triton_head.POINTER_KINDS.get(name, "compute")]
-        elif parameter.annotation in (tl.float64, "tl.float64"):
-            types[name] = "fp64"
-        else:
-            types[name] = "i32"
-    return types
+def recorded_launches(dtype: torch.dtype, wta: str, shape: dict, launch: LaunchConfig) -> list[tuple]:
+    """(kernel, grid, args, kwargs) of every launch of one forward and backward at ``shape``."""
+    launches = []
+    saved = {kernel: kernel.run for kernel in triton_head.KERNELS}
+
+    def recorder(kernel):
+        return lambda *args, grid, warmup, **kwargs: launches.append((kernel, grid, args, kwargs))
+
+    B, N, D, C = shape["B"], shape["N"], shape["D"], shape["C"]
+    features = torch.randn(B, N, D, dtype=dtype)
+    texts = [torch.randn(C, D, dtype=dtype) for _ in range(3)]
+    theta = torch.tensor(3.0, dtype=triton_head._compute_dtype(dtype))
+    options = (wta, 1.0, 20.0, launch.as_list())
+    try:
+        for kernel in triton_head.KERNELS:
+            kernel.run = recorder(kernel)
+        outputs = triton_head.dualcoop_head_forward(features, *texts, theta, *options)
+        grad = torch.ones(B, 2, C, dtype=outputs[0].dtype)
+        triton_head.dualcoop_head_backward(grad, features, *texts, theta, *outputs, *options, True, True, True)
+    finally:
+        for kernel, run in saved.items():
+            kernel.run = run
+    return launches
 
 
-def ast_source(kernel, types: dict, constexprs: dict) -> ASTSource:
-    """What triton.compile takes for a kernel: triton 3.3 and newer key the constexprs by argument path,
-    older releases by name (the package's oldest supported Triton, 3.2, among them)."""
-    if "constexprs" not in inspect.signature(ASTSource).parameters:
-        return ASTSource(fn=kernel, signature=types, constants=constexprs)
-    names = list(inspect.signature(kernel.fn).parameters)
-    return ASTSource(
-        fn=kernel, signature=types, constexprs={(names.index(name),): value for name, value in constexprs.items()}
-    )
+class _TargetOnly:
+    """Triton's active driver for a GPU that is not here: the target to compile for, nothing to launch on.
+    Each architecture is its own 'device', so that Triton keeps their kernels apart."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_current_device(self):
+        return self.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
 
 
-def resources(kernel, constexprs: dict, dtype: str, arch: int, num_warps: int, num_stages: int) -> dict:
-    compiled = triton.compile(
-        ast_source(kernel, signature(kernel, constexprs, dtype), constexprs),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
-    )
-    target = re.search(r"^\.target (\S+)", compiled.asm["ptx"], re.M)[1]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-        ptx.write(compiled.asm["ptx"])
-        ptx.flush()
+def ptxas_report(ptx: str) -> dict:
+    target = re.search(r"^\.target (\S+)", ptx, re.M)[1]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as file:
+        file.write(ptx)
+        file.flush()
         report = subprocess.run(
-            [ptxas_path(), f"-arch={target}", "-v", ptx.name, "-o", "/dev/null"],
+            [str(TOOLS / "ptxas"), f"-arch={target}", "-v", file.name, "-o", "/dev/null"],
             capture_output=True,
             text=True,
             check=True,
         ).stderr
     spills = re.search(r"(\d+) bytes spill stores", report)
     return dict(
-        registers=int(re.search(r"Used (\d+) registers", report)[1]),
-        spill_bytes=int(spills[1]) if spills else 0,
-        shared_bytes=compiled.metadata.shared,
+        registers=int(re.search(r"Used (\d+) registers", report)[1]), spill_bytes=int(spills[1]) if spills else 0
     )
+
+
+def sass_lines(cubin: bytes) -> list[str]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        listing = subprocess.run(
+            [str(TOOLS / "nvdisasm"), "-c", file.name], capture_output=True, text=True, check=True
+        ).stdout
+    return listing.splitlines()
+
+
+def innermost_loops(lines: list[str]) -> list[list[str]]:
+    """The instructions of each innermost loop: spans from a label to a later branch back to it that
+    hold no other such span."""
+    labels, instructions, loops = {}, [], []
+    for line in lines:
+        label = re.match(r"^(\.L_x_\d+):", line)
+        if label:
+            labels[label[1]] = len(instructions)
+            continue
+        found = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(.+?)\s*;", line)
+        if not found:
+            continue
+        instructions.append(found[1])
+        back = re.search(r"BRA\s+`?\((\.L_x_\d+)\)", found[1])
+        if back and back[1] in labels and labels[back[1]] < len(instructions):
+            loops.append((labels[back[1]], len(instructions)))
+    innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return [instructions[a:b] for a, b in innermost]
+
+
+def loop_summary(lines: list[str]) -> dict:
+    """The innermost loop with the most matrix instructions (or the longest): its counts per trip."""
+    loops = innermost_loops(lines)
+    if not loops:
+        return dict(loop_instructions=0, mma_shape="-", **dict.fromkeys(SASS_CLASSES, 0))
+    hot = max(loops, key=lambda body: (sum(bool(SASS_CLASSES["mma"].match(op)) for op in body), len(body)))
+    counts = {name: sum(bool(pattern.match(op)) for op in hot) for name, pattern in SASS_CLASSES.items()}
+    shapes = sorted({op.split()[0] for op in hot if SASS_CLASSES["mma"].match(op)})
+    return dict(loop_instructions=len(hot), mma_shape=" ".join(shapes) or "-", **counts)
+
+
+def programs_per_multiprocessor(registers: int, shared: int, num_warps: int, arch: int) -> int:
+    gpu = GPUS[arch]
+    per_warp = -(-registers * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
+    by_registers = REGISTERS_PER_SM // (per_warp * num_warps)
+    by_threads = gpu["threads"] // (32 * num_warps)
+    by_shared = gpu["shared"] // (shared + 1024) if shared else gpu["blocks"]  # 1 KiB reserved per block
+    return min(by_registers, by_threads, by_shared, gpu["blocks"])
+
+
+def compiled_row(kernel, grid, args, kwargs, arch: int) -> dict:
+    driver.set_active(_TargetOnly(arch))  # for good: with no GPU there is no default driver to go back to
+    compiled = kernel.run(*args, grid=grid, warmup=True, **kwargs)
+    found = ptxas_report(compiled.asm["ptx"])
+    shared, num_warps = compiled.metadata.shared, kwargs.get("num_warps", 4)
+    programs = programs_per_multiprocessor(found["registers"], shared, num_warps, arch)
+    size = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
+    waves = size / (programs * GPUS[arch]["multiprocessors"]) if programs else float("inf")
+    return dict(
+        kernel=kernel.fn.__name__,
+        **found,
+        shared_bytes=shared,
+        num_warps=num_warps,
+        programs_per_sm=programs,
+        grid=size,
+        waves=round(waves, 2),
+        **loop_summary(sass_lines(compiled.asm["cubin"])),
+    )
+
+
+def rows_for(preset: str, dtype: str, wta: str, arch: int, overrides: dict) -> list[dict]:
+    shape = HEAD_PRESETS[preset]
+    B, N, D, C = shape["B"], shape["N"], shape["D"], shape["C"]
+    sms = GPUS[arch]["multiprocessors"]
+    with _multiprocessors(sms):
+        launch = triton_head.choose_launch_config(B, N, C, D, torch.device("cuda"))
+    launch = LaunchConfig(**{**vars(launch), **overrides})
+    context = dict(preset=preset, dtype=dtype, wta=wta, arch=f"sm_{arch}", gpu=GPUS[arch]["gpu"])
+    return [
+        dict(context, **compiled_row(kernel, grid, args, kwargs, arch), launch=str(launch))
+        for kernel, grid, args, kwargs in recorded_launches(DTYPES[dtype], wta, shape, launch)
+    ]
+
+
+@contextlib.contextmanager
+def _multiprocessors(count: int):
+    saved = triton_head._multiprocessors
+    triton_head._multiprocessors = lambda device: count
+    try:
+        yield
+    finally:
+        triton_head._multiprocessors = saved
+
+
+COLUMNS = [
+    ("preset", "preset"),
+    ("dtype", "dtype"),
+    ("arch", "arch"),
+    ("wta", "wta"),
+    ("kernel", "kernel"),
+    ("registers", "regs"),
+    ("spill_bytes", "spill B"),
+    ("shared_bytes", "shared B"),
+    ("programs_per_sm", "progs/SM"),
+    ("grid", "grid"),
+    ("waves", "waves"),
+    ("loop_instructions", "loop instr"),
+    ("mma", "MMA"),
+    ("mma_shape", "MMA shape"),
+    ("barriers", "barriers"),
+    ("async_copies", "async"),
+    ("global_loads", "LDG"),
+    ("local_memory", "LDL/STL"),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(GPUS), help="compute capabilities")
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=list(DTYPES), help="the inputs' dtypes")
+    parser.add_argument("--preset", nargs="+", default=["coco"], help=f"of {list(HEAD_PRESETS)}, or all")
+    parser.add_argument("--wta", default="preset", help="a WTA mode, 'preset' (each preset's own) or 'all'")
+    parser.add_argument("--tiles", help="block_n,block_c,block_d,block_d_grad instead of choose_launch_config's")
+    parser.add_argument("--num-warps", type=int)
+    parser.add_argument("--num-stages", type=int)
+    parser.add_argument("--json", type=Path, help="write the rows to this file")
+    return parser
+
+
+def _overrides(args) -> dict:
+    overrides = {}
+    if args.tiles:
+        overrides.update(zip(("block_n", "block_c", "block_d", "block_d_grad"), map(int, args.tiles.split(","))))
+    if args.num_warps:
+        overrides["num_warps"] = args.num_warps
+    if args.num_stages:
+        overrides["num_stages"] = args.num_stages
+    return overrides
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100")
-    parser.add_argument(
-        "--tiles", help="block_n,block_c,block_d,block_d_grad (default: choose_launch_config for the coco preset)"
-    )
-    parser.add_argument("--num-warps", type=int)
-    parser.add_argument("--num-stages", type=int)
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the inputs' dtype")
-    args = parser.parse_args(argv)
-    launch = choose_launch_config(64, 196, 80, 512, torch.device("cpu"))
-    if args.tiles:
-        n, c, d, d_grad = map(int, args.tiles.split(","))
-        launch = LaunchConfig(n, c, d, d_grad)
-    num_warps = args.num_warps or launch.num_warps
-    num_stages = args.num_stages or launch.num_stages
-    _, _, accumulator, precision = DTYPES[args.dtype]
-    tiles = dict(BLOCK_N=launch.block_n, BLOCK_C=launch.block_c, BLOCK_D=launch.block_d)
-    tiles.update(ACC=accumulator, PRECISION=precision)
+    args = _parser().parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the kernels are compiled here, not interpreted")
+    presets = list(HEAD_PRESETS) if args.preset == ["all"] else args.preset
+    unknown = [preset for preset in presets if preset not in HEAD_PRESETS]
+    if unknown or args.wta not in ("preset", "all", *WTA_MODES):
+        sys.exit(f"unknown preset {unknown} or WTA mode {args.wta!r}")
     rows = []
-    reported = {triton_head._text_grad_finish_kernel}
-    for wta, (positive, negative) in WTA_WEIGHTS.items():
-        sides = dict(WTA_POS=WTA_WEIGHT_CODES[positive], WTA_NEG=WTA_WEIGHT_CODES[negative])
-        kernels = [
-            (triton_head._head_forward_kernel, {}),
-            (triton_head._text_grad_kernel, dict(WANT_TEXT=True, BLOCK_DT=launch.block_d_grad)),
-            (triton_head._feature_grad_kernel, dict(BLOCK_DT=launch.block_d_grad)),
-        ]
-        if wta != "none":
-            kernels += [(triton_head._region_stats_kernel, {}), (triton_head._region_sums_kernel, {})]
-        for kernel, extra in kernels:
-            found = resources(kernel, dict(tiles, **sides, **extra), args.dtype, args.arch, num_warps, num_stages)
-            rows.append(dict(kernel=kernel.fn.__name__, wta=wta, **found))
-            reported.add(kernel)
-    missing = [kernel.fn.__name__ for kernel in triton_head.KERNELS if kernel not in reported]
-    if missing:
-        sys.exit(f"kernels without a report here: {missing} (add them to main)")
-    finish = dict(BLOCK_C=launch.block_c, BLOCK_DT=launch.block_d_grad, ACC=accumulator)
-    found = resources(triton_head._text_grad_finish_kernel, finish, args.dtype, args.arch, num_warps, num_stages)
-    rows.append(dict(kernel="_text_grad_finish_kernel", wta="-", **found))
-    print(
-        f"{args.dtype} inputs, sm_{args.arch}, launch {launch}, num_warps {num_warps}, num_stages {num_stages}, "
-        f"triton {triton.__version__}"
-    )
-    print(
-        format_table(
-            rows,
-            [
-                ("kernel", "kernel"),
-                ("wta", "wta"),
-                ("registers", "registers"),
-                ("spill_bytes", "spill bytes"),
-                ("shared_bytes", "shared bytes"),
-            ],
-        )
-    )
+    for preset in presets:
+        modes = WTA_MODES if args.wta == "all" else [PRESET_WTA[preset] if args.wta == "preset" else args.wta]
+        for dtype in args.dtype:
+            for arch in args.arch:
+                for wta in modes:
+                    rows += rows_for(preset, dtype, wta, arch, _overrides(args))
+    print(f"triton {triton.__version__}, compiled as launched; launch settings per preset in --json")
+    print(format_table(rows, COLUMNS))
+    if args.json:
+        args.json.write_text(json.dumps(dict(triton=triton.__version__, rows=rows), indent=1))
     return 0
 
 

@@ -31,9 +31,10 @@ def test_kernels_compile_for_the_gpu(dtype, arch):
     loop-carried variable changing type, or syntax an older Triton lacks, say): compile every kernel
     for sm_80 and sm_90 with Triton's ptxas."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    command = [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--dtype", dtype, "--arch", str(arch)]
+    script = str(ROOT / "benchmarks" / "kernel_resources.py")
+    command = [sys.executable, script, "--dtype", dtype, "--arch", str(arch), "--wta", "all", "--preset", "coco"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    # every mode: the forward and both gradient kernels, with WTA also both statistics kernels; one finish kernel
-    expected = sum(3 if sides == ("one", "one") else 5 for sides in WTA_WEIGHTS.values()) + 1
+    # every launch of a forward and backward in every mode: with WTA the statistics and sums kernels too
+    expected = sum(4 if sides == ("one", "one") else 6 for sides in WTA_WEIGHTS.values())
     assert finished.stdout.count("_kernel") == expected

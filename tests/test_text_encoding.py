@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,8 @@ def test_every_path_equals_encode_text(text_encoding, csc):
 
 @pytest.mark.skipif(
     "qk_norm" not in open_clip.model.CLIPTextCfg.__dataclass_fields__,
-    reason=f"open_clip {open_clip.__version__} builds no qk_norm blocks (the sequence-first test covers the fallback)",
+    reason=f"open_clip {version('open_clip_torch')} builds no qk_norm blocks "
+    "(the sequence-first test covers the fallback)",
 )
 def test_non_standard_blocks_fall_back_to_open_clips_transformer():
     """qk_norm makes open_clip build its custom blocks, which the fused paths do not compute."""
