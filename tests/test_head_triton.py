@@ -278,6 +278,20 @@ def test_operators_pass_torch_library_opcheck(wta, dtype):
     )
 
 
+@pytest.mark.parametrize("poisoned", ["features", "text_evidence", "text_pos", "text_neg"])
+@pytest.mark.parametrize("wta", WTA_MODES)
+def test_nan_in_an_input_gives_nan_logits_where_eager_does(poisoned, wta):
+    """tl.max drops a NaN that torch.max returns: a NaN prompt of one class must still reach every class
+    through the WTA statistics, as in eager."""
+    inputs = list(head_inputs(2, 7, 16, 5, dtype=torch.float32, requires_grad=False))
+    index = ["features", "text_evidence", "text_pos", "text_neg"].index(poisoned)
+    inputs[index].view(-1)[9] = float("nan")
+    expected = dualcoop_head_reference(*inputs, wta=wta)
+    got = dualcoop_head_triton(*inputs, wta=wta)
+    assert expected.isnan().any()
+    assert torch.equal(got.isnan(), expected.isnan())
+
+
 def test_negative_wta_gamma_is_refused_by_every_backend():
     features, te, tp, tn, log_temp = head_inputs(2, 5, 16, 3)
     for backend in ("reference", "triton"):

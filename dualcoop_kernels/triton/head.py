@@ -260,6 +260,7 @@ def _region_stats_kernel(
     run_min = tl.full((BLOCK_N,), float("inf"), ACC)
     arg_max = tl.zeros((BLOCK_N,), tl.int32)
     arg_min = tl.zeros((BLOCK_N,), tl.int32)
+    has_nan = tl.zeros((BLOCK_N,), tl.int32)  # tl.max drops NaN where torch.max returns it
     for c_start in range(0, C, BLOCK_C):
         class_mask, sim_p = _positive_tile(
             f_ptr,
@@ -288,6 +289,9 @@ def _region_stats_kernel(
         arg_min = tl.where(tile_min < run_min, tl.argmin(for_min, axis=1) + c_start, arg_min)
         run_max = tl.maximum(run_max, tile_max)
         run_min = tl.minimum(run_min, tile_min)
+        has_nan = tl.maximum(has_nan, tl.max((sim_p != sim_p).to(tl.int32), axis=1))
+    run_max = tl.where(has_nan > 0, float("nan"), run_max)
+    run_min = tl.where(has_nan > 0, float("nan"), run_min)
 
     # u = gamma c s+ peaks where s+ does when c >= 0, and where s+ is smallest when c < 0
     shift_pos = tl.where(run_max >= 0, run_max, run_min)
