@@ -193,25 +193,28 @@ def compiled_row(kernel, grid, args, kwargs, arch: int) -> dict:
 def rows_for(preset: str, dtype: str, wta: str, arch: int, overrides: dict) -> list[dict]:
     shape = HEAD_PRESETS[preset]
     B, N, D, C = shape["B"], shape["N"], shape["D"], shape["C"]
-    sms = GPUS[arch]["multiprocessors"]
-    with _multiprocessors(sms):
-        launch = triton_head.choose_launch_config(B, N, C, D, torch.device("cuda"))
-    launch = LaunchConfig(**{**vars(launch), **overrides})
     context = dict(preset=preset, dtype=dtype, wta=wta, arch=f"sm_{arch}", gpu=GPUS[arch]["gpu"])
+    with _as_gpu(arch):
+        launch = triton_head.choose_launch_config(B, N, C, D, torch.device("cuda"))
+        launch = LaunchConfig(**{**vars(launch), **overrides})
+        launches = recorded_launches(DTYPES[dtype], wta, shape, launch)
     return [
-        dict(context, **compiled_row(kernel, grid, args, kwargs, arch), launch=str(launch))
-        for kernel, grid, args, kwargs in recorded_launches(DTYPES[dtype], wta, shape, launch)
+        dict(context, **compiled_row(kernel, grid, args, kwargs, arch), precision=kwargs.get("PRECISION", "-"))
+        | dict(launch=str(launch))
+        for kernel, grid, args, kwargs in launches
     ]
 
 
 @contextlib.contextmanager
-def _multiprocessors(count: int):
-    saved = triton_head._multiprocessors
-    triton_head._multiprocessors = lambda device: count
+def _as_gpu(arch: int):
+    """The host functions choose launch settings and dot precision for a GPU of ``arch``."""
+    saved = triton_head._multiprocessors, triton_head._capability
+    triton_head._multiprocessors = lambda device: GPUS[arch]["multiprocessors"]
+    triton_head._capability = lambda device: divmod(arch, 10)
     try:
         yield
     finally:
-        triton_head._multiprocessors = saved
+        triton_head._multiprocessors, triton_head._capability = saved
 
 
 COLUMNS = [
@@ -220,6 +223,7 @@ COLUMNS = [
     ("arch", "arch"),
     ("wta", "wta"),
     ("kernel", "kernel"),
+    ("precision", "precision"),
     ("registers", "regs"),
     ("spill_bytes", "spill B"),
     ("shared_bytes", "shared B"),

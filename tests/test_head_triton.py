@@ -26,6 +26,7 @@ from dualcoop_kernels.testing import (
 )
 from dualcoop_kernels.triton import head as triton_head
 from dualcoop_kernels.triton.head import LaunchConfig, dualcoop_head_triton
+from dualcoop_kernels.triton.precision import dot_precision
 
 # most tests here compare in float64, which Triton's dots take from 3.5 on
 pytestmark = needs_triton(torch.float64)
@@ -118,6 +119,34 @@ def test_the_accuracy_rules_fail_a_wrong_head_and_pass_eager(head, fails):
     # the condition rule alone catches it, on every draw, and so does the median rule
     assert any(sum("condition bound" in f for f in found) == DRAWS[torch.float32] for found in failures), failures
     assert any("median" in f for found in failures for f in found), failures
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("emulation, passes", [("tf32x3", True), ("tf32", False), ("bf16", False)])
+def test_the_gpus_dots_keep_the_accuracy_rule_where_plain_tf32_would_not(monkeypatch, emulation, passes, dtype):
+    """DUALCOOP_EMULATE_DOTS rounds the interpreter's dot operands as a GPU would (precision.py): the
+    3xTF32 products chosen for sm_80 and sm_90 pass the rule (IEEE, sm_86 and sm_89, is what the other
+    tests run); plain TF32 or bfloat16 products, amplified by WTA, would fail it."""
+    monkeypatch.setenv("DUALCOOP_EMULATE_DOTS", emulation)
+    draws = []
+    for _ in range(DRAWS[dtype]):
+        inputs, grad_output = low_precision_head_inputs(*SHAPES[0].values[:4], dtype)
+        draws.append(head_draw(dualcoop_head_triton, inputs, grad_output, wta="pos_neg_softmax", wta_gamma=5.0))
+    failures = [accuracy_failures(list(column), dtype, name) for name, column in zip(NAMES, zip(*draws))]
+    assert not any(failures) if passes else any(failures), failures
+
+
+def test_dot_precision_is_decided_per_gpu_in_one_place(monkeypatch):
+    assert dot_precision(torch.float32, (9, 0)) == dot_precision(torch.float32, (8, 0)) == "tf32x3"
+    assert dot_precision(torch.float32, (8, 6)) == dot_precision(torch.float32, (8, 9)) == "ieee"
+    assert dot_precision(torch.float64, (9, 0)) == dot_precision(torch.float64, None) == "ieee"
+    assert dot_precision(torch.float32, None) == "ieee"  # the interpreter's exact dots
+    monkeypatch.setenv("DUALCOOP_EMULATE_DOTS", "tf32x3")
+    assert dot_precision(torch.float32, None) == "emulate-tf32x3"
+    assert dot_precision(torch.float32, (9, 0)) == "tf32x3"  # a GPU never emulates
+    monkeypatch.setenv("DUALCOOP_EMULATE_DOTS", "fp8")
+    with pytest.raises(ValueError, match=r"DUALCOOP_EMULATE_DOTS must be one of \('tf32', 'tf32x3', 'bf16'\)"):
+        dot_precision(torch.float32, None)
 
 
 @pytest.mark.slow

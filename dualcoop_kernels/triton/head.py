@@ -25,11 +25,11 @@ backward
 
 Nothing of size B x N x C is written: the backward recomputes similarity tiles. Saved for the backward:
 the inputs, the logits in the compute dtype, and O(B*C + B*N) statistics. Arithmetic is float32 for
-fp16, bf16 and fp32 inputs, with float32-accurate dots (WTA amplifies TF32 error: docs/math.md, "Numerics"), and
-float64 for float64 inputs. The scalars gamma and k are kernel arguments typed float64, converted to
-the compute dtype on entry: untyped, a Python float reaches a GPU kernel as fp32, which would round
-them for a float64 head. Every launch runs under the tensors' CUDA device (and so its current
-stream), whatever the current device is.
+fp16, bf16 and fp32 inputs, with float32-accurate dots (WTA amplifies TF32 error: docs/math.md,
+"Numerics"; which products on which GPU: precision.py), and float64 for float64 inputs. The scalars
+gamma and k are kernel arguments typed float64, converted to the compute dtype on entry: untyped, a
+Python float reaches a GPU kernel as fp32, which would round them for a float64 head. Every launch
+runs under the tensors' CUDA device (and so its current stream), whatever the current device is.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from ..options import DEFAULT_LOGIT_SCALE, DEFAULT_WTA_GAMMA, WTA_WEIGHT_CODES, WTA_WEIGHTS
+from .precision import dot_precision
 
 # The kernels' WTA_POS and WTA_NEG: how a mode weighs the positive and the negative logits (options.py).
 WEIGHT_ONE, WEIGHT_NORM, WEIGHT_ONE_PLUS_SOFTMAX, WEIGHT_SOFTMAX = (
@@ -66,6 +67,38 @@ STATS, INDICES, SUMS = 8, 3, 6  # the host's sizes of the three
 # ----------------------------------------------------------------------------------------------------
 # Tile helpers shared by the kernels
 # ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_tf32(x):
+    """float32 to the nearest TF32 (10 fraction bits, ties away from zero), as cvt.rna.tf32 rounds."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_bf16(x):
+    """float32 to the nearest bfloat16 (ties to even), kept in float32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b with the products ``precision.py`` chose; its "emulate-*" precisions (the interpreter only)
+    round the operands as a GPU would and multiply exactly."""
+    if PRECISION == "emulate-tf32":
+        result = tl.dot(_round_tf32(a), _round_tf32(b), input_precision="ieee", out_dtype=ACC)
+    elif PRECISION == "emulate-tf32x3":  # big and small TF32 parts, small x small dropped
+        a_big, b_big = _round_tf32(a), _round_tf32(b)
+        result = tl.dot(_round_tf32(a - a_big), b_big, input_precision="ieee", out_dtype=ACC)
+        result += tl.dot(a_big, _round_tf32(b - b_big), input_precision="ieee", out_dtype=ACC)
+        result += tl.dot(a_big, b_big, input_precision="ieee", out_dtype=ACC)
+    elif PRECISION == "emulate-bf16":
+        result = tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee", out_dtype=ACC)
+    else:
+        result = tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
+    return result
 
 
 @triton.jit
@@ -129,13 +162,13 @@ def _similarity_tiles(
         dim_mask = dims < D
         f = _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC)
         t_p = _load_text_chunk(tp_ptr, classes, class_mask, dims, dim_mask, D, ACC)
-        sim_p += tl.dot(f, tl.trans(t_p), input_precision=PRECISION, out_dtype=ACC)
+        sim_p += _dot(f, tl.trans(t_p), ACC, PRECISION)
         if WANT_E:
             t_e = _load_text_chunk(te_ptr, classes, class_mask, dims, dim_mask, D, ACC)
-            sim_e += tl.dot(f, tl.trans(t_e), input_precision=PRECISION, out_dtype=ACC)
+            sim_e += _dot(f, tl.trans(t_e), ACC, PRECISION)
         if WANT_N:
             t_n = _load_text_chunk(tn_ptr, classes, class_mask, dims, dim_mask, D, ACC)
-            sim_n += tl.dot(f, tl.trans(t_n), input_precision=PRECISION, out_dtype=ACC)
+            sim_n += _dot(f, tl.trans(t_n), ACC, PRECISION)
     text_scale_e = tl.load(text_inv_norm_ptr + classes, mask=class_mask, other=0.0)
     text_scale_p = tl.load(text_inv_norm_ptr + C + classes, mask=class_mask, other=0.0)
     text_scale_n = tl.load(text_inv_norm_ptr + 2 * C + classes, mask=class_mask, other=0.0)
@@ -841,13 +874,11 @@ def _text_grad_kernel(
                 part_e = tl.load(out, mask=add_mask, other=0.0)
                 part_p = tl.load(out + set_stride, mask=add_mask, other=0.0)
                 part_n = tl.load(out + 2 * set_stride, mask=add_mask, other=0.0)
-                tl.store(out, part_e + tl.dot(scaled_e, f, input_precision=PRECISION, out_dtype=ACC), mask=mask)
-                tl.store(
-                    out + set_stride, part_p + tl.dot(scaled_p, f, input_precision=PRECISION, out_dtype=ACC), mask=mask
-                )
+                tl.store(out, part_e + _dot(scaled_e, f, ACC, PRECISION), mask=mask)
+                tl.store(out + set_stride, part_p + _dot(scaled_p, f, ACC, PRECISION), mask=mask)
                 tl.store(
                     out + 2 * set_stride,
-                    part_n + tl.dot(scaled_n, f, input_precision=PRECISION, out_dtype=ACC),
+                    part_n + _dot(scaled_n, f, ACC, PRECISION),
                     mask=mask,
                 )
             tl.debug_barrier()  # this tile's stores are seen by every thread's loads for the next
@@ -1003,9 +1034,9 @@ def _feature_grad_kernel(
             t_e = _load_text_chunk(te_ptr, classes, class_mask, dims, dim_mask, D, ACC)
             t_p = _load_text_chunk(tp_ptr, classes, class_mask, dims, dim_mask, D, ACC)
             t_n = _load_text_chunk(tn_ptr, classes, class_mask, dims, dim_mask, D, ACC)
-            partial += tl.dot(scaled_e, t_e, input_precision=PRECISION, out_dtype=ACC)
-            partial += tl.dot(scaled_p, t_p, input_precision=PRECISION, out_dtype=ACC)
-            partial += tl.dot(scaled_n, t_n, input_precision=PRECISION, out_dtype=ACC)
+            partial += _dot(scaled_e, t_e, ACC, PRECISION)
+            partial += _dot(scaled_p, t_p, ACC, PRECISION)
+            partial += _dot(scaled_n, t_n, ACC, PRECISION)
             tl.store(out, partial, mask=mask)
         tl.debug_barrier()  # this class tile's stores are seen by every thread's loads for the next
     for d_start in range(0, D, BLOCK_DT):
@@ -1105,7 +1136,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _kernel_constants(compute: torch.dtype, launch: LaunchConfig, wta: str) -> dict:
+@torch.compiler.assume_constant_result
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """The GPU's compute capability, None off the GPU (the interpreter); torch.compile reads it once."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def _kernel_constants(compute: torch.dtype, launch: LaunchConfig, wta: str, device: torch.device) -> dict:
     return dict(
         WTA_POS=WTA_WEIGHT_CODES[WTA_WEIGHTS[wta][0]],
         WTA_NEG=WTA_WEIGHT_CODES[WTA_WEIGHTS[wta][1]],
@@ -1113,8 +1150,7 @@ def _kernel_constants(compute: torch.dtype, launch: LaunchConfig, wta: str) -> d
         BLOCK_C=launch.block_c,
         BLOCK_D=launch.block_d,
         ACC=tl.float64 if compute == torch.float64 else tl.float32,
-        # float32 needs float32-accurate products (WTA amplifies TF32 error): 3xTF32 on tensor cores
-        PRECISION="ieee" if compute == torch.float64 else "tf32x3",
+        PRECISION=dot_precision(compute, _capability(device)),
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )
@@ -1171,7 +1207,7 @@ def dualcoop_head_forward(
     text_inv_norm = torch.stack([_inverse_norms(text, compute) for text in texts])  # (3, C)
     if B == 0:
         return logits, lse, inv_norm, text_inv_norm, stats, index
-    constants = _kernel_constants(compute, launch, wta)
+    constants = _kernel_constants(compute, launch, wta, device)
     common = _common_args(features, texts, text_inv_norm, inv_norm)
     with _on_device(device):
         if wta != "none":
@@ -1246,7 +1282,7 @@ def dualcoop_head_backward(
         )
     with _on_device(device):
         grad_logits = grad_logits.to(compute).contiguous()
-        constants = _kernel_constants(compute, launch, wta)
+        constants = _kernel_constants(compute, launch, wta, device)
         common = _common_args(features, texts, text_inv_norm, inv_norm)
         region_tiles = triton.cdiv(N, launch.block_n)
         class_tiles = triton.cdiv(C, launch.block_c)
