@@ -307,6 +307,7 @@ def test_operators_pass_torch_library_opcheck(wta, dtype):
     )
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
 @pytest.mark.parametrize("poisoned", ["features", "text_evidence", "text_pos", "text_neg"])
 @pytest.mark.parametrize("wta", WTA_MODES)
 def test_nan_in_an_input_gives_nan_logits_where_eager_does(poisoned, wta):
@@ -373,3 +374,14 @@ def test_cuda_launch_settings_are_traceable(monkeypatch):
     assert expected > 1
     compiled = torch.compile(splits_times, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(torch.ones(3)), torch.full((3,), float(expected)))
+
+
+def test_the_dot_precision_is_traceable(monkeypatch):
+    """On CUDA the precision reads the GPU's capability; torch.compile takes it as a constant."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 6))
+
+    def precision_length(x):
+        return x * len(dot_precision(torch.float32, triton_head._capability(torch.device("cuda"))))
+
+    compiled = torch.compile(precision_length, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(torch.ones(3)), torch.full((3,), float(len("ieee"))))
