@@ -1076,7 +1076,9 @@ POINTER_KINDS = {**dict.fromkeys(INPUT_POINTERS, "input"), "index_ptr": "index"}
 class LaunchConfig:
     """How the kernels are launched: tile sizes (regions, classes, the D step of the similarity GEMM,
     the D chunk of the gradient GEMMs, held in registers), how many partial sums the text gradient
-    splits its regions into, and Triton's launch options."""
+    splits its regions into, and Triton's launch options: ``num_stages`` for the kernels whose loop is
+    the similarity GEMM alone (two stages pipeline its loads with async copies), ``grad_stages`` for
+    the two gradient kernels (more stages spill them on sm_80)."""
 
     block_n: int
     block_c: int
@@ -1084,7 +1086,8 @@ class LaunchConfig:
     block_d_grad: int
     splits: int = 1
     num_warps: int = 8
-    num_stages: int = 1
+    num_stages: int = 2
+    grad_stages: int = 1
 
     def as_list(self) -> list[int]:
         # as the operators take it; not astuple, whose deepcopy torch.compile <= 2.9 cannot trace
@@ -1097,10 +1100,10 @@ def _pow2_between(value: int, low: int, high: int) -> int:
 
 def choose_launch_config(B: int, N: int, C: int, D: int, device: torch.device) -> LaunchConfig:
     """Tile sizes for a shape, and enough text-gradient splits to give every multiprocessor a few
-    programs, as far as ``PARTIALS_BYTES`` allows. tl.dot needs every side >= 16. The sizes keep every
-    kernel but the feature gradient free of register spills on sm_90 with 3xTF32 dots
-    (``benchmarks/kernel_resources.py`` shows them); a 16-wide D step is what does it: wider steps
-    spill the similarity loop."""
+    programs, as far as ``PARTIALS_BYTES`` allows. tl.dot needs every side >= 16. Compiled as launched
+    (``benchmarks/kernel_resources.py``), the sizes keep every kernel but the feature gradient free of
+    register spills on sm_80 to sm_90 at the coco and nuswide presets; a 16-wide D step is what does
+    it: wider steps spill the similarity loop."""
     launch = LaunchConfig(
         block_n=_pow2_between(N, 16, 64),
         block_c=_pow2_between(C, 16, 32),
@@ -1283,6 +1286,7 @@ def dualcoop_head_backward(
     with _on_device(device):
         grad_logits = grad_logits.to(compute).contiguous()
         constants = _kernel_constants(compute, launch, wta, device)
+        gradient_constants = dict(constants, num_stages=launch.grad_stages)
         common = _common_args(features, texts, text_inv_norm, inv_norm)
         region_tiles = triton.cdiv(N, launch.block_n)
         class_tiles = triton.cdiv(C, launch.block_c)
@@ -1330,7 +1334,7 @@ def dualcoop_head_backward(
                 logit_scale,
                 WANT_TEXT=want_texts,
                 BLOCK_DT=launch.block_d_grad,
-                **constants,
+                **gradient_constants,
             )
             if want_texts:
                 _text_grad_finish_kernel[(class_tiles, triton.cdiv(D, launch.block_d_grad), 3)](
@@ -1366,7 +1370,7 @@ def dualcoop_head_backward(
                 wta_gamma,
                 logit_scale,
                 BLOCK_DT=launch.block_d_grad,
-                **constants,
+                **gradient_constants,
             )
         return grad_features, *grad_texts, grad_temp
 
