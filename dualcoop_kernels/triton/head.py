@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ..options import DEFAULT_LOGIT_SCALE, DEFAULT_WTA_GAMMA, WTA_WEIGHT_CODES, WTA_WEIGHTS
-from .precision import dot_precision
+from .precision import dot_precision, similarity_dtype
 
 # The kernels' WTA_POS and WTA_NEG: how a mode weighs the positive and the negative logits (options.py).
 WEIGHT_ONE, WEIGHT_NORM, WEIGHT_ONE_PLUS_SOFTMAX, WEIGHT_SOFTMAX = (
@@ -102,6 +102,14 @@ def _dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _similarity_dot(f, t, ACC: tl.constexpr, PRECISION: tl.constexpr, SIM_DTYPE: tl.constexpr):
+    """f @ t^T for operands loaded in ``SIM_DTYPE``: bf16 and fp16 multiply natively, as they are."""
+    if SIM_DTYPE == ACC:
+        return _dot(f, tl.trans(t), ACC, PRECISION)
+    return tl.dot(f, tl.trans(t), out_dtype=ACC)
+
+
+@triton.jit
 def _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC: tl.constexpr):
     offsets = regions.to(tl.int64)[:, None] * stride_fn + dims.to(tl.int64)[None, :] * stride_fd
     return tl.load(f_ptr + offsets, mask=region_mask[:, None] & dim_mask[None, :], other=0.0).to(ACC)
@@ -148,11 +156,14 @@ def _similarity_tiles(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
+    SIM_DTYPE: tl.constexpr,
 ):
     """Cosine similarities of a region tile with a class tile of each prompt set: (s^e, s^+, s^-).
 
     ``f_ptr`` points at the image's first region; ``inv_norm`` holds the tile's inverse feature norms.
-    Unwanted sets come back as zeros; masked rows and columns are zero.
+    Unwanted sets come back as zeros; masked rows and columns are zero. The operands are multiplied in
+    ``SIM_DTYPE``: bf16 and fp16 inputs as they are on a GPU (their products are exact in float32, which
+    accumulates), the compute dtype otherwise (precision.py).
     """
     sim_e = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
     sim_p = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
@@ -160,15 +171,15 @@ def _similarity_tiles(
     for d_start in range(0, D, BLOCK_D):
         dims = d_start + tl.arange(0, BLOCK_D)
         dim_mask = dims < D
-        f = _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC)
-        t_p = _load_text_chunk(tp_ptr, classes, class_mask, dims, dim_mask, D, ACC)
-        sim_p += _dot(f, tl.trans(t_p), ACC, PRECISION)
+        f = _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, SIM_DTYPE)
+        t_p = _load_text_chunk(tp_ptr, classes, class_mask, dims, dim_mask, D, SIM_DTYPE)
+        sim_p += _similarity_dot(f, t_p, ACC, PRECISION, SIM_DTYPE)
         if WANT_E:
-            t_e = _load_text_chunk(te_ptr, classes, class_mask, dims, dim_mask, D, ACC)
-            sim_e += _dot(f, tl.trans(t_e), ACC, PRECISION)
+            t_e = _load_text_chunk(te_ptr, classes, class_mask, dims, dim_mask, D, SIM_DTYPE)
+            sim_e += _similarity_dot(f, t_e, ACC, PRECISION, SIM_DTYPE)
         if WANT_N:
-            t_n = _load_text_chunk(tn_ptr, classes, class_mask, dims, dim_mask, D, ACC)
-            sim_n += _dot(f, tl.trans(t_n), ACC, PRECISION)
+            t_n = _load_text_chunk(tn_ptr, classes, class_mask, dims, dim_mask, D, SIM_DTYPE)
+            sim_n += _similarity_dot(f, t_n, ACC, PRECISION, SIM_DTYPE)
     text_scale_e = tl.load(text_inv_norm_ptr + classes, mask=class_mask, other=0.0)
     text_scale_p = tl.load(text_inv_norm_ptr + C + classes, mask=class_mask, other=0.0)
     text_scale_n = tl.load(text_inv_norm_ptr + 2 * C + classes, mask=class_mask, other=0.0)
@@ -229,6 +240,7 @@ def _positive_tile(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
+    SIM_DTYPE: tl.constexpr,
 ):
     """The class tile starting at ``c_start``: its mask and s+ alone."""
     classes = c_start + tl.arange(0, BLOCK_C)
@@ -255,6 +267,7 @@ def _positive_tile(
         BLOCK_D,
         ACC,
         PRECISION,
+        SIM_DTYPE,
     )
     return class_mask, sim_p
 
@@ -284,6 +297,7 @@ def _region_stats_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
+    SIM_DTYPE: tl.constexpr,
 ):
     """Every row of the statistics (STAT_*, INDEX_*) for a region tile; a side that is not weighted
     gets defined values all the same, since an operator's outputs must be."""
@@ -312,6 +326,7 @@ def _region_stats_kernel(
             BLOCK_D,
             ACC,
             PRECISION,
+            SIM_DTYPE,
         )
         for_max = tl.where(class_mask[None, :], sim_p, float("-inf"))
         for_min = tl.where(class_mask[None, :], sim_p, float("inf"))
@@ -357,6 +372,7 @@ def _region_stats_kernel(
                 BLOCK_D,
                 ACC,
                 PRECISION,
+                SIM_DTYPE,
             )
             if POS_SOFTMAX:
                 terms = tl.exp(gamma * run_max[:, None] * sim_p - max_u_pos[:, None])
@@ -408,6 +424,7 @@ def _head_forward_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
+    SIM_DTYPE: tl.constexpr,
 ):
     gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
     image = tl.program_id(0).to(tl.int64)
@@ -447,6 +464,7 @@ def _head_forward_kernel(
             BLOCK_D,
             ACC,
             PRECISION,
+            SIM_DTYPE,
         )
         weights_pos, _ = _side_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE_POS, WTA_POS)
         weights_neg, _ = _side_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE_NEG, WTA_NEG)
@@ -547,6 +565,7 @@ def _region_sums_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
+    SIM_DTYPE: tl.constexpr,
 ):
     """Per-region sums over all classes for the WTA backward (docs/math.md), three per weighted side,
     in forms where the winning class drops out exactly instead of cancelling (it dominates when gamma
@@ -591,6 +610,7 @@ def _region_sums_kernel(
             BLOCK_D,
             ACC,
             PRECISION,
+            SIM_DTYPE,
         )
         _, _, _, _, h_pos, h_neg = _attention_and_h(
             image, classes, class_mask, region_mask, sim_e, sim_p, sim_n, lse_ptr, grad_ptr, tau, logit_scale, C
@@ -693,6 +713,7 @@ def _grad_similarity_tiles(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
+    SIM_DTYPE: tl.constexpr,
 ):
     """The backward of docs/math.md on one (region tile, class tile): the similarities, dL/ds of the three sets, and
     s^e - lse / tau (= log(a) / tau): since sum_i dL/ds^e = 0 for every (image, class), sums over
@@ -720,6 +741,7 @@ def _grad_similarity_tiles(
         BLOCK_D,
         ACC,
         PRECISION,
+        SIM_DTYPE,
     )
     attention, log_attention, grad_neg, grad_pos, h_pos, h_neg = _attention_and_h(
         image, classes, class_mask, region_mask, sim_e, sim_p, sim_n, lse_ptr, grad_ptr, tau, logit_scale, C
@@ -798,6 +820,7 @@ def _text_grad_kernel(
     BLOCK_DT: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
+    SIM_DTYPE: tl.constexpr,
 ):
     """For a class tile, over this split's (image, region tile) pairs: the partial gradient to the unit
     prompts, G = dS^T f, accumulated in place in ``grad_text[split]`` (the program owns it: no
@@ -854,6 +877,7 @@ def _text_grad_kernel(
             BLOCK_D,
             ACC,
             PRECISION,
+            SIM_DTYPE,
         )
         projection_e += tl.sum(centered_e * grad_e, axis=0)  # also dL/dtheta's terms
         if WANT_TEXT:
@@ -973,6 +997,7 @@ def _feature_grad_kernel(
     BLOCK_DT: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
+    SIM_DTYPE: tl.constexpr,
 ):
     """dL/dF for a region tile: G = sum_x dS^x t^x over all classes, accumulated in place in the
     program's rows of ``scratch`` (compute dtype), then through the normalisation f = F / |F|:
@@ -1019,6 +1044,7 @@ def _feature_grad_kernel(
             BLOCK_D,
             ACC,
             PRECISION,
+            SIM_DTYPE,
         )
         projection += tl.sum(grad_e * sim_e + grad_p * sim_p + grad_n * sim_n, axis=1)
         # G += dS^x t^x with t = T * text_inv_norm: fold the norm into dS's columns, then sweep D
@@ -1145,7 +1171,9 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
-def _kernel_constants(compute: torch.dtype, launch: LaunchConfig, wta: str, device: torch.device) -> dict:
+def _kernel_constants(dtype: torch.dtype, launch: LaunchConfig, wta: str, device: torch.device) -> dict:
+    """The kernels' constexpr arguments for inputs of ``dtype`` on ``device``."""
+    compute = _compute_dtype(dtype)
     return dict(
         WTA_POS=WTA_WEIGHT_CODES[WTA_WEIGHTS[wta][0]],
         WTA_NEG=WTA_WEIGHT_CODES[WTA_WEIGHTS[wta][1]],
@@ -1154,6 +1182,7 @@ def _kernel_constants(compute: torch.dtype, launch: LaunchConfig, wta: str, devi
         BLOCK_D=launch.block_d,
         ACC=tl.float64 if compute == torch.float64 else tl.float32,
         PRECISION=dot_precision(compute, _capability(device)),
+        SIM_DTYPE=similarity_dtype(dtype, _capability(device)),
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )
@@ -1210,7 +1239,7 @@ def dualcoop_head_forward(
     text_inv_norm = torch.stack([_inverse_norms(text, compute) for text in texts])  # (3, C)
     if B == 0:
         return logits, lse, inv_norm, text_inv_norm, stats, index
-    constants = _kernel_constants(compute, launch, wta, device)
+    constants = _kernel_constants(features.dtype, launch, wta, device)
     common = _common_args(features, texts, text_inv_norm, inv_norm)
     with _on_device(device):
         if wta != "none":
@@ -1285,7 +1314,7 @@ def dualcoop_head_backward(
         )
     with _on_device(device):
         grad_logits = grad_logits.to(compute).contiguous()
-        constants = _kernel_constants(compute, launch, wta, device)
+        constants = _kernel_constants(features.dtype, launch, wta, device)
         gradient_constants = dict(constants, num_stages=launch.grad_stages)
         common = _common_args(features, texts, text_inv_norm, inv_norm)
         region_tiles = triton.cdiv(N, launch.block_n)

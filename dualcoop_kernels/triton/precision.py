@@ -1,11 +1,13 @@
-"""Which products the Triton head's dots use: the one place this is decided, per compute dtype and GPU.
+"""Which products the Triton head's dots use: the one place this is decided, per dtype and GPU.
 
 - float64 (the tests' exact path): IEEE float64.
-- float32 (also for fp16 and bf16 inputs, which are computed in float32): float32-accurate products, since
-  WTA amplifies a similarity's error (docs/math.md, "Numerics"): 3xTF32 on the tensor cores where TF32 runs
-  several times faster than float32 FMAs (the data-centre parts: sm_80, sm_90 and newer), IEEE float32
-  FMAs where it does not (sm_86, sm_89, sm_120: GeForce and workstation parts, whose TF32 tensor rate is
-  about their FMA rate, so 3xTF32 would cost three times IEEE).
+- bf16 and fp16 inputs: the similarity GEMM multiplies them natively on a GPU (their products are exact in
+  float32, which accumulates); the gradient GEMMs multiply float32 dL/ds and so are float32's.
+- float32: float32-accurate products, since WTA amplifies a similarity's error (docs/math.md,
+  "Numerics"): 3xTF32 on the tensor cores where TF32 runs several times faster than float32 FMAs (the
+  data-centre parts: sm_80, sm_90 and newer), IEEE float32 FMAs where it does not (sm_86, sm_89,
+  sm_120: GeForce and workstation parts, whose TF32 tensor rate is about their FMA rate, so 3xTF32
+  would cost three times IEEE).
 
 Triton's CPU interpreter computes every dot exactly (a numpy matmul) whatever the precision says.
 ``DUALCOOP_EMULATE_DOTS`` makes it round the dots' float32 operands as a GPU would, so that the
@@ -40,3 +42,15 @@ def interpreter_precision() -> str:
     if emulation and emulation not in EMULATIONS:
         raise ValueError(f"DUALCOOP_EMULATE_DOTS must be one of {EMULATIONS} or unset, got {emulation!r}")
     return f"emulate-{emulation}" if emulation else "ieee"
+
+
+def similarity_dtype(dtype: torch.dtype, capability: tuple[int, int] | None):
+    """The dtype the similarity GEMM multiplies in, for inputs of ``dtype``: bf16 and fp16 as they are on a
+    GPU (exact products, float32 accumulation), float32 in the interpreter (whose bf16 dots are wrong, and
+    whose float32 products of those values are the same), the compute dtype otherwise."""
+    import triton.language as tl  # not at import: TRITON_INTERPRET may still be set before triton loads
+
+    native = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    if capability is not None and dtype in native:
+        return native[dtype]
+    return tl.float64 if dtype == torch.float64 else tl.float32
