@@ -105,7 +105,7 @@ class BackendRegistry:
         )
 
     def _warn_dtype_refusals(self, chosen: str, device: torch.device, dtype: torch.dtype | None, reasons: dict) -> None:
-        """ "auto" runs ``chosen`` because faster backends that run on the device refuse the dtype: say so."""
+        """Say so when "auto" runs ``chosen`` because faster backends that run on the device refuse the dtype."""
         refused = [b.name for b in self._backends if b.name in reasons and b.unavailable_reason(device) is None]
         if refused:
             why = "; ".join(f"{name}: {reasons[name]}" for name in refused)
