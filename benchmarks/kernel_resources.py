@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -176,7 +177,7 @@ def compiled_row(kernel, grid, args, kwargs, arch: int) -> dict:
     found = ptxas_report(compiled.asm["ptx"])
     shared, num_warps = compiled.metadata.shared, kwargs.get("num_warps", 4)
     programs = programs_per_multiprocessor(found["registers"], shared, num_warps, arch)
-    size = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
+    size = math.prod(grid)
     waves = size / (programs * GPUS[arch]["multiprocessors"]) if programs else float("inf")
     return dict(
         kernel=kernel.fn.__name__,
@@ -199,8 +200,12 @@ def rows_for(preset: str, dtype: str, wta: str, arch: int, overrides: dict) -> l
         launch = LaunchConfig(**{**vars(launch), **overrides})
         launches = recorded_launches(DTYPES[dtype], wta, shape, launch)
     return [
-        dict(context, **compiled_row(kernel, grid, args, kwargs, arch), precision=kwargs.get("PRECISION", "-"))
-        | dict(launch=str(launch))
+        dict(
+            context,
+            **compiled_row(kernel, grid, args, kwargs, arch),
+            precision=kwargs.get("PRECISION", "-"),
+            launch=str(launch),
+        )
         for kernel, grid, args, kwargs in launches
     ]
 

@@ -1084,13 +1084,6 @@ KERNELS = (
     _text_grad_finish_kernel,
     _feature_grad_kernel,
 )
-# What each kernel pointer holds, for tools that compile the kernels without running them
-# (benchmarks/kernel_resources.py): "input" is the dtype of the features and prompts (and of their
-# gradients), "compute" float32 (float64 for float64 inputs), "index" int32. The log temperature is
-# passed in its own dtype, usually the compute dtype (float32 from DualCoOpHead, float64 for a
-# float64 head), which is how the tools compile it.
-INPUT_POINTERS = ("f_ptr", "te_ptr", "tp_ptr", "tn_ptr", "grad_features_ptr", "out_e_ptr", "out_p_ptr", "out_n_ptr")
-POINTER_KINDS = {**dict.fromkeys(INPUT_POINTERS, "input"), "index_ptr": "index"}  # any other: "compute"
 
 
 # ----------------------------------------------------------------------------------------------------

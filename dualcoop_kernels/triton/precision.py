@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton.language as tl
 
 EMULATIONS = ("tf32", "tf32x3", "bf16")
 # GPUs whose TF32 tensor rate is about their float32 FMA rate (compute capabilities)
@@ -48,8 +49,6 @@ def similarity_dtype(dtype: torch.dtype, capability: tuple[int, int] | None):
     """The dtype the similarity GEMM multiplies in, for inputs of ``dtype``: bf16 and fp16 as they are on a
     GPU (exact products, float32 accumulation), float32 in the interpreter (whose bf16 dots are wrong, and
     whose float32 products of those values are the same), the compute dtype otherwise."""
-    import triton.language as tl  # not at import: TRITON_INTERPRET may still be set before triton loads
-
     native = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
     if capability is not None and dtype in native:
         return native[dtype]
