@@ -261,7 +261,10 @@ def _parser() -> argparse.ArgumentParser:
 def _overrides(args) -> dict:
     overrides = {}
     if args.tiles:
-        overrides.update(zip(("block_n", "block_c", "block_d", "block_d_grad"), map(int, args.tiles.split(","))))
+        tiles = args.tiles.split(",")
+        if len(tiles) != 4 or not all(tile.isdigit() for tile in tiles):
+            sys.exit(f"--tiles takes four integers block_n,block_c,block_d,block_d_grad, got {args.tiles!r}")
+        overrides.update(zip(("block_n", "block_c", "block_d", "block_d_grad"), map(int, tiles)))
     if args.num_warps:
         overrides["num_warps"] = args.num_warps
     if args.num_stages:
@@ -275,8 +278,10 @@ def main(argv=None) -> int:
         sys.exit("unset TRITON_INTERPRET: the kernels are compiled here, not interpreted")
     presets = list(HEAD_PRESETS) if args.preset == ["all"] else args.preset
     unknown = [preset for preset in presets if preset not in HEAD_PRESETS]
-    if unknown or args.wta not in ("preset", "all", *WTA_MODES):
-        sys.exit(f"unknown preset {unknown} or WTA mode {args.wta!r}")
+    if unknown:
+        sys.exit(f"unknown --preset {unknown}; known: {list(HEAD_PRESETS)} or all")
+    if args.wta not in ("preset", "all", *WTA_MODES):
+        sys.exit(f"unknown --wta {args.wta!r}; known: preset, all, {', '.join(WTA_MODES)}")
     rows = []
     for preset in presets:
         modes = WTA_MODES if args.wta == "all" else [PRESET_WTA[preset] if args.wta == "preset" else args.wta]

@@ -85,3 +85,18 @@ def test_similarity_loops_load_with_async_copies(compiled_rows, kernel):
     """Two pipeline stages: the hot loop's loads are cp.async copies, no plain global loads wait in it."""
     rows = [row for row in compiled_rows if row["kernel"] == kernel]
     assert rows and all(row["async_copies"] > 0 and row["global_loads"] == 0 for row in rows), rows
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--tiles", "64,32"], "--tiles takes four integers block_n,block_c,block_d,block_d_grad, got '64,32'"),
+        (["--preset", "cocoa"], "unknown --preset ['cocoa']; known: ['voc', 'coco'"),
+        (["--wta", "nope"], "unknown --wta 'nope'; known: preset, all, pos_norm"),
+    ],
+)
+def test_the_resource_tool_names_a_bad_argument(arguments, message):
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), *arguments]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert finished.returncode == 1 and message in finished.stderr, finished.stderr[-2000:]
