@@ -62,13 +62,17 @@ SASS_CLASSES = {
 }
 
 
-def recorded_launches(dtype: torch.dtype, wta: str, shape: dict, launch: LaunchConfig) -> list[tuple]:
-    """(kernel, grid, args, kwargs) of every launch of one forward and backward at ``shape``."""
+def recorded_launches(
+    dtype: torch.dtype, wta: str, shape: dict, launch: LaunchConfig, want_features: bool = True
+) -> list[tuple]:
+    """(pass, kernel, grid, args, kwargs) of every launch of one forward ("fwd") and backward ("bwd") at
+    ``shape``; the backward computes the features' gradient only if ``want_features``."""
     launches = []
     saved = {kernel: kernel.run for kernel in triton_head.KERNELS}
+    current_pass = ["fwd"]
 
     def recorder(kernel):
-        return lambda *args, grid, warmup, **kwargs: launches.append((kernel, grid, args, kwargs))
+        return lambda *args, grid, warmup, **kwargs: launches.append((current_pass[0], kernel, grid, args, kwargs))
 
     B, N, D, C = shape["B"], shape["N"], shape["D"], shape["C"]
     features = torch.randn(B, N, D, dtype=dtype)
@@ -79,8 +83,11 @@ def recorded_launches(dtype: torch.dtype, wta: str, shape: dict, launch: LaunchC
         for kernel in triton_head.KERNELS:
             kernel.run = recorder(kernel)
         outputs = triton_head.dualcoop_head_forward(features, *texts, theta, *options)
+        current_pass[0] = "bwd"
         grad = torch.ones(B, 2, C, dtype=outputs[0].dtype)
-        triton_head.dualcoop_head_backward(grad, features, *texts, theta, *outputs, *options, True, True, True)
+        triton_head.dualcoop_head_backward(
+            grad, features, *texts, theta, *outputs, *options, want_features, True, True
+        )
     finally:
         for kernel, run in saved.items():
             kernel.run = run
@@ -131,9 +138,9 @@ def sass_lines(cubin: bytes) -> list[str]:
     return listing.splitlines()
 
 
-def innermost_loops(lines: list[str]) -> list[list[str]]:
-    """The instructions of each innermost loop: spans from a label to a later branch back to it that
-    hold no other such span."""
+def _instructions_and_loops(lines: list[str]) -> tuple[list[str], list[tuple[int, int]]]:
+    """The SASS instructions in order, and every loop as the span from a label to a later branch back
+    to it, sorted by where it starts (an outer loop before the loops it holds)."""
     labels, instructions, loops = {}, [], []
     for line in lines:
         label = re.match(r"^(\.L_x_\d+):", line)
@@ -147,8 +154,65 @@ def innermost_loops(lines: list[str]) -> list[list[str]]:
         back = re.search(r"BRA\s+`?\((\.L_x_\d+)\)", found[1])
         if back and back[1] in labels and labels[back[1]] < len(instructions):
             loops.append((labels[back[1]], len(instructions)))
+    return instructions, sorted(set(loops), key=lambda span: (span[0], -span[1]))
+
+
+def innermost_loops(lines: list[str]) -> list[list[str]]:
+    """The instructions of each innermost loop (one that holds no other)."""
+    instructions, loops = _instructions_and_loops(lines)
     innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     return [instructions[a:b] for a, b in innermost]
+
+
+def _mma_fmas(opcode: str) -> tuple[str, int]:
+    """A matrix instruction's input type and its multiply-adds per issuing warp: a Hopper HGMMA is one
+    warpgroup's (four warps issue it), an HMMA or DMMA one warp's."""
+    shape = re.match(r"^[A-Z]+\.(\d+)x(\d+)x(\d+)", opcode)
+    if shape:  # HGMMA.64x16x8: M x N x K for the warpgroup
+        fmas = math.prod(map(int, shape.groups())) // 4
+    else:  # HMMA.1688, HMMA.16816, DMMA.884: M, N, K run together
+        digits = re.match(r"^[A-Z]+\.(\d+)", opcode)[1]
+        m, n, k = (int(digits[:2]), int(digits[2]), int(digits[3:])) if len(digits) > 3 else map(int, digits)
+        fmas = m * n * k
+    kind = "f64" if opcode.startswith("DMMA") else opcode.rsplit(".", 1)[-1].lower()
+    return kind, fmas
+
+
+def _load_bytes(opcode: str) -> int:
+    """Bytes one warp reads from global memory with a load or async copy (4 per lane unless sized)."""
+    width = re.search(r"\.(64|128)\b", opcode)
+    return 32 * (int(width[1]) // 8 if width else 4)
+
+
+def loop_details(lines: list[str]) -> tuple[list[dict], int]:
+    """Every loop of a kernel longer than one instruction (the one-instruction loop after EXIT is a
+    trap) with what one warp issues per trip in its own body, loops it holds excluded: instructions,
+    multiply-adds per matrix input type, global bytes read and whether they are async copies; and the
+    instructions outside every loop."""
+    instructions, spans = _instructions_and_loops(lines)
+    spans = [span for span in spans if span[1] - span[0] > 1]
+    inside = set()
+    loops = []
+    for start, end in spans:
+        nested = [(s, e) for s, e in spans if (s, e) != (start, end) and start <= s and e <= end]
+        own = [i for i in range(start, end) if not any(s <= i < e for s, e in nested)]
+        inside.update(own)
+        body = [instructions[i] for i in own]
+        fmas = {}
+        for op in body:
+            if SASS_CLASSES["mma"].match(op):
+                kind, count = _mma_fmas(op.split()[0])
+                fmas[kind] = fmas.get(kind, 0) + count
+        loads = [op.split()[0] for op in body if SASS_CLASSES["global_loads"].match(op) or op.startswith("LDGSTS")]
+        loops.append(
+            dict(
+                instructions=len(body),
+                fmas=fmas,
+                load_bytes=sum(map(_load_bytes, loads)),
+                async_copies=any(op.startswith("LDGSTS") for op in loads),
+            )
+        )
+    return loops, len(instructions) - len(inside)
 
 
 def loop_summary(lines: list[str]) -> dict:
@@ -172,6 +236,8 @@ def programs_per_multiprocessor(registers: int, shared: int, num_warps: int, arc
 
 
 def compiled_row(kernel, grid, args, kwargs, arch: int) -> dict:
+    """What one launch runs on ``arch``: resources, occupancy, the hot loop's counts, and in ``loops``
+    every loop's (``loop_details``; what benchmarks/kernel_model.py reads)."""
     driver.set_active(_TargetOnly(arch))  # for good: with no GPU there is no default driver to go back to
     compiled = kernel.run(*args, grid=grid, warmup=True, **kwargs)
     found = ptxas_report(compiled.asm["ptx"])
@@ -179,6 +245,8 @@ def compiled_row(kernel, grid, args, kwargs, arch: int) -> dict:
     programs = programs_per_multiprocessor(found["registers"], shared, num_warps, arch)
     size = math.prod(grid)
     waves = size / (programs * GPUS[arch]["multiprocessors"]) if programs else float("inf")
+    lines = sass_lines(compiled.asm["cubin"])
+    loops, straight = loop_details(lines)
     return dict(
         kernel=kernel.fn.__name__,
         **found,
@@ -187,26 +255,32 @@ def compiled_row(kernel, grid, args, kwargs, arch: int) -> dict:
         programs_per_sm=programs,
         grid=size,
         waves=round(waves, 2),
-        **loop_summary(sass_lines(compiled.asm["cubin"])),
+        **loop_summary(lines),
+        loops=loops,
+        straight_instructions=straight,
     )
 
 
-def rows_for(preset: str, dtype: str, wta: str, arch: int, overrides: dict) -> list[dict]:
+def rows_for(
+    preset: str, dtype: str, wta: str, arch: int, overrides: dict, want_features: bool = True
+) -> list[dict]:
+    """A row per launch of one forward and backward at ``preset`` (``compiled_row``), with its pass."""
     shape = HEAD_PRESETS[preset]
     B, N, D, C = shape["B"], shape["N"], shape["D"], shape["C"]
     context = dict(preset=preset, dtype=dtype, wta=wta, arch=f"sm_{arch}", gpu=GPUS[arch]["gpu"])
     with _as_gpu(arch):
         launch = triton_head.choose_launch_config(B, N, C, D, torch.device("cuda"))
         launch = LaunchConfig(**{**vars(launch), **overrides})
-        launches = recorded_launches(DTYPES[dtype], wta, shape, launch)
+        launches = recorded_launches(DTYPES[dtype], wta, shape, launch, want_features)
     return [
         dict(
             context,
             **compiled_row(kernel, grid, args, kwargs, arch),
+            **{"pass": step},
             precision=kwargs.get("PRECISION", "-"),
-            launch=str(launch),
+            launch=vars(launch),
         )
-        for kernel, grid, args, kwargs in launches
+        for step, kernel, grid, args, kwargs in launches
     ]
 
 

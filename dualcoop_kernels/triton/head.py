@@ -192,8 +192,8 @@ def _similarity_tiles(
 
 
 @triton.jit
-def _side_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE: tl.constexpr, KIND: tl.constexpr):
-    """One side's WTA weights of a tile from the per-region statistics: (w, sigma).
+def _weights(sim_p, coef, max_u, inv_total, gamma, KIND: tl.constexpr):
+    """One side's WTA weights of a tile from its per-region statistics: (w, sigma).
 
     sigma = exp(u - max u), divided by its sum over classes for the softmax kinds (times the stored
     reciprocal: exp(u - log-sum-exp) would lose the rounding of a log-sum-exp of about gamma), with
@@ -205,16 +205,81 @@ def _side_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SI
         weights = tl.full(sim_p.shape, 1.0, sim_p.dtype)
         sigma = weights
     else:
+        sigma = tl.exp(gamma * coef[:, None] * sim_p - max_u[:, None])
+        if KIND != WEIGHT_NORM:
+            sigma *= inv_total[:, None]
+        weights = 1.0 + sigma if KIND == WEIGHT_ONE_PLUS_SOFTMAX else sigma
+    return weights, sigma
+
+
+@triton.jit
+def _side_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE: tl.constexpr, KIND: tl.constexpr):
+    """``_weights`` with the side's statistics loaded for the tile's regions."""
+    coef = tl.zeros(offsets.shape, sim_p.dtype)
+    max_u = coef
+    inv_total = coef
+    if KIND != WEIGHT_ONE:
         coef = tl.load(stats_ptr + (STAT_COEF + SIDE) * stat_stride + offsets, mask=region_mask, other=0.0)
         max_u = tl.load(stats_ptr + (STAT_MAX_U + SIDE) * stat_stride + offsets, mask=region_mask, other=0.0)
-        sigma = tl.exp(gamma * coef[:, None] * sim_p - max_u[:, None])
         if KIND != WEIGHT_NORM:
             inv_total = tl.load(
                 stats_ptr + (STAT_INV_TOTAL + SIDE) * stat_stride + offsets, mask=region_mask, other=0.0
             )
-            sigma *= inv_total[:, None]
-        weights = 1.0 + sigma if KIND == WEIGHT_ONE_PLUS_SOFTMAX else sigma
-    return weights, sigma
+    return _weights(sim_p, coef, max_u, inv_total, gamma, KIND)
+
+
+@triton.jit
+def _tile_extrema(sim_p, class_mask, c_start):
+    """Per region of a class tile: max and min of s+ over its valid classes, their first arg-max and
+    arg-min (class indices), and whether any s+ is NaN (tl.max drops NaN where torch.max returns it)."""
+    for_max = tl.where(class_mask[None, :], sim_p, float("-inf"))
+    for_min = tl.where(class_mask[None, :], sim_p, float("inf"))
+    has_nan = tl.max((sim_p != sim_p).to(tl.int32), axis=1)
+    return (
+        tl.max(for_max, axis=1),
+        tl.min(for_min, axis=1),
+        tl.argmax(for_max, axis=1) + c_start,
+        tl.argmin(for_min, axis=1) + c_start,
+        has_nan,
+    )
+
+
+@triton.jit
+def _shifts(run_max, run_min, has_nan, gamma):
+    """M and m (NaN where a region's s+ has one), and per side z = s+ at the arg-max of u and max u:
+    u = gamma c s+ peaks where s+ does when c >= 0, and where s+ is smallest when c < 0."""
+    run_max = tl.where(has_nan > 0, float("nan"), run_max)
+    run_min = tl.where(has_nan > 0, float("nan"), run_min)
+    shift_pos = tl.where(run_max >= 0, run_max, run_min)
+    shift_neg = tl.where(run_min >= 0, run_max, run_min)
+    return run_max, run_min, shift_pos, shift_neg, gamma * run_max * shift_pos, gamma * run_min * shift_neg
+
+
+@triton.jit
+def _softmax_total(sim_p, class_mask, coef, max_u, gamma):
+    """A class tile's part of sum_m exp(u - max u) per region, u = gamma c s+."""
+    terms = tl.exp(gamma * coef[:, None] * sim_p - max_u[:, None])
+    return tl.sum(tl.where(class_mask[None, :], terms, 0.0), axis=1)
+
+
+@triton.jit
+def _store_statistics(
+    stats_ptr, index_ptr, stat_stride, offsets, region_mask, run_max, run_min, arg_max, arg_min,
+    shift_pos, shift_neg, max_u_pos, max_u_neg, total_pos, total_neg,
+):  # fmt: skip
+    stats = stats_ptr + offsets
+    tl.store(stats + (STAT_COEF + SIDE_POS) * stat_stride, run_max, mask=region_mask)
+    tl.store(stats + (STAT_COEF + SIDE_NEG) * stat_stride, run_min, mask=region_mask)
+    tl.store(stats + (STAT_MAX_U + SIDE_POS) * stat_stride, max_u_pos, mask=region_mask)
+    tl.store(stats + (STAT_MAX_U + SIDE_NEG) * stat_stride, max_u_neg, mask=region_mask)
+    tl.store(stats + (STAT_INV_TOTAL + SIDE_POS) * stat_stride, 1.0 / total_pos, mask=region_mask)
+    tl.store(stats + (STAT_INV_TOTAL + SIDE_NEG) * stat_stride, 1.0 / total_neg, mask=region_mask)
+    tl.store(stats + (STAT_SHIFT + SIDE_POS) * stat_stride, shift_pos, mask=region_mask)
+    tl.store(stats + (STAT_SHIFT + SIDE_NEG) * stat_stride, shift_neg, mask=region_mask)
+    index = index_ptr + offsets
+    tl.store(index + (INDEX_COEF + SIDE_POS) * stat_stride, arg_max, mask=region_mask)
+    tl.store(index + (INDEX_COEF + SIDE_NEG) * stat_stride, arg_min, mask=region_mask)
+    tl.store(index + INDEX_WINNER * stat_stride, tl.where(run_max >= 0, arg_max, arg_min), mask=region_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,53 +364,29 @@ def _region_stats_kernel(
     PRECISION: tl.constexpr,
     SIM_DTYPE: tl.constexpr,
 ):
-    """Every row of the statistics (STAT_*, INDEX_*) for a region tile; a side that is not weighted
-    gets defined values all the same, since an operator's outputs must be."""
+    """Every row of the statistics (STAT_*, INDEX_*) for a region tile, sweeping the class tiles; a side
+    that is not weighted gets defined values all the same, since an operator's outputs must be."""
     gamma = tl.full((), gamma, ACC)  # typed float64: module doc
     _image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     run_max = tl.full((BLOCK_N,), float("-inf"), ACC)
     run_min = tl.full((BLOCK_N,), float("inf"), ACC)
     arg_max = tl.zeros((BLOCK_N,), tl.int32)
     arg_min = tl.zeros((BLOCK_N,), tl.int32)
-    has_nan = tl.zeros((BLOCK_N,), tl.int32)  # tl.max drops NaN where torch.max returns it
+    has_nan = tl.zeros((BLOCK_N,), tl.int32)
     for c_start in range(0, C, BLOCK_C):
         class_mask, sim_p = _positive_tile(
-            f_ptr,
-            stride_fn,
-            stride_fd,
-            regions,
-            region_mask,
-            inv_norm,
-            tp_ptr,
-            text_inv_norm_ptr,
-            C,
-            D,
-            c_start,
-            BLOCK_N,
-            BLOCK_C,
-            BLOCK_D,
-            ACC,
-            PRECISION,
-            SIM_DTYPE,
-        )
-        for_max = tl.where(class_mask[None, :], sim_p, float("-inf"))
-        for_min = tl.where(class_mask[None, :], sim_p, float("inf"))
-        tile_max = tl.max(for_max, axis=1)
-        tile_min = tl.min(for_min, axis=1)
+            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, tp_ptr, text_inv_norm_ptr, C, D, c_start,
+            BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
+        )  # fmt: skip
+        tile_max, tile_min, tile_arg_max, tile_arg_min, tile_nan = _tile_extrema(sim_p, class_mask, c_start)
         # strict comparisons keep the first arg-max across tiles, as tl.argmax does within one
-        arg_max = tl.where(tile_max > run_max, tl.argmax(for_max, axis=1) + c_start, arg_max)
-        arg_min = tl.where(tile_min < run_min, tl.argmin(for_min, axis=1) + c_start, arg_min)
+        arg_max = tl.where(tile_max > run_max, tile_arg_max, arg_max)
+        arg_min = tl.where(tile_min < run_min, tile_arg_min, arg_min)
         run_max = tl.maximum(run_max, tile_max)
         run_min = tl.minimum(run_min, tile_min)
-        has_nan = tl.maximum(has_nan, tl.max((sim_p != sim_p).to(tl.int32), axis=1))
-    run_max = tl.where(has_nan > 0, float("nan"), run_max)
-    run_min = tl.where(has_nan > 0, float("nan"), run_min)
+        has_nan = tl.maximum(has_nan, tile_nan)
+    run_max, run_min, shift_pos, shift_neg, max_u_pos, max_u_neg = _shifts(run_max, run_min, has_nan, gamma)
 
-    # u = gamma c s+ peaks where s+ does when c >= 0, and where s+ is smallest when c < 0
-    shift_pos = tl.where(run_max >= 0, run_max, run_min)
-    shift_neg = tl.where(run_min >= 0, run_max, run_min)
-    max_u_pos = gamma * run_max * shift_pos
-    max_u_neg = gamma * run_min * shift_neg
     total_pos = tl.full((BLOCK_N,), 1.0, ACC)  # what a side that is no softmax stores
     total_neg = tl.full((BLOCK_N,), 1.0, ACC)
     POS_SOFTMAX: tl.constexpr = (WTA_POS != WEIGHT_ONE) and (WTA_POS != WEIGHT_NORM)
@@ -356,44 +397,17 @@ def _region_stats_kernel(
             total_neg = tl.zeros((BLOCK_N,), ACC)
         for c_start in range(0, C, BLOCK_C):
             class_mask, sim_p = _positive_tile(
-                f_ptr,
-                stride_fn,
-                stride_fd,
-                regions,
-                region_mask,
-                inv_norm,
-                tp_ptr,
-                text_inv_norm_ptr,
-                C,
-                D,
-                c_start,
-                BLOCK_N,
-                BLOCK_C,
-                BLOCK_D,
-                ACC,
-                PRECISION,
-                SIM_DTYPE,
-            )
+                f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, tp_ptr, text_inv_norm_ptr, C, D,
+                c_start, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
+            )  # fmt: skip
             if POS_SOFTMAX:
-                terms = tl.exp(gamma * run_max[:, None] * sim_p - max_u_pos[:, None])
-                total_pos += tl.sum(tl.where(class_mask[None, :], terms, 0.0), axis=1)
+                total_pos += _softmax_total(sim_p, class_mask, run_max, max_u_pos, gamma)
             if WTA_NEG != WEIGHT_ONE:
-                terms = tl.exp(gamma * run_min[:, None] * sim_p - max_u_neg[:, None])
-                total_neg += tl.sum(tl.where(class_mask[None, :], terms, 0.0), axis=1)
-
-    stats = stats_ptr + offsets
-    tl.store(stats + (STAT_COEF + SIDE_POS) * stat_stride, run_max, mask=region_mask)
-    tl.store(stats + (STAT_COEF + SIDE_NEG) * stat_stride, run_min, mask=region_mask)
-    tl.store(stats + (STAT_MAX_U + SIDE_POS) * stat_stride, max_u_pos, mask=region_mask)
-    tl.store(stats + (STAT_MAX_U + SIDE_NEG) * stat_stride, max_u_neg, mask=region_mask)
-    tl.store(stats + (STAT_INV_TOTAL + SIDE_POS) * stat_stride, 1.0 / total_pos, mask=region_mask)
-    tl.store(stats + (STAT_INV_TOTAL + SIDE_NEG) * stat_stride, 1.0 / total_neg, mask=region_mask)
-    tl.store(stats + (STAT_SHIFT + SIDE_POS) * stat_stride, shift_pos, mask=region_mask)
-    tl.store(stats + (STAT_SHIFT + SIDE_NEG) * stat_stride, shift_neg, mask=region_mask)
-    index = index_ptr + offsets
-    tl.store(index + (INDEX_COEF + SIDE_POS) * stat_stride, arg_max, mask=region_mask)
-    tl.store(index + (INDEX_COEF + SIDE_NEG) * stat_stride, arg_min, mask=region_mask)
-    tl.store(index + INDEX_WINNER * stat_stride, tl.where(run_max >= 0, arg_max, arg_min), mask=region_mask)
+                total_neg += _softmax_total(sim_p, class_mask, run_min, max_u_neg, gamma)
+    _store_statistics(
+        stats_ptr, index_ptr, stat_stride, offsets, region_mask, run_max, run_min, arg_max, arg_min,
+        shift_pos, shift_neg, max_u_pos, max_u_neg, total_pos, total_neg,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -645,37 +659,45 @@ def _region_sums_kernel(
 
 @triton.jit
 def _side_grad(
-    weights,
-    sigma,
-    h,
-    sim_p,
-    classes,
-    sums_ptr,
-    stats_ptr,
-    index_ptr,
-    stat_stride,
-    offsets,
-    region_mask,
-    gamma,
-    SIDE: tl.constexpr,
-    KIND: tl.constexpr,
-):
-    """One side's WTA part of dL/ds+ on a tile (docs/math.md): gamma c du, plus dc = gamma sum_m s+ du
-    at the arg-max of s+ (c = M, positive side) or its arg-min (c = m, negative side)."""
-    sums = sums_ptr + SIDE * SUMS_PER_SIDE * stat_stride + offsets
-    sum_0 = tl.load(sums, mask=region_mask, other=0.0)
-    sum_1 = tl.load(sums + stat_stride, mask=region_mask, other=0.0)
+    weights, sigma, h, sim_p, classes, region_mask, sums, stats_ptr, index_ptr, stat_stride, offsets, gamma,
+    SIDE: tl.constexpr, KIND: tl.constexpr,
+):  # fmt: skip
+    """One side's WTA part of dL/ds+ on a tile (docs/math.md) from its per-region ``sums``
+    (``_side_sums``): gamma c du, plus dc = gamma sum_m s+ du at the arg-max of s+ (c = M, positive
+    side) or its arg-min (c = m, negative side)."""
+    sum_0, sum_1, sum_2 = sums
     if KIND == WEIGHT_NORM:  # du = w h - onehot(a) sum(w h), which is -sum_{m != a} w h at a itself (w_a = 1)
         winner = tl.load(index_ptr + INDEX_WINNER * stat_stride + offsets, mask=region_mask, other=-1)
         grad_u = tl.where(classes[None, :] == winner[:, None], -sum_0[:, None], weights * h)
         grad_coef = gamma * sum_1
     else:  # du = sigma (h - sum(sigma h))
-        sum_2 = tl.load(sums + 2 * stat_stride, mask=region_mask, other=0.0)
         grad_u = sigma * (h - sum_0[:, None])
         grad_coef = gamma * (sum_1 - sum_0 * sum_2)
     coef = tl.load(stats_ptr + (STAT_COEF + SIDE) * stat_stride + offsets, mask=region_mask, other=0.0)
     at = tl.load(index_ptr + (INDEX_COEF + SIDE) * stat_stride + offsets, mask=region_mask, other=-1)
     return gamma * coef[:, None] * grad_u + tl.where(classes[None, :] == at[:, None], grad_coef[:, None], 0.0)
+
+
+@triton.jit
+def _load_side_sums(sums_ptr, stat_stride, offsets, region_mask, SIDE: tl.constexpr):
+    """A side's three per-region sums as ``_region_sums_kernel`` stored them."""
+    sums = sums_ptr + SIDE * SUMS_PER_SIDE * stat_stride + offsets
+    return (
+        tl.load(sums, mask=region_mask, other=0.0),
+        tl.load(sums + stat_stride, mask=region_mask, other=0.0),
+        tl.load(sums + 2 * stat_stride, mask=region_mask, other=0.0),
+    )
+
+
+@triton.jit
+def _tile_side_sums(
+    sim_p, weights, sigma, h, classes, class_mask, region_mask, stats_ptr, index_ptr, stat_stride, offsets,
+    SIDE: tl.constexpr, KIND: tl.constexpr,
+):  # fmt: skip
+    """A side's per-region sums from a tile that holds every class (the row kernels)."""
+    winner = tl.load(index_ptr + INDEX_WINNER * stat_stride + offsets, mask=region_mask, other=-1)
+    shift = tl.load(stats_ptr + (STAT_SHIFT + SIDE) * stat_stride + offsets, mask=region_mask, other=0.0)
+    return _side_sums(sim_p, weights, sigma, h, classes, class_mask, winner, shift, KIND)
 
 
 @triton.jit
@@ -708,6 +730,7 @@ def _grad_similarity_tiles(
     D,
     WTA_POS: tl.constexpr,
     WTA_NEG: tl.constexpr,
+    SUMS_IN_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -717,7 +740,9 @@ def _grad_similarity_tiles(
 ):
     """The backward of docs/math.md on one (region tile, class tile): the similarities, dL/ds of the three sets, and
     s^e - lse / tau (= log(a) / tau): since sum_i dL/ds^e = 0 for every (image, class), sums over
-    regions of s^e dL/ds^e may use it instead of s^e and so avoid cancelling large terms."""
+    regions of s^e dL/ds^e may use it instead of s^e and so avoid cancelling large terms. The WTA
+    backward's per-region sums over classes come from the tile itself when it holds every class
+    (``SUMS_IN_TILE``), from ``_region_sums_kernel`` otherwise."""
     tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
     sim_e, sim_p, sim_n = _similarity_tiles(
         f_ptr,
@@ -765,14 +790,28 @@ def _grad_similarity_tiles(
     grad_p = attention * logit_scale * weights_pos * grad_pos[None, :]
     # arguments spelled out: triton 3.2 compiles no starred arguments
     if WTA_POS != WEIGHT_ONE:
+        if SUMS_IN_TILE:
+            sums = _tile_side_sums(
+                sim_p, weights_pos, sigma_pos, h_pos, classes, class_mask, region_mask, stats_ptr, index_ptr,
+                stat_stride, offsets, SIDE_POS, WTA_POS,
+            )  # fmt: skip
+        else:
+            sums = _load_side_sums(sums_ptr, stat_stride, offsets, region_mask, SIDE_POS)
         grad_p += _side_grad(
-            weights_pos, sigma_pos, h_pos, sim_p, classes, sums_ptr, stats_ptr, index_ptr, stat_stride, offsets,
-            region_mask, gamma, SIDE_POS, WTA_POS,
+            weights_pos, sigma_pos, h_pos, sim_p, classes, region_mask, sums, stats_ptr, index_ptr, stat_stride,
+            offsets, gamma, SIDE_POS, WTA_POS,
         )  # fmt: skip
     if WTA_NEG != WEIGHT_ONE:  # the negative weights are functions of s+ too
+        if SUMS_IN_TILE:
+            sums = _tile_side_sums(
+                sim_p, weights_neg, sigma_neg, h_neg, classes, class_mask, region_mask, stats_ptr, index_ptr,
+                stat_stride, offsets, SIDE_NEG, WTA_NEG,
+            )  # fmt: skip
+        else:
+            sums = _load_side_sums(sums_ptr, stat_stride, offsets, region_mask, SIDE_NEG)
         grad_p += _side_grad(
-            weights_neg, sigma_neg, h_neg, sim_p, classes, sums_ptr, stats_ptr, index_ptr, stat_stride, offsets,
-            region_mask, gamma, SIDE_NEG, WTA_NEG,
+            weights_neg, sigma_neg, h_neg, sim_p, classes, region_mask, sums, stats_ptr, index_ptr, stat_stride,
+            offsets, gamma, SIDE_NEG, WTA_NEG,
         )  # fmt: skip
     valid = region_mask[:, None] & class_mask[None, :]
     grad_e = tl.where(valid, grad_e, 0.0)
@@ -872,6 +911,7 @@ def _text_grad_kernel(
             D,
             WTA_POS,
             WTA_NEG,
+            False,
             BLOCK_N,
             BLOCK_C,
             BLOCK_D,
@@ -1039,6 +1079,7 @@ def _feature_grad_kernel(
             D,
             WTA_POS,
             WTA_NEG,
+            False,
             BLOCK_N,
             BLOCK_C,
             BLOCK_D,
