@@ -14,6 +14,8 @@ ninja and pytest. Steps, each in a process of its own that is stopped when it ov
   loss    the loss benchmark on CUDA: the extension (built here) against eager and torch.compile
   train   a whole training step, the authors' way and the package's (bench_train.py: coco, nuswide and
           the zero-shot nuswide-zsl and coco-zsl, with and without the shared prefix)
+  model   the kernel model's estimates for this GPU (kernel_model.py: H100 or A100), shown beside the
+          Triton head's measured times, so that the first GPU says how far off the model is
   text    text features (bench_text.py): the text encoder's forward+backward at the zero-shot training
           shapes, 1,006 classes and 10,000 names without autograd, open-vocabulary scoring of 10,000
           names, prompts grouped by [EOS] for class-specific contexts; full, short and shared prefix
@@ -54,7 +56,17 @@ from dualcoop_kernels.triton.head import choose_launch_config, dualcoop_head_tri
 
 # Shares of the budget; "tests" and "loss" include compiling (Triton's kernels, the C++/CUDA extension),
 # "checks" five draws of every preset and mode (the tests' rule, testing.DRAWS).
-STEPS = {"tests": 0.25, "checks": 0.2, "timing": 0.25, "sweep": 0.1, "loss": 0.1, "train": 0.25, "text": 0.15}
+STEPS = {
+    "tests": 0.25,
+    "checks": 0.2,
+    "timing": 0.25,
+    "model": 0.05,
+    "sweep": 0.1,
+    "loss": 0.1,
+    "train": 0.25,
+    "text": 0.15,
+}
+MODEL_GPUS = {(9, 0): "H100", (8, 0): "A100"}  # the cards kernel_model.py knows, by compute capability
 COMPILED_PRESETS = ("coco", "zsl")  # torch.compile costs about half a minute a preset: the targets' ones
 SWEEP = [dict(num_stages=stages, block_d=d) for stages in (1, 2, 3) for d in (16, 32)]
 LOSS_SHAPES = [(64, 80), (192, 1006), (192, 9605)]  # B, C: COCO's batch, then the zero-shot and open scales
@@ -143,6 +155,36 @@ def run_sweep(args, out: Path) -> None:
         save_step(out, "sweep", dict(rows=rows))
 
 
+def run_model(args, out: Path) -> None:
+    """kernel_model.py for this card, fp32 inputs, in a process without Triton's interpreter (it compiles
+    for the GPU); in a dry run, for an H100 at the smallest preset."""
+    if args.dry_run:
+        gpu, presets = "H100", ["voc"]
+    else:
+        gpu, presets = MODEL_GPUS.get(torch.cuda.get_device_capability()), args.presets
+    if gpu is None:
+        save_step(out, "model", dict(error=f"the model knows {sorted(MODEL_GPUS.values())}, not this card"))
+        return
+    rows_file = out / "model-rows.json"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "kernel_model.py"), "--gpu", gpu, "--json", str(rows_file)]
+    finished = subprocess.run([*command, "--preset", *presets], env=env, capture_output=True, text=True)
+    if finished.returncode:
+        save_step(out, "model", dict(error=finished.stderr[-1000:]))
+        return
+    save_step(out, "model", dict(rows=json.loads(rows_file.read_text())["rows"]))
+    rows_file.unlink()
+
+
+def with_estimates(timing: list[dict], estimates: list[dict]) -> list[dict]:
+    """The timing rows, the Triton head's with the model's estimate of the same preset and pass."""
+    found = {(row["preset"], row["pass"]): row["estimate_us"] for row in estimates}
+    return [
+        dict(row, estimate_us=found.get((row["preset"], row["mode"]))) if row["backend"] == "triton" else row
+        for row in timing
+    ]
+
+
 def run_loss(args, out: Path) -> None:
     device = torch.device(args.device)
     status = build_extension()
@@ -187,6 +229,7 @@ RUNNERS = {
     "tests": run_tests,
     "checks": run_checks,
     "timing": run_timing,
+    "model": run_model,
     "sweep": run_sweep,
     "loss": run_loss,
     "train": run_train,
@@ -242,6 +285,13 @@ def target_lines(goals: list[dict]) -> list[str]:
     return [f"- {g['target']}: {g['measured']} ({'met' if g['met'] else 'not met'})" for g in goals]
 
 
+def model_note(results: dict) -> str:
+    model = results.get("model")
+    if model is None:
+        return "the model step did not run"
+    return model.get("error", "fp32 inputs, features frozen; a dry run models an H100 at voc").strip()
+
+
 def table_or_reason(result: dict, columns) -> list[str]:
     """A step's rows as a table, or why the step could not run (no extension, no open_clip)."""
     if "rows" in result:
@@ -293,8 +343,13 @@ def write_report(env: dict, steps: dict, out: Path) -> Path:
             "timing",
             lambda r: [
                 "```",
-                format_table(r["rows"], bench_head.BENCH_COLUMNS),
+                format_table(
+                    with_estimates(r["rows"], results.get("model", {}).get("rows", [])),
+                    [*bench_head.BENCH_COLUMNS, ("estimate_us", "model us")],
+                ),
                 "```",
+                "",
+                f"model us: kernel_model.py's estimate for the Triton head on this card ({model_note(results)}).",
                 "",
                 *target_lines(goals),
             ],

@@ -17,7 +17,8 @@ Assumptions (the first GPU check shows how far off they are; gpu_check.py prints
   resident on a multiprocessor share those, so a wave of them takes their sum, but never less than
   one program's trip plus ``LOAD_LATENCY`` cycles when the loop's loads are not async copies (one
   stage: nothing hides them).
-- Waves: ceil(grid / (programs per multiprocessor x multiprocessors)), each as long as a full one.
+- Waves: ceil(grid / (programs per multiprocessor x multiprocessors)), each as long as a full one; a
+  grid smaller than a wave spreads evenly over the multiprocessors.
 - Each launch adds ``LAUNCH_US`` (the gap between kernels on one stream); host-side PyTorch ops of the
   operators (norms, sums of partials) are left out.
 - Roofline of a pass: its useful multiply-adds (no padding, no recomputation: the forward's three
@@ -37,6 +38,7 @@ import sys
 from pathlib import Path
 
 import kernel_resources
+
 from harness import HEAD_PRESETS, PRESET_WTA, format_table
 
 from dualcoop_kernels.options import WTA_WEIGHTS
@@ -66,36 +68,70 @@ def _two_sweeps(wta: str) -> bool:
     return positive not in ("one", "norm") or negative != "one"
 
 
-def _stats_trips(s, launch, wta):
+def _maybe_unrolled(trips: int, row: dict) -> list[int]:
+    """A simple counted loop that LLVM may unroll by 4: then the SASS has the unrolled loop and a
+    remainder loop."""
+    return [trips // 4, trips % 4] if len(row["loops"]) == 2 else [trips]
+
+
+def _rows_splits(s, launch) -> tuple[int, int]:
+    """The row path's text-gradient GEMM: feature rows per split, and the splits (head.py)."""
+    rows = s["B"] * s["N"]
+    per_split = _cdiv(_cdiv(rows, launch["splits"]), launch["gemm_block_k"]) * launch["gemm_block_k"]
+    return per_split, _cdiv(rows, per_split)
+
+
+def _stats_trips(s, launch, row):
     sweep = [_cdiv(s["C"], launch["block_c"]), _cdiv(s["C"], launch["block_c"]) * _cdiv(s["D"], launch["block_d"])]
-    return sweep * (2 if _two_sweeps(wta) else 1)
+    return sweep * (2 if _two_sweeps(row["wta"]) else 1)
 
 
-def _forward_trips(s, launch, wta):
+def _forward_trips(s, launch, row):
     region_tiles = _cdiv(s["N"], launch["block_n"])
     return [region_tiles, region_tiles * _cdiv(s["D"], launch["block_d"])]
 
 
-def _sums_trips(s, launch, wta):
+def _sums_trips(s, launch, row):
     class_tiles = _cdiv(s["C"], launch["block_c"])
     return [class_tiles, class_tiles * _cdiv(s["D"], launch["block_d"])]
 
 
-def _text_grad_trips(s, launch, wta):
+def _text_grad_trips(s, launch, row):
     tiles = s["B"] * _cdiv(s["N"], launch["block_n"])
     per_program = _cdiv(tiles, min(launch["splits"], tiles))
-    return [per_program, per_program * _cdiv(s["D"], launch["block_d"]), per_program * _cdiv(s["D"], launch["block_d_grad"])]
+    dims, grad_dims = _cdiv(s["D"], launch["block_d"]), _cdiv(s["D"], launch["block_d_grad"])
+    return [per_program, per_program * dims, per_program * grad_dims]
 
 
-def _finish_trips(s, launch, wta):
-    splits = min(launch["splits"], s["B"] * _cdiv(s["N"], launch["block_n"]))
-    return [splits, splits]
+def _finish_trips(s, launch, row):
+    if launch["block_c"] >= s["C"]:
+        splits = _rows_splits(s, launch)[1]
+    else:
+        splits = min(launch["splits"], s["B"] * _cdiv(s["N"], launch["block_n"]))
+    return _maybe_unrolled(splits, row)
 
 
-def _feature_grad_trips(s, launch, wta):
+def _feature_grad_trips(s, launch, row):
     class_tiles = _cdiv(s["C"], launch["block_c"])
     chunks = _cdiv(s["D"], launch["block_d_grad"])
     return [class_tiles, class_tiles * _cdiv(s["D"], launch["block_d"]), class_tiles * chunks, chunks]
+
+
+def _rows_forward_trips(s, launch, row):
+    return [_cdiv(s["D"], launch["block_d"])]
+
+
+def _rows_combine_trips(s, launch, row):
+    return _maybe_unrolled(_cdiv(s["N"], launch["block_n"]), row)
+
+
+def _rows_grad_trips(s, launch, row):
+    features = [_cdiv(s["D"], launch["block_d_grad"])] if len(row["loops"]) == 2 else []
+    return [_cdiv(s["D"], launch["block_d"]), *features]
+
+
+def _text_grad_gemm_trips(s, launch, row):
+    return [_cdiv(_rows_splits(s, launch)[0], launch["gemm_block_k"])]
 
 
 # Trips per program of each loop, in the order the SASS holds them (an outer loop before its inner ones).
@@ -106,6 +142,10 @@ LOOP_TRIPS = {
     "_text_grad_kernel": _text_grad_trips,
     "_text_grad_finish_kernel": _finish_trips,
     "_feature_grad_kernel": _feature_grad_trips,
+    "_rows_forward_kernel": _rows_forward_trips,
+    "_rows_combine_kernel": _rows_combine_trips,
+    "_rows_grad_kernel": _rows_grad_trips,
+    "_text_grad_gemm_kernel": _text_grad_gemm_trips,
 }
 
 
@@ -120,14 +160,14 @@ def _trip_cycles(loop: dict, warps: int, arch: int, l2_bytes_per_cycle: float) -
 def launch_estimate(row: dict, shape: dict, gpu: str) -> float:
     """Microseconds for one launch compiled as in ``row`` (kernel_resources.compiled_row)."""
     spec, arch = GPUS[gpu], GPUS[gpu]["arch"]
-    trips = LOOP_TRIPS[row["kernel"]](shape, row["launch"], row["wta"])
+    trips = LOOP_TRIPS[row["kernel"]](shape, row["launch"], row)
     if len(trips) != len(row["loops"]):
         raise ValueError(
             f"{row['kernel']}: the SASS has {len(row['loops'])} loops, LOOP_TRIPS knows {len(trips)}; "
             "update LOOP_TRIPS for the kernel as it is now"
         )
-    resident = row["programs_per_sm"]
     multiprocessors = kernel_resources.GPUS[arch]["multiprocessors"]
+    resident = min(row["programs_per_sm"], math.ceil(row["grid"] / multiprocessors))  # a small grid spreads out
     l2_per_cycle = spec["l2_bytes_per_s"] / spec["clock_hz"] / multiprocessors
     wave = row["straight_instructions"] * row["num_warps"] * resident / ISSUE_PER_CYCLE
     for loop, count in zip(row["loops"], trips):

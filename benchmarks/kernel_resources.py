@@ -85,9 +85,7 @@ def recorded_launches(
         outputs = triton_head.dualcoop_head_forward(features, *texts, theta, *options)
         current_pass[0] = "bwd"
         grad = torch.ones(B, 2, C, dtype=outputs[0].dtype)
-        triton_head.dualcoop_head_backward(
-            grad, features, *texts, theta, *outputs, *options, want_features, True, True
-        )
+        triton_head.dualcoop_head_backward(grad, features, *texts, theta, *outputs, *options, want_features, True, True)
     finally:
         for kernel, run in saved.items():
             kernel.run = run
@@ -261,9 +259,7 @@ def compiled_row(kernel, grid, args, kwargs, arch: int) -> dict:
     )
 
 
-def rows_for(
-    preset: str, dtype: str, wta: str, arch: int, overrides: dict, want_features: bool = True
-) -> list[dict]:
+def rows_for(preset: str, dtype: str, wta: str, arch: int, overrides: dict, want_features: bool = True) -> list[dict]:
     """A row per launch of one forward and backward at ``preset`` (``compiled_row``), with its pass."""
     shape = HEAD_PRESETS[preset]
     B, N, D, C = shape["B"], shape["N"], shape["D"], shape["C"]
@@ -326,6 +322,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", nargs="+", default=["coco"], help=f"of {list(HEAD_PRESETS)}, or all")
     parser.add_argument("--wta", default="preset", help="a WTA mode, 'preset' (each preset's own) or 'all'")
     parser.add_argument("--tiles", help="block_n,block_c,block_d,block_d_grad instead of choose_launch_config's")
+    parser.add_argument("--frozen-features", action="store_true", help="no features' gradient, as in prompt learning")
     parser.add_argument("--num-warps", type=int)
     parser.add_argument("--num-stages", type=int)
     parser.add_argument("--json", type=Path, help="write the rows to this file")
@@ -362,7 +359,7 @@ def main(argv=None) -> int:
         for dtype in args.dtype:
             for arch in args.arch:
                 for wta in modes:
-                    rows += rows_for(preset, dtype, wta, arch, _overrides(args))
+                    rows += rows_for(preset, dtype, wta, arch, _overrides(args), not args.frozen_features)
     print(f"triton {triton.__version__}, compiled as launched; launch settings per preset in --json")
     print(format_table(rows, COLUMNS))
     if args.json:

@@ -75,6 +75,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert {row["backend"] for row in results["timing"]["rows"]} == {"eager", "triton"}
     assert len(results["sweep"]["rows"]) == 6 and all("time_ms" in row for row in results["sweep"]["rows"])
     assert {row["backend"] for row in results["loss"]["rows"]} == {"eager", "torch.compile", "extension"}
+    model = results["model"]["rows"]  # kernel_model.py's rows, compiled for an H100 in a dry run
+    assert {(row["preset"], row["pass"]) for row in model} == {("voc", step) for step in ("fwd", "bwd", "fwd+bwd")}
+    assert all(row["gpu"] == "H100" and row["estimate_us"] > 0 and row["roofline_us"] > 0 for row in model)
     if importlib.util.find_spec("open_clip"):
         ways = [(row["config"], row["way"]) for row in results["train"]["rows"]]
         assert ways == [("quick", "authors"), ("quick", "package")] + [
@@ -87,7 +90,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     markdown = next(tmp_path.glob("*.md")).read_text()
     assert f"{expected} of {expected} checks pass" in markdown
     assert "Launch settings" in markdown and "A training step" in markdown
-    assert "Text features" in markdown
+    assert "Text features" in markdown and "model us" in markdown
 
 
 @pytest.mark.slow

@@ -33,12 +33,17 @@ pytestmark = needs_triton(torch.float64)
 
 NAMES = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
 SMALL_TILES = LaunchConfig(block_n=16, block_c=16, block_d=16, block_d_grad=16, splits=2)
+# one class tile holds all 21 classes of the small shape (the row kernels), the rest as small as they go
+ROW_TILES = LaunchConfig(
+    block_n=16, block_c=32, block_d=16, block_d_grad=16, splits=3, gemm_block_m=16, gemm_block_k=16
+)
 
 # (B, N, D, C, tiles, gamma): odd sizes; several region, class and D tiles; N = C = 1; splits that do
 # not divide the region tiles; None means the tiles the library picks for the shape. The interpreter
 # is slow: the larger shapes are marked slow, out of the quick run (pytest -m "not slow").
 SHAPES = [
     pytest.param(2, 37, 24, 21, SMALL_TILES, 5.0, id="multi-tile"),
+    pytest.param(2, 37, 24, 21, ROW_TILES, 5.0, id="row-tiles"),
     pytest.param(1, 1, 5, 1, None, 200.0, id="one-region-one-class"),
     pytest.param(3, 70, 40, 130, None, 5.0, id="default-tiles", marks=pytest.mark.slow),
     pytest.param(
@@ -162,26 +167,28 @@ def poisoned_output(*shape, device, dtype):
     return torch.full(shape, fill, device=device, dtype=dtype)
 
 
+@pytest.mark.parametrize("tiles", [SMALL_TILES, ROW_TILES], ids=["tiled", "rows"])
 @pytest.mark.parametrize("wta", WTA_MODES)
-def test_kernels_write_every_output_element(monkeypatch, wta):
+def test_kernels_write_every_output_element(monkeypatch, wta, tiles):
     monkeypatch.setattr(triton_head, "_kernel_output", poisoned_output)
     inputs = head_inputs(2, 37, 24, 21)
     grad_output = torch.randn(2, 2, 21, dtype=torch.float64)
     expected = run_head(dualcoop_head_reference, inputs, grad_output, wta=wta)
-    got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta, launch=SMALL_TILES)
+    got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta, launch=tiles)
     for ours, theirs in zip(got, expected):
         torch.testing.assert_close(ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
 
 
+@pytest.mark.parametrize("tiles", [SMALL_TILES, ROW_TILES], ids=["tiled", "rows"])
 @pytest.mark.parametrize("side", ["positive", "negative"])
 @pytest.mark.parametrize("wta", WTA_MODES)
-def test_backward_reads_a_sides_statistics_where_that_side_is_weighted(wta, side):
+def test_backward_reads_a_sides_statistics_where_that_side_is_weighted(wta, side, tiles):
     """One side's statistics (its c = M or m, max u, 1 / softmax sum and shift; the arg-max or arg-min of s+)
     poisoned between the forward and the backward: the gradients turn NaN where the mode weighs that
     side's logits (the negative side: pos_neg*), all but text_neg's for the positive side (dL/ds- =
     a k w- g- does not see the positive weights), and none changes where the side is not weighted."""
     features, te, tp, tn, log_temp = head_inputs(2, 37, 24, 21, requires_grad=False)
-    options = [wta, 5.0, 20.0, SMALL_TILES.as_list()]
+    options = [wta, 5.0, 20.0, tiles.as_list()]
     logits, lse, inv_norm, text_inv_norm, stats, index = triton_head.dualcoop_head_forward(
         features, te, tp, tn, log_temp, *options
     )
@@ -213,21 +220,49 @@ class RefusesLaunch:
         raise AssertionError("this kernel should not run: nothing it computes is needed")
 
 
-def test_no_feature_gradient_work_for_frozen_features(monkeypatch):
-    monkeypatch.setattr(triton_head, "_feature_grad_kernel", RefusesLaunch())
-    features, *rest = head_inputs(2, 9, 16, 5)
-    out = dualcoop_head_triton(features.detach(), *rest)
+class RecordsLaunches:
+    """Stands in for a kernel: runs it and keeps each launch's keyword arguments (its constexprs)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize(
+    "tiles, refused", [(SMALL_TILES, "_feature_grad_kernel"), (ROW_TILES, None)], ids=["tiled", "rows"]
+)
+def test_no_feature_gradient_work_for_frozen_features(monkeypatch, tiles, refused):
+    if refused:
+        monkeypatch.setattr(triton_head, refused, RefusesLaunch())
+    rows = RecordsLaunches(triton_head._rows_grad_kernel)
+    monkeypatch.setattr(triton_head, "_rows_grad_kernel", rows)
+    features, *rest = head_inputs(2, 9, 16, 21)
+    out = dualcoop_head_triton(features.detach(), *rest, launch=tiles)
     out.sum().backward()
     assert all(t.grad is not None for t in rest)
+    assert not any(launch["WANT_FEATURES"] for launch in rows.launches)
 
 
-def test_no_text_gradient_work_when_only_features_learn(monkeypatch):
-    monkeypatch.setattr(triton_head, "_text_grad_kernel", RefusesLaunch())
-    features, *rest = head_inputs(2, 9, 16, 5)
-    out = dualcoop_head_triton(features, *[t.detach() for t in rest])
+@pytest.mark.parametrize(
+    "tiles, refused", [(SMALL_TILES, "_text_grad_kernel"), (ROW_TILES, "_text_grad_gemm_kernel")], ids=["tiled", "rows"]
+)
+def test_no_text_gradient_work_when_only_features_learn(monkeypatch, tiles, refused):
+    monkeypatch.setattr(triton_head, refused, RefusesLaunch())
+    rows = RecordsLaunches(triton_head._rows_grad_kernel)
+    monkeypatch.setattr(triton_head, "_rows_grad_kernel", rows)
+    features, *rest = head_inputs(2, 9, 16, 21)
+    out = dualcoop_head_triton(features, *[t.detach() for t in rest], launch=tiles)
     (grad,) = torch.autograd.grad(out.sum(), features)
     expected = torch.autograd.grad(dualcoop_head_reference(features, *[t.detach() for t in rest]).sum(), features)[0]
     torch.testing.assert_close(grad, expected)
+    assert not any(launch["WANT_TEXT"] for launch in rows.launches)
+    assert len(rows.launches) == (tiles is ROW_TILES)
 
 
 def test_non_contiguous_inputs():
@@ -274,13 +309,14 @@ def test_compiles_without_graph_breaks():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tiles", [SMALL_TILES, ROW_TILES], ids=["tiled", "rows"])
 @pytest.mark.parametrize("wta", WTA_MODES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_operators_pass_torch_library_opcheck(wta, dtype):
+def test_operators_pass_torch_library_opcheck(wta, dtype, tiles):
     """PyTorch's own test of a custom operator: schema, fake (meta) implementation, autograd
     registration, and that outputs are the same from call to call (no unwritten memory)."""
     features, te, tp, tn, log_temp = head_inputs(2, 19, 24, 21, dtype=dtype)
-    options = [wta, 5.0, 20.0, SMALL_TILES.as_list()]
+    options = [wta, 5.0, 20.0, tiles.as_list()]
     torch.library.opcheck(
         torch.ops.dualcoop_kernels.dualcoop_head_forward.default,
         (features, te.detach(), tp.detach(), tn.detach(), log_temp, *options),
@@ -359,11 +395,12 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
 
 
 def test_cuda_launch_settings_are_traceable(monkeypatch):
-    """On CUDA the tile choice reads the GPU's multiprocessor count; torch.compile must trace that path
-    (it takes the count as a constant) without a graph break."""
+    """On CUDA the tile choice reads the GPU's multiprocessor count and compute capability; torch.compile
+    must trace that path (it takes both as constants) without a graph break."""
 
     class Properties:
         multi_processor_count = 132
+        major, minor = 9, 0
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
 

@@ -30,58 +30,63 @@ NO_FLOAT64_DOTS = triton_backend.unsupported_dtype(torch.float64)
 def test_kernels_compile_for_the_gpu(dtype, arch):
     """The interpreter runs kernels as Python and misses what only the GPU compiler rejects (a
     loop-carried variable changing type, or syntax an older Triton lacks, say): compile every kernel
-    for sm_80 and sm_90 with Triton's ptxas."""
+    for sm_80 and sm_90 with Triton's ptxas, the row kernels at coco and the tiled ones at zsl."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     script = str(ROOT / "benchmarks" / "kernel_resources.py")
-    command = [sys.executable, script, "--dtype", dtype, "--arch", str(arch), "--wta", "all", "--preset", "coco"]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    command = [sys.executable, script, "--dtype", dtype, "--arch", str(arch), "--wta", "all", "--preset", "coco", "zsl"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    # every launch of a forward and backward in every mode: with WTA the statistics and sums kernels too
-    expected = sum(4 if sides == ("one", "one") else 6 for sides in WTA_WEIGHTS.values())
+    # every launch of a forward and backward in every mode: rows (5 kernels), then tiles, where WTA
+    # adds the statistics and sums kernels
+    expected = sum(5 + (4 if sides == ("one", "one") else 6) for sides in WTA_WEIGHTS.values())
     assert finished.stdout.count("_kernel") == expected
 
 
-@pytest.fixture(scope="module")
-def compiled_rows(tmp_path_factory):
-    """Every kernel of the coco and nuswide presets, fp32 and bf16 inputs, compiled as launched for
-    sm_80, sm_86, sm_89 and sm_90."""
-    rows_file = tmp_path_factory.mktemp("compiled") / "rows.json"
+def compile_rows(tmp_path, *arguments) -> list[dict]:
+    rows_file = tmp_path / "rows.json"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    command = [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--json", str(rows_file)]
-    command += ["--arch", "80", "86", "89", "90", "--dtype", "float32", "bfloat16", "--preset", "coco", "nuswide"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--json", str(rows_file), *arguments]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=1200, env=env)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     return json.loads(rows_file.read_text())["rows"]
 
 
-SIMILARITY_KERNELS = ["_region_stats_kernel", "_head_forward_kernel", "_region_sums_kernel"]
+@pytest.fixture(scope="module")
+def compiled_rows(tmp_path_factory):
+    """Every kernel of a prompt-learning step (features frozen) at the coco and nuswide presets, fp32
+    and bf16 inputs, compiled as launched for sm_80, sm_86, sm_89 and sm_90."""
+    return compile_rows(
+        tmp_path_factory.mktemp("compiled"), "--frozen-features", "--arch", "80", "86", "89", "90",
+        "--dtype", "float32", "bfloat16", "--preset", "coco", "nuswide",
+    )  # fmt: skip
+
+
+ROW_KERNELS = ["_rows_forward_kernel", "_rows_combine_kernel", "_rows_grad_kernel", "_text_grad_gemm_kernel"]
+PIPELINED_KERNELS = ["_rows_forward_kernel", "_rows_grad_kernel", "_text_grad_gemm_kernel"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "kernel",
-    [
-        *SIMILARITY_KERNELS,
-        "_text_grad_kernel",
-        "_text_grad_finish_kernel",
-        pytest.param(
-            "_feature_grad_kernel",
-            marks=pytest.mark.xfail(strict=True, reason="spills 44 to 644 bytes on sm_80 and sm_90 (issue 26)"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kernel", [*ROW_KERNELS, "_text_grad_finish_kernel"])
 def test_no_kernel_spills_at_coco_and_nuswide_on_any_architecture(compiled_rows, kernel):
+    rows = [row for row in compiled_rows if row["kernel"] == kernel]
     spilling = [
         f"{row['preset']} {row['dtype']} {row['arch']}: {row['spill_bytes']} bytes"
-        for row in compiled_rows
-        if row["kernel"] == kernel and row["spill_bytes"]
+        for row in rows
+        if row["spill_bytes"]
     ]
-    assert not spilling, spilling
+    assert rows and not spilling, spilling
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", SIMILARITY_KERNELS)
-def test_similarity_loops_load_with_async_copies(compiled_rows, kernel):
+@pytest.mark.xfail(strict=True, reason="the row backward with the features' gradient spills 12 to 184 bytes (issue 26)")
+def test_the_row_backward_with_the_features_gradient_does_not_spill(tmp_path):
+    rows = compile_rows(tmp_path, "--arch", "80", "--preset", "coco")
+    assert not [row for row in rows if row["kernel"] == "_rows_grad_kernel" and row["spill_bytes"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", PIPELINED_KERNELS)
+def test_gemm_loops_load_with_async_copies(compiled_rows, kernel):
     """Two pipeline stages: the hot loop's loads are cp.async copies, no plain global loads wait in it."""
     rows = [row for row in compiled_rows if row["kernel"] == kernel]
     assert rows and all(row["async_copies"] > 0 and row["global_loads"] == 0 for row in rows), rows

@@ -2,7 +2,21 @@
 
 The decomposition is docs/math.md's "How the Triton head splits the work". Nothing is normalised in memory: the
 kernels fold the inverse row norms of the features (B x N) and of the prompts (3 x C) into every
-similarity tile, and the backward applies the normalisation's own gradient. Launches:
+similarity tile, and the backward applies the normalisation's own gradient. Launches when one class
+tile holds every class (``block_c >= C``: up to ROW_CLASSES classes), the row path:
+
+forward
+  rows forward               grid (B, region tiles): the three similarity tiles in one sweep over D,
+                             the WTA statistics from them (stored), the tile's region-softmax parts
+  rows combine               grid (B, class tiles): merges the parts into P-, P+ and the log-sum-exp
+backward
+  rows grad                  grid (B, region tiles): dS with the WTA sums from the tile itself, the
+                             tile's dL/dtheta term; for the prompts dS (class-major, f's norms
+                             folded in) and <t, G> parts; for the features dL/dF, D swept in registers
+  text grad GEMM             grid (3C tiles, D chunks, splits): G = dS^T F over a split of the B*N rows
+  text finish                grid (class tiles, D chunks, 3): sums the splits, the normalisation
+
+and otherwise, the tiled path:
 
 forward
   region stats  (WTA modes)  grid (B, region tiles), sweeping all class tiles: M = max_m s+ and
@@ -23,7 +37,8 @@ backward
   feature grads (if needed)  grid (B, region tiles, D chunks): dS tiles fed into dF = dS t, then the
                              normalisation step
 
-Nothing of size B x N x C is written: the backward recomputes similarity tiles. Saved for the backward:
+The tiled path writes nothing of size B x N x C (the backward recomputes similarity tiles); the row
+path writes dS (3 x C x B*N, compute dtype) during the backward only. Saved for the backward:
 the inputs, the logits in the compute dtype, and O(B*C + B*N) statistics. Arithmetic is float32 for
 fp16, bf16 and fp32 inputs, with float32-accurate dots (WTA amplifies TF32 error: docs/math.md,
 "Numerics"; which products on which GPU: precision.py), and float64 for float64 inputs. The scalars
@@ -51,6 +66,8 @@ WEIGHT_ONE, WEIGHT_NORM, WEIGHT_ONE_PLUS_SOFTMAX, WEIGHT_SOFTMAX = (
 SIDE_POS, SIDE_NEG = tl.constexpr(0), tl.constexpr(1)  # added to a statistic's first row: that side's row
 NORM_EPS = 1e-12  # as F.normalize
 PARTIALS_BYTES = 32 * 2**20  # most memory the text gradient's per-split partial sums may take
+ROW_CLASSES = 128  # most classes the row kernels hold in one tile
+FINISH_TILE = (32, 64)  # classes and D of a text-finish program: small, for enough programs to read the partials
 
 # Per-region float statistics, stacked along dim 0 of one (STATS, B, N) tensor, two rows each (a side's
 # row: the first plus the side): STAT_COEF is c in u = gamma c s+ (M for the positive side, m for the
@@ -60,8 +77,10 @@ STAT_COEF, STAT_MAX_U, STAT_INV_TOTAL, STAT_SHIFT = (tl.constexpr(i) for i in (0
 # Per-region indices, stacked along dim 0 of one (INDICES, B, N) int32 tensor: the arg-max and arg-min
 # of s+ (where dM and dm go; first row plus the side), and the arg-max of the positive u (norm's winner).
 INDEX_COEF, INDEX_WINNER = tl.constexpr(0), tl.constexpr(2)
+# The row forward's per-(image, region tile, class) partial sums of the region softmax, rows of one tensor.
+PARTIAL_MAX, PARTIAL_SUM, PARTIAL_POS, PARTIAL_NEG = (tl.constexpr(i) for i in range(4))
 SUMS_PER_SIDE = tl.constexpr(3)  # per-region sums of the WTA backward, three per side: (SUMS, B, N)
-STATS, INDICES, SUMS = 8, 3, 6  # the host's sizes of the three
+STATS, INDICES, SUMS, PARTIALS = 8, 3, 6, 4  # the host's sizes of the four
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,11 +121,18 @@ def _dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _similarity_dot(f, t, ACC: tl.constexpr, PRECISION: tl.constexpr, SIM_DTYPE: tl.constexpr):
-    """f @ t^T for operands loaded in ``SIM_DTYPE``: bf16 and fp16 multiply natively, as they are."""
+def _similarity_dot(
+    f, t, ACC: tl.constexpr, PRECISION: tl.constexpr, SIM_DTYPE: tl.constexpr, CLASS_MAJOR: tl.constexpr
+):
+    """f @ t^T, or t @ f^T when ``CLASS_MAJOR``, for operands loaded in ``SIM_DTYPE``: bf16 and fp16
+    multiply natively, as they are."""
+    if CLASS_MAJOR:
+        a, b = t, tl.trans(f)
+    else:
+        a, b = f, tl.trans(t)
     if SIM_DTYPE == ACC:
-        return _dot(f, tl.trans(t), ACC, PRECISION)
-    return tl.dot(f, tl.trans(t), out_dtype=ACC)
+        return _dot(a, b, ACC, PRECISION)
+    return tl.dot(a, b, out_dtype=ACC)
 
 
 @triton.jit
@@ -163,23 +189,28 @@ def _similarity_tiles(
     ``f_ptr`` points at the image's first region; ``inv_norm`` holds the tile's inverse feature norms.
     Unwanted sets come back as zeros; masked rows and columns are zero. The operands are multiplied in
     ``SIM_DTYPE``: bf16 and fp16 inputs as they are on a GPU (their products are exact in float32, which
-    accumulates), the compute dtype otherwise (precision.py).
+    accumulates), the compute dtype otherwise (precision.py). The GEMM's M side is the larger tile
+    (classes when ``BLOCK_C > BLOCK_N``, then transposed once): Hopper's wgmma needs M >= 64.
     """
-    sim_e = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
-    sim_p = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
-    sim_n = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
+    CLASS_MAJOR: tl.constexpr = BLOCK_C > BLOCK_N
+    shape: tl.constexpr = (BLOCK_C, BLOCK_N) if CLASS_MAJOR else (BLOCK_N, BLOCK_C)
+    sim_e = tl.zeros(shape, dtype=ACC)
+    sim_p = tl.zeros(shape, dtype=ACC)
+    sim_n = tl.zeros(shape, dtype=ACC)
     for d_start in range(0, D, BLOCK_D):
         dims = d_start + tl.arange(0, BLOCK_D)
         dim_mask = dims < D
         f = _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, SIM_DTYPE)
         t_p = _load_text_chunk(tp_ptr, classes, class_mask, dims, dim_mask, D, SIM_DTYPE)
-        sim_p += _similarity_dot(f, t_p, ACC, PRECISION, SIM_DTYPE)
+        sim_p += _similarity_dot(f, t_p, ACC, PRECISION, SIM_DTYPE, CLASS_MAJOR)
         if WANT_E:
             t_e = _load_text_chunk(te_ptr, classes, class_mask, dims, dim_mask, D, SIM_DTYPE)
-            sim_e += _similarity_dot(f, t_e, ACC, PRECISION, SIM_DTYPE)
+            sim_e += _similarity_dot(f, t_e, ACC, PRECISION, SIM_DTYPE, CLASS_MAJOR)
         if WANT_N:
             t_n = _load_text_chunk(tn_ptr, classes, class_mask, dims, dim_mask, D, SIM_DTYPE)
-            sim_n += _similarity_dot(f, t_n, ACC, PRECISION, SIM_DTYPE)
+            sim_n += _similarity_dot(f, t_n, ACC, PRECISION, SIM_DTYPE, CLASS_MAJOR)
+    if CLASS_MAJOR:
+        sim_e, sim_p, sim_n = tl.trans(sim_e), tl.trans(sim_p), tl.trans(sim_n)
     text_scale_e = tl.load(text_inv_norm_ptr + classes, mask=class_mask, other=0.0)
     text_scale_p = tl.load(text_inv_norm_ptr + C + classes, mask=class_mask, other=0.0)
     text_scale_n = tl.load(text_inv_norm_ptr + 2 * C + classes, mask=class_mask, other=0.0)
@@ -492,6 +523,120 @@ def _head_forward_kernel(
         acc_neg = acc_neg * rescale + tl.sum(p * sim_n * weights_neg, axis=0)
         run_max = new_max
 
+    pair = logits_ptr + image * 2 * C + classes
+    tl.store(pair, logit_scale * acc_neg / run_sum, mask=class_mask)
+    tl.store(pair + C, logit_scale * acc_pos / run_sum, mask=class_mask)
+    tl.store(lse_ptr + image * C + classes, run_max + tl.log(run_sum), mask=class_mask)
+
+
+@triton.jit
+def _rows_forward_kernel(
+    f_ptr,
+    stride_fb,
+    stride_fn,
+    stride_fd,
+    te_ptr,
+    tp_ptr,
+    tn_ptr,
+    text_inv_norm_ptr,
+    inv_norm_ptr,
+    stats_ptr,
+    index_ptr,
+    stat_stride,
+    log_temp_ptr,
+    partials_ptr,
+    partial_stride,
+    N,
+    C,
+    D,
+    gamma: tl.float64,
+    WTA_POS: tl.constexpr,
+    WTA_NEG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SIM_DTYPE: tl.constexpr,
+):
+    """The forward of a region tile when one class tile holds every class: the three similarity tiles
+    in one sweep over D, the WTA statistics from them (stored for the backward) and this tile's part
+    of the region softmax per class: its max of tau s^e, and sums of p = exp(tau s^e - max), p s+ w+
+    and p s- w-, as rows PARTIAL_* of ``partials`` at (image, region tile), for ``_rows_combine_kernel``."""
+    gamma = tl.full((), gamma, ACC)  # typed float64: module doc
+    image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
+    classes = tl.arange(0, BLOCK_C)
+    class_mask = classes < C
+    sim_e, sim_p, sim_n = _similarity_tiles(
+        f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr,
+        C, D, classes, class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
+    )  # fmt: skip
+    weights_pos = tl.full(sim_p.shape, 1.0, ACC)
+    weights_neg = weights_pos
+    if (WTA_POS != WEIGHT_ONE) or (WTA_NEG != WEIGHT_ONE):
+        run_max, run_min, arg_max, arg_min, has_nan = _tile_extrema(sim_p, class_mask, 0)
+        run_max, run_min, shift_pos, shift_neg, max_u_pos, max_u_neg = _shifts(run_max, run_min, has_nan, gamma)
+        total_pos = tl.full((BLOCK_N,), 1.0, ACC)  # what a side that is no softmax stores
+        total_neg = tl.full((BLOCK_N,), 1.0, ACC)
+        POS_SOFTMAX: tl.constexpr = (WTA_POS != WEIGHT_ONE) and (WTA_POS != WEIGHT_NORM)
+        if POS_SOFTMAX:
+            total_pos = _softmax_total(sim_p, class_mask, run_max, max_u_pos, gamma)
+        if WTA_NEG != WEIGHT_ONE:
+            total_neg = _softmax_total(sim_p, class_mask, run_min, max_u_neg, gamma)
+        _store_statistics(
+            stats_ptr, index_ptr, stat_stride, offsets, region_mask, run_max, run_min, arg_max, arg_min,
+            shift_pos, shift_neg, max_u_pos, max_u_neg, total_pos, total_neg,
+        )  # fmt: skip
+        weights_pos, _ = _weights(sim_p, run_max, max_u_pos, 1.0 / total_pos, gamma, WTA_POS)
+        weights_neg, _ = _weights(sim_p, run_min, max_u_neg, 1.0 / total_neg, gamma, WTA_NEG)
+    tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
+    logits = tl.where(region_mask[:, None], tau * sim_e, float("-inf"))
+    tile_max = tl.max(logits, axis=0)
+    p = tl.exp(logits - tile_max[None, :])
+    part = partials_ptr + (image * tl.num_programs(1) + tl.program_id(1)) * C + classes
+    tl.store(part + PARTIAL_MAX * partial_stride, tile_max, mask=class_mask)
+    tl.store(part + PARTIAL_SUM * partial_stride, tl.sum(p, axis=0), mask=class_mask)
+    tl.store(part + PARTIAL_POS * partial_stride, tl.sum(p * sim_p * weights_pos, axis=0), mask=class_mask)
+    tl.store(part + PARTIAL_NEG * partial_stride, tl.sum(p * sim_n * weights_neg, axis=0), mask=class_mask)
+
+
+@triton.jit
+def _rows_combine_kernel(
+    partials_ptr,
+    partial_stride,
+    logits_ptr,
+    lse_ptr,
+    C,
+    region_tiles,
+    logit_scale: tl.float64,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """P-, P+ and the region softmax's log-sum-exp of an image's class tile from its region tiles'
+    partials (``_rows_forward_kernel``), merged as an online softmax merges them."""
+    logit_scale = tl.full((), logit_scale, ACC)  # typed float64: module doc
+    image = tl.program_id(0).to(tl.int64)
+    classes = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    class_mask = classes < C
+    run_max = tl.full((BLOCK_C,), float("-inf"), ACC)
+    run_sum = tl.zeros((BLOCK_C,), ACC)
+    acc_pos = tl.zeros((BLOCK_C,), ACC)
+    acc_neg = tl.zeros((BLOCK_C,), ACC)
+    for tile in range(0, region_tiles):
+        part = partials_ptr + (image * region_tiles + tile) * C + classes
+        tile_max = tl.load(part + PARTIAL_MAX * partial_stride, mask=class_mask, other=0.0)
+        new_max = tl.maximum(run_max, tile_max)
+        rescale, tile_scale = tl.exp(run_max - new_max), tl.exp(tile_max - new_max)
+        run_sum = run_sum * rescale + tile_scale * tl.load(
+            part + PARTIAL_SUM * partial_stride, mask=class_mask, other=1.0
+        )
+        acc_pos = acc_pos * rescale + tile_scale * tl.load(
+            part + PARTIAL_POS * partial_stride, mask=class_mask, other=0.0
+        )
+        acc_neg = acc_neg * rescale + tile_scale * tl.load(
+            part + PARTIAL_NEG * partial_stride, mask=class_mask, other=0.0
+        )
+        run_max = new_max
     pair = logits_ptr + image * 2 * C + classes
     tl.store(pair, logit_scale * acc_neg / run_sum, mask=class_mask)
     tl.store(pair + C, logit_scale * acc_pos / run_sum, mask=class_mask)
@@ -973,8 +1118,8 @@ def _text_grad_finish_kernel(
     BLOCK_DT: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Sum the splits' partials and apply the normalisation t = T / |T|:
-    dL/dT = (G - t <t, G>) / |T|, for one prompt set (program axis 2), a class tile and a D chunk."""
+    """Sum the splits' partials of G and apply the normalisation t = T / |T| with the (3, C) sums
+    <t, G>: dL/dT = (G - t <t, G>) / |T|, for one prompt set (program axis 2), a class tile and a D chunk."""
     classes = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     class_mask = classes < C
     dims = tl.program_id(1) * BLOCK_DT + tl.arange(0, BLOCK_DT)
@@ -992,11 +1137,10 @@ def _text_grad_finish_kernel(
     offsets = classes.to(tl.int64)[:, None] * D + dims[None, :]
     mask = class_mask[:, None] & dim_mask[None, :]
     grad = tl.zeros((BLOCK_C, BLOCK_DT), ACC)
-    projection = tl.zeros((BLOCK_C,), ACC)
     for split in range(0, splits):
         part = (split * 3 + prompt_set).to(tl.int64)
         grad += tl.load(grad_text_ptr + part * set_stride + offsets, mask=mask, other=0.0)
-        projection += tl.load(projection_ptr + part * C + classes, mask=class_mask, other=0.0)
+    projection = tl.load(projection_ptr + prompt_set * C + classes, mask=class_mask, other=0.0)
     inv_norm = tl.load(text_inv_norm_ptr + prompt_set * C + classes, mask=class_mask, other=0.0)
     unit = tl.load(text_ptr + offsets, mask=mask, other=0.0).to(ACC) * inv_norm[:, None]
     result = (grad - unit * projection[:, None]) * inv_norm[:, None]
@@ -1117,11 +1261,159 @@ def _feature_grad_kernel(
         tl.store(grad_features_ptr + rows + dims[None, :], grad.to(grad_features_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _rows_grad_kernel(
+    f_ptr,
+    stride_fb,
+    stride_fn,
+    stride_fd,
+    te_ptr,
+    tp_ptr,
+    tn_ptr,
+    text_inv_norm_ptr,
+    inv_norm_ptr,
+    stats_ptr,
+    index_ptr,
+    stat_stride,
+    log_temp_ptr,
+    lse_ptr,
+    logits_ptr,
+    grad_ptr,
+    grad_sim_ptr,
+    projection_ptr,
+    grad_temp_ptr,
+    grad_features_ptr,
+    N,
+    C,
+    D,
+    rows_total,
+    gamma: tl.float64,
+    logit_scale: tl.float64,
+    WANT_TEXT: tl.constexpr,
+    WANT_FEATURES: tl.constexpr,
+    WTA_POS: tl.constexpr,
+    WTA_NEG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SIM_DTYPE: tl.constexpr,
+):
+    """The backward of a region tile when one class tile holds every class, the WTA sums taken from the
+    tile itself: this tile's term of dL/dtheta; for the prompts, dS^x f-scaled (dS times the regions'
+    inverse norms) written class-major into ``grad_sim`` (3C x B*N) for ``_text_grad_gemm_kernel``,
+    and the tile's part of <t, G> per prompt; for the features, dL/dF = (G - f <f, G>) / |F| with
+    G = sum_x dS^x t^x, the D chunks swept in registers."""
+    gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
+    image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
+    tile = image * tl.num_programs(1) + tl.program_id(1)
+    classes = tl.arange(0, BLOCK_C)
+    class_mask = classes < C
+    sim_e, sim_p, sim_n, centered_e, grad_e, grad_p, grad_n = _grad_similarity_tiles(
+        f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr,
+        text_inv_norm_ptr, classes, class_mask, stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr,
+        logits_ptr, grad_ptr, stats_ptr, gamma, logit_scale, N, C, D, WTA_POS, WTA_NEG, True, BLOCK_N, BLOCK_C,
+        BLOCK_D, ACC, PRECISION, SIM_DTYPE,
+    )  # fmt: skip
+    projection_e = tl.sum(centered_e * grad_e, axis=0)  # also dL/dtheta's terms
+    tl.store(grad_temp_ptr + tile, tl.sum(projection_e))
+    if WANT_TEXT:
+        rows = projection_ptr + tile * 3 * C + classes
+        tl.store(rows, projection_e, mask=class_mask)
+        tl.store(rows + C, tl.sum(sim_p * grad_p, axis=0), mask=class_mask)
+        tl.store(rows + 2 * C, tl.sum(sim_n * grad_n, axis=0), mask=class_mask)
+        valid = region_mask[:, None] & class_mask[None, :]
+        grad_sim = grad_sim_ptr + classes.to(tl.int64)[None, :] * rows_total + offsets[:, None]
+        tl.store(grad_sim, grad_e * inv_norm[:, None], mask=valid)
+        tl.store(grad_sim + C * rows_total, grad_p * inv_norm[:, None], mask=valid)
+        tl.store(grad_sim + 2 * C * rows_total, grad_n * inv_norm[:, None], mask=valid)
+    if WANT_FEATURES:
+        projection = tl.sum(grad_e * sim_e + grad_p * sim_p + grad_n * sim_n, axis=1)
+        # G = dS^x t^x with t = T * text_inv_norm: fold the norm into dS's columns
+        scaled_e = grad_e * tl.load(text_inv_norm_ptr + classes, mask=class_mask, other=0.0)[None, :]
+        scaled_p = grad_p * tl.load(text_inv_norm_ptr + C + classes, mask=class_mask, other=0.0)[None, :]
+        scaled_n = grad_n * tl.load(text_inv_norm_ptr + 2 * C + classes, mask=class_mask, other=0.0)[None, :]
+        # BLOCK_D chunks: three (BLOCK_C, BLOCK_DT) operands would overflow shared memory
+        for d_start in range(0, D, BLOCK_D):
+            dims = d_start + tl.arange(0, BLOCK_D)
+            dim_mask = dims < D
+            grad_unit = _dot(
+                scaled_e, _load_text_chunk(te_ptr, classes, class_mask, dims, dim_mask, D, ACC), ACC, PRECISION
+            )
+            grad_unit += _dot(
+                scaled_p, _load_text_chunk(tp_ptr, classes, class_mask, dims, dim_mask, D, ACC), ACC, PRECISION
+            )
+            grad_unit += _dot(
+                scaled_n, _load_text_chunk(tn_ptr, classes, class_mask, dims, dim_mask, D, ACC), ACC, PRECISION
+            )
+            unit = _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC)
+            grad = (grad_unit - unit * inv_norm[:, None] * projection[:, None]) * inv_norm[:, None]
+            out = grad_features_ptr + offsets[:, None] * D + dims[None, :]
+            mask = region_mask[:, None] & dim_mask[None, :]
+            tl.store(out, grad.to(grad_features_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _text_grad_gemm_kernel(
+    grad_sim_ptr,
+    f_ptr,
+    stride_fb,
+    stride_fn,
+    stride_fd,
+    grad_text_ptr,
+    prompt_rows,
+    N,
+    D,
+    rows_total,
+    rows_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """G = dS^T F for a tile of prompt rows (the 3C rows of ``grad_sim``, f's norms already folded in)
+    and a D chunk, over this split's range of the B*N feature rows: one partial per split in
+    ``grad_text[split]``, summed by ``_text_grad_finish_kernel`` (no atomics: deterministic)."""
+    prompts = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    prompt_mask = prompts < prompt_rows
+    dims = tl.program_id(1) * BLOCK_DT + tl.arange(0, BLOCK_DT)
+    dim_mask = dims < D
+    split = tl.program_id(2)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, rows_total)
+    grad = tl.zeros((BLOCK_M, BLOCK_DT), ACC)
+    for k_start in range(row_start, row_end, BLOCK_K):
+        rows = k_start + tl.arange(0, BLOCK_K)
+        row_mask = rows < row_end
+        grad_sim = tl.load(
+            grad_sim_ptr + prompts.to(tl.int64)[:, None] * rows_total + rows[None, :],
+            mask=prompt_mask[:, None] & row_mask[None, :],
+            other=0.0,
+        )
+        images, regions = rows // N, rows % N
+        f_offsets = images.to(tl.int64)[:, None] * stride_fb + regions.to(tl.int64)[:, None] * stride_fn
+        f = tl.load(
+            f_ptr + f_offsets + dims.to(tl.int64)[None, :] * stride_fd,
+            mask=row_mask[:, None] & dim_mask[None, :],
+            other=0.0,
+        ).to(ACC)
+        grad += _dot(grad_sim, f, ACC, PRECISION)
+    out = grad_text_ptr + (split.to(tl.int64) * prompt_rows + prompts.to(tl.int64)[:, None]) * D + dims[None, :]
+    tl.store(out, grad, mask=prompt_mask[:, None] & dim_mask[None, :])
+
+
 KERNELS = (
     _region_stats_kernel,
     _head_forward_kernel,
+    _rows_forward_kernel,
+    _rows_combine_kernel,
     _region_sums_kernel,
     _text_grad_kernel,
+    _rows_grad_kernel,
+    _text_grad_gemm_kernel,
     _text_grad_finish_kernel,
     _feature_grad_kernel,
 )
@@ -1136,15 +1428,20 @@ KERNELS = (
 class LaunchConfig:
     """How the kernels are launched: tile sizes (regions, classes, the D step of the similarity GEMM,
     the D chunk of the gradient GEMMs, held in registers), how many partial sums the text gradient
-    splits its regions into, and Triton's launch options: ``num_stages`` for the kernels whose loop is
-    the similarity GEMM alone (two stages pipeline its loads with async copies), ``grad_stages`` for
-    the two gradient kernels (more stages spill them on sm_80)."""
+    splits its work into, the text-gradient GEMM's tile of prompt rows and its step over feature rows
+    (the row path), and Triton's launch options: ``num_stages`` for the kernels whose loop is a GEMM
+    alone (two stages pipeline its loads with async copies), ``grad_stages`` for the gradient kernels
+    that also compute dS (more stages spill them on sm_80). A class tile that holds every class
+    (``block_c >= C``) selects the row kernels."""
 
     block_n: int
     block_c: int
     block_d: int
     block_d_grad: int
     splits: int = 1
+    grad_block_n: int = 16
+    gemm_block_m: int = 64
+    gemm_block_k: int = 32
     num_warps: int = 8
     num_stages: int = 2
     grad_stages: int = 1
@@ -1160,20 +1457,35 @@ def _pow2_between(value: int, low: int, high: int) -> int:
 
 def choose_launch_config(B: int, N: int, C: int, D: int, device: torch.device) -> LaunchConfig:
     """Tile sizes for a shape, and enough text-gradient splits to give every multiprocessor a few
-    programs, as far as ``PARTIALS_BYTES`` allows. tl.dot needs every side >= 16. Compiled as launched
-    (``benchmarks/kernel_resources.py``), the sizes keep every kernel but the feature gradient free of
-    register spills on sm_80 to sm_90 at the coco and nuswide presets; a 16-wide D step is what does
-    it: wider steps spill the similarity loop."""
-    launch = LaunchConfig(
-        block_n=_pow2_between(N, 16, 64),
-        block_c=_pow2_between(C, 16, 32),
-        block_d=16,
-        block_d_grad=_pow2_between(D, 16, 64),
-    )
+    programs, as far as ``PARTIALS_BYTES`` allows. Up to ``ROW_CLASSES`` classes one class tile holds
+    them all (the row kernels); tl.dot needs every side >= 16. Compiled as launched
+    (``benchmarks/kernel_resources.py``), these sizes are what keeps the kernels free of spills."""
+    if C <= ROW_CLASSES:  # 32 regions by up to 128 classes: larger tiles spill the row kernels
+        hopper = device.type == "cuda" and _capability(device) >= (9, 0)  # 128 x 128 GEMM tiles spill elsewhere
+        launch = LaunchConfig(
+            block_n=_pow2_between(N, 16, 32),
+            block_c=_pow2_between(C, 16, ROW_CLASSES),
+            block_d=16,
+            block_d_grad=_pow2_between(D, 16, 128 if hopper else 64),
+            grad_block_n=_pow2_between(N, 16, 32),
+            gemm_block_m=128 if hopper else 64,
+            grad_stages=2,
+        )
+    else:
+        launch = LaunchConfig(
+            block_n=_pow2_between(N, 16, 64),
+            block_c=_pow2_between(C, 16, 32),
+            block_d=16,
+            block_d_grad=_pow2_between(D, 16, 64),
+        )
     if device.type != "cuda":
         return launch
     target = 4 * _multiprocessors(device)
-    by_parallelism = triton.cdiv(target, triton.cdiv(C, launch.block_c))
+    if C <= ROW_CLASSES:  # one wave of GEMM programs: more splits only add partials to read
+        gemm_tiles = triton.cdiv(3 * C, launch.gemm_block_m) * triton.cdiv(D, launch.block_d_grad)
+        by_parallelism = _multiprocessors(device) // gemm_tiles
+    else:
+        by_parallelism = triton.cdiv(target, triton.cdiv(C, launch.block_c))
     by_memory = PARTIALS_BYTES // (3 * C * D * 4)  # each split keeps a float32 partial of the prompts
     return replace(launch, splits=max(1, min(by_parallelism, by_memory)))
 
@@ -1275,14 +1587,24 @@ def dualcoop_head_forward(
         return logits, lse, inv_norm, text_inv_norm, stats, index
     constants = _kernel_constants(features.dtype, launch, wta, device)
     common = _common_args(features, texts, text_inv_norm, inv_norm)
+    region_tiles = triton.cdiv(N, launch.block_n)
     with _on_device(device):
-        if wta != "none":
-            _region_stats_kernel[(B, triton.cdiv(N, launch.block_n))](
-                *common, stats, index, B * N, N, C, D, wta_gamma, **constants
+        if launch.block_c >= C:  # one class tile holds every class: a row kernel, then a small merge
+            partials = _kernel_output(PARTIALS, B * region_tiles * C, device=device, dtype=compute)
+            _rows_forward_kernel[(B, region_tiles)](
+                *common, stats, index, B * N, log_spatial_temp, partials, partials.stride(0), N, C, D, wta_gamma,
+                **constants,
+            )  # fmt: skip
+            _rows_combine_kernel[(B, triton.cdiv(C, launch.block_c))](
+                partials, partials.stride(0), logits, lse, C, region_tiles, logit_scale,
+                BLOCK_C=launch.block_c, ACC=constants["ACC"], num_warps=4,
+            )  # fmt: skip
+        else:
+            if wta != "none":
+                _region_stats_kernel[(B, region_tiles)](*common, stats, index, B * N, N, C, D, wta_gamma, **constants)
+            _head_forward_kernel[(B, triton.cdiv(C, launch.block_c))](
+                *common, stats, B * N, log_spatial_temp, logits, lse, N, C, D, wta_gamma, logit_scale, **constants
             )
-        _head_forward_kernel[(B, triton.cdiv(C, launch.block_c))](
-            *common, stats, B * N, log_spatial_temp, logits, lse, N, C, D, wta_gamma, logit_scale, **constants
-        )
     return logits, lse, inv_norm, text_inv_norm, stats, index
 
 
@@ -1349,93 +1671,93 @@ def dualcoop_head_backward(
     with _on_device(device):
         grad_logits = grad_logits.to(compute).contiguous()
         constants = _kernel_constants(features.dtype, launch, wta, device)
-        gradient_constants = dict(constants, num_stages=launch.grad_stages)
         common = _common_args(features, texts, text_inv_norm, inv_norm)
-        region_tiles = triton.cdiv(N, launch.block_n)
-        class_tiles = triton.cdiv(C, launch.block_c)
-
-        sums = _kernel_output(SUMS, B, N, device=device, dtype=compute)
-        if wta != "none":
-            _region_sums_kernel[(B, region_tiles)](
-                *common,
-                stats,
-                index,
-                B * N,
-                log_spatial_temp,
-                lse,
-                grad_logits,
-                sums,
-                N,
-                C,
-                D,
-                wta_gamma,
-                logit_scale,
-                **constants,
-            )
-        state = (stats, index, B * N, log_spatial_temp, lse, logits, grad_logits, sums)
-
+        state = (stats, index, B * N, log_spatial_temp, lse, logits, grad_logits)
+        grad_features = _kernel_output(B, N, D, device=device, dtype=features.dtype) if want_features else nothing()
+        backward = _rows_backward if launch.block_c >= C else _tiled_backward
+        wants = (want_features, want_texts, want_temp)
+        parts = backward(common, state, grad_features, (B, N, C, D), launch, constants, wta_gamma, logit_scale, wants)
         grad_temp = nothing()
-        if want_texts or want_temp:
-            splits = min(launch.splits, B * region_tiles)  # every split gets a tile, so writes its partial
-            parts = splits if want_texts else 0
-            grad_text_parts = _kernel_output(parts, 3, C, D, device=device, dtype=compute)
-            projection_parts = _kernel_output(parts, 3, C, device=device, dtype=compute)
-            grad_temp_parts = _kernel_output(class_tiles, splits, device=device, dtype=compute)
-            _text_grad_kernel[(class_tiles, splits)](
-                *common,
-                *state,
-                grad_text_parts,
-                projection_parts,
-                grad_temp_parts,
-                N,
-                C,
-                D,
-                C * D,
-                region_tiles,
-                B * region_tiles,
-                wta_gamma,
-                logit_scale,
-                WANT_TEXT=want_texts,
-                BLOCK_DT=launch.block_d_grad,
-                **gradient_constants,
-            )
-            if want_texts:
-                _text_grad_finish_kernel[(class_tiles, triton.cdiv(D, launch.block_d_grad), 3)](
-                    *texts,
-                    text_inv_norm,
-                    grad_text_parts,
-                    projection_parts,
-                    *grad_texts,
-                    C,
-                    D,
-                    C * D,
-                    splits,
-                    BLOCK_C=launch.block_c,
-                    BLOCK_DT=launch.block_d_grad,
-                    ACC=constants["ACC"],
-                    num_warps=launch.num_warps,
-                )
-            if want_temp:
-                grad_temp = grad_temp_parts.sum().to(log_spatial_temp.dtype)
-
-        grad_features = nothing()
-        if want_features:
-            scratch = _kernel_output(B, N, D, device=device, dtype=compute)
-            grad_features = _kernel_output(B, N, D, device=device, dtype=features.dtype)
-            _feature_grad_kernel[(B, region_tiles)](
-                *common,
-                *state,
-                scratch,
-                grad_features,
-                N,
-                C,
-                D,
-                wta_gamma,
-                logit_scale,
-                BLOCK_DT=launch.block_d_grad,
-                **gradient_constants,
-            )
+        if want_texts:
+            grad_text_parts, projection = parts["grad_text"], parts["projection"]
+            block_c, block_d = FINISH_TILE
+            _text_grad_finish_kernel[(triton.cdiv(C, block_c), triton.cdiv(D, block_d), 3)](
+                *texts, text_inv_norm, grad_text_parts, projection, *grad_texts, C, D, C * D,
+                grad_text_parts.shape[0], BLOCK_C=block_c, BLOCK_DT=block_d, ACC=constants["ACC"], num_warps=4,
+            )  # fmt: skip
+        if want_temp:
+            grad_temp = parts["grad_temp"].sum().to(log_spatial_temp.dtype)
         return grad_features, *grad_texts, grad_temp
+
+
+def _tiled_backward(common, state, grad_features, shape, launch, constants, gamma, logit_scale, wants) -> dict:
+    """The backward's launches when the classes span several tiles. Returns what the host finishes:
+    ``grad_text``, the per-split partials of G = dS^T f (splits, 3, C, D), ``projection``, the (3, C)
+    sums <t, G>, and ``grad_temp``, partial sums of dL/dtheta; those not wanted are absent."""
+    B, N, C, D = shape
+    want_features, want_texts, want_temp = wants
+    device, compute = grad_features.device, state[-1].dtype
+    region_tiles, class_tiles = triton.cdiv(N, launch.block_n), triton.cdiv(C, launch.block_c)
+    gradient_constants = dict(constants, num_stages=launch.grad_stages)
+    sums = _kernel_output(SUMS, B, N, device=device, dtype=compute)
+    stats, index, stat_stride, log_temp, lse, _, grad_logits = state
+    if constants["WTA_POS"] != WTA_WEIGHT_CODES["one"] or constants["WTA_NEG"] != WTA_WEIGHT_CODES["one"]:
+        _region_sums_kernel[(B, region_tiles)](
+            *common, stats, index, stat_stride, log_temp, lse, grad_logits, sums, N, C, D, gamma, logit_scale,
+            **constants,
+        )  # fmt: skip
+    parts = {}
+    if want_texts or want_temp:
+        splits = min(launch.splits, B * region_tiles)  # every split gets a tile, so writes its partial
+        count = splits if want_texts else 0
+        parts["grad_text"] = _kernel_output(count, 3, C, D, device=device, dtype=compute)
+        projection = _kernel_output(count, 3, C, device=device, dtype=compute)
+        parts["grad_temp"] = _kernel_output(class_tiles, splits, device=device, dtype=compute)
+        _text_grad_kernel[(class_tiles, splits)](
+            *common, *state, sums, parts["grad_text"], projection, parts["grad_temp"], N, C, D, C * D,
+            region_tiles, B * region_tiles, gamma, logit_scale, WANT_TEXT=want_texts,
+            BLOCK_DT=launch.block_d_grad, **gradient_constants,
+        )  # fmt: skip
+        parts["projection"] = projection.sum(0)
+    if want_features:
+        scratch = _kernel_output(B, N, D, device=device, dtype=compute)
+        _feature_grad_kernel[(B, region_tiles)](
+            *common, *state, sums, scratch, grad_features, N, C, D, gamma, logit_scale,
+            BLOCK_DT=launch.block_d_grad, **gradient_constants,
+        )  # fmt: skip
+    return parts
+
+
+def _rows_backward(common, state, grad_features, shape, launch, constants, gamma, logit_scale, wants) -> dict:
+    """The backward's launches when one class tile holds every class (``_tiled_backward`` says what
+    comes back): a row kernel per region tile, then G = dS^T f as a split GEMM over the B*N rows."""
+    B, N, C, D = shape
+    want_features, want_texts, _ = wants  # theta's gradient comes with every launch
+    device, compute = grad_features.device, state[-1].dtype
+    features = common[0]
+    region_tiles = triton.cdiv(N, launch.grad_block_n)
+    grad_sim = _kernel_output(3 * C if want_texts else 0, B * N, device=device, dtype=compute)
+    projection = _kernel_output(B * region_tiles if want_texts else 0, 3, C, device=device, dtype=compute)
+    grad_temp = _kernel_output(B * region_tiles, device=device, dtype=compute)
+    _rows_grad_kernel[(B, region_tiles)](
+        *common, *state, grad_sim, projection, grad_temp, grad_features, N, C, D, B * N, gamma, logit_scale,
+        WANT_TEXT=want_texts, WANT_FEATURES=want_features, BLOCK_DT=launch.block_d_grad,
+        **dict(constants, BLOCK_N=launch.grad_block_n, num_stages=launch.grad_stages),
+    )  # fmt: skip
+    parts = dict(grad_temp=grad_temp)
+    if want_texts:
+        prompt_tiles, dim_tiles = triton.cdiv(3 * C, launch.gemm_block_m), triton.cdiv(D, launch.block_d_grad)
+        rows_per_split = triton.cdiv(triton.cdiv(B * N, launch.splits), launch.gemm_block_k) * launch.gemm_block_k
+        splits = triton.cdiv(B * N, rows_per_split)
+        parts["grad_text"] = _kernel_output(splits, 3, C, D, device=device, dtype=compute)
+        _text_grad_gemm_kernel[(prompt_tiles, dim_tiles, splits)](
+            grad_sim, features, *features.stride(), parts["grad_text"], 3 * C, N, D, B * N, rows_per_split,
+            BLOCK_M=launch.gemm_block_m, BLOCK_K=launch.gemm_block_k, BLOCK_DT=launch.block_d_grad,
+            ACC=constants["ACC"], PRECISION=constants["PRECISION"], num_warps=launch.num_warps,
+            num_stages=launch.num_stages,
+        )  # fmt: skip
+        parts["projection"] = projection.sum(0)
+    return parts
 
 
 @dualcoop_head_backward.register_fake

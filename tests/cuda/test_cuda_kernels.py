@@ -29,7 +29,7 @@ from dualcoop_kernels.triton.head import LaunchConfig, dualcoop_head_triton
 CUDA = "cuda"
 NAMES = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
 # (B, N, D, C, tiles, gamma): odd sizes, N and C past one tile with the library's tiles and with small
-# ones; gamma 5 keeps the WTA terms large in the gradients, 200 is the papers' setting
+# ones, the row kernels (every class in one tile) and the tiled ones; gamma 5 keeps the WTA terms large in the gradients, 200 is the papers' setting
 SHAPES = [
     pytest.param(3, 70, 40, 130, None, 5.0, id="default-tiles"),
     pytest.param(
@@ -40,6 +40,15 @@ SHAPES = [
         LaunchConfig(block_n=16, block_c=16, block_d=16, block_d_grad=16, splits=2),
         5.0,
         id="small-tiles",
+    ),
+    pytest.param(
+        2,
+        37,
+        24,
+        21,
+        LaunchConfig(block_n=16, block_c=32, block_d=16, block_d_grad=16, splits=3, gemm_block_m=16, gemm_block_k=16),
+        5.0,
+        id="row-tiles",
     ),
     pytest.param(2, 196, 512, 80, None, 200.0, id="coco-width"),
 ]
