@@ -136,6 +136,16 @@ def _similarity_dot(
 
 
 @triton.jit
+def _prompt_product(
+    f, text_ptr, prompt_set, C, D, classes, class_mask, dims, dim_mask,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, SIM_DTYPE: tl.constexpr, CLASS_MAJOR: tl.constexpr,
+):  # fmt: skip
+    """A D chunk of one prompt set's similarities with the features' chunk ``f`` (``_similarity_dot``)."""
+    t = _load_text_chunk(text_ptr + prompt_set * C * D, classes, class_mask, dims, dim_mask, D, SIM_DTYPE)
+    return _similarity_dot(f, t, ACC, PRECISION, SIM_DTYPE, CLASS_MAJOR)
+
+
+@triton.jit
 def _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC: tl.constexpr):
     offsets = regions.to(tl.int64)[:, None] * stride_fn + dims.to(tl.int64)[None, :] * stride_fd
     return tl.load(f_ptr + offsets, mask=region_mask[:, None] & dim_mask[None, :], other=0.0).to(ACC)
@@ -167,9 +177,7 @@ def _similarity_tiles(
     regions,
     region_mask,
     inv_norm,
-    te_ptr,
-    tp_ptr,
-    tn_ptr,
+    text_ptr,
     text_inv_norm_ptr,
     C,
     D,
@@ -201,14 +209,17 @@ def _similarity_tiles(
         dims = d_start + tl.arange(0, BLOCK_D)
         dim_mask = dims < D
         f = _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, SIM_DTYPE)
-        t_p = _load_text_chunk(tp_ptr, classes, class_mask, dims, dim_mask, D, SIM_DTYPE)
-        sim_p += _similarity_dot(f, t_p, ACC, PRECISION, SIM_DTYPE, CLASS_MAJOR)
+        sim_p += _prompt_product(
+            f, text_ptr, 1, C, D, classes, class_mask, dims, dim_mask, ACC, PRECISION, SIM_DTYPE, CLASS_MAJOR
+        )
         if WANT_E:
-            t_e = _load_text_chunk(te_ptr, classes, class_mask, dims, dim_mask, D, SIM_DTYPE)
-            sim_e += _similarity_dot(f, t_e, ACC, PRECISION, SIM_DTYPE, CLASS_MAJOR)
+            sim_e += _prompt_product(
+                f, text_ptr, 0, C, D, classes, class_mask, dims, dim_mask, ACC, PRECISION, SIM_DTYPE, CLASS_MAJOR
+            )
         if WANT_N:
-            t_n = _load_text_chunk(tn_ptr, classes, class_mask, dims, dim_mask, D, SIM_DTYPE)
-            sim_n += _similarity_dot(f, t_n, ACC, PRECISION, SIM_DTYPE, CLASS_MAJOR)
+            sim_n += _prompt_product(
+                f, text_ptr, 2, C, D, classes, class_mask, dims, dim_mask, ACC, PRECISION, SIM_DTYPE, CLASS_MAJOR
+            )
     if CLASS_MAJOR:
         sim_e, sim_p, sim_n = tl.trans(sim_e), tl.trans(sim_p), tl.trans(sim_n)
     text_scale_e = tl.load(text_inv_norm_ptr + classes, mask=class_mask, other=0.0)
@@ -326,7 +337,7 @@ def _positive_tile(
     regions,
     region_mask,
     inv_norm,
-    tp_ptr,
+    text_ptr,
     text_inv_norm_ptr,
     C,
     D,
@@ -348,9 +359,7 @@ def _positive_tile(
         regions,
         region_mask,
         inv_norm,
-        tp_ptr,
-        tp_ptr,
-        tp_ptr,
+        text_ptr,
         text_inv_norm_ptr,
         C,
         D,
@@ -374,9 +383,7 @@ def _region_stats_kernel(
     stride_fb,
     stride_fn,
     stride_fd,
-    te_ptr,
-    tp_ptr,
-    tn_ptr,
+    text_ptr,
     text_inv_norm_ptr,
     inv_norm_ptr,
     stats_ptr,
@@ -406,8 +413,8 @@ def _region_stats_kernel(
     has_nan = tl.zeros((BLOCK_N,), tl.int32)
     for c_start in range(0, C, BLOCK_C):
         class_mask, sim_p = _positive_tile(
-            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, tp_ptr, text_inv_norm_ptr, C, D, c_start,
-            BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
+            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, text_ptr, text_inv_norm_ptr, C, D,
+            c_start, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
         )  # fmt: skip
         tile_max, tile_min, tile_arg_max, tile_arg_min, tile_nan = _tile_extrema(sim_p, class_mask, c_start)
         # strict comparisons keep the first arg-max across tiles, as tl.argmax does within one
@@ -428,8 +435,8 @@ def _region_stats_kernel(
             total_neg = tl.zeros((BLOCK_N,), ACC)
         for c_start in range(0, C, BLOCK_C):
             class_mask, sim_p = _positive_tile(
-                f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, tp_ptr, text_inv_norm_ptr, C, D,
-                c_start, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
+                f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, text_ptr, text_inv_norm_ptr,
+                C, D, c_start, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
             )  # fmt: skip
             if POS_SOFTMAX:
                 total_pos += _softmax_total(sim_p, class_mask, run_max, max_u_pos, gamma)
@@ -447,9 +454,7 @@ def _head_forward_kernel(
     stride_fb,
     stride_fn,
     stride_fd,
-    te_ptr,
-    tp_ptr,
-    tn_ptr,
+    text_ptr,
     text_inv_norm_ptr,
     inv_norm_ptr,
     stats_ptr,
@@ -494,9 +499,7 @@ def _head_forward_kernel(
             regions,
             region_mask,
             inv_norm,
-            te_ptr,
-            tp_ptr,
-            tn_ptr,
+            text_ptr,
             text_inv_norm_ptr,
             C,
             D,
@@ -535,9 +538,7 @@ def _rows_forward_kernel(
     stride_fb,
     stride_fn,
     stride_fd,
-    te_ptr,
-    tp_ptr,
-    tn_ptr,
+    text_ptr,
     text_inv_norm_ptr,
     inv_norm_ptr,
     stats_ptr,
@@ -568,7 +569,7 @@ def _rows_forward_kernel(
     classes = tl.arange(0, BLOCK_C)
     class_mask = classes < C
     sim_e, sim_p, sim_n = _similarity_tiles(
-        f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr, text_inv_norm_ptr,
+        f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, text_ptr, text_inv_norm_ptr,
         C, D, classes, class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
     )  # fmt: skip
     weights_pos = tl.full(sim_p.shape, 1.0, ACC)
@@ -700,9 +701,7 @@ def _region_sums_kernel(
     stride_fb,
     stride_fn,
     stride_fd,
-    te_ptr,
-    tp_ptr,
-    tn_ptr,
+    text_ptr,
     text_inv_norm_ptr,
     inv_norm_ptr,
     stats_ptr,
@@ -754,9 +753,7 @@ def _region_sums_kernel(
             regions,
             region_mask,
             inv_norm,
-            te_ptr,
-            tp_ptr,
-            tn_ptr,
+            text_ptr,
             text_inv_norm_ptr,
             C,
             D,
@@ -854,9 +851,7 @@ def _grad_similarity_tiles(
     regions,
     region_mask,
     inv_norm,
-    te_ptr,
-    tp_ptr,
-    tn_ptr,
+    text_ptr,
     text_inv_norm_ptr,
     classes,
     class_mask,
@@ -896,9 +891,7 @@ def _grad_similarity_tiles(
         regions,
         region_mask,
         inv_norm,
-        te_ptr,
-        tp_ptr,
-        tn_ptr,
+        text_ptr,
         text_inv_norm_ptr,
         C,
         D,
@@ -971,9 +964,7 @@ def _text_grad_kernel(
     stride_fb,
     stride_fn,
     stride_fd,
-    te_ptr,
-    tp_ptr,
-    tn_ptr,
+    text_ptr,
     text_inv_norm_ptr,
     inv_norm_ptr,
     stats_ptr,
@@ -1035,9 +1026,7 @@ def _text_grad_kernel(
             regions,
             region_mask,
             inv_norm,
-            te_ptr,
-            tp_ptr,
-            tn_ptr,
+            text_ptr,
             text_inv_norm_ptr,
             classes,
             class_mask,
@@ -1101,9 +1090,7 @@ def _text_grad_kernel(
 
 @triton.jit
 def _text_grad_finish_kernel(
-    te_ptr,
-    tp_ptr,
-    tn_ptr,
+    text_ptr,
     text_inv_norm_ptr,
     grad_text_ptr,
     projection_ptr,
@@ -1126,13 +1113,10 @@ def _text_grad_finish_kernel(
     dim_mask = dims < D
     prompt_set = tl.program_id(2)
     if prompt_set == 0:
-        text_ptr = te_ptr
         out_ptr = out_e_ptr
     elif prompt_set == 1:
-        text_ptr = tp_ptr
         out_ptr = out_p_ptr
     else:
-        text_ptr = tn_ptr
         out_ptr = out_n_ptr
     offsets = classes.to(tl.int64)[:, None] * D + dims[None, :]
     mask = class_mask[:, None] & dim_mask[None, :]
@@ -1142,7 +1126,7 @@ def _text_grad_finish_kernel(
         grad += tl.load(grad_text_ptr + part * set_stride + offsets, mask=mask, other=0.0)
     projection = tl.load(projection_ptr + prompt_set * C + classes, mask=class_mask, other=0.0)
     inv_norm = tl.load(text_inv_norm_ptr + prompt_set * C + classes, mask=class_mask, other=0.0)
-    unit = tl.load(text_ptr + offsets, mask=mask, other=0.0).to(ACC) * inv_norm[:, None]
+    unit = tl.load(text_ptr + prompt_set * set_stride + offsets, mask=mask, other=0.0).to(ACC) * inv_norm[:, None]
     result = (grad - unit * projection[:, None]) * inv_norm[:, None]
     tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -1153,9 +1137,7 @@ def _feature_grad_kernel(
     stride_fb,
     stride_fn,
     stride_fd,
-    te_ptr,
-    tp_ptr,
-    tn_ptr,
+    text_ptr,
     text_inv_norm_ptr,
     inv_norm_ptr,
     stats_ptr,
@@ -1202,9 +1184,7 @@ def _feature_grad_kernel(
             regions,
             region_mask,
             inv_norm,
-            te_ptr,
-            tp_ptr,
-            tn_ptr,
+            text_ptr,
             text_inv_norm_ptr,
             classes,
             class_mask,
@@ -1242,9 +1222,9 @@ def _feature_grad_kernel(
             mask = region_mask[:, None] & dim_mask[None, :]
             out = scratch_ptr + rows + dims[None, :]
             partial = tl.load(out, mask=mask & (c_start > 0), other=0.0)  # the first class tile writes
-            t_e = _load_text_chunk(te_ptr, classes, class_mask, dims, dim_mask, D, ACC)
-            t_p = _load_text_chunk(tp_ptr, classes, class_mask, dims, dim_mask, D, ACC)
-            t_n = _load_text_chunk(tn_ptr, classes, class_mask, dims, dim_mask, D, ACC)
+            t_e = _load_text_chunk(text_ptr, classes, class_mask, dims, dim_mask, D, ACC)
+            t_p = _load_text_chunk(text_ptr + C * D, classes, class_mask, dims, dim_mask, D, ACC)
+            t_n = _load_text_chunk(text_ptr + 2 * C * D, classes, class_mask, dims, dim_mask, D, ACC)
             partial += _dot(scaled_e, t_e, ACC, PRECISION)
             partial += _dot(scaled_p, t_p, ACC, PRECISION)
             partial += _dot(scaled_n, t_n, ACC, PRECISION)
@@ -1267,9 +1247,7 @@ def _rows_grad_kernel(
     stride_fb,
     stride_fn,
     stride_fd,
-    te_ptr,
-    tp_ptr,
-    tn_ptr,
+    text_ptr,
     text_inv_norm_ptr,
     inv_norm_ptr,
     stats_ptr,
@@ -1312,7 +1290,7 @@ def _rows_grad_kernel(
     classes = tl.arange(0, BLOCK_C)
     class_mask = classes < C
     sim_e, sim_p, sim_n, centered_e, grad_e, grad_p, grad_n = _grad_similarity_tiles(
-        f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm, te_ptr, tp_ptr, tn_ptr,
+        f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm, text_ptr,
         text_inv_norm_ptr, classes, class_mask, stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr,
         logits_ptr, grad_ptr, stats_ptr, gamma, logit_scale, N, C, D, WTA_POS, WTA_NEG, True, BLOCK_N, BLOCK_C,
         BLOCK_D, ACC, PRECISION, SIM_DTYPE,
@@ -1340,13 +1318,19 @@ def _rows_grad_kernel(
             dims = d_start + tl.arange(0, BLOCK_D)
             dim_mask = dims < D
             grad_unit = _dot(
-                scaled_e, _load_text_chunk(te_ptr, classes, class_mask, dims, dim_mask, D, ACC), ACC, PRECISION
+                scaled_e, _load_text_chunk(text_ptr, classes, class_mask, dims, dim_mask, D, ACC), ACC, PRECISION
             )
             grad_unit += _dot(
-                scaled_p, _load_text_chunk(tp_ptr, classes, class_mask, dims, dim_mask, D, ACC), ACC, PRECISION
+                scaled_p,
+                _load_text_chunk(text_ptr + C * D, classes, class_mask, dims, dim_mask, D, ACC),
+                ACC,
+                PRECISION,
             )
             grad_unit += _dot(
-                scaled_n, _load_text_chunk(tn_ptr, classes, class_mask, dims, dim_mask, D, ACC), ACC, PRECISION
+                scaled_n,
+                _load_text_chunk(text_ptr + 2 * C * D, classes, class_mask, dims, dim_mask, D, ACC),
+                ACC,
+                PRECISION,
             )
             unit = _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC)
             grad = (grad_unit - unit * inv_norm[:, None] * projection[:, None]) * inv_norm[:, None]
@@ -1539,9 +1523,10 @@ def _inverse_norms(rows: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
     return torch.linalg.vector_norm(rows, dim=-1, dtype=compute).clamp_min(NORM_EPS).reciprocal()
 
 
-def _common_args(features, texts, text_inv_norm, inv_norm):
-    """The arguments every kernel starts with: features and strides, the prompts, both inverse norms."""
-    return (features, *features.stride(), *texts, text_inv_norm, inv_norm)
+def _common_args(features, text, text_inv_norm, inv_norm):
+    """The arguments every kernel starts with: features and strides, the (3, C, D) prompts, both
+    inverse norms."""
+    return (features, *features.stride(), text, text_inv_norm, inv_norm)
 
 
 # Explicit schemas: torch < 2.7 cannot infer one from string annotations or from list[int].
@@ -1586,7 +1571,7 @@ def dualcoop_head_forward(
     if B == 0:
         return logits, lse, inv_norm, text_inv_norm, stats, index
     constants = _kernel_constants(features.dtype, launch, wta, device)
-    common = _common_args(features, texts, text_inv_norm, inv_norm)
+    common = _common_args(features, torch.stack(texts), text_inv_norm, inv_norm)
     region_tiles = triton.cdiv(N, launch.block_n)
     with _on_device(device):
         if launch.block_c >= C:  # one class tile holds every class: a row kernel, then a small merge
@@ -1671,7 +1656,8 @@ def dualcoop_head_backward(
     with _on_device(device):
         grad_logits = grad_logits.to(compute).contiguous()
         constants = _kernel_constants(features.dtype, launch, wta, device)
-        common = _common_args(features, texts, text_inv_norm, inv_norm)
+        text = torch.stack(texts)
+        common = _common_args(features, text, text_inv_norm, inv_norm)
         state = (stats, index, B * N, log_spatial_temp, lse, logits, grad_logits)
         grad_features = _kernel_output(B, N, D, device=device, dtype=features.dtype) if want_features else nothing()
         backward = _rows_backward if launch.block_c >= C else _tiled_backward
@@ -1682,7 +1668,7 @@ def dualcoop_head_backward(
             grad_text_parts, projection = parts["grad_text"], parts["projection"]
             block_c, block_d = FINISH_TILE
             _text_grad_finish_kernel[(triton.cdiv(C, block_c), triton.cdiv(D, block_d), 3)](
-                *texts, text_inv_norm, grad_text_parts, projection, *grad_texts, C, D, C * D,
+                text, text_inv_norm, grad_text_parts, projection, *grad_texts, C, D, C * D,
                 grad_text_parts.shape[0], BLOCK_C=block_c, BLOCK_DT=block_d, ACC=constants["ACC"], num_warps=4,
             )  # fmt: skip
         if want_temp:
