@@ -69,9 +69,9 @@ def _two_sweeps(wta: str) -> bool:
 
 
 def _maybe_unrolled(trips: int, row: dict) -> list[int]:
-    """A simple counted loop that LLVM may unroll by 4: then the SASS has the unrolled loop and a
-    remainder loop."""
-    return [trips // 4, trips % 4] if len(row["loops"]) == 2 else [trips]
+    """A simple counted loop as the SASS holds it: gone when Triton made a count of 1 a constant,
+    unrolled by 4 with a remainder loop after it, or as written."""
+    return {0: [], 2: [trips // 4, trips % 4]}.get(len(row["loops"]), [trips])
 
 
 def _rows_splits(s, launch) -> tuple[int, int]:

@@ -77,18 +77,39 @@ def test_no_kernel_spills_at_coco_and_nuswide_on_any_architecture(compiled_rows,
     assert rows and not spilling, spilling
 
 
+@pytest.fixture(scope="module")
+def rows_with_the_features_gradient(tmp_path_factory):
+    """The same, with the features learning too (the row backward's dF loop)."""
+    return compile_rows(
+        tmp_path_factory.mktemp("features"), "--arch", "80", "86", "89", "90",
+        "--dtype", "float32", "bfloat16", "--preset", "coco", "nuswide",
+    )  # fmt: skip
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the row backward with the features' gradient spills 12 to 184 bytes (issue 26)")
-def test_the_row_backward_with_the_features_gradient_does_not_spill(tmp_path):
-    rows = compile_rows(tmp_path, "--arch", "80", "--preset", "coco")
-    assert not [row for row in rows if row["kernel"] == "_rows_grad_kernel" and row["spill_bytes"]]
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param("sm_80", marks=pytest.mark.xfail(strict=True, reason="nuswide fp32: 24 bytes (issue 26)")),
+        "sm_86",
+        "sm_89",
+        "sm_90",
+    ],
+)
+def test_the_row_backward_with_the_features_gradient_does_not_spill(rows_with_the_features_gradient, arch):
+    rows = [row for row in rows_with_the_features_gradient if row["arch"] == arch]
+    assert rows and not [(row["kernel"], row["spill_bytes"]) for row in rows if row["spill_bytes"]]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", PIPELINED_KERNELS)
 def test_gemm_loops_load_with_async_copies(compiled_rows, kernel):
-    """Two pipeline stages: the hot loop's loads are cp.async copies, no plain global loads wait in it."""
+    """Two pipeline stages: the hot loop's loads are cp.async copies, no plain global loads wait in it.
+    Not the row backward's bf16 loop off sm_90: a 16-region bf16 chunk gives each thread 2 bytes, under
+    cp.async's 4."""
     rows = [row for row in compiled_rows if row["kernel"] == kernel]
+    if kernel == "_rows_grad_kernel":
+        rows = [row for row in rows if row["dtype"] == "float32" or row["arch"] == "sm_90"]
     assert rows and all(row["async_copies"] > 0 and row["global_loads"] == 0 for row in rows), rows
 
 

@@ -1412,8 +1412,9 @@ KERNELS = (
 class LaunchConfig:
     """How the kernels are launched: tile sizes (regions, classes, the D step of the similarity GEMM,
     the D chunk of the gradient GEMMs, held in registers), how many partial sums the text gradient
-    splits its work into, the text-gradient GEMM's tile of prompt rows and its step over feature rows
-    (the row path), and Triton's launch options: ``num_stages`` for the kernels whose loop is a GEMM
+    splits its work into, and for the row path the region tile of its backward (at most 16 when the
+    features learn too: dF's loop needs the registers) and its GEMM's tile of prompt rows and step
+    over feature rows; then Triton's launch options: ``num_stages`` for the kernels whose loop is a GEMM
     alone (two stages pipeline its loads with async copies), ``grad_stages`` for the gradient kernels
     that also compute dS (more stages spill them on sm_80). A class tile that holds every class
     (``block_c >= C``) selects the row kernels."""
@@ -1445,13 +1446,13 @@ def choose_launch_config(B: int, N: int, C: int, D: int, device: torch.device) -
     them all (the row kernels); tl.dot needs every side >= 16. Compiled as launched
     (``benchmarks/kernel_resources.py``), these sizes are what keeps the kernels free of spills."""
     if C <= ROW_CLASSES:  # 32 regions by up to 128 classes: larger tiles spill the row kernels
-        hopper = device.type == "cuda" and _capability(device) >= (9, 0)  # 128 x 128 GEMM tiles spill elsewhere
+        hopper = device.type == "cuda" and _capability(device) >= (9, 0)  # larger tiles spill on sm_80 to sm_89
         launch = LaunchConfig(
             block_n=_pow2_between(N, 16, 32),
             block_c=_pow2_between(C, 16, ROW_CLASSES),
             block_d=16,
             block_d_grad=_pow2_between(D, 16, 128 if hopper else 64),
-            grad_block_n=_pow2_between(N, 16, 32),
+            grad_block_n=_pow2_between(N, 16, 32 if hopper else 16),
             gemm_block_m=128 if hopper else 64,
             grad_stages=2,
         )
@@ -1721,14 +1722,15 @@ def _rows_backward(common, state, grad_features, shape, launch, constants, gamma
     want_features, want_texts, _ = wants  # theta's gradient comes with every launch
     device, compute = grad_features.device, state[-1].dtype
     features = common[0]
-    region_tiles = triton.cdiv(N, launch.grad_block_n)
+    block_n = min(launch.grad_block_n, 16) if want_features else launch.grad_block_n  # dF's loop: more registers
+    region_tiles = triton.cdiv(N, block_n)
     grad_sim = _kernel_output(3 * C if want_texts else 0, B * N, device=device, dtype=compute)
     projection = _kernel_output(B * region_tiles if want_texts else 0, 3, C, device=device, dtype=compute)
     grad_temp = _kernel_output(B * region_tiles, device=device, dtype=compute)
     _rows_grad_kernel[(B, region_tiles)](
         *common, *state, grad_sim, projection, grad_temp, grad_features, N, C, D, B * N, gamma, logit_scale,
         WANT_TEXT=want_texts, WANT_FEATURES=want_features, BLOCK_DT=launch.block_d_grad,
-        **dict(constants, BLOCK_N=launch.grad_block_n, num_stages=launch.grad_stages),
+        **dict(constants, BLOCK_N=block_n, num_stages=launch.grad_stages),
     )  # fmt: skip
     parts = dict(grad_temp=grad_temp)
     if want_texts:
