@@ -39,6 +39,7 @@ from harness import HEAD_PRESETS, PRESET_WTA, format_table
 
 from dualcoop_kernels.options import WTA_MODES
 from dualcoop_kernels.triton import head as triton_head
+from dualcoop_kernels.triton import head_kernels
 from dualcoop_kernels.triton.head import LaunchConfig
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -68,7 +69,7 @@ def recorded_launches(
     """(pass, kernel, grid, args, kwargs) of every launch of one forward ("fwd") and backward ("bwd") at
     ``shape``; the backward computes the features' gradient only if ``want_features``."""
     launches = []
-    saved = {kernel: kernel.run for kernel in triton_head.KERNELS}
+    saved = {kernel: kernel.run for kernel in head_kernels.KERNELS}
     current_pass = ["fwd"]
 
     def recorder(kernel):
@@ -80,7 +81,7 @@ def recorded_launches(
     theta = torch.tensor(3.0, dtype=triton_head._compute_dtype(dtype))
     options = (wta, 1.0, 20.0, launch.as_list())
     try:
-        for kernel in triton_head.KERNELS:
+        for kernel in head_kernels.KERNELS:
             kernel.run = recorder(kernel)
         outputs = triton_head.dualcoop_head_forward(features, *texts, theta, *options)
         current_pass[0] = "bwd"

@@ -25,6 +25,7 @@ from dualcoop_kernels.testing import (
     head_draw,
 )
 from dualcoop_kernels.triton import head as triton_head
+from dualcoop_kernels.triton import head_kernels
 from dualcoop_kernels.triton.head import LaunchConfig, dualcoop_head_triton
 from dualcoop_kernels.triton.precision import dot_precision
 
@@ -202,9 +203,9 @@ def test_backward_reads_a_sides_statistics_where_that_side_is_weighted(wta, side
 
     offset = 0 if side == "positive" else 1
     poisoned_stats, poisoned_index = stats.clone(), index.clone()
-    for row in (triton_head.STAT_COEF, triton_head.STAT_MAX_U, triton_head.STAT_INV_TOTAL, triton_head.STAT_SHIFT):
+    for row in (head_kernels.STAT_COEF, head_kernels.STAT_MAX_U, head_kernels.STAT_INV_TOTAL, head_kernels.STAT_SHIFT):
         poisoned_stats[row.value + offset] = float("nan")
-    poisoned_index[triton_head.INDEX_COEF.value + offset] = 2**30
+    poisoned_index[head_kernels.INDEX_COEF.value + offset] = 2**30
     clean, got = backward(stats, index), backward(poisoned_stats, poisoned_index)
     weighted = WTA_WEIGHTS[wta][offset] != "one"
     names = ["features", "text_evidence", "text_pos", "text_neg", "log_spatial_temp"]
@@ -387,7 +388,7 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
             return self.kernel[grid]
 
     monkeypatch.setattr(triton_head, "_on_device", recording_guard)
-    for kernel in triton_head.KERNELS:
+    for kernel in head_kernels.KERNELS:
         monkeypatch.setattr(triton_head, kernel.fn.__name__, GuardedLaunch(kernel))
     features, *rest = head_inputs(2, 9, 16, 5)
     dualcoop_head_triton(features, *rest).sum().backward()

@@ -1,4 +1,5 @@
-"""The Triton backend: the fused head (``head.py``: kernels, host functions, torch.library operators).
+"""The Triton backend: the fused head (``head_kernels.py``: the kernels; ``head.py``: launches,
+torch.library operators and their autograd).
 
 Like every backend it offers ``unavailable_reason(device)``, ``prepare(device)`` and its op functions
 (here ``dualcoop_head``), and ``unsupported_dtype(dtype)``. Importing this package does not import

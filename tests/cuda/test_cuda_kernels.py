@@ -24,6 +24,7 @@ from dualcoop_kernels.testing import (
     head_draw,
 )
 from dualcoop_kernels.triton import head as triton_head
+from dualcoop_kernels.triton import head_kernels
 from dualcoop_kernels.triton.head import LaunchConfig, dualcoop_head_triton
 
 CUDA = "cuda"
@@ -110,9 +111,9 @@ def test_backward_reads_the_negative_statistics_where_that_side_is_weighted(wta)
     grad_logits = torch.randn(3, 2, 130, dtype=torch.float64, device=CUDA)
     saved = (logits, lse, inv_norm, text_inv_norm)
     poisoned_stats, poisoned_index = stats.clone(), index.clone()
-    for row in (triton_head.STAT_COEF, triton_head.STAT_MAX_U, triton_head.STAT_INV_TOTAL, triton_head.STAT_SHIFT):
+    for row in (head_kernels.STAT_COEF, head_kernels.STAT_MAX_U, head_kernels.STAT_INV_TOTAL, head_kernels.STAT_SHIFT):
         poisoned_stats[row.value + 1] = float("nan")
-    poisoned_index[triton_head.INDEX_COEF.value + 1] = 2**30
+    poisoned_index[head_kernels.INDEX_COEF.value + 1] = 2**30
     clean, got = (
         triton_head.dualcoop_head_backward(
             grad_logits, features, te, tp, tn, log_temp, *saved, s, i, *options, True, True, True
