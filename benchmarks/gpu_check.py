@@ -60,13 +60,13 @@ STEPS = {
     "tests": 0.25,
     "checks": 0.2,
     "timing": 0.25,
-    "model": 0.05,
+    "model": 0.2,
     "sweep": 0.1,
     "loss": 0.1,
     "train": 0.25,
     "text": 0.15,
 }
-MODEL_GPUS = {(9, 0): "H100", (8, 0): "A100"}  # the cards kernel_model.py knows, by compute capability
+MODEL_GPUS = {(9, 0): "H100", (8, 0): "A100"}  # kernel_model.py's cards (SXM), by compute capability
 COMPILED_PRESETS = ("coco", "zsl")  # torch.compile costs about half a minute a preset: the targets' ones
 SWEEP = [dict(num_stages=stages, block_d=d) for stages in (1, 2, 3) for d in (16, 32)]
 LOSS_SHAPES = [(64, 80), (192, 1006), (192, 9605)]  # B, C: COCO's batch, then the zero-shot and open scales
@@ -156,23 +156,28 @@ def run_sweep(args, out: Path) -> None:
 
 
 def run_model(args, out: Path) -> None:
-    """kernel_model.py for this card, fp32 inputs, in a process without Triton's interpreter (it compiles
-    for the GPU); in a dry run, for an H100 at the smallest preset."""
+    """kernel_model.py for this card's architecture, fp32 inputs, a preset at a time (saved after each),
+    in a process without Triton's interpreter (it compiles for the GPU); in a dry run, for an H100 at
+    the smallest preset."""
     if args.dry_run:
         gpu, presets = "H100", ["voc"]
     else:
-        gpu, presets = MODEL_GPUS.get(torch.cuda.get_device_capability()), args.presets
+        gpu, presets = MODEL_GPUS.get(torch.cuda.get_device_capability(torch.device(args.device))), args.presets
     if gpu is None:
         save_step(out, "model", dict(error=f"the model knows {sorted(MODEL_GPUS.values())}, not this card"))
         return
     rows_file = out / "model-rows.json"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     command = [sys.executable, str(ROOT / "benchmarks" / "kernel_model.py"), "--gpu", gpu, "--json", str(rows_file)]
-    finished = subprocess.run([*command, "--preset", *presets], env=env, capture_output=True, text=True)
-    if finished.returncode:
-        save_step(out, "model", dict(error=finished.stderr[-1000:]))
-        return
-    save_step(out, "model", dict(rows=json.loads(rows_file.read_text())["rows"]))
+    rows = []
+    for preset in presets:
+        progress(f"model {preset} for an {gpu}")
+        finished = subprocess.run([*command, "--preset", preset], env=env, capture_output=True, text=True)
+        if finished.returncode:
+            save_step(out, "model", dict(rows=rows, gpu=gpu, error=finished.stderr[-1000:]))
+            return
+        rows += json.loads(rows_file.read_text())["rows"]
+        save_step(out, "model", dict(rows=rows, gpu=gpu))
     rows_file.unlink()
 
 
@@ -289,7 +294,11 @@ def model_note(results: dict) -> str:
     model = results.get("model")
     if model is None:
         return "the model step did not run"
-    return model.get("error", "fp32 inputs, features frozen; a dry run models an H100 at voc").strip()
+    if "gpu" not in model:
+        return model["error"].strip()
+    return f"modelled as an {model['gpu']} SXM, fp32 inputs, features frozen" + (
+        f"; it stopped: {model['error'].strip()}" if "error" in model else ""
+    )
 
 
 def table_or_reason(result: dict, columns) -> list[str]:

@@ -12,7 +12,8 @@ bench_head.py times them: the forward, and a backward to the prompts and theta (
 Assumptions (the first GPU check shows how far off they are; gpu_check.py prints both):
 - A multiprocessor issues 4 warp instructions per cycle (4 schedulers, at most one each) whatever the
   instruction; its tensor cores run ``TENSOR_FMAS`` multiply-adds per cycle per input type (dense
-  datasheet rates); it reads ``L2_BYTES_PER_S`` / multiprocessors from L2 (the inputs fit in L2).
+  datasheet rates); it reads L2 at ``l2_bytes_per_s`` / multiprocessors (``GPUS``: the inputs fit in
+  L2).
 - A trip of a loop costs a program the largest of its issue, tensor and L2 cycles; the programs
   resident on a multiprocessor share those, so a wave of them takes their sum, but never less than
   one program's trip plus ``LOAD_LATENCY`` cycles when the loop's loads are not async copies (one
@@ -126,8 +127,8 @@ def _rows_combine_trips(s, launch, row):
 
 
 def _rows_grad_trips(s, launch, row):
-    features = [_cdiv(s["D"], launch["block_d_grad"])] if len(row["loops"]) == 2 else []
-    return [_cdiv(s["D"], launch["block_d"]), *features]
+    steps = _cdiv(s["D"], launch["block_d"])  # the similarity loop, then dF's (features learning) in steps too
+    return [steps, steps] if len(row["loops"]) == 2 else [steps]
 
 
 def _text_grad_gemm_trips(s, launch, row):

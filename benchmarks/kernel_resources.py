@@ -174,7 +174,7 @@ def _mma_fmas(opcode: str) -> tuple[str, int]:
         m, n, k = (int(digits[:2]), int(digits[2]), int(digits[3:])) if len(digits) > 3 else map(int, digits)
         fmas = m * n * k
     kind = "f64" if opcode.startswith("DMMA") else opcode.rsplit(".", 1)[-1].lower()
-    return kind, fmas
+    return ("f16" if kind == "f32" else kind), fmas  # fp16 inputs carry no type suffix: HMMA.16816.F32
 
 
 def _load_bytes(opcode: str) -> int:

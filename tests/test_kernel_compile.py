@@ -53,21 +53,34 @@ def compile_rows(tmp_path, *arguments) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def compiled_rows(tmp_path_factory):
-    """Every kernel of a prompt-learning step (features frozen) at the coco and nuswide presets, fp32
-    and bf16 inputs, compiled as launched for sm_80, sm_86, sm_89 and sm_90."""
+    """Every kernel of a prompt-learning step (features frozen) at the coco and nuswide presets (the row
+    path) and zsl (the tiled one), fp32 and bf16 inputs, compiled as launched for sm_80, sm_86, sm_89
+    and sm_90."""
     return compile_rows(
         tmp_path_factory.mktemp("compiled"), "--frozen-features", "--arch", "80", "86", "89", "90",
-        "--dtype", "float32", "bfloat16", "--preset", "coco", "nuswide",
+        "--dtype", "float32", "bfloat16", "--preset", "coco", "nuswide", "zsl",
     )  # fmt: skip
 
 
 ROW_KERNELS = ["_rows_forward_kernel", "_rows_combine_kernel", "_rows_grad_kernel", "_text_grad_gemm_kernel"]
-PIPELINED_KERNELS = ["_rows_forward_kernel", "_rows_grad_kernel", "_text_grad_gemm_kernel"]
+TILED_SIMILARITY_KERNELS = ["_region_stats_kernel", "_head_forward_kernel", "_region_sums_kernel"]
+PIPELINED_KERNELS = ["_rows_forward_kernel", "_rows_grad_kernel", "_text_grad_gemm_kernel", *TILED_SIMILARITY_KERNELS]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", [*ROW_KERNELS, "_text_grad_finish_kernel"])
-def test_no_kernel_spills_at_coco_and_nuswide_on_any_architecture(compiled_rows, kernel):
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        *ROW_KERNELS,
+        *TILED_SIMILARITY_KERNELS,
+        "_text_grad_finish_kernel",
+        pytest.param(
+            "_text_grad_kernel",
+            marks=pytest.mark.xfail(strict=True, reason="zsl: 8 to 28 bytes on sm_80, sm_86, sm_89 (issue 26)"),
+        ),
+    ],
+)
+def test_no_kernel_spills_at_coco_nuswide_and_zsl_on_any_architecture(compiled_rows, kernel):
     rows = [row for row in compiled_rows if row["kernel"] == kernel]
     spilling = [
         f"{row['preset']} {row['dtype']} {row['arch']}: {row['spill_bytes']} bytes"

@@ -31,11 +31,11 @@ forward
 backward
   region sums   (WTA modes)  grid (B, region tiles): per weighted side, the per-region sums over
                              classes of the WTA backward
-  text grads                 grid (class tiles, D chunks, splits): dS tiles fed into dT = dS^T f with
+  text grads                 grid (class tiles, splits): dS tiles fed into dT = dS^T f with
                              the D chunk in registers, one partial per split (no atomics), plus the
                              partial sums of dL/dtheta and of <t, dT> for the normalisation step
-  text finish                grid (prompt rows, D chunks): sums the splits, applies the normalisation
-  feature grads (if needed)  grid (B, region tiles, D chunks): dS tiles fed into dF = dS t, then the
+  text finish                as in the row path
+  feature grads (if needed)  grid (B, region tiles): dS tiles fed into dF = dS t, then the
                              normalisation step
 
 The tiled path writes nothing of size B x N x C (the backward recomputes similarity tiles); the row
@@ -98,12 +98,12 @@ class LaunchConfig:
     block_d: int
     block_d_grad: int
     splits: int = 1
-    grad_block_n: int = 16
-    gemm_block_m: int = 64
-    gemm_block_k: int = 32
     num_warps: int = 8
     num_stages: int = 2
     grad_stages: int = 1
+    grad_block_n: int = 16
+    gemm_block_m: int = 64
+    gemm_block_k: int = 32
 
     def as_list(self) -> list[int]:
         # as the operators take it; not astuple, whose deepcopy torch.compile <= 2.9 cannot trace
@@ -120,7 +120,7 @@ def choose_launch_config(B: int, N: int, C: int, D: int, device: torch.device) -
     them all (the row kernels); tl.dot needs every side >= 16. Compiled as launched
     (``benchmarks/kernel_resources.py``), these sizes are what keeps the kernels free of spills."""
     if C <= ROW_CLASSES:  # 32 regions by up to 128 classes: larger tiles spill the row kernels
-        hopper = device.type == "cuda" and _capability(device) >= (9, 0)  # larger tiles spill on sm_80 to sm_89
+        hopper = device.type == "cuda" and _capability(device) == (9, 0)  # larger tiles spill on sm_80 to sm_89
         launch = LaunchConfig(
             block_n=_pow2_between(N, 16, 32),
             block_c=_pow2_between(C, 16, ROW_CLASSES),
@@ -139,12 +139,11 @@ def choose_launch_config(B: int, N: int, C: int, D: int, device: torch.device) -
         )
     if device.type != "cuda":
         return launch
-    target = 4 * _multiprocessors(device)
     if C <= ROW_CLASSES:  # one wave of GEMM programs: more splits only add partials to read
         gemm_tiles = triton.cdiv(3 * C, launch.gemm_block_m) * triton.cdiv(D, launch.block_d_grad)
         by_parallelism = _multiprocessors(device) // gemm_tiles
-    else:
-        by_parallelism = triton.cdiv(target, triton.cdiv(C, launch.block_c))
+    else:  # a few text-gradient programs per multiprocessor
+        by_parallelism = triton.cdiv(4 * _multiprocessors(device), triton.cdiv(C, launch.block_c))
     by_memory = PARTIALS_BYTES // (3 * C * D * 4)  # each split keeps a float32 partial of the prompts
     return replace(launch, splits=max(1, min(by_parallelism, by_memory)))
 
@@ -223,7 +222,7 @@ def dualcoop_head_forward(
     logit_scale: float,
     launch_config: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused forward; the prompt sets are C x D and contiguous.
+    """Fused forward; the prompt sets are C x D, of any strides (the kernels read them stacked, a copy).
 
     Returns the B x 2 x C logits in the compute dtype and, for the backward, the (B, C) log-sum-exp of
     the region softmax, the (B, N) and (3, C) inverse norms, the (STATS, B, N) region statistics and
@@ -403,7 +402,7 @@ def _rows_backward(common, state, grad_features, shape, launch, constants, gamma
     grad_temp = _kernel_output(B * region_tiles, device=device, dtype=compute)
     _rows_grad_kernel[(B, region_tiles)](
         *common, *state, grad_sim, projection, grad_temp, grad_features, N, C, D, B * N, gamma, logit_scale,
-        WANT_TEXT=want_texts, WANT_FEATURES=want_features, BLOCK_DT=launch.block_d_grad,
+        WANT_TEXT=want_texts, WANT_FEATURES=want_features,
         **dict(constants, BLOCK_N=block_n, num_stages=launch.grad_stages),
     )  # fmt: skip
     parts = dict(grad_temp=grad_temp)
@@ -504,7 +503,7 @@ def dualcoop_head_triton(
 ) -> torch.Tensor:
     """The head through the fused kernels; same contract as ``dualcoop_head_reference``.
 
-    ``features`` may have any strides; the prompt sets are made contiguous (a no-op when they are).
+    ``features`` and the prompt sets may have any strides.
     ``launch`` overrides the tile sizes and launch options (tests use it to force several tiles on small shapes).
     """
     B, N, D = features.shape
@@ -512,9 +511,9 @@ def dualcoop_head_triton(
     launch = launch or choose_launch_config(B, N, C, D, features.device)
     logits = dualcoop_head_forward(
         features,
-        text_evidence.contiguous(),
-        text_pos.contiguous(),
-        text_neg.contiguous(),
+        text_evidence,
+        text_pos,
+        text_neg,
         log_spatial_temp,
         wta,
         wta_gamma,

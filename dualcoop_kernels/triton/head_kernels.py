@@ -90,15 +90,15 @@ def _prompt_product(
 
 
 @triton.jit
-def _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC: tl.constexpr):
+def _load_feature_chunk(f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, DTYPE: tl.constexpr):
     offsets = regions.to(tl.int64)[:, None] * stride_fn + dims.to(tl.int64)[None, :] * stride_fd
-    return tl.load(f_ptr + offsets, mask=region_mask[:, None] & dim_mask[None, :], other=0.0).to(ACC)
+    return tl.load(f_ptr + offsets, mask=region_mask[:, None] & dim_mask[None, :], other=0.0).to(DTYPE)
 
 
 @triton.jit
-def _load_text_chunk(t_ptr, classes, class_mask, dims, dim_mask, D, ACC: tl.constexpr):
+def _load_text_chunk(t_ptr, classes, class_mask, dims, dim_mask, D, DTYPE: tl.constexpr):
     offsets = classes.to(tl.int64)[:, None] * D + dims[None, :]
-    return tl.load(t_ptr + offsets, mask=class_mask[:, None] & dim_mask[None, :], other=0.0).to(ACC)
+    return tl.load(t_ptr + offsets, mask=class_mask[:, None] & dim_mask[None, :], other=0.0).to(DTYPE)
 
 
 @triton.jit
@@ -1186,6 +1186,13 @@ def _feature_grad_kernel(
 
 
 @triton.jit
+def _class_major(classes, prompt_set, C, rows_total, offsets):
+    """A tile's offsets in a (3C, B*N) buffer: row prompt_set * C + class, column the region's (B, N)
+    offset; int64, since 3C * B*N may pass 2**31."""
+    return (prompt_set * C + classes).to(tl.int64)[None, :] * rows_total + offsets[:, None]
+
+
+@triton.jit
 def _rows_grad_kernel(
     f_ptr,
     stride_fb,
@@ -1218,7 +1225,6 @@ def _rows_grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_DT: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     SIM_DTYPE: tl.constexpr,
@@ -1227,12 +1233,13 @@ def _rows_grad_kernel(
     tile itself: this tile's term of dL/dtheta; for the prompts, dS^x f-scaled (dS times the regions'
     inverse norms) written class-major into ``grad_sim`` (3C x B*N) for ``_text_grad_gemm_kernel``,
     and the tile's part of <t, G> per prompt; for the features, dL/dF = (G - f <f, G>) / |F| with
-    G = sum_x dS^x t^x, the D chunks swept in registers."""
+    G = sum_x dS^x t^x, swept over D in BLOCK_D chunks held in registers."""
     gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
     image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     tile = image * tl.num_programs(1) + tl.program_id(1)
     classes = tl.arange(0, BLOCK_C)
     class_mask = classes < C
+    # the sums come from the tile (SUMS_IN_TILE): stats_ptr stands in for the unread sums_ptr
     sim_e, sim_p, sim_n, centered_e, grad_e, grad_p, grad_n = _grad_similarity_tiles(
         f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm, text_ptr,
         text_inv_norm_ptr, classes, class_mask, stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr,
@@ -1242,22 +1249,22 @@ def _rows_grad_kernel(
     projection_e = tl.sum(centered_e * grad_e, axis=0)  # also dL/dtheta's terms
     tl.store(grad_temp_ptr + tile, tl.sum(projection_e))
     if WANT_TEXT:
-        rows = projection_ptr + tile * 3 * C + classes
-        tl.store(rows, projection_e, mask=class_mask)
-        tl.store(rows + C, tl.sum(sim_p * grad_p, axis=0), mask=class_mask)
-        tl.store(rows + 2 * C, tl.sum(sim_n * grad_n, axis=0), mask=class_mask)
+        part = projection_ptr + tile * 3 * C + classes
+        tl.store(part, projection_e, mask=class_mask)
+        tl.store(part + C, tl.sum(sim_p * grad_p, axis=0), mask=class_mask)
+        tl.store(part + 2 * C, tl.sum(sim_n * grad_n, axis=0), mask=class_mask)
         valid = region_mask[:, None] & class_mask[None, :]
-        grad_sim = grad_sim_ptr + classes.to(tl.int64)[None, :] * rows_total + offsets[:, None]
-        tl.store(grad_sim, grad_e * inv_norm[:, None], mask=valid)
-        tl.store(grad_sim + C * rows_total, grad_p * inv_norm[:, None], mask=valid)
-        tl.store(grad_sim + 2 * C * rows_total, grad_n * inv_norm[:, None], mask=valid)
+        scale = inv_norm[:, None]
+        tl.store(grad_sim_ptr + _class_major(classes, 0, C, rows_total, offsets), grad_e * scale, mask=valid)
+        tl.store(grad_sim_ptr + _class_major(classes, 1, C, rows_total, offsets), grad_p * scale, mask=valid)
+        tl.store(grad_sim_ptr + _class_major(classes, 2, C, rows_total, offsets), grad_n * scale, mask=valid)
     if WANT_FEATURES:
         projection = tl.sum(grad_e * sim_e + grad_p * sim_p + grad_n * sim_n, axis=1)
         # G = dS^x t^x with t = T * text_inv_norm: fold the norm into dS's columns
         scaled_e = grad_e * tl.load(text_inv_norm_ptr + classes, mask=class_mask, other=0.0)[None, :]
         scaled_p = grad_p * tl.load(text_inv_norm_ptr + C + classes, mask=class_mask, other=0.0)[None, :]
         scaled_n = grad_n * tl.load(text_inv_norm_ptr + 2 * C + classes, mask=class_mask, other=0.0)[None, :]
-        # BLOCK_D chunks: three (BLOCK_C, BLOCK_DT) operands would overflow shared memory
+        # BLOCK_D chunks: three (BLOCK_C, block_d_grad) operands would overflow shared memory
         for d_start in range(0, D, BLOCK_D):
             dims = d_start + tl.arange(0, BLOCK_D)
             dim_mask = dims < D
