@@ -745,13 +745,12 @@ def _region_sums_kernel(
 
 @triton.jit
 def _side_grad(
-    weights, sigma, h, sim_p, classes, region_mask, sums, stats_ptr, index_ptr, stat_stride, offsets, gamma,
-    SIDE: tl.constexpr, KIND: tl.constexpr,
+    weights, sigma, h, sim_p, classes, region_mask, sum_0, sum_1, sum_2, stats_ptr, index_ptr, stat_stride,
+    offsets, gamma, SIDE: tl.constexpr, KIND: tl.constexpr,
 ):  # fmt: skip
-    """One side's WTA part of dL/ds+ on a tile (docs/math.md) from its per-region ``sums``
-    (``_side_sums``): gamma c du, plus dc = gamma sum_m s+ du at the arg-max of s+ (c = M, positive
-    side) or its arg-min (c = m, negative side)."""
-    sum_0, sum_1, sum_2 = sums
+    """One side's WTA part of dL/ds+ on a tile (docs/math.md) from its three per-region sums
+    (``_side_sums``; separate arguments: triton 3.2 passes no tuples): gamma c du, plus dc = gamma
+    sum_m s+ du at the arg-max of s+ (c = M, positive side) or its arg-min (c = m, negative side)."""
     if KIND == WEIGHT_NORM:  # du = w h - onehot(a) sum(w h), which is -sum_{m != a} w h at a itself (w_a = 1)
         winner = tl.load(index_ptr + INDEX_WINNER * stat_stride + offsets, mask=region_mask, other=-1)
         grad_u = tl.where(classes[None, :] == winner[:, None], -sum_0[:, None], weights * h)
@@ -873,27 +872,27 @@ def _grad_similarity_tiles(
     # arguments spelled out: triton 3.2 compiles no starred arguments
     if WTA_POS != WEIGHT_ONE:
         if SUMS_IN_TILE:
-            sums = _tile_side_sums(
+            sum_0, sum_1, sum_2 = _tile_side_sums(
                 sim_p, weights_pos, sigma_pos, h_pos, classes, class_mask, region_mask, stats_ptr, index_ptr,
                 stat_stride, offsets, SIDE_POS, WTA_POS,
             )  # fmt: skip
         else:
-            sums = _load_side_sums(sums_ptr, stat_stride, offsets, region_mask, SIDE_POS)
+            sum_0, sum_1, sum_2 = _load_side_sums(sums_ptr, stat_stride, offsets, region_mask, SIDE_POS)
         grad_p += _side_grad(
-            weights_pos, sigma_pos, h_pos, sim_p, classes, region_mask, sums, stats_ptr, index_ptr, stat_stride,
-            offsets, gamma, SIDE_POS, WTA_POS,
+            weights_pos, sigma_pos, h_pos, sim_p, classes, region_mask, sum_0, sum_1, sum_2, stats_ptr,
+            index_ptr, stat_stride, offsets, gamma, SIDE_POS, WTA_POS,
         )  # fmt: skip
     if WTA_NEG != WEIGHT_ONE:  # the negative weights are functions of s+ too
         if SUMS_IN_TILE:
-            sums = _tile_side_sums(
+            sum_0, sum_1, sum_2 = _tile_side_sums(
                 sim_p, weights_neg, sigma_neg, h_neg, classes, class_mask, region_mask, stats_ptr, index_ptr,
                 stat_stride, offsets, SIDE_NEG, WTA_NEG,
             )  # fmt: skip
         else:
-            sums = _load_side_sums(sums_ptr, stat_stride, offsets, region_mask, SIDE_NEG)
+            sum_0, sum_1, sum_2 = _load_side_sums(sums_ptr, stat_stride, offsets, region_mask, SIDE_NEG)
         grad_p += _side_grad(
-            weights_neg, sigma_neg, h_neg, sim_p, classes, region_mask, sums, stats_ptr, index_ptr, stat_stride,
-            offsets, gamma, SIDE_NEG, WTA_NEG,
+            weights_neg, sigma_neg, h_neg, sim_p, classes, region_mask, sum_0, sum_1, sum_2, stats_ptr,
+            index_ptr, stat_stride, offsets, gamma, SIDE_NEG, WTA_NEG,
         )  # fmt: skip
     valid = region_mask[:, None] & class_mask[None, :]
     grad_e = tl.where(valid, grad_e, 0.0)
