@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -248,12 +247,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", nargs="+", default=list(GPUS), choices=list(GPUS))
     parser.add_argument("--json", type=Path, help="write the per-pass rows (and the launches) to this file")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("unset TRITON_INTERPRET: the kernels are compiled here, not interpreted")
-    presets = list(HEAD_PRESETS) if args.preset == ["all"] else args.preset
-    unknown = [preset for preset in presets if preset not in HEAD_PRESETS]
-    if unknown:
-        sys.exit(f"unknown --preset {unknown}; known: {list(HEAD_PRESETS)} or all")
+    presets = kernel_resources.compiling_presets(args.preset)
     launches, passes = [], []
     for preset in presets:
         for dtype in args.dtype:

@@ -344,14 +344,21 @@ def _overrides(args) -> dict:
     return overrides
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def compiling_presets(preset_argument: list[str]) -> list[str]:
+    """The presets ``--preset`` names (``all``: every one), after checking that kernels can be compiled
+    here; exits naming what is wrong."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the kernels are compiled here, not interpreted")
-    presets = list(HEAD_PRESETS) if args.preset == ["all"] else args.preset
+    presets = list(HEAD_PRESETS) if preset_argument == ["all"] else preset_argument
     unknown = [preset for preset in presets if preset not in HEAD_PRESETS]
     if unknown:
         sys.exit(f"unknown --preset {unknown}; known: {list(HEAD_PRESETS)} or all")
+    return presets
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    presets = compiling_presets(args.preset)
     if args.wta not in ("preset", "all", *WTA_MODES):
         sys.exit(f"unknown --wta {args.wta!r}; known: preset, all, {', '.join(WTA_MODES)}")
     rows = []
