@@ -74,78 +74,65 @@ def _maybe_unrolled(trips: int, row: dict) -> list[int]:
     return {0: [], 2: [trips // 4, trips % 4]}.get(len(row["loops"]), [trips])
 
 
-def _rows_splits(s, launch) -> tuple[int, int]:
-    """The row path's text-gradient GEMM: feature rows per split, and the splits (head.py)."""
+def _gemm_splits(s, launch) -> tuple[int, int]:
+    """The text-gradient GEMM: feature rows per split, and the splits (head.py)."""
     rows = s["B"] * s["N"]
     per_split = _cdiv(_cdiv(rows, launch["splits"]), launch["gemm_block_k"]) * launch["gemm_block_k"]
     return per_split, _cdiv(rows, per_split)
 
 
+def _sweep_tiles(s, launch) -> int:
+    """Class tiles of a kernel that sweeps every class for its region tile (head.py's _sweep_constants)."""
+    return _cdiv(s["C"], min(launch["block_c"], launch["sweep_block_c"]))
+
+
 def _stats_trips(s, launch, row):
-    sweep = [_cdiv(s["C"], launch["block_c"]), _cdiv(s["C"], launch["block_c"]) * _cdiv(s["D"], launch["block_d"])]
+    sweep = [_sweep_tiles(s, launch), _sweep_tiles(s, launch) * _cdiv(s["D"], launch["block_d"])]
     return sweep * (2 if _two_sweeps(row["wta"]) else 1)
 
 
-def _forward_trips(s, launch, row):
-    region_tiles = _cdiv(s["N"], launch["block_n"])
-    return [region_tiles, region_tiles * _cdiv(s["D"], launch["block_d"])]
-
-
 def _sums_trips(s, launch, row):
-    class_tiles = _cdiv(s["C"], launch["block_c"])
+    class_tiles = _sweep_tiles(s, launch)
     return [class_tiles, class_tiles * _cdiv(s["D"], launch["block_d"])]
 
 
-def _text_grad_trips(s, launch, row):
-    tiles = s["B"] * _cdiv(s["N"], launch["block_n"])
-    per_program = _cdiv(tiles, min(launch["splits"], tiles))
-    dims, grad_dims = _cdiv(s["D"], launch["block_d"]), _cdiv(s["D"], launch["block_d_grad"])
-    return [per_program, per_program * dims, per_program * grad_dims]
-
-
 def _finish_trips(s, launch, row):
-    if launch["block_c"] >= s["C"]:
-        splits = _rows_splits(s, launch)[1]
-    else:
-        splits = min(launch["splits"], s["B"] * _cdiv(s["N"], launch["block_n"]))
-    return _maybe_unrolled(splits, row)
+    return _maybe_unrolled(_gemm_splits(s, launch)[1], row)
 
 
 def _feature_grad_trips(s, launch, row):
-    class_tiles = _cdiv(s["C"], launch["block_c"])
+    class_tiles = _sweep_tiles(s, launch)
     chunks = _cdiv(s["D"], launch["block_d_grad"])
     return [class_tiles, class_tiles * _cdiv(s["D"], launch["block_d"]), class_tiles * chunks, chunks]
 
 
-def _rows_forward_trips(s, launch, row):
+def _forward_trips(s, launch, row):
     return [_cdiv(s["D"], launch["block_d"])]
 
 
-def _rows_combine_trips(s, launch, row):
+def _combine_trips(s, launch, row):
     return _maybe_unrolled(_cdiv(s["N"], launch["block_n"]), row)
 
 
-def _rows_grad_trips(s, launch, row):
+def _similarity_grad_trips(s, launch, row):
     steps = _cdiv(s["D"], launch["block_d"])  # the similarity loop, then dF's (features learning) in steps too
     return [steps, steps] if len(row["loops"]) == 2 else [steps]
 
 
 def _text_grad_gemm_trips(s, launch, row):
-    return [_cdiv(_rows_splits(s, launch)[0], launch["gemm_block_k"])]
+    return [_cdiv(_gemm_splits(s, launch)[0], launch["gemm_block_k"])]
 
 
 # Trips per program of each loop, in the order the SASS holds them (an outer loop before its inner ones).
 LOOP_TRIPS = {
     "_region_stats_kernel": _stats_trips,
-    "_head_forward_kernel": _forward_trips,
+    "_forward_kernel": _forward_trips,
+    "_combine_regions_kernel": _combine_trips,
     "_region_sums_kernel": _sums_trips,
-    "_text_grad_kernel": _text_grad_trips,
+    "_similarity_grad_kernel": _similarity_grad_trips,
+    "_text_grad_gemm_kernel": _text_grad_gemm_trips,
     "_text_grad_finish_kernel": _finish_trips,
     "_feature_grad_kernel": _feature_grad_trips,
-    "_rows_forward_kernel": _rows_forward_trips,
-    "_rows_combine_kernel": _rows_combine_trips,
-    "_rows_grad_kernel": _rows_grad_trips,
-    "_text_grad_gemm_kernel": _text_grad_gemm_trips,
 }
 
 

@@ -34,7 +34,7 @@ pytestmark = needs_triton(torch.float64)
 
 NAMES = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
 SMALL_TILES = LaunchConfig(block_n=16, block_c=16, block_d=16, block_d_grad=16, splits=2)
-# one class tile holds all 21 classes of the small shape (the row kernels), the rest as small as they go
+# one class tile holds all 21 classes of the small shape (no statistics or sums sweeps), the rest as small as they go
 ROW_TILES = LaunchConfig(
     block_n=16, block_c=32, block_d=16, block_d_grad=16, splits=3, gemm_block_m=16, gemm_block_k=16
 )
@@ -235,14 +235,32 @@ class RecordsLaunches:
         return launch
 
 
+@pytest.mark.parametrize("wta", ["pos_norm", "pos_neg_softmax"])
+def test_backward_in_chunks_of_classes_matches_reference(monkeypatch, wta):
+    """dS of a large C is written a chunk of classes at a time: here chunks of one 16-class tile, the
+    last one partial (21 = 16 + 5), each with its own text-gradient GEMM."""
+    monkeypatch.setattr(triton_head, "GRAD_SIM_BYTES", 1)
+    gemm = RecordsLaunches(triton_head._text_grad_gemm_kernel)
+    monkeypatch.setattr(triton_head, "_text_grad_gemm_kernel", gemm)
+    inputs = head_inputs(2, 37, 24, 21)
+    grad_output = torch.randn(2, 2, 21, dtype=torch.float64)
+    expected = run_head(dualcoop_head_reference, inputs, grad_output, wta=wta, wta_gamma=5.0)
+    got = run_head(dualcoop_head_triton, inputs, grad_output, wta=wta, wta_gamma=5.0, launch=SMALL_TILES)
+    assert len(gemm.launches) == 2
+    for name, ours, theirs in zip(NAMES, got, expected):
+        torch.testing.assert_close(
+            ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
 @pytest.mark.parametrize(
     "tiles, refused", [(SMALL_TILES, "_feature_grad_kernel"), (ROW_TILES, None)], ids=["tiled", "rows"]
 )
 def test_no_feature_gradient_work_for_frozen_features(monkeypatch, tiles, refused):
     if refused:
         monkeypatch.setattr(triton_head, refused, RefusesLaunch())
-    rows = RecordsLaunches(triton_head._rows_grad_kernel)
-    monkeypatch.setattr(triton_head, "_rows_grad_kernel", rows)
+    rows = RecordsLaunches(triton_head._similarity_grad_kernel)
+    monkeypatch.setattr(triton_head, "_similarity_grad_kernel", rows)
     features, *rest = head_inputs(2, 9, 16, 21)
     out = dualcoop_head_triton(features.detach(), *rest, launch=tiles)
     out.sum().backward()
@@ -250,13 +268,11 @@ def test_no_feature_gradient_work_for_frozen_features(monkeypatch, tiles, refuse
     assert not any(launch["WANT_FEATURES"] for launch in rows.launches)
 
 
-@pytest.mark.parametrize(
-    "tiles, refused", [(SMALL_TILES, "_text_grad_kernel"), (ROW_TILES, "_text_grad_gemm_kernel")], ids=["tiled", "rows"]
-)
-def test_no_text_gradient_work_when_only_features_learn(monkeypatch, tiles, refused):
-    monkeypatch.setattr(triton_head, refused, RefusesLaunch())
-    rows = RecordsLaunches(triton_head._rows_grad_kernel)
-    monkeypatch.setattr(triton_head, "_rows_grad_kernel", rows)
+@pytest.mark.parametrize("tiles", [SMALL_TILES, ROW_TILES], ids=["tiled", "rows"])
+def test_no_text_gradient_work_when_only_features_learn(monkeypatch, tiles):
+    monkeypatch.setattr(triton_head, "_text_grad_gemm_kernel", RefusesLaunch())
+    rows = RecordsLaunches(triton_head._similarity_grad_kernel)
+    monkeypatch.setattr(triton_head, "_similarity_grad_kernel", rows)
     features, *rest = head_inputs(2, 9, 16, 21)
     out = dualcoop_head_triton(features, *[t.detach() for t in rest], launch=tiles)
     (grad,) = torch.autograd.grad(out.sum(), features)

@@ -30,15 +30,15 @@ NO_FLOAT64_DOTS = triton_backend.unsupported_dtype(torch.float64)
 def test_kernels_compile_for_the_gpu(dtype, arch):
     """The interpreter runs kernels as Python and misses what only the GPU compiler rejects (a
     loop-carried variable changing type, or syntax an older Triton lacks, say): compile every kernel
-    for sm_80 and sm_90 with Triton's ptxas, the row kernels at coco and the tiled ones at zsl."""
+    for sm_80 and sm_90 with Triton's ptxas, at coco (one class tile) and zsl (several)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     script = str(ROOT / "benchmarks" / "kernel_resources.py")
     command = [sys.executable, script, "--dtype", dtype, "--arch", str(arch), "--wta", "all", "--preset", "coco", "zsl"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    # every launch of a forward and backward in every mode: rows (5 kernels), then tiles, where WTA
-    # adds the statistics and sums kernels
-    expected = sum(5 + (4 if sides == ("one", "one") else 6) for sides in WTA_WEIGHTS.values())
+    # every launch of a forward and backward in every mode: one class tile (5 kernels), then several,
+    # with the features' own gradient kernel, where WTA adds the statistics and sums kernels
+    expected = sum(5 + (6 if sides == ("one", "one") else 8) for sides in WTA_WEIGHTS.values())
     assert finished.stdout.count("_kernel") == expected
 
 
@@ -53,8 +53,8 @@ def compile_rows(tmp_path, *arguments) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def compiled_rows(tmp_path_factory):
-    """Every kernel of a prompt-learning step (features frozen) at the coco and nuswide presets (the row
-    path) and zsl (the tiled one), fp32 and bf16 inputs, compiled as launched for sm_80, sm_86, sm_89
+    """Every kernel of a prompt-learning step (features frozen) at the coco and nuswide presets (one
+    class tile) and zsl (several), fp32 and bf16 inputs, compiled as launched for sm_80, sm_86, sm_89
     and sm_90."""
     return compile_rows(
         tmp_path_factory.mktemp("compiled"), "--frozen-features", "--arch", "80", "86", "89", "90",
@@ -62,37 +62,26 @@ def compiled_rows(tmp_path_factory):
     )  # fmt: skip
 
 
-ROW_KERNELS = ["_rows_forward_kernel", "_rows_combine_kernel", "_rows_grad_kernel", "_text_grad_gemm_kernel"]
-TILED_SIMILARITY_KERNELS = ["_region_stats_kernel", "_head_forward_kernel", "_region_sums_kernel"]
-PIPELINED_KERNELS = ["_rows_forward_kernel", "_rows_grad_kernel", "_text_grad_gemm_kernel", *TILED_SIMILARITY_KERNELS]
+SIMILARITY_KERNELS = ["_region_stats_kernel", "_forward_kernel", "_region_sums_kernel", "_similarity_grad_kernel"]
+PIPELINED_KERNELS = [*SIMILARITY_KERNELS, "_text_grad_gemm_kernel"]
+# (preset, dtype, arch, kernel): spill bytes that ptxas chose and issue 26 has not removed yet
+KNOWN_SPILLS = {("zsl", "float32", "sm_80", "_similarity_grad_kernel"): 4}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "kernel",
-    [
-        *ROW_KERNELS,
-        *TILED_SIMILARITY_KERNELS,
-        "_text_grad_finish_kernel",
-        pytest.param(
-            "_text_grad_kernel",
-            marks=pytest.mark.xfail(strict=True, reason="zsl: 8 to 28 bytes on sm_80, sm_86, sm_89 (issue 26)"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kernel", [*PIPELINED_KERNELS, "_combine_regions_kernel", "_text_grad_finish_kernel"])
 def test_no_kernel_spills_at_coco_nuswide_and_zsl_on_any_architecture(compiled_rows, kernel):
+    """Exactly the known spills (none at coco and nuswide): one that goes or comes shows here."""
     rows = [row for row in compiled_rows if row["kernel"] == kernel]
-    spilling = [
-        f"{row['preset']} {row['dtype']} {row['arch']}: {row['spill_bytes']} bytes"
-        for row in rows
-        if row["spill_bytes"]
-    ]
-    assert rows and not spilling, spilling
+    spills = {
+        (row["preset"], row["dtype"], row["arch"], kernel): row["spill_bytes"] for row in rows if row["spill_bytes"]
+    }
+    assert rows and spills == {key: value for key, value in KNOWN_SPILLS.items() if key[3] == kernel}
 
 
 @pytest.fixture(scope="module")
 def rows_with_the_features_gradient(tmp_path_factory):
-    """The same, with the features learning too (the row backward's dF loop)."""
+    """The same at coco and nuswide, with the features learning too (the similarity gradient's dF loop)."""
     return compile_rows(
         tmp_path_factory.mktemp("features"), "--arch", "80", "86", "89", "90",
         "--dtype", "float32", "bfloat16", "--preset", "coco", "nuswide",
@@ -109,7 +98,7 @@ def rows_with_the_features_gradient(tmp_path_factory):
         "sm_90",
     ],
 )
-def test_the_row_backward_with_the_features_gradient_does_not_spill(rows_with_the_features_gradient, arch):
+def test_the_backward_with_the_features_gradient_does_not_spill(rows_with_the_features_gradient, arch):
     rows = [row for row in rows_with_the_features_gradient if row["arch"] == arch]
     assert rows and not [(row["kernel"], row["spill_bytes"]) for row in rows if row["spill_bytes"]]
 
@@ -118,10 +107,10 @@ def test_the_row_backward_with_the_features_gradient_does_not_spill(rows_with_th
 @pytest.mark.parametrize("kernel", PIPELINED_KERNELS)
 def test_gemm_loops_load_with_async_copies(compiled_rows, kernel):
     """Two pipeline stages: the hot loop's loads are cp.async copies, no plain global loads wait in it.
-    Not the row backward's bf16 loop off sm_90: a 16-region bf16 chunk gives each thread 2 bytes, under
-    cp.async's 4."""
+    Not the similarity gradient's bf16 loop off sm_90: a 16-region bf16 chunk gives each thread 2 bytes,
+    under cp.async's 4."""
     rows = [row for row in compiled_rows if row["kernel"] == kernel]
-    if kernel == "_rows_grad_kernel":
+    if kernel == "_similarity_grad_kernel":
         rows = [row for row in rows if row["dtype"] == "float32" or row["arch"] == "sm_90"]
     assert rows and all(row["async_copies"] > 0 and row["global_loads"] == 0 for row in rows), rows
 

@@ -3,49 +3,43 @@ their autograd; the kernels are in head_kernels.py.
 
 The decomposition is docs/math.md's "How the Triton head splits the work". Nothing is normalised in memory: the
 kernels fold the inverse row norms of the features (B x N) and of the prompts (3 x C) into every
-similarity tile, and the backward applies the normalisation's own gradient. Launches when one class
-tile holds every class (``block_c >= C``: up to ROW_CLASSES classes), the row path:
+similarity tile, and the backward applies the normalisation's own gradient. The launches, where a
+class tile holds up to ``MAX_CLASS_TILE`` classes; those marked "several class tiles" run only when
+one tile cannot hold every class (winner-take-all then needs per-region statistics over all tiles):
 
 forward
-  rows forward               grid (B, region tiles): the three similarity tiles in one sweep over D,
-                             the WTA statistics from them (stored), the tile's region-softmax parts
-  rows combine               grid (B, class tiles): merges the parts into P-, P+ and the log-sum-exp
+  region stats               grid (B, region tiles), sweeping all class tiles (several class tiles,
+                             WTA modes): M = max_m s+ and m = min_m s+ with their arg-maxima, and per
+                             side (u = gamma M s+ for the positive logits, gamma m s+ for the negative
+                             ones) max u, s+ at its arg-max and, for the softmax kinds,
+                             1 / sum_m exp(u - max u) (a second sweep: u needs M and m first)
+  forward                    grid (B, region tiles, class tiles): the three similarity tiles in one
+                             sweep over D, the WTA weights (from the statistics, or from the tile
+                             itself when it holds every class, which then stores the statistics),
+                             the tile's region-softmax parts
+  combine regions            grid (B, class tiles): merges the parts into P-, P+ and the log-sum-exp
 backward
-  rows grad                  grid (B, region tiles): dS with the WTA sums from the tile itself, the
-                             tile's dL/dtheta term; for the prompts dS (class-major, f's norms
-                             folded in) and <t, G> parts; for the features dL/dF, D swept in registers
-  text grad GEMM             grid (3C tiles, D chunks, splits): G = dS^T F over a split of the B*N rows
+  region sums                grid (B, region tiles), sweeping all class tiles (several class tiles,
+                             WTA modes): per weighted side, the per-region sums over classes of the
+                             WTA backward
+  similarity grad            grid (B, region tiles, class tiles of a chunk): dS, the tile's
+                             dL/dtheta term; for the prompts dS (class-major, f's norms folded in)
+                             and <t, G> parts; for the features (one class tile) dL/dF, D swept in
+                             registers
+  text grad GEMM             grid (prompt-row tiles, D chunks, splits): G = dS^T F over a split of
+                             the B*N rows; with the similarity grad, once per chunk of classes
   text finish                grid (class tiles, D chunks, 3): sums the splits, the normalisation
+  feature grads              grid (B, region tiles), several class tiles and learning features:
+                             dS tiles fed into dF = dS t, then the normalisation step
 
-and otherwise, the tiled path:
-
-forward
-  region stats  (WTA modes)  grid (B, region tiles), sweeping all class tiles: M = max_m s+ and
-                             m = min_m s+ with their arg-maxima, and per side (u = gamma M s+ for the
-                             positive logits, gamma m s+ for the negative ones) max u, s+ at its
-                             arg-max and, for the softmax kinds, 1 / sum_m exp(u - max u) (a second
-                             sweep: u needs M and m first)
-  main                       grid (B, class tiles), sweeping region tiles: the three similarity tiles,
-                             WTA weights, online softmax over regions; writes P-, P+ and the region
-                             softmax's log-sum-exp per (image, class)
-backward
-  region sums   (WTA modes)  grid (B, region tiles): per weighted side, the per-region sums over
-                             classes of the WTA backward
-  text grads                 grid (class tiles, splits): dS tiles fed into dT = dS^T f with
-                             the D chunk in registers, one partial per split (no atomics), plus the
-                             partial sums of dL/dtheta and of <t, dT> for the normalisation step
-  text finish                as in the row path
-  feature grads (if needed)  grid (B, region tiles): dS tiles fed into dF = dS t, then the
-                             normalisation step
-
-The tiled path writes nothing of size B x N x C (the backward recomputes similarity tiles); the row
-path writes dS (3 x C x B*N, compute dtype) during the backward only. Saved for the backward:
-the inputs, the logits in the compute dtype, and O(B*C + B*N) statistics. Arithmetic is float32 for
-fp16, bf16 and fp32 inputs, with float32-accurate dots (WTA amplifies TF32 error: docs/math.md,
-"Numerics"; which products on which GPU: precision.py), and float64 for float64 inputs. The scalars
-gamma and k are kernel arguments typed float64, converted to the compute dtype on entry: untyped, a
-Python float reaches a GPU kernel as fp32, which would round them for a float64 head. Every launch
-runs under the tensors' CUDA device (and so its current stream), whatever the current device is.
+Saved for the backward: the inputs, the logits in the compute dtype, and O(B*C + B*N) statistics;
+the backward writes dS for at most ``GRAD_SIM_BYTES`` of classes at a time (a chunk), never all of
+a large C. Arithmetic is float32 for fp16, bf16 and fp32 inputs, with float32-accurate dots (WTA
+amplifies TF32 error: docs/math.md, "Numerics"; which products on which GPU: precision.py), and
+float64 for float64 inputs. The scalars gamma and k are kernel arguments typed float64, converted to
+the compute dtype on entry: untyped, a Python float reaches a GPU kernel as fp32, which would round
+them for a float64 head. Every launch runs under the tensors' CUDA device (and so its current
+stream), whatever the current device is.
 """
 
 from __future__ import annotations
@@ -63,22 +57,21 @@ from .head_kernels import (
     PARTIALS,
     STATS,
     SUMS,
+    _combine_regions_kernel,
     _feature_grad_kernel,
-    _head_forward_kernel,
+    _forward_kernel,
     _region_stats_kernel,
     _region_sums_kernel,
-    _rows_combine_kernel,
-    _rows_forward_kernel,
-    _rows_grad_kernel,
+    _similarity_grad_kernel,
     _text_grad_finish_kernel,
     _text_grad_gemm_kernel,
-    _text_grad_kernel,
 )
 from .precision import dot_precision, similarity_dtype
 
 NORM_EPS = 1e-12  # as F.normalize
 PARTIALS_BYTES = 32 * 2**20  # most memory the text gradient's per-split partial sums may take
-ROW_CLASSES = 128  # most classes the row kernels hold in one tile
+GRAD_SIM_BYTES = 256 * 2**20  # most memory dS of one chunk of classes may take (3 x chunk x B*N, float32)
+MAX_CLASS_TILE = 128  # most classes of a tile: 32 regions by 128 classes keep the kernels free of spills
 FINISH_TILE = (32, 64)  # classes and D of a text-finish program: small, for enough programs to read the partials
 
 
@@ -86,12 +79,14 @@ FINISH_TILE = (32, 64)  # classes and D of a text-finish program: small, for eno
 class LaunchConfig:
     """How the kernels are launched: tile sizes (regions, classes, the D step of the similarity GEMM,
     the D chunk of the gradient GEMMs, held in registers), how many partial sums the text gradient
-    splits its work into, and for the row path the region tile of its backward (at most 16 when the
-    features learn too: dF's loop needs the registers) and its GEMM's tile of prompt rows and step
-    over feature rows; then Triton's launch options: ``num_stages`` for the kernels whose loop is a GEMM
-    alone (two stages pipeline its loads with async copies), ``grad_stages`` for the gradient kernels
-    that also compute dS (more stages spill them on sm_80). A class tile that holds every class
-    (``block_c >= C``) selects the row kernels."""
+    GEMM splits its rows into, the region tile of the similarity gradient (at most 16 when the
+    features learn in it: dF's loop needs the registers), the GEMM's tile of prompt rows and step
+    over feature rows, and the class tile of the kernels that sweep every class for a region tile
+    (the statistics, the WTA sums, the features' gradient of several class tiles); then Triton's
+    launch options: ``num_stages`` for the kernels whose loop is a GEMM alone (two stages pipeline
+    its loads with async copies), ``grad_stages`` for the gradient kernels that also compute dS. A
+    class tile that holds every class (``block_c >= C``) needs no statistics or sums sweep: the tile
+    computes them."""
 
     block_n: int
     block_c: int
@@ -104,6 +99,7 @@ class LaunchConfig:
     grad_block_n: int = 16
     gemm_block_m: int = 64
     gemm_block_k: int = 32
+    sweep_block_c: int = 64
 
     def as_list(self) -> list[int]:
         # as the operators take it; not astuple, whose deepcopy torch.compile <= 2.9 cannot trace
@@ -115,35 +111,26 @@ def _pow2_between(value: int, low: int, high: int) -> int:
 
 
 def choose_launch_config(B: int, N: int, C: int, D: int, device: torch.device) -> LaunchConfig:
-    """Tile sizes for a shape, and enough text-gradient splits to give every multiprocessor a few
-    programs, as far as ``PARTIALS_BYTES`` allows. Up to ``ROW_CLASSES`` classes one class tile holds
-    them all (the row kernels); tl.dot needs every side >= 16. Compiled as launched
-    (``benchmarks/kernel_resources.py``), these sizes are what keeps the kernels free of spills."""
-    if C <= ROW_CLASSES:  # 32 regions by up to 128 classes: larger tiles spill the row kernels
-        hopper = device.type == "cuda" and _capability(device) == (9, 0)  # larger tiles spill on sm_80 to sm_89
-        launch = LaunchConfig(
-            block_n=_pow2_between(N, 16, 32),
-            block_c=_pow2_between(C, 16, ROW_CLASSES),
-            block_d=16,
-            block_d_grad=_pow2_between(D, 16, 128 if hopper else 64),
-            grad_block_n=_pow2_between(N, 16, 32 if hopper else 16),
-            gemm_block_m=128 if hopper else 64,
-            grad_stages=2,
-        )
-    else:
-        launch = LaunchConfig(
-            block_n=_pow2_between(N, 16, 64),
-            block_c=_pow2_between(C, 16, 32),
-            block_d=16,
-            block_d_grad=_pow2_between(D, 16, 64),
-        )
+    """Tile sizes for a shape, and enough text-gradient GEMM splits to fill the multiprocessors, as far
+    as ``PARTIALS_BYTES`` allows; tl.dot needs every side >= 16. Compiled as launched
+    (``benchmarks/kernel_resources.py``), these sizes are what keeps the kernels free of spills: 32
+    regions by up to 128 classes (larger tiles spill), the larger GEMM and sweep tiles on sm_90 only."""
+    hopper = device.type == "cuda" and _capability(device) == (9, 0)
+    launch = LaunchConfig(
+        block_n=_pow2_between(N, 16, 32),
+        block_c=_pow2_between(C, 16, MAX_CLASS_TILE),
+        block_d=16,
+        block_d_grad=_pow2_between(D, 16, 128 if hopper else 64),
+        grad_block_n=_pow2_between(N, 16, 32 if hopper else 16),
+        gemm_block_m=128 if hopper else 64,
+        grad_stages=2,
+        sweep_block_c=128 if hopper else 64,  # 128 spills the statistics' IEEE loop on sm_86 and sm_89
+    )
     if device.type != "cuda":
         return launch
-    if C <= ROW_CLASSES:  # one wave of GEMM programs: more splits only add partials to read
-        gemm_tiles = triton.cdiv(3 * C, launch.gemm_block_m) * triton.cdiv(D, launch.block_d_grad)
-        by_parallelism = _multiprocessors(device) // gemm_tiles
-    else:  # a few text-gradient programs per multiprocessor
-        by_parallelism = triton.cdiv(4 * _multiprocessors(device), triton.cdiv(C, launch.block_c))
+    # one wave of GEMM programs: more splits only add partials to read
+    gemm_tiles = triton.cdiv(3 * C, launch.gemm_block_m) * triton.cdiv(D, launch.block_d_grad)
+    by_parallelism = _multiprocessors(device) // gemm_tiles
     by_memory = PARTIALS_BYTES // (3 * C * D * 4)  # each split keeps a float32 partial of the prompts
     return replace(launch, splits=max(1, min(by_parallelism, by_memory)))
 
@@ -190,6 +177,11 @@ def _kernel_constants(dtype: torch.dtype, launch: LaunchConfig, wta: str, device
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )
+
+
+def _sweep_constants(constants: dict, launch: LaunchConfig, **more) -> dict:
+    """The constants of a kernel that sweeps every class tile for its region tile."""
+    return dict(constants, BLOCK_C=min(launch.block_c, launch.sweep_block_c), **more)
 
 
 def _inverse_norms(rows: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
@@ -246,24 +238,21 @@ def dualcoop_head_forward(
         return logits, lse, inv_norm, text_inv_norm, stats, index
     constants = _kernel_constants(features.dtype, launch, wta, device)
     common = _common_args(features, torch.stack(texts), text_inv_norm, inv_norm)
-    region_tiles = triton.cdiv(N, launch.block_n)
+    region_tiles, class_tiles = triton.cdiv(N, launch.block_n), triton.cdiv(C, launch.block_c)
+    partials = _kernel_output(PARTIALS, B * region_tiles * C, device=device, dtype=compute)
     with _on_device(device):
-        if launch.block_c >= C:  # one class tile holds every class: a row kernel, then a small merge
-            partials = _kernel_output(PARTIALS, B * region_tiles * C, device=device, dtype=compute)
-            _rows_forward_kernel[(B, region_tiles)](
-                *common, stats, index, B * N, log_spatial_temp, partials, partials.stride(0), N, C, D, wta_gamma,
-                **constants,
-            )  # fmt: skip
-            _rows_combine_kernel[(B, triton.cdiv(C, launch.block_c))](
-                partials, partials.stride(0), logits, lse, C, region_tiles, logit_scale,
-                BLOCK_C=launch.block_c, ACC=constants["ACC"], num_warps=4,
-            )  # fmt: skip
-        else:
-            if wta != "none":
-                _region_stats_kernel[(B, region_tiles)](*common, stats, index, B * N, N, C, D, wta_gamma, **constants)
-            _head_forward_kernel[(B, triton.cdiv(C, launch.block_c))](
-                *common, stats, B * N, log_spatial_temp, logits, lse, N, C, D, wta_gamma, logit_scale, **constants
+        if class_tiles > 1 and wta != "none":
+            _region_stats_kernel[(B, region_tiles)](
+                *common, stats, index, B * N, N, C, D, wta_gamma, **_sweep_constants(constants, launch)
             )
+        _forward_kernel[(B, region_tiles, class_tiles)](
+            *common, stats, index, B * N, log_spatial_temp, partials, partials.stride(0), N, C, D, wta_gamma,
+            ALL_CLASSES=class_tiles == 1, **constants,
+        )  # fmt: skip
+        _combine_regions_kernel[(B, class_tiles)](
+            partials, partials.stride(0), logits, lse, C, region_tiles, logit_scale,
+            BLOCK_C=launch.block_c, ACC=constants["ACC"], num_warps=4,
+        )  # fmt: skip
     return logits, lse, inv_norm, text_inv_norm, stats, index
 
 
@@ -334,9 +323,10 @@ def dualcoop_head_backward(
         common = _common_args(features, text, text_inv_norm, inv_norm)
         state = (stats, index, B * N, log_spatial_temp, lse, logits, grad_logits)
         grad_features = _kernel_output(B, N, D, device=device, dtype=features.dtype) if want_features else nothing()
-        backward = _rows_backward if launch.block_c >= C else _tiled_backward
         wants = (want_features, want_texts, want_temp)
-        parts = backward(common, state, grad_features, (B, N, C, D), launch, constants, wta_gamma, logit_scale, wants)
+        parts = _backward_launches(
+            common, state, grad_features, (B, N, C, D), launch, constants, wta_gamma, logit_scale, wants
+        )
         grad_temp = nothing()
         if want_texts:
             grad_text_parts, projection = parts["grad_text"], parts["projection"]
@@ -350,75 +340,82 @@ def dualcoop_head_backward(
         return grad_features, *grad_texts, grad_temp
 
 
-def _tiled_backward(common, state, grad_features, shape, launch, constants, gamma, logit_scale, wants) -> dict:
-    """The backward's launches when the classes span several tiles. Returns what the host finishes:
-    ``grad_text``, the per-split partials of G = dS^T f (splits, 3, C, D), ``projection``, the (3, C)
-    sums <t, G>, and ``grad_temp``, partial sums of dL/dtheta; those not wanted are absent."""
+def _backward_launches(common, state, grad_features, shape, launch, constants, gamma, logit_scale, wants) -> dict:
+    """The backward's launches. Returns what the host finishes: ``grad_temp``, partial sums of
+    dL/dtheta, and when the prompts learn ``grad_text``, the per-split partials of G = dS^T f
+    (splits, 3, C, D), and ``projection``, the (3, C) sums <t, G>."""
     B, N, C, D = shape
     want_features, want_texts, want_temp = wants
-    device, compute = grad_features.device, state[-1].dtype
-    region_tiles, class_tiles = triton.cdiv(N, launch.block_n), triton.cdiv(C, launch.block_c)
-    gradient_constants = dict(constants, num_stages=launch.grad_stages)
-    sums = _kernel_output(SUMS, B, N, device=device, dtype=compute)
+    all_classes = launch.block_c >= C
+    weighted = constants["WTA_POS"] != WTA_WEIGHT_CODES["one"] or constants["WTA_NEG"] != WTA_WEIGHT_CODES["one"]
     stats, index, stat_stride, log_temp, lse, _, grad_logits = state
-    if constants["WTA_POS"] != WTA_WEIGHT_CODES["one"] or constants["WTA_NEG"] != WTA_WEIGHT_CODES["one"]:
-        _region_sums_kernel[(B, region_tiles)](
+    sums = stats  # unread when a tile holds every class (it sums itself) or without WTA
+    if weighted and not all_classes:
+        sums = _kernel_output(SUMS, B, N, device=stats.device, dtype=stats.dtype)
+        _region_sums_kernel[(B, triton.cdiv(N, launch.block_n))](
             *common, stats, index, stat_stride, log_temp, lse, grad_logits, sums, N, C, D, gamma, logit_scale,
-            **constants,
+            **_sweep_constants(constants, launch),
         )  # fmt: skip
+    features_in_tile = want_features and all_classes
     parts = {}
-    if want_texts or want_temp:
-        splits = min(launch.splits, B * region_tiles)  # every split gets a tile, so writes its partial
-        count = splits if want_texts else 0
-        parts["grad_text"] = _kernel_output(count, 3, C, D, device=device, dtype=compute)
-        projection = _kernel_output(count, 3, C, device=device, dtype=compute)
-        parts["grad_temp"] = _kernel_output(class_tiles, splits, device=device, dtype=compute)
-        _text_grad_kernel[(class_tiles, splits)](
-            *common, *state, sums, parts["grad_text"], projection, parts["grad_temp"], N, C, D, C * D,
-            region_tiles, B * region_tiles, gamma, logit_scale, WANT_TEXT=want_texts,
-            BLOCK_DT=launch.block_d_grad, **gradient_constants,
+    if want_texts or want_temp or features_in_tile:
+        parts = _similarity_grads(
+            common, state, sums, grad_features, shape, launch, constants, gamma, logit_scale, want_texts,
+            features_in_tile,
         )  # fmt: skip
-        parts["projection"] = projection.sum(0)
-    if want_features:
-        scratch = _kernel_output(B, N, D, device=device, dtype=compute)
-        _feature_grad_kernel[(B, region_tiles)](
+    if want_features and not all_classes:
+        scratch = _kernel_output(B, N, D, device=stats.device, dtype=stats.dtype)
+        _feature_grad_kernel[(B, triton.cdiv(N, launch.block_n))](
             *common, *state, sums, scratch, grad_features, N, C, D, gamma, logit_scale,
-            BLOCK_DT=launch.block_d_grad, **gradient_constants,
+            BLOCK_DT=launch.block_d_grad, **_sweep_constants(constants, launch, num_stages=launch.grad_stages),
         )  # fmt: skip
     return parts
 
 
-def _rows_backward(common, state, grad_features, shape, launch, constants, gamma, logit_scale, wants) -> dict:
-    """The backward's launches when one class tile holds every class (``_tiled_backward`` says what
-    comes back): a row kernel per region tile, then G = dS^T f as a split GEMM over the B*N rows."""
+def _similarity_grads(
+    common, state, sums, grad_features, shape, launch, constants, gamma, logit_scale, want_texts, want_features
+) -> dict:
+    """dS tile by tile (with dL/dtheta's terms, and dL/dF when ``want_features``: one class tile), and
+    for the prompts, chunk of classes by chunk, G = dS^T f as a split GEMM over the B*N rows
+    (``_backward_launches`` says what comes back)."""
     B, N, C, D = shape
-    want_features, want_texts, _ = wants  # theta's gradient comes with every launch
-    device, compute = grad_features.device, state[-1].dtype
-    features = common[0]
+    features, device, compute = common[0], state[0].device, state[0].dtype
     block_n = min(launch.grad_block_n, 16) if want_features else launch.grad_block_n  # dF's loop: more registers
-    region_tiles = triton.cdiv(N, block_n)
-    grad_sim = _kernel_output(3 * C if want_texts else 0, B * N, device=device, dtype=compute)
+    region_tiles, class_tiles = triton.cdiv(N, block_n), triton.cdiv(C, launch.block_c)
+    chunk = _chunk_classes(B * N, C, launch.block_c) if want_texts else C
     projection = _kernel_output(B * region_tiles if want_texts else 0, 3, C, device=device, dtype=compute)
-    grad_temp = _kernel_output(B * region_tiles, device=device, dtype=compute)
-    _rows_grad_kernel[(B, region_tiles)](
-        *common, *state, grad_sim, projection, grad_temp, grad_features, N, C, D, B * N, gamma, logit_scale,
-        WANT_TEXT=want_texts, WANT_FEATURES=want_features,
-        **dict(constants, BLOCK_N=block_n, num_stages=launch.grad_stages),
-    )  # fmt: skip
-    parts = dict(grad_temp=grad_temp)
+    parts = dict(grad_temp=_kernel_output(B * region_tiles, class_tiles, device=device, dtype=compute))
+    rows_per_split = triton.cdiv(triton.cdiv(B * N, launch.splits), launch.gemm_block_k) * launch.gemm_block_k
+    splits = triton.cdiv(B * N, rows_per_split)
     if want_texts:
-        prompt_tiles, dim_tiles = triton.cdiv(3 * C, launch.gemm_block_m), triton.cdiv(D, launch.block_d_grad)
-        rows_per_split = triton.cdiv(triton.cdiv(B * N, launch.splits), launch.gemm_block_k) * launch.gemm_block_k
-        splits = triton.cdiv(B * N, rows_per_split)
         parts["grad_text"] = _kernel_output(splits, 3, C, D, device=device, dtype=compute)
-        _text_grad_gemm_kernel[(prompt_tiles, dim_tiles, splits)](
-            grad_sim, features, *features.stride(), parts["grad_text"], 3 * C, N, D, B * N, rows_per_split,
-            BLOCK_M=launch.gemm_block_m, BLOCK_K=launch.gemm_block_k, BLOCK_DT=launch.block_d_grad,
-            ACC=constants["ACC"], PRECISION=constants["PRECISION"], num_warps=launch.num_warps,
-            num_stages=launch.num_stages,
+    for class_start in range(0, C, chunk):
+        chunk_classes = min(chunk, C - class_start)
+        grad_sim = _kernel_output(3, chunk_classes if want_texts else 0, B * N, device=device, dtype=compute)
+        _similarity_grad_kernel[(B, region_tiles, triton.cdiv(chunk_classes, launch.block_c))](
+            *common, *state, sums, grad_sim, grad_sim.stride(0), projection, parts["grad_temp"], grad_features,
+            N, C, D, B * N, class_start, chunk_classes, gamma, logit_scale, ALL_CLASSES=class_tiles == 1,
+            WANT_TEXT=want_texts, WANT_FEATURES=want_features,
+            **dict(constants, BLOCK_N=block_n, num_stages=launch.grad_stages),
         )  # fmt: skip
+        if want_texts:
+            grid = (triton.cdiv(3 * chunk_classes, launch.gemm_block_m), triton.cdiv(D, launch.block_d_grad), splits)
+            _text_grad_gemm_kernel[grid](
+                grad_sim, features, *features.stride(), parts["grad_text"], C, class_start, chunk_classes, N, D,
+                B * N, rows_per_split, BLOCK_M=launch.gemm_block_m, BLOCK_K=launch.gemm_block_k,
+                BLOCK_DT=launch.block_d_grad, ACC=constants["ACC"], PRECISION=constants["PRECISION"],
+                num_warps=launch.num_warps, num_stages=launch.num_stages,
+            )  # fmt: skip
+    if want_texts:
         parts["projection"] = projection.sum(0)
     return parts
+
+
+def _chunk_classes(rows: int, C: int, block_c: int) -> int:
+    """Classes per chunk of the backward: whole class tiles whose dS (3 x chunk x rows, float32) fits
+    ``GRAD_SIM_BYTES``, at least one tile."""
+    tiles = GRAD_SIM_BYTES // (3 * rows * 4 * block_c)
+    return min(C, max(1, tiles) * block_c)
 
 
 @dualcoop_head_backward.register_fake

@@ -21,7 +21,7 @@ STAT_COEF, STAT_MAX_U, STAT_INV_TOTAL, STAT_SHIFT = (tl.constexpr(i) for i in (0
 # Per-region indices, stacked along dim 0 of one (INDICES, B, N) int32 tensor: the arg-max and arg-min
 # of s+ (where dM and dm go; first row plus the side), and the arg-max of the positive u (norm's winner).
 INDEX_COEF, INDEX_WINNER = tl.constexpr(0), tl.constexpr(2)
-# The row forward's per-(image, region tile, class) partial sums of the region softmax, rows of one tensor.
+# The forward's per-(image, region tile, class) partial sums of the region softmax, rows of one tensor.
 PARTIAL_MAX, PARTIAL_SUM, PARTIAL_POS, PARTIAL_NEG = (tl.constexpr(i) for i in range(4))
 SUMS_PER_SIDE = tl.constexpr(3)  # per-region sums of the WTA backward, three per side: (SUMS, B, N)
 STATS, INDICES, SUMS, PARTIALS = 8, 3, 6, 4  # the host's sizes of the four
@@ -393,91 +393,31 @@ def _region_stats_kernel(
 
 
 @triton.jit
-def _head_forward_kernel(
-    f_ptr,
-    stride_fb,
-    stride_fn,
-    stride_fd,
-    text_ptr,
-    text_inv_norm_ptr,
-    inv_norm_ptr,
-    stats_ptr,
-    stat_stride,
-    log_temp_ptr,
-    logits_ptr,
-    lse_ptr,
-    N,
-    C,
-    D,
-    gamma: tl.float64,
-    logit_scale: tl.float64,
-    WTA_POS: tl.constexpr,
-    WTA_NEG: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    SIM_DTYPE: tl.constexpr,
-):
-    gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
-    image = tl.program_id(0).to(tl.int64)
-    classes = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    class_mask = classes < C
-    f_ptr += image * stride_fb
-    tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
-
-    run_max = tl.full((BLOCK_C,), float("-inf"), ACC)
-    run_sum = tl.zeros((BLOCK_C,), ACC)
-    acc_pos = tl.zeros((BLOCK_C,), ACC)
-    acc_neg = tl.zeros((BLOCK_C,), ACC)
-    for n_start in range(0, N, BLOCK_N):
-        regions = n_start + tl.arange(0, BLOCK_N)
-        region_mask = regions < N
-        offsets = image * N + regions
-        inv_norm = tl.load(inv_norm_ptr + offsets, mask=region_mask, other=0.0)
-        sim_e, sim_p, sim_n = _similarity_tiles(
-            f_ptr,
-            stride_fn,
-            stride_fd,
-            regions,
-            region_mask,
-            inv_norm,
-            text_ptr,
-            text_inv_norm_ptr,
-            C,
-            D,
-            classes,
-            class_mask,
-            True,
-            True,
-            BLOCK_N,
-            BLOCK_C,
-            BLOCK_D,
-            ACC,
-            PRECISION,
-            SIM_DTYPE,
-        )
-        weights_pos, _ = _side_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE_POS, WTA_POS)
-        weights_neg, _ = _side_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE_NEG, WTA_NEG)
-        # online softmax over regions (as in flash attention): rescale the sums so far to the new max
-        logits = tl.where(region_mask[:, None], tau * sim_e, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(logits, axis=0))
-        rescale = tl.exp(run_max - new_max)
-        p = tl.exp(logits - new_max[None, :])
-        run_sum = run_sum * rescale + tl.sum(p, axis=0)
-        acc_pos = acc_pos * rescale + tl.sum(p * sim_p * weights_pos, axis=0)
-        acc_neg = acc_neg * rescale + tl.sum(p * sim_n * weights_neg, axis=0)
-        run_max = new_max
-
-    pair = logits_ptr + image * 2 * C + classes
-    tl.store(pair, logit_scale * acc_neg / run_sum, mask=class_mask)
-    tl.store(pair + C, logit_scale * acc_pos / run_sum, mask=class_mask)
-    tl.store(lse_ptr + image * C + classes, run_max + tl.log(run_sum), mask=class_mask)
+def _tile_statistics(
+    sim_p, class_mask, stats_ptr, index_ptr, stat_stride, offsets, region_mask, gamma,
+    WTA_POS: tl.constexpr, WTA_NEG: tl.constexpr,
+):  # fmt: skip
+    """The WTA statistics of a tile that holds every class, stored for the backward, and both sides'
+    weights from them."""
+    run_max, run_min, arg_max, arg_min, has_nan = _tile_extrema(sim_p, class_mask, 0)
+    run_max, run_min, shift_pos, shift_neg, max_u_pos, max_u_neg = _shifts(run_max, run_min, has_nan, gamma)
+    total_pos = tl.full(run_max.shape, 1.0, run_max.dtype)  # what a side that is no softmax stores
+    total_neg = total_pos
+    if (WTA_POS != WEIGHT_ONE) and (WTA_POS != WEIGHT_NORM):
+        total_pos = _softmax_total(sim_p, class_mask, run_max, max_u_pos, gamma)
+    if WTA_NEG != WEIGHT_ONE:
+        total_neg = _softmax_total(sim_p, class_mask, run_min, max_u_neg, gamma)
+    _store_statistics(
+        stats_ptr, index_ptr, stat_stride, offsets, region_mask, run_max, run_min, arg_max, arg_min,
+        shift_pos, shift_neg, max_u_pos, max_u_neg, total_pos, total_neg,
+    )  # fmt: skip
+    weights_pos, _ = _weights(sim_p, run_max, max_u_pos, 1.0 / total_pos, gamma, WTA_POS)
+    weights_neg, _ = _weights(sim_p, run_min, max_u_neg, 1.0 / total_neg, gamma, WTA_NEG)
+    return weights_pos, weights_neg
 
 
 @triton.jit
-def _rows_forward_kernel(
+def _forward_kernel(
     f_ptr,
     stride_fb,
     stride_fn,
@@ -495,6 +435,7 @@ def _rows_forward_kernel(
     C,
     D,
     gamma: tl.float64,
+    ALL_CLASSES: tl.constexpr,
     WTA_POS: tl.constexpr,
     WTA_NEG: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -504,36 +445,27 @@ def _rows_forward_kernel(
     PRECISION: tl.constexpr,
     SIM_DTYPE: tl.constexpr,
 ):
-    """The forward of a region tile when one class tile holds every class: the three similarity tiles
-    in one sweep over D, the WTA statistics from them (stored for the backward) and this tile's part
-    of the region softmax per class: its max of tau s^e, and sums of p = exp(tau s^e - max), p s+ w+
-    and p s- w-, as rows PARTIAL_* of ``partials`` at (image, region tile), for ``_rows_combine_kernel``."""
+    """The forward of an (image, region tile, class tile): the three similarity tiles in one sweep over
+    D, both sides' WTA weights and this tile's part of the region softmax per class: its max of
+    tau s^e, and sums of p = exp(tau s^e - max), p s+ w+ and p s- w-, as rows PARTIAL_* of
+    ``partials`` at (image, region tile), for ``_combine_regions_kernel``. When the tile holds every
+    class (``ALL_CLASSES``) it computes the WTA statistics itself and stores them for the backward;
+    otherwise ``_region_stats_kernel`` has."""
     gamma = tl.full((), gamma, ACC)  # typed float64: module doc
     image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
-    classes = tl.arange(0, BLOCK_C)
+    classes = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     class_mask = classes < C
     sim_e, sim_p, sim_n = _similarity_tiles(
         f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, text_ptr, text_inv_norm_ptr,
         C, D, classes, class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
     )  # fmt: skip
-    weights_pos = tl.full(sim_p.shape, 1.0, ACC)
-    weights_neg = weights_pos
-    if (WTA_POS != WEIGHT_ONE) or (WTA_NEG != WEIGHT_ONE):
-        run_max, run_min, arg_max, arg_min, has_nan = _tile_extrema(sim_p, class_mask, 0)
-        run_max, run_min, shift_pos, shift_neg, max_u_pos, max_u_neg = _shifts(run_max, run_min, has_nan, gamma)
-        total_pos = tl.full((BLOCK_N,), 1.0, ACC)  # what a side that is no softmax stores
-        total_neg = tl.full((BLOCK_N,), 1.0, ACC)
-        POS_SOFTMAX: tl.constexpr = (WTA_POS != WEIGHT_ONE) and (WTA_POS != WEIGHT_NORM)
-        if POS_SOFTMAX:
-            total_pos = _softmax_total(sim_p, class_mask, run_max, max_u_pos, gamma)
-        if WTA_NEG != WEIGHT_ONE:
-            total_neg = _softmax_total(sim_p, class_mask, run_min, max_u_neg, gamma)
-        _store_statistics(
-            stats_ptr, index_ptr, stat_stride, offsets, region_mask, run_max, run_min, arg_max, arg_min,
-            shift_pos, shift_neg, max_u_pos, max_u_neg, total_pos, total_neg,
-        )  # fmt: skip
-        weights_pos, _ = _weights(sim_p, run_max, max_u_pos, 1.0 / total_pos, gamma, WTA_POS)
-        weights_neg, _ = _weights(sim_p, run_min, max_u_neg, 1.0 / total_neg, gamma, WTA_NEG)
+    if ALL_CLASSES and ((WTA_POS != WEIGHT_ONE) or (WTA_NEG != WEIGHT_ONE)):
+        weights_pos, weights_neg = _tile_statistics(
+            sim_p, class_mask, stats_ptr, index_ptr, stat_stride, offsets, region_mask, gamma, WTA_POS, WTA_NEG
+        )
+    else:
+        weights_pos, _ = _side_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE_POS, WTA_POS)
+        weights_neg, _ = _side_weights(sim_p, stats_ptr, stat_stride, offsets, region_mask, gamma, SIDE_NEG, WTA_NEG)
     tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
     logits = tl.where(region_mask[:, None], tau * sim_e, float("-inf"))
     tile_max = tl.max(logits, axis=0)
@@ -546,7 +478,7 @@ def _rows_forward_kernel(
 
 
 @triton.jit
-def _rows_combine_kernel(
+def _combine_regions_kernel(
     partials_ptr,
     partial_stride,
     logits_ptr,
@@ -558,7 +490,7 @@ def _rows_combine_kernel(
     ACC: tl.constexpr,
 ):
     """P-, P+ and the region softmax's log-sum-exp of an image's class tile from its region tiles'
-    partials (``_rows_forward_kernel``), merged as an online softmax merges them."""
+    partials (``_forward_kernel``), merged as an online softmax merges them."""
     logit_scale = tl.full((), logit_scale, ACC)  # typed float64: module doc
     image = tl.program_id(0).to(tl.int64)
     classes = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -779,7 +711,7 @@ def _tile_side_sums(
     sim_p, weights, sigma, h, classes, class_mask, region_mask, stats_ptr, index_ptr, stat_stride, offsets,
     SIDE: tl.constexpr, KIND: tl.constexpr,
 ):  # fmt: skip
-    """A side's per-region sums from a tile that holds every class (the row kernels)."""
+    """A side's per-region sums from a tile that holds every class."""
     winner = tl.load(index_ptr + INDEX_WINNER * stat_stride + offsets, mask=region_mask, other=-1)
     shift = tl.load(stats_ptr + (STAT_SHIFT + SIDE) * stat_stride + offsets, mask=region_mask, other=0.0)
     return _side_sums(sim_p, weights, sigma, h, classes, class_mask, winner, shift, KIND)
@@ -899,136 +831,6 @@ def _grad_similarity_tiles(
     grad_p = tl.where(valid, grad_p, 0.0)
     grad_n = tl.where(valid, grad_n, 0.0)
     return sim_e, sim_p, sim_n, log_attention / tau, grad_e, grad_p, grad_n
-
-
-@triton.jit
-def _text_grad_kernel(
-    f_ptr,
-    stride_fb,
-    stride_fn,
-    stride_fd,
-    text_ptr,
-    text_inv_norm_ptr,
-    inv_norm_ptr,
-    stats_ptr,
-    index_ptr,
-    stat_stride,
-    log_temp_ptr,
-    lse_ptr,
-    logits_ptr,
-    grad_ptr,
-    sums_ptr,
-    grad_text_ptr,
-    projection_ptr,
-    grad_temp_ptr,
-    N,
-    C,
-    D,
-    set_stride,
-    region_tiles,
-    total_tiles,
-    gamma: tl.float64,
-    logit_scale: tl.float64,
-    WANT_TEXT: tl.constexpr,
-    WTA_POS: tl.constexpr,
-    WTA_NEG: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DT: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    SIM_DTYPE: tl.constexpr,
-):
-    """For a class tile, over this split's (image, region tile) pairs: the partial gradient to the unit
-    prompts, G = dS^T f, accumulated in place in ``grad_text[split]`` (the program owns it: no
-    atomics), and the partial sums of <t, G> = sum_i dS s per prompt (for the normalisation step) and
-    of dL/dtheta = sum s^e dL/ds^e."""
-    gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
-    class_tile = tl.program_id(0)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
-    classes = class_tile * BLOCK_C + tl.arange(0, BLOCK_C)
-    class_mask = classes < C
-    rows = grad_text_ptr + split.to(tl.int64) * 3 * set_stride + classes.to(tl.int64)[:, None] * D
-
-    projection_e = tl.zeros((BLOCK_C,), ACC)
-    projection_p = tl.zeros((BLOCK_C,), ACC)
-    projection_n = tl.zeros((BLOCK_C,), ACC)
-    for tile in range(split, total_tiles, splits):
-        image = (tile // region_tiles).to(tl.int64)
-        regions = (tile % region_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        region_mask = regions < N
-        image_f_ptr = f_ptr + image * stride_fb
-        inv_norm = tl.load(inv_norm_ptr + image * N + regions, mask=region_mask, other=0.0)
-        _, sim_p, sim_n, centered_e, grad_e, grad_p, grad_n = _grad_similarity_tiles(
-            image_f_ptr,
-            stride_fn,
-            stride_fd,
-            image,
-            regions,
-            region_mask,
-            inv_norm,
-            text_ptr,
-            text_inv_norm_ptr,
-            classes,
-            class_mask,
-            stats_ptr,
-            index_ptr,
-            stat_stride,
-            log_temp_ptr,
-            lse_ptr,
-            logits_ptr,
-            grad_ptr,
-            sums_ptr,
-            gamma,
-            logit_scale,
-            N,
-            C,
-            D,
-            WTA_POS,
-            WTA_NEG,
-            False,
-            BLOCK_N,
-            BLOCK_C,
-            BLOCK_D,
-            ACC,
-            PRECISION,
-            SIM_DTYPE,
-        )
-        projection_e += tl.sum(centered_e * grad_e, axis=0)  # also dL/dtheta's terms
-        if WANT_TEXT:
-            projection_p += tl.sum(sim_p * grad_p, axis=0)
-            projection_n += tl.sum(sim_n * grad_n, axis=0)
-            # G += dS^T f with f = F * inv_norm: fold the norm into dS's rows, then sweep D
-            scaled_e = tl.trans(grad_e * inv_norm[:, None])
-            scaled_p = tl.trans(grad_p * inv_norm[:, None])
-            scaled_n = tl.trans(grad_n * inv_norm[:, None])
-            adds = tile != split  # the split's first tile writes, the others add
-            for d_start in range(0, D, BLOCK_DT):
-                dims = d_start + tl.arange(0, BLOCK_DT)
-                dim_mask = dims < D
-                f = _load_feature_chunk(image_f_ptr, stride_fn, stride_fd, regions, region_mask, dims, dim_mask, ACC)
-                out = rows + dims[None, :]
-                mask = class_mask[:, None] & dim_mask[None, :]
-                add_mask = mask & adds
-                part_e = tl.load(out, mask=add_mask, other=0.0)
-                part_p = tl.load(out + set_stride, mask=add_mask, other=0.0)
-                part_n = tl.load(out + 2 * set_stride, mask=add_mask, other=0.0)
-                tl.store(out, part_e + _dot(scaled_e, f, ACC, PRECISION), mask=mask)
-                tl.store(out + set_stride, part_p + _dot(scaled_p, f, ACC, PRECISION), mask=mask)
-                tl.store(
-                    out + 2 * set_stride,
-                    part_n + _dot(scaled_n, f, ACC, PRECISION),
-                    mask=mask,
-                )
-            tl.debug_barrier()  # this tile's stores are seen by every thread's loads for the next
-    if WANT_TEXT:
-        rows = projection_ptr + split * 3 * C + classes
-        tl.store(rows, projection_e, mask=class_mask)
-        tl.store(rows + C, projection_p, mask=class_mask)
-        tl.store(rows + 2 * C, projection_n, mask=class_mask)
-    tl.store(grad_temp_ptr + class_tile * splits + split, tl.sum(projection_e))
 
 
 @triton.jit
@@ -1185,14 +987,7 @@ def _feature_grad_kernel(
 
 
 @triton.jit
-def _class_major(classes, prompt_set, C, rows_total, offsets):
-    """A tile's offsets in a (3C, B*N) buffer: row prompt_set * C + class, column the region's (B, N)
-    offset; int64, since 3C * B*N may pass 2**31."""
-    return (prompt_set * C + classes).to(tl.int64)[None, :] * rows_total + offsets[:, None]
-
-
-@triton.jit
-def _rows_grad_kernel(
+def _similarity_grad_kernel(
     f_ptr,
     stride_fb,
     stride_fn,
@@ -1207,7 +1002,9 @@ def _rows_grad_kernel(
     lse_ptr,
     logits_ptr,
     grad_ptr,
+    sums_ptr,
     grad_sim_ptr,
+    set_stride,
     projection_ptr,
     grad_temp_ptr,
     grad_features_ptr,
@@ -1215,8 +1012,11 @@ def _rows_grad_kernel(
     C,
     D,
     rows_total,
+    class_start,
+    chunk_classes,
     gamma: tl.float64,
     logit_scale: tl.float64,
+    ALL_CLASSES: tl.constexpr,
     WANT_TEXT: tl.constexpr,
     WANT_FEATURES: tl.constexpr,
     WTA_POS: tl.constexpr,
@@ -1228,35 +1028,45 @@ def _rows_grad_kernel(
     PRECISION: tl.constexpr,
     SIM_DTYPE: tl.constexpr,
 ):
-    """The backward of a region tile when one class tile holds every class, the WTA sums taken from the
-    tile itself: this tile's term of dL/dtheta; for the prompts, dS^x f-scaled (dS times the regions'
-    inverse norms) written class-major into ``grad_sim`` (3C x B*N) for ``_text_grad_gemm_kernel``,
-    and the tile's part of <t, G> per prompt; for the features, dL/dF = (G - f <f, G>) / |F| with
-    G = sum_x dS^x t^x, swept over D in BLOCK_D chunks held in registers."""
+    """The backward of an (image, region tile, class tile) of the chunk of classes from ``class_start``:
+    this tile's term of dL/dtheta; for the prompts, dS^x f-scaled (dS times the regions' inverse norms)
+    written class-major into the chunk's ``grad_sim`` (3, chunk_classes, B*N) for
+    ``_text_grad_gemm_kernel``, and the tile's part of <t, G> per prompt. The WTA backward's per-region
+    sums come from the tile when it holds every class (``ALL_CLASSES``), from ``_region_sums_kernel``
+    otherwise. Only a tile of every class can give the features' gradient (``WANT_FEATURES``):
+    dL/dF = (G - f <f, G>) / |F| with G = sum_x dS^x t^x, swept over D in BLOCK_D chunks."""
     gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
     image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
-    tile = image * tl.num_programs(1) + tl.program_id(1)
-    classes = tl.arange(0, BLOCK_C)
-    class_mask = classes < C
-    # the sums come from the tile (SUMS_IN_TILE): stats_ptr stands in for the unread sums_ptr
+    region_tile = image * tl.num_programs(1) + tl.program_id(1)
+    class_tile = class_start // BLOCK_C + tl.program_id(2)
+    if ALL_CLASSES:  # one tile, one chunk: spelled out, it saves sm_80 a spill
+        chunk_class = tl.arange(0, BLOCK_C)
+        classes = chunk_class
+        class_mask = classes < C
+    else:
+        chunk_class = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        classes = (class_start + tl.program_id(2) * BLOCK_C) + tl.arange(0, BLOCK_C)
+        class_mask = classes < class_start + chunk_classes
     sim_e, sim_p, sim_n, centered_e, grad_e, grad_p, grad_n = _grad_similarity_tiles(
         f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm, text_ptr,
         text_inv_norm_ptr, classes, class_mask, stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr,
-        logits_ptr, grad_ptr, stats_ptr, gamma, logit_scale, N, C, D, WTA_POS, WTA_NEG, True, BLOCK_N, BLOCK_C,
-        BLOCK_D, ACC, PRECISION, SIM_DTYPE,
+        logits_ptr, grad_ptr, sums_ptr, gamma, logit_scale, N, C, D, WTA_POS, WTA_NEG, ALL_CLASSES, BLOCK_N,
+        BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
     )  # fmt: skip
     projection_e = tl.sum(centered_e * grad_e, axis=0)  # also dL/dtheta's terms
-    tl.store(grad_temp_ptr + tile, tl.sum(projection_e))
+    region_tiles = tl.num_programs(0) * tl.num_programs(1)
+    tl.store(grad_temp_ptr + class_tile * region_tiles + region_tile, tl.sum(projection_e))
     if WANT_TEXT:
-        part = projection_ptr + tile * 3 * C + classes
+        part = projection_ptr + region_tile * 3 * C + classes
         tl.store(part, projection_e, mask=class_mask)
         tl.store(part + C, tl.sum(sim_p * grad_p, axis=0), mask=class_mask)
         tl.store(part + 2 * C, tl.sum(sim_n * grad_n, axis=0), mask=class_mask)
         valid = region_mask[:, None] & class_mask[None, :]
         scale = inv_norm[:, None]
-        tl.store(grad_sim_ptr + _class_major(classes, 0, C, rows_total, offsets), grad_e * scale, mask=valid)
-        tl.store(grad_sim_ptr + _class_major(classes, 1, C, rows_total, offsets), grad_p * scale, mask=valid)
-        tl.store(grad_sim_ptr + _class_major(classes, 2, C, rows_total, offsets), grad_n * scale, mask=valid)
+        grad_sim_ptr += chunk_class.to(tl.int64)[None, :] * rows_total + offsets[:, None]  # class-major
+        tl.store(grad_sim_ptr, grad_e * scale, mask=valid)
+        tl.store(grad_sim_ptr + set_stride, grad_p * scale, mask=valid)
+        tl.store(grad_sim_ptr + 2 * set_stride, grad_n * scale, mask=valid)
     if WANT_FEATURES:
         projection = tl.sum(grad_e * sim_e + grad_p * sim_p + grad_n * sim_n, axis=1)
         # G = dS^x t^x with t = T * text_inv_norm: fold the norm into dS's columns
@@ -1297,7 +1107,9 @@ def _text_grad_gemm_kernel(
     stride_fn,
     stride_fd,
     grad_text_ptr,
-    prompt_rows,
+    C,
+    class_start,
+    chunk_classes,
     N,
     D,
     rows_total,
@@ -1308,11 +1120,12 @@ def _text_grad_gemm_kernel(
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """G = dS^T F for a tile of prompt rows (the 3C rows of ``grad_sim``, f's norms already folded in)
-    and a D chunk, over this split's range of the B*N feature rows: one partial per split in
-    ``grad_text[split]``, summed by ``_text_grad_finish_kernel`` (no atomics: deterministic)."""
+    """G = dS^T F for a tile of a chunk's prompt rows (the 3 chunk_classes rows of ``grad_sim``, f's
+    norms already folded in) and a D chunk, over this split's range of the B*N feature rows: one
+    partial per split in ``grad_text[split]`` (3, C, D), summed by ``_text_grad_finish_kernel`` (no
+    atomics: deterministic)."""
     prompts = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    prompt_mask = prompts < prompt_rows
+    prompt_mask = prompts < 3 * chunk_classes
     dims = tl.program_id(1) * BLOCK_DT + tl.arange(0, BLOCK_DT)
     dim_mask = dims < D
     split = tl.program_id(2)
@@ -1335,18 +1148,17 @@ def _text_grad_gemm_kernel(
             other=0.0,
         ).to(ACC)
         grad += _dot(grad_sim, f, ACC, PRECISION)
-    out = grad_text_ptr + (split.to(tl.int64) * prompt_rows + prompts.to(tl.int64)[:, None]) * D + dims[None, :]
+    out_rows = (prompts // chunk_classes) * C + class_start + prompts % chunk_classes  # (set, class) in (3, C)
+    out = grad_text_ptr + (split.to(tl.int64) * 3 * C + out_rows.to(tl.int64)[:, None]) * D + dims[None, :]
     tl.store(out, grad, mask=prompt_mask[:, None] & dim_mask[None, :])
 
 
 KERNELS = (
     _region_stats_kernel,
-    _head_forward_kernel,
-    _rows_forward_kernel,
-    _rows_combine_kernel,
+    _forward_kernel,
+    _combine_regions_kernel,
     _region_sums_kernel,
-    _text_grad_kernel,
-    _rows_grad_kernel,
+    _similarity_grad_kernel,
     _text_grad_gemm_kernel,
     _text_grad_finish_kernel,
     _feature_grad_kernel,

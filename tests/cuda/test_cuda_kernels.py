@@ -30,7 +30,7 @@ from dualcoop_kernels.triton.head import LaunchConfig, dualcoop_head_triton
 CUDA = "cuda"
 NAMES = ["logits", "d features", "d text_evidence", "d text_pos", "d text_neg", "d log_spatial_temp"]
 # (B, N, D, C, tiles, gamma): odd sizes, N and C past one tile with the library's tiles and with small
-# ones, the row kernels (every class in one tile) and the tiled ones; gamma 5 keeps the WTA terms large
+# ones, one class tile (every class) and several; gamma 5 keeps the WTA terms large
 # in the gradients, 200 is the papers' setting
 SHAPES = [
     pytest.param(3, 70, 40, 130, None, 5.0, id="default-tiles"),
