@@ -453,7 +453,9 @@ def _forward_kernel(
     otherwise ``_region_stats_kernel`` has."""
     gamma = tl.full((), gamma, ACC)  # typed float64: module doc
     image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
-    classes = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    classes = tl.arange(0, BLOCK_C)  # spelled out for a tile of every class: fewer registers on sm_80
+    if not ALL_CLASSES:
+        classes += tl.program_id(2) * BLOCK_C
     class_mask = classes < C
     sim_e, sim_p, sim_n = _similarity_tiles(
         f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, text_ptr, text_inv_norm_ptr,
@@ -1039,14 +1041,12 @@ def _similarity_grad_kernel(
     image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     region_tile = image * tl.num_programs(1) + tl.program_id(1)
     class_tile = class_start // BLOCK_C + tl.program_id(2)
-    if ALL_CLASSES:  # one tile, one chunk: spelled out, it saves sm_80 a spill
+    if ALL_CLASSES:  # one tile and one chunk, spelled out: sm_80 spills otherwise
         chunk_class = tl.arange(0, BLOCK_C)
-        classes = chunk_class
-        class_mask = classes < C
+        classes, class_mask = chunk_class, chunk_class < C
     else:
         chunk_class = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        classes = (class_start + tl.program_id(2) * BLOCK_C) + tl.arange(0, BLOCK_C)
-        class_mask = classes < class_start + chunk_classes
+        classes, class_mask = class_start + chunk_class, chunk_class < chunk_classes
     sim_e, sim_p, sim_n, centered_e, grad_e, grad_p, grad_n = _grad_similarity_tiles(
         f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm, text_ptr,
         text_inv_norm_ptr, classes, class_mask, stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr,
