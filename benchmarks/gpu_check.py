@@ -68,7 +68,10 @@ STEPS = {
 }
 MODEL_GPUS = {(9, 0): "H100", (8, 0): "A100"}  # kernel_model.py's cards (SXM), by compute capability
 COMPILED_PRESETS = ("coco", "zsl")  # torch.compile costs about half a minute a preset: the targets' ones
-SWEEP = [dict(num_stages=stages, block_d=d) for stages in (1, 2, 3) for d in (16, 32)]
+# pipeline stages and D step with the similarities saved for the backward (the default up to 256 classes),
+# then the default launch recomputing them instead (issue 26: a measured choice)
+SWEEP = [dict(num_stages=stages, block_d=d, save_similarities=1) for stages in (1, 2, 3) for d in (16, 32)]
+SWEEP.append(dict(num_stages=2, block_d=16, save_similarities=0))
 LOSS_SHAPES = [(64, 80), (192, 1006), (192, 9605)]  # B, C: COCO's batch, then the zero-shot and open scales
 
 
@@ -244,6 +247,7 @@ RUNNERS = {
 SWEEP_COLUMNS = [
     ("num_stages", "stages"),
     ("block_d", "D step"),
+    ("save_similarities", "saved S"),
     ("default", "default"),
     ("time_ms", "fwd+bwd ms"),
     ("max_abs_error", "max |err|"),

@@ -42,6 +42,7 @@ import kernel_resources
 from harness import HEAD_PRESETS, PRESET_WTA, format_table
 
 from dualcoop_kernels.options import WTA_WEIGHTS
+from dualcoop_kernels.triton.head import FINISH_TILE
 
 GPUS = {
     "H100": dict(arch=90, clock_hz=1.755e9, hbm_bytes_per_s=3.35e12, l2_bytes_per_s=5.5e12),
@@ -97,7 +98,8 @@ def _sums_trips(s, launch, row):
 
 
 def _finish_trips(s, launch, row):
-    return _maybe_unrolled(_gemm_splits(s, launch)[1], row)
+    splits = _gemm_splits(s, launch)[1]
+    return _maybe_unrolled(_cdiv(splits, min(splits, FINISH_TILE[0])), row)
 
 
 def _feature_grad_trips(s, launch, row):
@@ -115,8 +117,9 @@ def _combine_trips(s, launch, row):
 
 
 def _similarity_grad_trips(s, launch, row):
-    steps = _cdiv(s["D"], launch["block_d"])  # the similarity loop, then dF's (features learning) in steps too
-    return [steps, steps] if len(row["loops"]) == 2 else [steps]
+    # the similarity loop (none when the forward saved the similarities), then dF's (features learning),
+    # both in steps of BLOCK_D
+    return [_cdiv(s["D"], launch["block_d"])] * len(row["loops"])
 
 
 def _text_grad_gemm_trips(s, launch, row):

@@ -73,7 +73,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     expected = 5 * len(WTA_MODES) * 5  # presets, modes, the logits and the gradients of the prompts and theta
     assert len(checks) == expected and all(check["passed"] for check in checks)
     assert {row["backend"] for row in results["timing"]["rows"]} == {"eager", "triton"}
-    assert len(results["sweep"]["rows"]) == 6 and all("time_ms" in row for row in results["sweep"]["rows"])
+    assert len(results["sweep"]["rows"]) == 7 and all("time_ms" in row for row in results["sweep"]["rows"])
     assert {row["backend"] for row in results["loss"]["rows"]} == {"eager", "torch.compile", "extension"}
     model = results["model"]["rows"]  # kernel_model.py's rows, compiled for an H100 in a dry run
     assert {(row["preset"], row["pass"]) for row in model} == {("voc", step) for step in ("fwd", "bwd", "fwd+bwd")}

@@ -5,6 +5,7 @@ in plain float32 or float64, so float64 is compared tightly and low precisions b
 dualcoop_kernels.testing over several draws.
 """
 
+from dataclasses import replace
 from unittest import mock
 
 import pytest
@@ -38,6 +39,9 @@ SMALL_TILES = LaunchConfig(block_n=16, block_c=16, block_d=16, block_d_grad=16, 
 ROW_TILES = LaunchConfig(
     block_n=16, block_c=32, block_d=16, block_d_grad=16, splits=3, gemm_block_m=16, gemm_block_k=16
 )
+# the same with the similarities saved by the forward for the backward, as the library does up to 256 classes
+SAVED_ROW_TILES = replace(ROW_TILES, save_similarities=1)
+PATHS, PATH_IDS = [SMALL_TILES, ROW_TILES, SAVED_ROW_TILES], ["tiled", "rows", "rows-saved"]
 
 # (B, N, D, C, tiles, gamma): odd sizes; several region, class and D tiles; N = C = 1; splits that do
 # not divide the region tiles; None means the tiles the library picks for the shape. The interpreter
@@ -45,6 +49,8 @@ ROW_TILES = LaunchConfig(
 SHAPES = [
     pytest.param(2, 37, 24, 21, SMALL_TILES, 5.0, id="multi-tile"),
     pytest.param(2, 37, 24, 21, ROW_TILES, 5.0, id="row-tiles"),
+    pytest.param(2, 37, 24, 21, SAVED_ROW_TILES, 5.0, id="row-tiles-saved"),
+    pytest.param(2, 37, 24, 21, replace(SMALL_TILES, save_similarities=1), 5.0, id="multi-tile-saved"),
     pytest.param(1, 1, 5, 1, None, 200.0, id="one-region-one-class"),
     pytest.param(3, 70, 40, 130, None, 5.0, id="default-tiles", marks=pytest.mark.slow),
     pytest.param(
@@ -168,7 +174,7 @@ def poisoned_output(*shape, device, dtype):
     return torch.full(shape, fill, device=device, dtype=dtype)
 
 
-@pytest.mark.parametrize("tiles", [SMALL_TILES, ROW_TILES], ids=["tiled", "rows"])
+@pytest.mark.parametrize("tiles", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("wta", WTA_MODES)
 def test_kernels_write_every_output_element(monkeypatch, wta, tiles):
     monkeypatch.setattr(triton_head, "_kernel_output", poisoned_output)
@@ -180,7 +186,7 @@ def test_kernels_write_every_output_element(monkeypatch, wta, tiles):
         torch.testing.assert_close(ours, theirs, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
 
 
-@pytest.mark.parametrize("tiles", [SMALL_TILES, ROW_TILES], ids=["tiled", "rows"])
+@pytest.mark.parametrize("tiles", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("side", ["positive", "negative"])
 @pytest.mark.parametrize("wta", WTA_MODES)
 def test_backward_reads_a_sides_statistics_where_that_side_is_weighted(wta, side, tiles):
@@ -190,7 +196,7 @@ def test_backward_reads_a_sides_statistics_where_that_side_is_weighted(wta, side
     a k w- g- does not see the positive weights), and none changes where the side is not weighted."""
     features, te, tp, tn, log_temp = head_inputs(2, 37, 24, 21, requires_grad=False)
     options = [wta, 5.0, 20.0, tiles.as_list()]
-    logits, lse, inv_norm, text_inv_norm, stats, index = triton_head.dualcoop_head_forward(
+    logits, lse, inv_norm, text_inv_norm, stats, index, sims = triton_head.dualcoop_head_forward(
         features, te, tp, tn, log_temp, *options
     )
     grad_logits = torch.randn(2, 2, 21, dtype=torch.float64)
@@ -198,7 +204,7 @@ def test_backward_reads_a_sides_statistics_where_that_side_is_weighted(wta, side
     def backward(stats, index):
         return triton_head.dualcoop_head_backward(
             grad_logits, features, te, tp, tn, log_temp, logits, lse, inv_norm, text_inv_norm, stats, index,
-            *options, True, True, True,
+            sims, *options, True, True, True,
         )  # fmt: skip
 
     offset = 0 if side == "positive" else 1
@@ -282,6 +288,16 @@ def test_no_text_gradient_work_when_only_features_learn(monkeypatch, tiles):
     assert len(rows.launches) == (tiles is ROW_TILES)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_forward_saves_similarities_only_for_a_backward(monkeypatch, grad):
+    forward = RecordsLaunches(triton_head._forward_kernel)
+    monkeypatch.setattr(triton_head, "_forward_kernel", forward)
+    inputs = head_inputs(2, 9, 16, 21)
+    with torch.set_grad_enabled(grad):
+        dualcoop_head_triton(*inputs)
+    assert [launch["SAVE_SIMILARITIES"] for launch in forward.launches] == [grad]
+
+
 def test_non_contiguous_inputs():
     B, N, D, C = 2, 21, 18, 11
     base = torch.randn(B, D, N, dtype=torch.float64)
@@ -326,7 +342,7 @@ def test_compiles_without_graph_breaks():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tiles", [SMALL_TILES, ROW_TILES], ids=["tiled", "rows"])
+@pytest.mark.parametrize("tiles", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("wta", WTA_MODES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_operators_pass_torch_library_opcheck(wta, dtype, tiles):

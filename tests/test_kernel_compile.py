@@ -64,19 +64,18 @@ def compiled_rows(tmp_path_factory):
 
 SIMILARITY_KERNELS = ["_region_stats_kernel", "_forward_kernel", "_region_sums_kernel", "_similarity_grad_kernel"]
 PIPELINED_KERNELS = [*SIMILARITY_KERNELS, "_text_grad_gemm_kernel"]
-# (preset, dtype, arch, kernel): spill bytes that ptxas chose and issue 26 has not removed yet
-KNOWN_SPILLS = {("zsl", "float32", "sm_80", "_similarity_grad_kernel"): 4}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", [*PIPELINED_KERNELS, "_combine_regions_kernel", "_text_grad_finish_kernel"])
 def test_no_kernel_spills_at_coco_nuswide_and_zsl_on_any_architecture(compiled_rows, kernel):
-    """Exactly the known spills (none at coco and nuswide): one that goes or comes shows here."""
     rows = [row for row in compiled_rows if row["kernel"] == kernel]
-    spills = {
-        (row["preset"], row["dtype"], row["arch"], kernel): row["spill_bytes"] for row in rows if row["spill_bytes"]
-    }
-    assert rows and spills == {key: value for key, value in KNOWN_SPILLS.items() if key[3] == kernel}
+    spilling = [
+        f"{row['preset']} {row['dtype']} {row['arch']}: {row['spill_bytes']} bytes"
+        for row in rows
+        if row["spill_bytes"]
+    ]
+    assert rows and not spilling, spilling
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +88,7 @@ def rows_with_the_features_gradient(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "arch",
-    [
-        pytest.param("sm_80", marks=pytest.mark.xfail(strict=True, reason="nuswide fp32: 24 bytes (issue 26)")),
-        "sm_86",
-        "sm_89",
-        "sm_90",
-    ],
-)
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90"])
 def test_the_backward_with_the_features_gradient_does_not_spill(rows_with_the_features_gradient, arch):
     rows = [row for row in rows_with_the_features_gradient if row["arch"] == arch]
     assert rows and not [(row["kernel"], row["spill_bytes"]) for row in rows if row["spill_bytes"]]
@@ -107,11 +98,16 @@ def test_the_backward_with_the_features_gradient_does_not_spill(rows_with_the_fe
 @pytest.mark.parametrize("kernel", PIPELINED_KERNELS)
 def test_gemm_loops_load_with_async_copies(compiled_rows, kernel):
     """Two pipeline stages: the hot loop's loads are cp.async copies, no plain global loads wait in it.
-    Not the similarity gradient's bf16 loop off sm_90: a 16-region bf16 chunk gives each thread 2 bytes,
-    under cp.async's 4."""
+    The similarity gradient's loop where it recomputes the similarities (zsl: coco and nuswide read the
+    forward's), not in bf16 off sm_90: a 16-region bf16 chunk gives each thread 2 bytes, under
+    cp.async's 4."""
     rows = [row for row in compiled_rows if row["kernel"] == kernel]
     if kernel == "_similarity_grad_kernel":
-        rows = [row for row in rows if row["dtype"] == "float32" or row["arch"] == "sm_90"]
+        rows = [
+            row
+            for row in rows
+            if not row["launch"]["save_similarities"] and (row["dtype"] == "float32" or row["arch"] == "sm_90")
+        ]
     assert rows and all(row["async_copies"] > 0 and row["global_loads"] == 0 for row in rows), rows
 
 

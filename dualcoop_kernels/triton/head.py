@@ -32,14 +32,16 @@ backward
   feature grads              grid (B, region tiles), several class tiles and learning features:
                              dS tiles fed into dF = dS t, then the normalisation step
 
-Saved for the backward: the inputs, the logits in the compute dtype, and O(B*C + B*N) statistics;
-the backward writes dS for at most ``GRAD_SIM_BYTES`` of classes at a time (a chunk), never all of
-a large C. Arithmetic is float32 for fp16, bf16 and fp32 inputs, with float32-accurate dots (WTA
-amplifies TF32 error: docs/math.md, "Numerics"; which products on which GPU: precision.py), and
-float64 for float64 inputs. The scalars gamma and k are kernel arguments typed float64, converted to
-the compute dtype on entry: untyped, a Python float reaches a GPU kernel as fp32, which would round
-them for a float64 head. Every launch runs under the tensors' CUDA device (and so its current
-stream), whatever the current device is.
+Saved for the backward: the inputs, the logits in the compute dtype, O(B*C + B*N) statistics and, up
+to ``SAVED_CLASSES`` classes, the three similarity matrices (the forward writes them when a backward
+will follow, ``LaunchConfig.save_similarities``; the similarity grad then reads them instead of
+recomputing its GEMM); the backward writes dS for at most ``GRAD_SIM_BYTES`` of classes at a time (a
+chunk), never all of a large C. Arithmetic is float32 for fp16, bf16 and fp32 inputs, with
+float32-accurate dots (WTA amplifies TF32 error: docs/math.md, "Numerics"; which products on which
+GPU: precision.py), and float64 for float64 inputs. The scalars gamma and k are kernel arguments typed
+float64, converted to the compute dtype on entry: untyped, a Python float reaches a GPU kernel as
+fp32, which would round them for a float64 head. Every launch runs under the tensors' CUDA device (and
+so its current stream), whatever the current device is.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ NORM_EPS = 1e-12  # as F.normalize
 PARTIALS_BYTES = 32 * 2**20  # most memory the text gradient's per-split partial sums may take
 GRAD_SIM_BYTES = 256 * 2**20  # most memory dS of one chunk of classes may take (3 x chunk x B*N, float32)
 MAX_CLASS_TILE = 128  # most classes of a tile: 32 regions by 128 classes keep the kernels free of spills
-FINISH_TILE = (32, 64)  # classes and D of a text-finish program: small, for enough programs to read the partials
+SAVED_CLASSES = 256  # most classes whose similarities the forward saves for the backward (3 x B x N x C)
+# most splits, then classes and D, of a text-finish program's loads: small, for enough programs to read the partials
+FINISH_TILE = (16, 16, 32)
 
 
 @dataclass(frozen=True)
@@ -84,9 +88,10 @@ class LaunchConfig:
     over feature rows, and the class tile of the kernels that sweep every class for a region tile
     (the statistics, the WTA sums, the features' gradient of several class tiles); then Triton's
     launch options: ``num_stages`` for the kernels whose loop is a GEMM alone (two stages pipeline
-    its loads with async copies), ``grad_stages`` for the gradient kernels that also compute dS. A
-    class tile that holds every class (``block_c >= C``) needs no statistics or sums sweep: the tile
-    computes them."""
+    its loads with async copies), ``grad_stages`` for the gradient kernels that also compute dS; and
+    whether the forward saves the three similarity matrices for the backward (``save_similarities``,
+    0 or 1), which then reads them instead of recomputing them. A class tile that holds every class
+    (``block_c >= C``) needs no statistics or sums sweep: the tile computes them."""
 
     block_n: int
     block_c: int
@@ -100,6 +105,7 @@ class LaunchConfig:
     gemm_block_m: int = 64
     gemm_block_k: int = 32
     sweep_block_c: int = 64
+    save_similarities: int = 0
 
     def as_list(self) -> list[int]:
         # as the operators take it; not astuple, whose deepcopy torch.compile <= 2.9 cannot trace
@@ -125,6 +131,7 @@ def choose_launch_config(B: int, N: int, C: int, D: int, device: torch.device) -
         gemm_block_m=128 if hopper else 64,
         grad_stages=2,
         sweep_block_c=128 if hopper else 64,  # 128 spills the statistics' IEEE loop on sm_86 and sm_89
+        save_similarities=int(C <= SAVED_CLASSES),
     )
     if device.type != "cuda":
         return launch
@@ -201,7 +208,7 @@ def _common_args(features, text, text_inv_norm, inv_norm):
     mutates_args=(),
     schema="(Tensor features, Tensor text_evidence, Tensor text_pos, Tensor text_neg, Tensor log_spatial_temp, "
     "str wta, float wta_gamma, float logit_scale, int[] launch_config) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def dualcoop_head_forward(
     features: torch.Tensor,
@@ -213,12 +220,13 @@ def dualcoop_head_forward(
     wta_gamma: float,
     logit_scale: float,
     launch_config: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """Fused forward; the prompt sets are C x D, of any strides (the kernels read them stacked, a copy).
 
     Returns the B x 2 x C logits in the compute dtype and, for the backward, the (B, C) log-sum-exp of
-    the region softmax, the (B, N) and (3, C) inverse norms, the (STATS, B, N) region statistics and
-    the (INDICES, B, N) arg-maxima.
+    the region softmax, the (B, N) and (3, C) inverse norms, the (STATS, B, N) region statistics, the
+    (INDICES, B, N) arg-maxima and the (3, B*N, C) similarities when the launch saves them (empty
+    otherwise).
     """
     B, N, D = features.shape
     C = text_pos.shape[0]
@@ -234,8 +242,9 @@ def dualcoop_head_forward(
     index = buffer(INDICES, B, N, device=device, dtype=torch.int32)
     inv_norm = _inverse_norms(features, compute)
     text_inv_norm = torch.stack([_inverse_norms(text, compute) for text in texts])  # (3, C)
+    sims = _kernel_output(*_saved_shape(B, N, C, launch), device=device, dtype=compute)
     if B == 0:
-        return logits, lse, inv_norm, text_inv_norm, stats, index
+        return logits, lse, inv_norm, text_inv_norm, stats, index, sims
     constants = _kernel_constants(features.dtype, launch, wta, device)
     common = _common_args(features, torch.stack(texts), text_inv_norm, inv_norm)
     region_tiles, class_tiles = triton.cdiv(N, launch.block_n), triton.cdiv(C, launch.block_c)
@@ -246,14 +255,20 @@ def dualcoop_head_forward(
                 *common, stats, index, B * N, N, C, D, wta_gamma, **_sweep_constants(constants, launch)
             )
         _forward_kernel[(B, region_tiles, class_tiles)](
-            *common, stats, index, B * N, log_spatial_temp, partials, partials.stride(0), N, C, D, wta_gamma,
-            ALL_CLASSES=class_tiles == 1, **constants,
+            *common, stats, index, B * N, log_spatial_temp, partials, partials.stride(0), sims, sims.stride(0),
+            N, C, D, wta_gamma, ALL_CLASSES=class_tiles == 1, SAVE_SIMILARITIES=bool(launch.save_similarities),
+            **constants,
         )  # fmt: skip
         _combine_regions_kernel[(B, class_tiles)](
             partials, partials.stride(0), logits, lse, C, region_tiles, logit_scale,
             BLOCK_C=launch.block_c, ACC=constants["ACC"], num_warps=4,
         )  # fmt: skip
-    return logits, lse, inv_norm, text_inv_norm, stats, index
+    return logits, lse, inv_norm, text_inv_norm, stats, index, sims
+
+
+def _saved_shape(B: int, N: int, C: int, launch: LaunchConfig) -> tuple[int, ...]:
+    """The saved similarities' shape: (3, B*N, C), or empty when the launch does not save them."""
+    return (3, B * N, C) if launch.save_similarities else (0,)
 
 
 @dualcoop_head_forward.register_fake
@@ -265,7 +280,10 @@ def _(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_ga
     def new(*shape, dtype=compute):
         return features.new_empty(shape, dtype=dtype)
 
-    return new(B, 2, C), new(B, C), new(B, N), new(3, C), new(STATS, B, N), new(INDICES, B, N, dtype=torch.int32)
+    return (
+        *(new(B, 2, C), new(B, C), new(B, N), new(3, C), new(STATS, B, N), new(INDICES, B, N, dtype=torch.int32)),
+        new(*_saved_shape(B, N, C, LaunchConfig(*launch_config))),
+    )
 
 
 @torch.library.custom_op(
@@ -273,8 +291,8 @@ def _(features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_ga
     mutates_args=(),
     schema="(Tensor grad_logits, Tensor features, Tensor text_evidence, Tensor text_pos, Tensor text_neg, "
     "Tensor log_spatial_temp, Tensor logits, Tensor lse, Tensor inv_norm, Tensor text_inv_norm, Tensor stats, "
-    "Tensor index, str wta, float wta_gamma, float logit_scale, int[] launch_config, bool want_features, "
-    "bool want_texts, bool want_temp) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor index, Tensor similarities, str wta, float wta_gamma, float logit_scale, int[] launch_config, "
+    "bool want_features, bool want_texts, bool want_temp) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def dualcoop_head_backward(
     grad_logits: torch.Tensor,
@@ -289,6 +307,7 @@ def dualcoop_head_backward(
     text_inv_norm: torch.Tensor,
     stats: torch.Tensor,
     index: torch.Tensor,
+    similarities: torch.Tensor,
     wta: str,
     wta_gamma: float,
     logit_scale: float,
@@ -325,22 +344,26 @@ def dualcoop_head_backward(
         grad_features = _kernel_output(B, N, D, device=device, dtype=features.dtype) if want_features else nothing()
         wants = (want_features, want_texts, want_temp)
         parts = _backward_launches(
-            common, state, grad_features, (B, N, C, D), launch, constants, wta_gamma, logit_scale, wants
+            common, state, similarities, grad_features, (B, N, C, D), launch, constants, wta_gamma, logit_scale, wants
         )
         grad_temp = nothing()
         if want_texts:
             grad_text_parts, projection = parts["grad_text"], parts["projection"]
-            block_c, block_d = FINISH_TILE
+            most_splits, block_c, block_d = FINISH_TILE
+            block_splits = _pow2_between(grad_text_parts.shape[0], 1, most_splits)
             _text_grad_finish_kernel[(triton.cdiv(C, block_c), triton.cdiv(D, block_d), 3)](
                 text, text_inv_norm, grad_text_parts, projection, *grad_texts, C, D, C * D,
-                grad_text_parts.shape[0], BLOCK_C=block_c, BLOCK_DT=block_d, ACC=constants["ACC"], num_warps=4,
+                grad_text_parts.shape[0], BLOCK_SPLITS=block_splits, BLOCK_C=block_c, BLOCK_DT=block_d,
+                ACC=constants["ACC"], num_warps=8,  # 4 spill the loaded partials on sm_90
             )  # fmt: skip
         if want_temp:
             grad_temp = parts["grad_temp"].sum().to(log_spatial_temp.dtype)
         return grad_features, *grad_texts, grad_temp
 
 
-def _backward_launches(common, state, grad_features, shape, launch, constants, gamma, logit_scale, wants) -> dict:
+def _backward_launches(
+    common, state, similarities, grad_features, shape, launch, constants, gamma, logit_scale, wants
+) -> dict:
     """The backward's launches. Returns what the host finishes: ``grad_temp``, partial sums of
     dL/dtheta, and when the prompts learn ``grad_text``, the per-split partials of G = dS^T f
     (splits, 3, C, D), and ``projection``, the (3, C) sums <t, G>."""
@@ -360,8 +383,8 @@ def _backward_launches(common, state, grad_features, shape, launch, constants, g
     parts = {}
     if want_texts or want_temp or features_in_tile:
         parts = _similarity_grads(
-            common, state, sums, grad_features, shape, launch, constants, gamma, logit_scale, want_texts,
-            features_in_tile,
+            common, state, sums, similarities, grad_features, shape, launch, constants, gamma, logit_scale,
+            want_texts, features_in_tile,
         )  # fmt: skip
     if want_features and not all_classes:
         scratch = _kernel_output(B, N, D, device=stats.device, dtype=stats.dtype)
@@ -373,8 +396,9 @@ def _backward_launches(common, state, grad_features, shape, launch, constants, g
 
 
 def _similarity_grads(
-    common, state, sums, grad_features, shape, launch, constants, gamma, logit_scale, want_texts, want_features
-) -> dict:
+    common, state, sums, similarities, grad_features, shape, launch, constants, gamma, logit_scale, want_texts,
+    want_features,
+) -> dict:  # fmt: skip
     """dS tile by tile (with dL/dtheta's terms, and dL/dF when ``want_features``: one class tile), and
     for the prompts, chunk of classes by chunk, G = dS^T f as a split GEMM over the B*N rows
     (``_backward_launches`` says what comes back)."""
@@ -393,8 +417,9 @@ def _similarity_grads(
         chunk_classes = min(chunk, C - class_start)
         grad_sim = _kernel_output(3, chunk_classes if want_texts else 0, B * N, device=device, dtype=compute)
         _similarity_grad_kernel[(B, region_tiles, triton.cdiv(chunk_classes, launch.block_c))](
-            *common, *state, sums, grad_sim, grad_sim.stride(0), projection, parts["grad_temp"], grad_features,
-            N, C, D, B * N, class_start, chunk_classes, gamma, logit_scale, ALL_CLASSES=class_tiles == 1,
+            *common, *state, sums, similarities, similarities.stride(0), grad_sim, grad_sim.stride(0), projection,
+            parts["grad_temp"], grad_features, N, C, D, B * N, class_start, chunk_classes, gamma, logit_scale,
+            ALL_CLASSES=class_tiles == 1, SAVED_SIMILARITIES=bool(launch.save_similarities),
             WANT_TEXT=want_texts, WANT_FEATURES=want_features,
             **dict(constants, BLOCK_N=block_n, num_stages=launch.grad_stages),
         )  # fmt: skip
@@ -432,6 +457,7 @@ def _(
     text_inv_norm,
     stats,
     index,
+    similarities,
     wta,
     wta_gamma,
     logit_scale,
@@ -452,22 +478,10 @@ def _(
 
 def _setup_context(ctx, inputs, output):
     features, text_evidence, text_pos, text_neg, log_spatial_temp, wta, wta_gamma, logit_scale, launch_config = inputs
-    logits, lse, inv_norm, text_inv_norm, stats, index = output
-    ctx.save_for_backward(
-        features,
-        text_evidence,
-        text_pos,
-        text_neg,
-        log_spatial_temp,
-        logits,
-        lse,
-        inv_norm,
-        text_inv_norm,
-        stats,
-        index,
-    )
+    logits, *saved = output
+    ctx.save_for_backward(features, text_evidence, text_pos, text_neg, log_spatial_temp, logits, *saved)
     ctx.options = (wta, wta_gamma, logit_scale, launch_config)
-    ctx.mark_non_differentiable(lse, inv_norm, text_inv_norm, stats, index)
+    ctx.mark_non_differentiable(*saved)
 
 
 def _backward(ctx, grad_logits, *_unused_grads):
@@ -506,6 +520,9 @@ def dualcoop_head_triton(
     B, N, D = features.shape
     C = text_pos.shape[0]
     launch = launch or choose_launch_config(B, N, C, D, features.device)
+    inputs = (features, text_evidence, text_pos, text_neg, log_spatial_temp)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        launch = replace(launch, save_similarities=0)  # no backward to read them
     logits = dualcoop_head_forward(
         features,
         text_evidence,

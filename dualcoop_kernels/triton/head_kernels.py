@@ -178,6 +178,25 @@ def _similarity_tiles(
 
 
 @triton.jit
+def _saved_tile(sims_ptr, offsets, classes, C):
+    """A tile's place in the first of the saved similarities (3, B*N, C); int64, since B*N*C may pass 2**31."""
+    return sims_ptr + offsets.to(tl.int64)[:, None] * C + classes[None, :]
+
+
+@triton.jit
+def _saved_similarity_tiles(sims_ptr, sims_stride, offsets, region_mask, classes, class_mask, C):
+    """The tiles the forward saved (``_forward_kernel``'s SAVE_SIMILARITIES), zero outside the valid part
+    as ``_similarity_tiles`` gives them."""
+    tile = _saved_tile(sims_ptr, offsets, classes, C)
+    valid = region_mask[:, None] & class_mask[None, :]
+    return (
+        tl.load(tile, mask=valid, other=0.0),
+        tl.load(tile + sims_stride, mask=valid, other=0.0),
+        tl.load(tile + 2 * sims_stride, mask=valid, other=0.0),
+    )
+
+
+@triton.jit
 def _weights(sim_p, coef, max_u, inv_total, gamma, KIND: tl.constexpr):
     """One side's WTA weights of a tile from its per-region statistics: (w, sigma).
 
@@ -431,11 +450,14 @@ def _forward_kernel(
     log_temp_ptr,
     partials_ptr,
     partial_stride,
+    sims_ptr,
+    sims_stride,
     N,
     C,
     D,
     gamma: tl.float64,
     ALL_CLASSES: tl.constexpr,
+    SAVE_SIMILARITIES: tl.constexpr,
     WTA_POS: tl.constexpr,
     WTA_NEG: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -450,7 +472,8 @@ def _forward_kernel(
     tau s^e, and sums of p = exp(tau s^e - max), p s+ w+ and p s- w-, as rows PARTIAL_* of
     ``partials`` at (image, region tile), for ``_combine_regions_kernel``. When the tile holds every
     class (``ALL_CLASSES``) it computes the WTA statistics itself and stores them for the backward;
-    otherwise ``_region_stats_kernel`` has."""
+    otherwise ``_region_stats_kernel`` has. ``SAVE_SIMILARITIES`` stores the three tiles for the
+    backward in ``sims`` (3, B*N, C)."""
     gamma = tl.full((), gamma, ACC)  # typed float64: module doc
     image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
     classes = tl.arange(0, BLOCK_C)  # spelled out for a tile of every class: fewer registers on sm_80
@@ -461,6 +484,12 @@ def _forward_kernel(
         f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, text_ptr, text_inv_norm_ptr,
         C, D, classes, class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
     )  # fmt: skip
+    if SAVE_SIMILARITIES:
+        tile = _saved_tile(sims_ptr, offsets, classes, C)
+        valid = region_mask[:, None] & class_mask[None, :]
+        tl.store(tile, sim_e, mask=valid)
+        tl.store(tile + sims_stride, sim_p, mask=valid)
+        tl.store(tile + 2 * sims_stride, sim_n, mask=valid)
     if ALL_CLASSES and ((WTA_POS != WEIGHT_ONE) or (WTA_NEG != WEIGHT_ONE)):
         weights_pos, weights_neg = _tile_statistics(
             sim_p, class_mask, stats_ptr, index_ptr, stat_stride, offsets, region_mask, gamma, WTA_POS, WTA_NEG
@@ -720,69 +749,17 @@ def _tile_side_sums(
 
 
 @triton.jit
-def _grad_similarity_tiles(
-    f_ptr,
-    stride_fn,
-    stride_fd,
-    image,
-    regions,
-    region_mask,
-    inv_norm,
-    text_ptr,
-    text_inv_norm_ptr,
-    classes,
-    class_mask,
-    stats_ptr,
-    index_ptr,
-    stat_stride,
-    log_temp_ptr,
-    lse_ptr,
-    logits_ptr,
-    grad_ptr,
-    sums_ptr,
-    gamma,
-    logit_scale,
-    N,
-    C,
-    D,
-    WTA_POS: tl.constexpr,
-    WTA_NEG: tl.constexpr,
-    SUMS_IN_TILE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    SIM_DTYPE: tl.constexpr,
-):
-    """The backward of docs/math.md on one (region tile, class tile): the similarities, dL/ds of the three sets, and
-    s^e - lse / tau (= log(a) / tau): since sum_i dL/ds^e = 0 for every (image, class), sums over
-    regions of s^e dL/ds^e may use it instead of s^e and so avoid cancelling large terms. The WTA
-    backward's per-region sums over classes come from the tile itself when it holds every class
-    (``SUMS_IN_TILE``), from ``_region_sums_kernel`` otherwise."""
-    tau = tl.exp(tl.load(log_temp_ptr).to(ACC))
-    sim_e, sim_p, sim_n = _similarity_tiles(
-        f_ptr,
-        stride_fn,
-        stride_fd,
-        regions,
-        region_mask,
-        inv_norm,
-        text_ptr,
-        text_inv_norm_ptr,
-        C,
-        D,
-        classes,
-        class_mask,
-        True,
-        True,
-        BLOCK_N,
-        BLOCK_C,
-        BLOCK_D,
-        ACC,
-        PRECISION,
-        SIM_DTYPE,
-    )
+def _tile_grads(
+    sim_e, sim_p, sim_n, image, regions, region_mask, classes, class_mask, stats_ptr, index_ptr, stat_stride,
+    log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr, gamma, logit_scale, N, C,
+    WTA_POS: tl.constexpr, WTA_NEG: tl.constexpr, SUMS_IN_TILE: tl.constexpr,
+):  # fmt: skip
+    """The backward of docs/math.md on one (region tile, class tile) from its similarities: dL/ds of the
+    three sets, and s^e - lse / tau (= log(a) / tau): since sum_i dL/ds^e = 0 for every (image, class),
+    sums over regions of s^e dL/ds^e may use it instead of s^e and so avoid cancelling large terms.
+    The WTA backward's per-region sums over classes come from the tile itself when it holds every
+    class (``SUMS_IN_TILE``), from ``_region_sums_kernel`` otherwise."""
+    tau = tl.exp(tl.load(log_temp_ptr).to(sim_e.dtype))
     attention, log_attention, grad_neg, grad_pos, h_pos, h_neg = _attention_and_h(
         image, classes, class_mask, region_mask, sim_e, sim_p, sim_n, lse_ptr, grad_ptr, tau, logit_scale, C
     )
@@ -832,7 +809,7 @@ def _grad_similarity_tiles(
     grad_e = tl.where(valid, grad_e, 0.0)
     grad_p = tl.where(valid, grad_p, 0.0)
     grad_n = tl.where(valid, grad_n, 0.0)
-    return sim_e, sim_p, sim_n, log_attention / tau, grad_e, grad_p, grad_n
+    return log_attention / tau, grad_e, grad_p, grad_n
 
 
 @triton.jit
@@ -848,12 +825,14 @@ def _text_grad_finish_kernel(
     D,
     set_stride,
     splits,
+    BLOCK_SPLITS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_DT: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """Sum the splits' partials of G and apply the normalisation t = T / |T| with the (3, C) sums
-    <t, G>: dL/dT = (G - t <t, G>) / |T|, for one prompt set (program axis 2), a class tile and a D chunk."""
+    <t, G>: dL/dT = (G - t <t, G>) / |T|, for one prompt set (program axis 2), a class tile and a D
+    chunk. BLOCK_SPLITS partials are loaded at once: one after the other, each load's latency adds up."""
     classes = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     class_mask = classes < C
     dims = tl.program_id(1) * BLOCK_DT + tl.arange(0, BLOCK_DT)
@@ -868,9 +847,11 @@ def _text_grad_finish_kernel(
     offsets = classes.to(tl.int64)[:, None] * D + dims[None, :]
     mask = class_mask[:, None] & dim_mask[None, :]
     grad = tl.zeros((BLOCK_C, BLOCK_DT), ACC)
-    for split in range(0, splits):
-        part = (split * 3 + prompt_set).to(tl.int64)
-        grad += tl.load(grad_text_ptr + part * set_stride + offsets, mask=mask, other=0.0)
+    for split_start in range(0, splits, BLOCK_SPLITS):
+        parts = split_start + tl.arange(0, BLOCK_SPLITS)
+        part_offsets = (parts * 3 + prompt_set).to(tl.int64)[:, None, None] * set_stride + offsets[None, :, :]
+        part_mask = (parts < splits)[:, None, None] & mask[None, :, :]
+        grad += tl.sum(tl.load(grad_text_ptr + part_offsets, mask=part_mask, other=0.0), axis=0)
     projection = tl.load(projection_ptr + prompt_set * C + classes, mask=class_mask, other=0.0)
     inv_norm = tl.load(text_inv_norm_ptr + prompt_set * C + classes, mask=class_mask, other=0.0)
     unit = tl.load(text_ptr + prompt_set * set_stride + offsets, mask=mask, other=0.0).to(ACC) * inv_norm[:, None]
@@ -923,41 +904,15 @@ def _feature_grad_kernel(
     for c_start in range(0, C, BLOCK_C):
         classes = c_start + tl.arange(0, BLOCK_C)
         class_mask = classes < C
-        sim_e, sim_p, sim_n, _, grad_e, grad_p, grad_n = _grad_similarity_tiles(
-            f_ptr,
-            stride_fn,
-            stride_fd,
-            image,
-            regions,
-            region_mask,
-            inv_norm,
-            text_ptr,
-            text_inv_norm_ptr,
-            classes,
-            class_mask,
-            stats_ptr,
-            index_ptr,
-            stat_stride,
-            log_temp_ptr,
-            lse_ptr,
-            logits_ptr,
-            grad_ptr,
-            sums_ptr,
-            gamma,
-            logit_scale,
-            N,
-            C,
-            D,
-            WTA_POS,
-            WTA_NEG,
-            False,
-            BLOCK_N,
-            BLOCK_C,
-            BLOCK_D,
-            ACC,
-            PRECISION,
-            SIM_DTYPE,
-        )
+        sim_e, sim_p, sim_n = _similarity_tiles(
+            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, text_ptr, text_inv_norm_ptr, C, D,
+            classes, class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
+        )  # fmt: skip
+        _, grad_e, grad_p, grad_n = _tile_grads(
+            sim_e, sim_p, sim_n, image, regions, region_mask, classes, class_mask, stats_ptr, index_ptr,
+            stat_stride, log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr, gamma, logit_scale, N, C,
+            WTA_POS, WTA_NEG, False,
+        )  # fmt: skip
         projection += tl.sum(grad_e * sim_e + grad_p * sim_p + grad_n * sim_n, axis=1)
         # G += dS^x t^x with t = T * text_inv_norm: fold the norm into dS's columns, then sweep D
         scaled_e = grad_e * tl.load(text_inv_norm_ptr + classes, mask=class_mask, other=0.0)[None, :]
@@ -1005,6 +960,8 @@ def _similarity_grad_kernel(
     logits_ptr,
     grad_ptr,
     sums_ptr,
+    sims_ptr,
+    sims_stride,
     grad_sim_ptr,
     set_stride,
     projection_ptr,
@@ -1019,6 +976,7 @@ def _similarity_grad_kernel(
     gamma: tl.float64,
     logit_scale: tl.float64,
     ALL_CLASSES: tl.constexpr,
+    SAVED_SIMILARITIES: tl.constexpr,
     WANT_TEXT: tl.constexpr,
     WANT_FEATURES: tl.constexpr,
     WTA_POS: tl.constexpr,
@@ -1035,7 +993,8 @@ def _similarity_grad_kernel(
     written class-major into the chunk's ``grad_sim`` (3, chunk_classes, B*N) for
     ``_text_grad_gemm_kernel``, and the tile's part of <t, G> per prompt. The WTA backward's per-region
     sums come from the tile when it holds every class (``ALL_CLASSES``), from ``_region_sums_kernel``
-    otherwise. Only a tile of every class can give the features' gradient (``WANT_FEATURES``):
+    otherwise; its similarities from the forward when it saved them (``SAVED_SIMILARITIES``), from the
+    GEMM otherwise. Only a tile of every class can give the features' gradient (``WANT_FEATURES``):
     dL/dF = (G - f <f, G>) / |F| with G = sum_x dS^x t^x, swept over D in BLOCK_D chunks."""
     gamma, logit_scale = tl.full((), gamma, ACC), tl.full((), logit_scale, ACC)  # typed float64: module doc
     image, regions, region_mask, f_ptr, offsets, inv_norm = _region_tile(f_ptr, stride_fb, inv_norm_ptr, N, BLOCK_N)
@@ -1047,11 +1006,19 @@ def _similarity_grad_kernel(
     else:
         chunk_class = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         classes, class_mask = class_start + chunk_class, chunk_class < chunk_classes
-    sim_e, sim_p, sim_n, centered_e, grad_e, grad_p, grad_n = _grad_similarity_tiles(
-        f_ptr, stride_fn, stride_fd, image, regions, region_mask, inv_norm, text_ptr,
-        text_inv_norm_ptr, classes, class_mask, stats_ptr, index_ptr, stat_stride, log_temp_ptr, lse_ptr,
-        logits_ptr, grad_ptr, sums_ptr, gamma, logit_scale, N, C, D, WTA_POS, WTA_NEG, ALL_CLASSES, BLOCK_N,
-        BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
+    if SAVED_SIMILARITIES:
+        sim_e, sim_p, sim_n = _saved_similarity_tiles(
+            sims_ptr, sims_stride, offsets, region_mask, classes, class_mask, C
+        )
+    else:
+        sim_e, sim_p, sim_n = _similarity_tiles(
+            f_ptr, stride_fn, stride_fd, regions, region_mask, inv_norm, text_ptr, text_inv_norm_ptr, C, D,
+            classes, class_mask, True, True, BLOCK_N, BLOCK_C, BLOCK_D, ACC, PRECISION, SIM_DTYPE,
+        )  # fmt: skip
+    centered_e, grad_e, grad_p, grad_n = _tile_grads(
+        sim_e, sim_p, sim_n, image, regions, region_mask, classes, class_mask, stats_ptr, index_ptr, stat_stride,
+        log_temp_ptr, lse_ptr, logits_ptr, grad_ptr, sums_ptr, gamma, logit_scale, N, C, WTA_POS, WTA_NEG,
+        ALL_CLASSES,
     )  # fmt: skip
     projection_e = tl.sum(centered_e * grad_e, axis=0)  # also dL/dtheta's terms
     region_tiles = tl.num_programs(0) * tl.num_programs(1)

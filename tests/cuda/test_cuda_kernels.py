@@ -105,7 +105,7 @@ def test_backward_reads_the_negative_statistics_where_that_side_is_weighted(wta)
     tests/test_head_triton.py): NaN gradients in the pos_neg modes, the same ones elsewhere."""
     features, te, tp, tn, log_temp = head_inputs(3, 70, 40, 130, requires_grad=False, device=CUDA)
     options = [wta, 5.0, 20.0, triton_head.choose_launch_config(3, 70, 130, 40, features.device).as_list()]
-    logits, lse, inv_norm, text_inv_norm, stats, index = triton_head.dualcoop_head_forward(
+    logits, lse, inv_norm, text_inv_norm, stats, index, sims = triton_head.dualcoop_head_forward(
         features, te, tp, tn, log_temp, *options
     )
     grad_logits = torch.randn(3, 2, 130, dtype=torch.float64, device=CUDA)
@@ -116,7 +116,7 @@ def test_backward_reads_the_negative_statistics_where_that_side_is_weighted(wta)
     poisoned_index[head_kernels.INDEX_COEF.value + 1] = 2**30
     clean, got = (
         triton_head.dualcoop_head_backward(
-            grad_logits, features, te, tp, tn, log_temp, *saved, s, i, *options, True, True, True
+            grad_logits, features, te, tp, tn, log_temp, *saved, s, i, sims, *options, True, True, True
         )
         for s, i in ((stats, index), (poisoned_stats, poisoned_index))
     )
