@@ -42,7 +42,7 @@ import kernel_resources
 from harness import HEAD_PRESETS, PRESET_WTA, format_table
 
 from dualcoop_kernels.options import WTA_WEIGHTS
-from dualcoop_kernels.triton.head import FINISH_TILE
+from dualcoop_kernels.triton.head import FINISH_TILE, LaunchConfig, text_gemm_splits
 
 GPUS = {
     "H100": dict(arch=90, clock_hz=1.755e9, hbm_bytes_per_s=3.35e12, l2_bytes_per_s=5.5e12),
@@ -77,9 +77,7 @@ def _maybe_unrolled(trips: int, row: dict) -> list[int]:
 
 def _gemm_splits(s, launch) -> tuple[int, int]:
     """The text-gradient GEMM: feature rows per split, and the splits (head.py)."""
-    rows = s["B"] * s["N"]
-    per_split = _cdiv(_cdiv(rows, launch["splits"]), launch["gemm_block_k"]) * launch["gemm_block_k"]
-    return per_split, _cdiv(rows, per_split)
+    return text_gemm_splits(s["B"] * s["N"], LaunchConfig(**launch))
 
 
 def _sweep_tiles(s, launch) -> int:

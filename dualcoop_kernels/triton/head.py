@@ -409,8 +409,7 @@ def _similarity_grads(
     chunk = _chunk_classes(B * N, C, launch.block_c) if want_texts else C
     projection = _kernel_output(B * region_tiles if want_texts else 0, 3, C, device=device, dtype=compute)
     parts = dict(grad_temp=_kernel_output(B * region_tiles, class_tiles, device=device, dtype=compute))
-    rows_per_split = triton.cdiv(triton.cdiv(B * N, launch.splits), launch.gemm_block_k) * launch.gemm_block_k
-    splits = triton.cdiv(B * N, rows_per_split)
+    rows_per_split, splits = text_gemm_splits(B * N, launch)
     if want_texts:
         parts["grad_text"] = _kernel_output(splits, 3, C, D, device=device, dtype=compute)
     for class_start in range(0, C, chunk):
@@ -434,6 +433,12 @@ def _similarity_grads(
     if want_texts:
         parts["projection"] = projection.sum(0)
     return parts
+
+
+def text_gemm_splits(rows: int, launch: LaunchConfig) -> tuple[int, int]:
+    """The text-gradient GEMM's feature rows per split (whole K steps) and its number of splits."""
+    per_split = triton.cdiv(triton.cdiv(rows, launch.splits), launch.gemm_block_k) * launch.gemm_block_k
+    return per_split, triton.cdiv(rows, per_split)
 
 
 def _chunk_classes(rows: int, C: int, block_c: int) -> int:
