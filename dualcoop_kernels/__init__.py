@@ -6,6 +6,9 @@ Public API: :func:`dualcoop_head` and :class:`DualCoOpHead` (the head), :func:`a
 C++/CUDA loss extension, and :class:`DualCoOpPlusPlus`, the whole model on a frozen open_clip CLIP
 (needs the ``clip`` extra). The math is in docs/math.md; ``reference`` holds the pure PyTorch versions,
 ``options`` the modes and default hyper-parameters.
+
+``import dualcoop_kernels`` loads the kernels' layer alone (the head, the loss, their backends);
+``DualCoOpPlusPlus`` brings in the model wing on first use.
 """
 
 from __future__ import annotations
@@ -14,10 +17,7 @@ from .dispatch import available_backends
 from .extension import build_extension, extension_status
 from .head import DualCoOpHead, dualcoop_head
 from .loss import AsymmetricLoss, asymmetric_loss, split_signed_labels
-from .model import DualCoOpPlusPlus
-
-__version__ = "0.1.0"
-
+from .version import __version__
 
 __all__ = [
     "AsymmetricLoss",
@@ -31,3 +31,11 @@ __all__ = [
     "extension_status",
     "split_signed_labels",
 ]
+
+
+def __getattr__(name: str):
+    if name == "DualCoOpPlusPlus":  # the model wing (model/), loaded on first use
+        from .model import DualCoOpPlusPlus
+
+        return DualCoOpPlusPlus
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

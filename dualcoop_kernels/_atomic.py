@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ._checks import error_gist
+from .errors import UsageError
 
 
 def _umask() -> int:
@@ -60,6 +61,6 @@ def load_torch_file(path: Path, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: pickle, zip and torch errors alike
-        raise ValueError(
+        raise UsageError(
             f"{what} {path} cannot be read as a file of tensors, numbers and strings ({error_gist(error)})"
         ) from error

@@ -14,6 +14,7 @@ import numbers
 
 import torch
 
+from .errors import UsageError, UsageTypeError
 from .options import REDUCTIONS, WTA_ALIASES, WTA_MODES, WTA_TRAINING_ALIASES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,34 +28,36 @@ def has_values(*tensors: torch.Tensor) -> bool:
 def check_tensor(name: str, value, rank: int, shape_doc: str) -> torch.Tensor:
     """``value`` must be a tensor of the given rank; ``shape_doc`` spells the expected shape."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(value).__name__}")
+        raise UsageTypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(value).__name__}")
     if value.dim() != rank:
-        raise ValueError(f"{name} must have shape {shape_doc} ({rank}-d), got {tuple(value.shape)}")
+        raise UsageError(f"{name} must have shape {shape_doc} ({rank}-d), got {tuple(value.shape)}")
     return value
 
 
 def check_float(name: str, value: torch.Tensor) -> None:
     if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {value.dtype}")
+        raise UsageTypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {value.dtype}"
+        )
 
 
 def check_same_device(named: dict[str, torch.Tensor]) -> None:
     devices = {name: t.device for name, t in named.items()}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {listing}")
+        raise UsageError(f"all tensors must be on one device, got {listing}")
 
 
 def check_same_dtype(named: dict[str, torch.Tensor]) -> None:
     dtypes = {name: t.dtype for name, t in named.items()}
     if len(set(dtypes.values())) > 1:
         listing = ", ".join(f"{name} is {dtype}" for name, dtype in dtypes.items())
-        raise TypeError(f"these tensors must share one dtype, got {listing}")
+        raise UsageTypeError(f"these tensors must share one dtype, got {listing}")
 
 
 def check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        raise UsageError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def wta_mode(wta) -> str:
@@ -63,7 +66,7 @@ def wta_mode(wta) -> str:
     here with what to pass instead."""
     if isinstance(wta, str) and wta in WTA_TRAINING_ALIASES:
         meaning = ", ".join(f"{key}={value!r}" for key, value in WTA_TRAINING_ALIASES[wta].items())
-        raise ValueError(
+        raise UsageError(
             f"wta {wta!r} (the authors' name) is {meaning}: pass those to DualCoOpHead or DualCoOpPlusPlus "
             "(or a log_spatial_temp that does not require grad to dualcoop_head)"
         )
@@ -77,7 +80,7 @@ def wta_sharpness(wta_gamma) -> float:
     and overflow the kernels' exponents, which assume max u comes from max s+ or min s+."""
     value = finite_number("wta_gamma", wta_gamma)
     if value < 0:
-        raise ValueError(f"wta_gamma must be >= 0 (0 turns the winner-take-all weights uniform), got {value}")
+        raise UsageError(f"wta_gamma must be >= 0 (0 turns the winner-take-all weights uniform), got {value}")
     return value
 
 
@@ -86,7 +89,7 @@ def positive_scale(logit_scale) -> float:
     would swap presence and absence."""
     value = finite_number("logit_scale", logit_scale)
     if value <= 0:
-        raise ValueError(f"logit_scale must be > 0 (e^3 in DualCoOp++, 100 in DualCoOp), got {value}")
+        raise UsageError(f"logit_scale must be > 0 (e^3 in DualCoOp++, 100 in DualCoOp), got {value}")
     return value
 
 
@@ -100,35 +103,35 @@ def check_head_inputs(features, text_evidence, text_pos, text_neg, log_spatial_t
     check_float("features", features)
     _, regions, width = features.shape
     if regions == 0 or width == 0:
-        raise ValueError(f"features must have N >= 1 regions and D >= 1 channels, got {tuple(features.shape)}")
+        raise UsageError(f"features must have N >= 1 regions and D >= 1 channels, got {tuple(features.shape)}")
     texts = {"text_evidence": text_evidence, "text_pos": text_pos, "text_neg": text_neg}
     for name, text in texts.items():
         check_tensor(name, text, 2, f"C x D with D = {width}")
         check_float(name, text)
         if text.shape[1] != width:
-            raise ValueError(f"{name} must have shape C x {width} (D of features), got {tuple(text.shape)}")
+            raise UsageError(f"{name} must have shape C x {width} (D of features), got {tuple(text.shape)}")
     classes = {name: t.shape[0] for name, t in texts.items()}
     if len(set(classes.values())) > 1:
-        raise ValueError(f"text_evidence, text_pos and text_neg must have the same C, got {classes}")
+        raise UsageError(f"text_evidence, text_pos and text_neg must have the same C, got {classes}")
     if text_pos.shape[0] == 0:
-        raise ValueError("text_evidence, text_pos and text_neg must have C >= 1 classes, got C = 0")
+        raise UsageError("text_evidence, text_pos and text_neg must have C >= 1 classes, got C = 0")
     check_same_dtype({"features": features, **texts})
 
     if isinstance(log_spatial_temp, (int, float)) and not isinstance(log_spatial_temp, bool):
         dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
         log_spatial_temp = torch.tensor(float(log_spatial_temp), dtype=dtype, device=features.device)
     if not isinstance(log_spatial_temp, torch.Tensor):
-        raise TypeError(
+        raise UsageTypeError(
             f"log_spatial_temp must be a 0-d floating tensor or a number, got {type(log_spatial_temp).__name__}"
         )
     if log_spatial_temp.numel() != 1:
-        raise ValueError(f"log_spatial_temp must be a scalar (0-d tensor), got shape {tuple(log_spatial_temp.shape)}")
+        raise UsageError(f"log_spatial_temp must be a scalar (0-d tensor), got shape {tuple(log_spatial_temp.shape)}")
     check_float("log_spatial_temp", log_spatial_temp)
     check_same_device({"features": features, **texts, "log_spatial_temp": log_spatial_temp})
     # on a GPU, reading it would stall the stream every call: a non-finite one gives NaN logits there
     on_host = log_spatial_temp.device.type == "cpu"
     if on_host and has_values(log_spatial_temp) and not bool(torch.isfinite(log_spatial_temp).all()):
-        raise ValueError(f"log_spatial_temp must be finite, got {log_spatial_temp.item()}")
+        raise UsageError(f"log_spatial_temp must be finite, got {log_spatial_temp.item()}")
     return log_spatial_temp.reshape(())
 
 
@@ -139,41 +142,41 @@ def check_asl_options(gamma_neg, gamma_pos, clip, eps, reduction: str) -> dict:
     values = {name: finite_number(name, value) for name, value in given.items()}
     for name in ("gamma_neg", "gamma_pos"):
         if values[name] < 0:
-            raise ValueError(f"{name} must be >= 0, got {values[name]}")
+            raise UsageError(f"{name} must be >= 0, got {values[name]}")
     # clip shifts a probability: above 1 it would zero every negative's loss, below 0 make it negative
     if not 0 <= values["clip"] <= 1:
-        raise ValueError(f"clip must be in [0, 1] (a probability shift; 0 disables it), got {values['clip']}")
+        raise UsageError(f"clip must be in [0, 1] (a probability shift; 0 disables it), got {values['clip']}")
     # eps floors a probability inside a log: 0 lets the loss reach infinity, 1 zeroes it
     if not 0 < values["eps"] < 1:
-        raise ValueError(f"eps must be in (0, 1), got {values['eps']}")
+        raise UsageError(f"eps must be in (0, 1), got {values['eps']}")
     return values
 
 
 def check_asl_inputs(logits, targets, mask):
     """Validate the loss's tensors; returns ``(targets, mask)``."""
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor of shape B x C or B x 2 x C, got {type(logits).__name__}")
+        raise UsageTypeError(f"logits must be a torch.Tensor of shape B x C or B x 2 x C, got {type(logits).__name__}")
     if logits.dim() not in (2, 3):
-        raise ValueError(
+        raise UsageError(
             f"logits must have shape B x C (sigmoid form) or B x 2 x C (two-way form), got {tuple(logits.shape)}"
         )
     check_float("logits", logits)
     if logits.dim() == 3 and logits.shape[1] != 2:
-        raise ValueError(f"two-way logits must have shape B x 2 x C, got {tuple(logits.shape)}")
+        raise UsageError(f"two-way logits must have shape B x 2 x C, got {tuple(logits.shape)}")
     label_shape = (logits.shape[0], logits.shape[-1])
     doc = f"B x C = {label_shape[0]} x {label_shape[1]}"
     check_tensor("targets", targets, 2, doc)
     if tuple(targets.shape) != label_shape:
-        raise ValueError(f"targets must have shape {doc}, got {tuple(targets.shape)}")
+        raise UsageError(f"targets must have shape {doc}, got {tuple(targets.shape)}")
     if targets.is_complex():
-        raise TypeError(f"targets must be real (bool, integer or floating), got {targets.dtype}")
+        raise UsageTypeError(f"targets must be real (bool, integer or floating), got {targets.dtype}")
     named = {"logits": logits, "targets": targets}
     if mask is not None:
         check_tensor("mask", mask, 2, doc)
         if tuple(mask.shape) != label_shape:
-            raise ValueError(f"mask must have shape {doc}, got {tuple(mask.shape)}")
+            raise UsageError(f"mask must have shape {doc}, got {tuple(mask.shape)}")
         if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = known label), got {mask.dtype}")
+            raise UsageTypeError(f"mask must be a bool tensor (True = known label), got {mask.dtype}")
         named["mask"] = mask
     check_same_device(named)
     if has_values(targets, *([] if mask is None else [mask])):
@@ -181,7 +184,7 @@ def check_asl_inputs(logits, targets, mask):
         if mask is not None:
             valid = valid | ~mask
         if not bool(valid.all()):
-            raise ValueError("targets must be 0 or 1 at every known label (use mask for unknown ones)")
+            raise UsageError("targets must be 0 or 1 at every known label (use mask for unknown ones)")
     return targets, mask
 
 
@@ -190,37 +193,37 @@ def finite_number(name: str, value) -> float:
     A tensor that requires grad is refused: these are constants, and its gradient would be lost."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            raise ValueError(
+            raise UsageError(
                 f"{name} must be a finite real number (or a one-element real tensor), got a {value.dtype} "
                 f"tensor of shape {tuple(value.shape)}"
             )
         if value.requires_grad:
-            raise ValueError(f"{name} is a constant and gets no gradient: pass a number or a detached tensor")
+            raise UsageError(f"{name} is a constant and gets no gradient: pass a number or a detached tensor")
         if torch.compiler.is_compiling():
-            raise ValueError(f"{name} must be a Python number inside torch.compile, which cannot read a tensor")
+            raise UsageError(f"{name} must be a Python number inside torch.compile, which cannot read a tensor")
         if value.device.type == "meta":
-            raise ValueError(f"{name} must be a number, got a meta tensor, which has no value")
+            raise UsageError(f"{name} must be a number, got a meta tensor, which has no value")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+        raise UsageError(f"{name} must be a finite real number, got {value!r}")
     return float(value)
 
 
 def check_classnames(classnames) -> list[str]:
     """A list (or tuple) of distinct, non-empty class names; returned as a list."""
     if isinstance(classnames, str) or not isinstance(classnames, (list, tuple)):
-        raise TypeError(
+        raise UsageTypeError(
             f"classnames must be a list of class names (e.g. ['cat', 'dog']), got {type(classnames).__name__}"
             + (f" {classnames!r}" if isinstance(classnames, str) else "")
         )
     if not classnames:
-        raise ValueError("classnames must name at least one class")
+        raise UsageError("classnames must name at least one class")
     bad = [name for name in classnames if not isinstance(name, str) or not name.strip()]
     if bad:
-        raise TypeError(f"every class name must be a non-empty string, got {bad[:5]}")
+        raise UsageTypeError(f"every class name must be a non-empty string, got {bad[:5]}")
     repeated = sorted(name for name, count in collections.Counter(classnames).items() if count > 1)
     if repeated:
-        raise ValueError(f"class names must be distinct, these repeat: {repeated[:5]}")
+        raise UsageError(f"class names must be distinct, these repeat: {repeated[:5]}")
     return list(classnames)
 
 

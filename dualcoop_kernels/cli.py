@@ -1,5 +1,5 @@
 """The ``dualcoop`` command line (also ``python -m dualcoop_kernels``): train, cache, evaluate, predict,
-report, explain and export.
+report, explain and export; a first try and the extension's build.
 
     dualcoop train --preset coco --root DATA --partial 0.3 --seed 1 --out RUN
     dualcoop cache --preset coco --root DATA --out CACHE [--augment --views 4]   (then train --features CACHE)
@@ -8,9 +8,13 @@ report, explain and export.
     dualcoop report RUN [--out report.html]
     dualcoop explain RUN IMAGE_OR_FOLDER ... [--classes ...] [--top-k 3] --out FOLDER
     dualcoop export RUN --out model.pt2
+    dualcoop first-try [FOLDER]           (a small task a tiny random CLIP learns on a CPU)
+    dualcoop build-extension              (the C++/CUDA loss, ahead of time)
 
 Errors in what was asked (a missing file, a bad option) end the command with one line that says what is
-wrong, not a traceback; under torchrun the first process alone says it.
+wrong and exit code 2 (``DUALCOOP_DEBUG=1`` adds their traceback); under torchrun the first process alone
+says it. Anything else is a bug in the package: its traceback is shown, with what to report, and the
+command exits with 1. A run's log.txt keeps the traceback in both cases.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
+
+from ._checks import error_gist
+from .errors import UsageError
+from .version import __version__
 
 CLASS_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".lst", ".list", ".names")  # --classes: a value ending so is a file
 
@@ -104,7 +113,7 @@ def _config_from(args):
 
     given = _given_settings(args)
     if "root" not in given:
-        raise ValueError("--root is needed: the dataset's folder (for --dataset csv, the CSV file)")
+        raise UsageError("--root is needed: the dataset's folder (for --dataset csv, the CSV file)")
     return TrainConfig(**{**(preset_config(args.preset) if args.preset else {}), **given})
 
 
@@ -119,7 +128,7 @@ def _resumed_config(args):
     try:
         config = resumed_config(args.out, {name: value for name, value in given.items() if name in RUNTIME_SETTINGS})
     except ValueError as error:
-        raise ValueError(f"--resume continues the run in {args.out}: {error}") from error
+        raise UsageError(f"--resume continues the run in {args.out}: {error}") from error
     refuse_other_settings(args.out, config, {**(preset_config(args.preset) if args.preset else {}), **given})
     return config
 
@@ -172,7 +181,7 @@ def _images(paths: list[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"{given} is neither an image file nor a folder")
     if not found:
-        raise ValueError(f"no images (files of a format PIL reads: .jpg, .png, .gif, .webp, .tif, ...) in {paths}")
+        raise UsageError(f"no images (files of a format PIL reads: .jpg, .png, .gif, .webp, .tif, ...) in {paths}")
     return found
 
 
@@ -190,7 +199,7 @@ def _class_list(given: str) -> list[str]:
     else:
         names = [name.strip() for name in given.split(",") if name.strip()]
     if not names:
-        raise ValueError(f"--classes {given!r} names no class (give names separated by commas, or a file of names)")
+        raise UsageError(f"--classes {given!r} names no class (give names separated by commas, or a file of names)")
     return names
 
 
@@ -200,7 +209,7 @@ def _writable_file(value: str | None) -> Path | None:
         return None
     path = Path(value)
     if path.is_dir():
-        raise ValueError(f"--out {value} is a folder; give the path of a file to write")
+        raise UsageError(f"--out {value} is a folder; give the path of a file to write")
     _writable_folder(path.parent, f"--out {value}")
     return path
 
@@ -211,9 +220,9 @@ def _writable_folder(folder: Path, what: str) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{what}: {existing} is a file, not a folder")
+        raise UsageError(f"{what}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{what}: the folder {existing} is not writable")
+        raise UsageError(f"{what}: the folder {existing} is not writable")
 
 
 def _prediction_header(classnames: list[str], top_k: int | None) -> list[str]:
@@ -242,7 +251,7 @@ def _predict(args) -> int:
     from .training.runs import load_best
 
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     out = _writable_file(args.out)
     config, model, device = load_best(args.run, args.device)
     paths = _images(args.images)
@@ -259,7 +268,7 @@ def _predict(args) -> int:
             )
     if unreadable:
         listing = "; ".join(f"{path} ({reason})" for path, reason in list(unreadable.items())[:10])
-        raise ValueError(
+        raise UsageError(
             f"{len(unreadable)} of {len(paths)} images could not be read (the others are scored): {listing}"
         )
     return 0
@@ -273,9 +282,26 @@ def _report(args) -> int:
     return 0
 
 
+def _first_try(args) -> int:
+    from .data.shapes import write_first_try
+
+    _writable_folder(args.folder, f"folder {args.folder}")
+    written = write_first_try(args.folder, args.train, args.test)
+    print(f"dualcoop first-try: {written}")
+    return 0
+
+
+def _build_extension(args) -> int:
+    from .extension import build_extension
+
+    status = build_extension()
+    print(json.dumps(status.as_dict(), indent=2))
+    return 0 if status.cpu_built else 1
+
+
 def _check_top_k(top_k: int | None, classes: int) -> None:
     if top_k is not None and not 1 <= top_k <= classes:
-        raise ValueError(f"--top-k must be from 1 to the {classes} classes, got {top_k}")
+        raise UsageError(f"--top-k must be from 1 to the {classes} classes, got {top_k}")
 
 
 def _explain(args) -> int:
@@ -352,8 +378,23 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="the inference model as a torch.export program (.pt2)")
     export.add_argument("run", type=Path)
     export.add_argument("--out", required=True, help="the .pt2 file to write")
+    first_try = commands.add_parser("first-try", help="write a small task a tiny random CLIP learns on a CPU")
+    first_try.add_argument("folder", nargs="?", type=Path, default=Path("first-try"), help="(default: first-try)")
+    first_try.add_argument("--train", type=int, default=160, help="training images")
+    first_try.add_argument("--test", type=int, default=64, help="test images")
+    commands.add_parser(
+        "build-extension",
+        help="build the C++/CUDA loss extension ahead of time and print what was built",
+        description=BUILD_EXTENSION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return parser
 
+
+BUILD_EXTENSION = """Build the asymmetric-loss extension into torch's extension cache (TORCH_EXTENSIONS_DIR),
+where every later process finds it, and print its status. The CUDA part needs a CUDA toolkit
+(CUDA_HOME, or nvcc on PATH); without a GPU it is compiled for sm_90 (DUALCOOP_CUDA_ARCH=80 picks
+another). Exits with 1 when the CPU part could not be built."""
 
 STOPPED = {  # what Ctrl-C leaves, where the command has nothing more to say
     "train": "stopped",
@@ -363,6 +404,8 @@ STOPPED = {  # what Ctrl-C leaves, where the command has nothing more to say
     "report": "stopped; nothing was written",
     "explain": "stopped; the pictures written are kept",
     "export": "stopped; nothing was written",
+    "first-try": "stopped; the images written are kept",
+    "build-extension": "stopped; what was built is kept",
 }
 
 
@@ -394,7 +437,8 @@ def main(argv=None) -> int:
     _show_log_lines(getattr(args, "quiet", False))
     handlers = {
         "train": _train, "cache": _cache, "eval": _eval, "predict": _predict,
-        "report": _report, "explain": _explain, "export": _export,
+        "report": _report, "explain": _explain, "export": _export, "first-try": _first_try,
+        "build-extension": _build_extension,
     }  # fmt: skip
     try:
         return handlers[args.command](args)
@@ -404,7 +448,20 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # the reader of the output went away (| head): no traceback, no more output
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (ValueError, TypeError, OSError, WeightsUnavailable) as error:  # TypeError: a hand-edited config.json
+    except (UsageError, OSError, WeightsUnavailable) as error:
         if _rank() == 0:  # every rank meets a bad option; the first says it (each rank's log.txt line too)
+            if os.environ.get("DUALCOOP_DEBUG") == "1":
+                traceback.print_exc()
             print(f"dualcoop {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if type(error).__name__ == "OutOfMemoryError":  # torch's, CUDA or not: the sizes asked for
+            print(f"dualcoop {args.command}: error: {error_gist(error)}: try a smaller --batch-size", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(
+            f"dualcoop {args.command}: this is a bug in dualcoop_kernels {__version__}, not in what you asked: "
+            "please report it with the command, the traceback above and your torch, triton and open_clip versions",
+            file=sys.stderr,
+        )
+        return 1

@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -75,7 +77,7 @@ class BackendRegistry:
     def check_known(self, name: str) -> None:
         """Fail early (e.g. in a module's constructor) on a name that no device could run."""
         if name != "auto" and name not in self.names():
-            raise ValueError(f"unknown backend {name!r} for {self.op_name}; known: {['auto', *self.names()]}")
+            raise UsageError(f"unknown backend {name!r} for {self.op_name}; known: {['auto', *self.names()]}")
 
     def resolve(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
         """The backend that ``backend=name`` runs on ``device`` (for ``dtype`` inputs, when given),
@@ -98,7 +100,7 @@ class BackendRegistry:
                 return backend.name
             reasons[backend.name] = reason
         why = "; ".join(f"{backend}: {reason}" for backend, reason in reasons.items())
-        raise ValueError(
+        raise UsageError(
             f"backend {name!r} of {self.op_name} is not available on {device}"
             f"{'' if dtype is None else f' for {dtype}'} ({why}); "
             f"available: {['auto', *self.available(device, dtype)]}"
@@ -126,11 +128,11 @@ def available_backends(
     first. A backend that the first call builds (the loss extension, where a compiler is found)
     counts as available."""
     if op not in REGISTRIES:
-        raise ValueError(f"op must be one of {tuple(REGISTRIES)}, got {op!r}")
+        raise UsageError(f"op must be one of {tuple(REGISTRIES)}, got {op!r}")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got {device!r}") from error
+        raise UsageError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got {device!r}") from error
     if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype must be a torch.dtype such as torch.float32, or None, got {dtype!r}")
+        raise UsageError(f"dtype must be a torch.dtype such as torch.float32, or None, got {dtype!r}")
     return REGISTRIES[op].available(device, dtype)

@@ -11,6 +11,7 @@ from torch import nn
 from . import extension
 from ._checks import check_asl_inputs, check_asl_options, check_tensor, has_values
 from .dispatch import BackendRegistry
+from .errors import UsageError, UsageTypeError
 from .options import DEFAULT_CLIP, DEFAULT_EPS, DEFAULT_GAMMA_NEG, DEFAULT_GAMMA_POS
 from .reference import asymmetric_loss_reference
 
@@ -112,10 +113,10 @@ def split_signed_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """
     check_tensor("labels", labels, 2, "B x C")
     if labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(f"labels must be a signed real tensor with values +1 / -1 / 0, got {labels.dtype}")
+        raise UsageTypeError(f"labels must be a signed real tensor with values +1 / -1 / 0, got {labels.dtype}")
     if has_values(labels):
         if not bool(((labels == 1) | (labels == -1) | (labels == 0)).all()):
-            raise ValueError("labels must hold only +1 (present), -1 (absent) and 0 (unknown)")
+            raise UsageError("labels must hold only +1 (present), -1 (absent) and 0 (unknown)")
         if labels.numel() and not bool((labels == -1).any()):
             warnings.warn(
                 "split_signed_labels: no label is -1 (absent), so every 0 is read as unknown. If these are "

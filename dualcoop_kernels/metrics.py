@@ -16,6 +16,8 @@ import numbers
 import numpy as np
 import torch
 
+from .errors import UsageError, UsageTypeError
+
 THRESHOLD_SUMMARY = ("CP", "CR", "CF1", "CF1_harmonic", "OP", "OR", "OF1")
 
 
@@ -27,9 +29,11 @@ def ranking_scores(logits):
     a detached tensor of its dtype, a numpy array a numpy array.
     """
     if not isinstance(logits, (torch.Tensor, np.ndarray)):
-        raise TypeError(f"logits must be a torch.Tensor or numpy array of shape B x 2 x C, got {type(logits).__name__}")
+        raise UsageTypeError(
+            f"logits must be a torch.Tensor or numpy array of shape B x 2 x C, got {type(logits).__name__}"
+        )
     if logits.ndim != 3 or logits.shape[1] != 2:
-        raise ValueError(f"logits must have shape B x 2 x C, got {tuple(logits.shape)}")
+        raise UsageError(f"logits must have shape B x 2 x C, got {tuple(logits.shape)}")
     scores = logits[:, 1] - logits[:, 0]
     return scores.detach() if isinstance(scores, torch.Tensor) else scores
 
@@ -82,9 +86,9 @@ def threshold_metrics(scores, targets, threshold: float = 0.0, known=None) -> di
     known = _checked_known(known, scores.shape)
     counted = np.ones_like(positives) if known is None else known
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(f"threshold must be a real number, got {type(threshold).__name__}")
+        raise UsageTypeError(f"threshold must be a real number, got {type(threshold).__name__}")
     if np.isnan(threshold):
-        raise ValueError("threshold must be a number, got NaN")
+        raise UsageError("threshold must be a number, got NaN")
     predicted = scores > threshold
     tp = (predicted & positives & counted).sum(axis=0)
     fp = (predicted & ~positives & counted).sum(axis=0)
@@ -123,9 +127,9 @@ def top_k_metrics(scores, targets, k: int = 3, known=None) -> dict:
     counted = np.ones_like(positives) if known is None else known
     n_classes = scores.shape[1]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+        raise UsageTypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= n_classes:
-        raise ValueError(f"k must satisfy 1 <= k <= C = {n_classes}, got {k}")
+        raise UsageError(f"k must satisfy 1 <= k <= C = {n_classes}, got {k}")
     top_k = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     picked_known = np.take_along_axis(counted, top_k, axis=1)
     tp = int((np.take_along_axis(positives, top_k, axis=1) & picked_known).sum())
@@ -172,9 +176,9 @@ def _as_numpy(name: str, value, kinds: str) -> np.ndarray:
         value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
     array = np.asarray(value)
     if array.dtype.kind not in kinds:
-        raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
+        raise UsageTypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
     if array.ndim != 2 or 0 in array.shape:
-        raise ValueError(f"{name} must have shape N x C (2-d, N >= 1, C >= 1), got {array.shape}")
+        raise UsageError(f"{name} must have shape N x C (2-d, N >= 1, C >= 1), got {array.shape}")
     return array
 
 
@@ -183,11 +187,11 @@ def _checked(scores, targets) -> tuple[np.ndarray, np.ndarray]:
     scores = _as_numpy("scores", scores, kinds="iuf").astype(np.float64)
     targets = _as_numpy("targets", targets, kinds="biuf")
     if targets.shape != scores.shape:
-        raise ValueError(f"targets must have the shape N x C of scores, {scores.shape}, got {targets.shape}")
+        raise UsageError(f"targets must have the shape N x C of scores, {scores.shape}, got {targets.shape}")
     if not np.isfinite(scores).all():
-        raise ValueError("scores hold NaN or inf values (a diverged model?); metrics need finite scores")
+        raise UsageError("scores hold NaN or inf values (a diverged model?); metrics need finite scores")
     if not np.isin(targets, (-1, 0, 1)).all():
-        raise ValueError("targets must hold only -1, 0 and 1 (1 positive; 0 and -1 not positive)")
+        raise UsageError("targets must hold only -1, 0 and 1 (1 positive; 0 and -1 not positive)")
     return scores, targets == 1
 
 
@@ -197,20 +201,20 @@ def _checked_known(known, shape) -> np.ndarray | None:
         return None
     known = _as_numpy("known", known, kinds="b")
     if known.shape != shape:
-        raise ValueError(f"known must have the shape N x C of scores, {shape}, got {known.shape}")
+        raise UsageError(f"known must have the shape N x C of scores, {shape}, got {known.shape}")
     return None if known.all() else known
 
 
 def _checked_classnames(classnames, n_classes: int) -> list[str]:
     if isinstance(classnames, str):
-        raise TypeError("classnames must be a sequence of C class names, got a single string")
+        raise UsageTypeError("classnames must be a sequence of C class names, got a single string")
     names = list(classnames)
     if not all(isinstance(name, str) for name in names):
-        raise TypeError("classnames must be strings")
+        raise UsageTypeError("classnames must be strings")
     if len(names) != n_classes:
-        raise ValueError(f"classnames must have C = {n_classes} names, got {len(names)}")
+        raise UsageError(f"classnames must have C = {n_classes} names, got {len(names)}")
     if len(set(names)) != n_classes:
-        raise ValueError("classnames must be distinct (they key per_class_AP)")
+        raise UsageError("classnames must be distinct (they key per_class_AP)")
     return names
 
 

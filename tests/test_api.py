@@ -1,6 +1,8 @@
 """Public API: names, modules, backend selection, empty batches, and every input validation error."""
 
 import math
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -22,6 +24,38 @@ def test_public_names():
         assert getattr(dk, name) is not None
     for function in (dk.dualcoop_head, dk.asymmetric_loss, dk.split_signed_labels, dk.available_backends):
         assert function.__doc__ and function.__annotations__
+
+
+KERNELS_ALONE = """
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[:2] in (["dualcoop_kernels", wing] for wing in ("model", "data", "training")):
+            raise ImportError(f"{name} imported by the kernels' layer")
+sys.meta_path.insert(0, Refuse())
+import torch
+import dualcoop_kernels as dk
+features, texts = torch.randn(2, 7, 6, dtype=torch.float64), [torch.randn(5, 6, dtype=torch.float64) for _ in range(3)]
+logits = dk.DualCoOpHead(wta="pos_softmax").double()(features, *texts)
+loss = dk.asymmetric_loss(logits, torch.ones(2, 5), torch.ones(2, 5, dtype=torch.bool))
+loss.backward()
+print("ok", float(loss) > 0, dk.__version__)
+try:
+    dk.DualCoOpPlusPlus
+except ImportError as error:
+    print(error)
+"""
+
+
+def test_the_package_imports_the_kernels_layer_alone():
+    """``import dualcoop_kernels`` and the head and loss run without the model, data and training
+    wings (a subprocess that refuses them); the model comes on first use of ``dk.DualCoOpPlusPlus``."""
+    finished = subprocess.run([sys.executable, "-c", KERNELS_ALONE], capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.splitlines() == [
+        f"ok True {dk.__version__}",
+        "dualcoop_kernels.model imported by the kernels' layer",
+    ]
 
 
 def test_head_function_and_module_agree():

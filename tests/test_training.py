@@ -534,7 +534,8 @@ def test_under_torchrun_a_failure_is_said_once_and_logged_by_every_rank(task, tm
     assert finished.returncode != 0
     assert finished.stderr.count("dualcoop train: error: training diverged") == 1, finished.stderr[-3000:]
     log = (run / "log.txt").read_text()
-    assert "rank 0 stopped: ValueError: training diverged" in log and "rank 1 stopped: ValueError" in log
+    assert "rank 0 stopped: UsageError: training diverged" in log and "rank 1 stopped: UsageError" in log
+    assert log.count("Traceback (most recent call last)") == 2  # each rank's, kept for a bug report
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from .dataset import DatasetError, MultiLabelDataset
 
 CLASSES_43 = [
@@ -140,7 +141,7 @@ def _read_v1(root: Path, split: str, classes: int) -> tuple[list[Path], torch.Te
 
 def _read_v2(root: Path, split: str, classes: int) -> tuple[list[Path], torch.Tensor]:
     if classes != 19:
-        raise ValueError("BigEarthNet v2.0 labels only the 19-class nomenclature; use classes=19")
+        raise UsageError("BigEarthNet v2.0 labels only the 19-class nomenclature; use classes=19")
     try:
         import pyarrow.parquet as parquet
     except ImportError as error:
@@ -167,11 +168,11 @@ def read_bigearthnet(
     """BigEarthNet-S2 v1.0 or v2.0 (found from the layout) as a dataset of RGB composites with +1 / -1
     labels in the 43-class (v1.0 only) or the 19-class nomenclature."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise UsageError(f"split must be one of {SPLITS}, got {split!r}")
     if classes not in (19, 43):
-        raise ValueError(f"classes must be 19 or 43 (the nomenclature), got {classes!r}")
+        raise UsageError(f"classes must be 19 or 43 (the nomenclature), got {classes!r}")
     if not (isinstance(rgb_max, (int, float)) and not isinstance(rgb_max, bool) and rgb_max > 0):
-        raise ValueError(f"rgb_max must be a positive reflectance (x 10,000), got {rgb_max!r}")
+        raise UsageError(f"rgb_max must be a positive reflectance (x 10,000), got {rgb_max!r}")
     root = Path(root)
     version_2 = (root / "metadata.parquet").is_file()
     if not version_2 and not (root / "BigEarthNet-v1.0").is_dir():

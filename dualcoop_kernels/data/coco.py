@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from .dataset import DatasetError, MultiLabelDataset
 from .protocols import check_protocol
 
@@ -51,7 +52,7 @@ def _read_json(path: Path) -> dict:
 def read_coco(root, split: str = "train", *, protocol: str = "dualcoop++") -> MultiLabelDataset:
     """COCO 2014 ``train`` or ``val`` as a :class:`MultiLabelDataset` with +1 / -1 labels."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise UsageError(f"split must be one of {SPLITS}, got {split!r}")
     check_protocol(protocol)
     root = Path(root)
     path = root / "annotations" / f"instances_{split}2014.json"

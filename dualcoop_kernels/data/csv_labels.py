@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageTypeError
 from .dataset import DatasetError, MultiLabelDataset
 
 VALUES = {"1": 1, "0": -1, "": 0}
@@ -20,7 +21,7 @@ VALUES = {"1": 1, "0": -1, "": 0}
 def read_csv_labels(path) -> MultiLabelDataset:
     """A labelled CSV file as a :class:`MultiLabelDataset` (+1 present, -1 absent, 0 unknown)."""
     if isinstance(path, (bytes, bytearray)) or not isinstance(path, (str, Path)):
-        raise TypeError(f"path must be a path to a CSV file, got {type(path).__name__}")
+        raise UsageTypeError(f"path must be a path to a CSV file, got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
         raise DatasetError(

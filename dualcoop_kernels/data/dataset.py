@@ -15,9 +15,10 @@ import torch
 from torch.utils.data import Dataset
 
 from .._checks import check_classnames
+from ..errors import UsageError, UsageTypeError
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """A dataset file that cannot be read as its format says: the message names the file (and line or id)."""
 
 
@@ -40,18 +41,20 @@ class MultiLabelDataset(Dataset):
     def __post_init__(self):
         self.classnames = check_classnames(self.classnames)
         if isinstance(self.image_paths, (str, Path)):
-            raise TypeError(f"{self.name}: image_paths must be a list of paths, not one path {self.image_paths!r}")
+            raise UsageTypeError(f"{self.name}: image_paths must be a list of paths, not one path {self.image_paths!r}")
         self.image_paths = [Path(path) for path in self.image_paths]
         labels = torch.as_tensor(self.labels)
         if labels.dtype == torch.bool:
-            raise TypeError(f"{self.name}: labels must be +1 / -1 / 0 numbers; bool labels would read False as unknown")
+            raise UsageTypeError(
+                f"{self.name}: labels must be +1 / -1 / 0 numbers; bool labels would read False as unknown"
+            )
         if labels.dim() != 2 or labels.shape != (len(self.image_paths), len(self.classnames)):
-            raise ValueError(
+            raise UsageError(
                 f"{self.name}: labels must be N x C = {len(self.image_paths)} x {len(self.classnames)}, "
                 f"got {tuple(labels.shape)}"
             )
         if not bool(((labels == 1) | (labels == -1) | (labels == 0)).all()):
-            raise ValueError(f"{self.name}: labels must hold only +1 (present), -1 (absent) and 0 (unknown)")
+            raise UsageError(f"{self.name}: labels must hold only +1 (present), -1 (absent) and 0 (unknown)")
         self.labels = labels.to(torch.int8)
 
     def __len__(self) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from .dataset import DatasetError, MultiLabelDataset
 
 SPLITS = {"train": "Train", "test": "Test"}
@@ -72,7 +73,7 @@ def _binary_column(path: Path, count: int) -> torch.Tensor:
 def read_nuswide(root, split: str = "train", *, images=None) -> MultiLabelDataset:
     """NUS-WIDE-81 ``train`` or ``test`` with +1 / -1 labels from the human-labelled ground truth."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+        raise UsageError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
     root = Path(root)
     concepts = _names(_concepts_file(root), "the concept list")
     paths = _image_paths(root, split, images)
@@ -87,7 +88,7 @@ def read_nuswide_tags(root, split: str = "train", *, images=None) -> MultiLabelD
     """The 925 seen tags of NUS-WIDE's zero-shot split (Huynh and Elhamifar, CVPR 2020): the release's
     1,000 tags less those among the 81 concepts, with +1 / -1 labels from the user tags."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+        raise UsageError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
     root = Path(root)
     concepts = set(_names(_concepts_file(root), "the concept list"))
     tags = _names(root / "NUS_WID_Tags" / "TagList1k.txt", "the tag list")

@@ -17,6 +17,7 @@ import torch
 
 from .._atomic import atomic_open
 from .._checks import finite_number
+from ..errors import UsageError
 from .protocols import check_protocol
 
 
@@ -24,9 +25,9 @@ def known_mask(shape: tuple[int, int], proportion, *, seed: int) -> torch.Tensor
     """N x C bool: True where the label is kept."""
     proportion = finite_number("proportion", proportion)
     if not 0 < proportion <= 1:
-        raise ValueError(f"proportion must be in (0, 1] (the fraction of labels kept), got {proportion}")
+        raise UsageError(f"proportion must be in (0, 1] (the fraction of labels kept), got {proportion}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        raise UsageError(f"seed must be a non-negative int, got {seed!r}")
     draws = np.random.RandomState(int(seed)).random_sample(shape)
     return torch.from_numpy(draws < proportion)
 
@@ -36,9 +37,9 @@ def partial_labels(labels, proportion, *, seed: int, protocol: str = "dualcoop++
     check_protocol(protocol)
     labels = torch.as_tensor(labels)
     if labels.dim() != 2:
-        raise ValueError(f"labels must be N x C, got shape {tuple(labels.shape)}")
+        raise UsageError(f"labels must be N x C, got shape {tuple(labels.shape)}")
     if not bool(((labels == 1) | (labels == -1)).all()):
-        raise ValueError("labels must be complete: +1 (present) or -1 (absent) everywhere")
+        raise UsageError("labels must be complete: +1 (present) or -1 (absent) everywhere")
     return labels * known_mask(tuple(labels.shape), proportion, seed=seed).to(labels.dtype)
 
 
@@ -56,9 +57,9 @@ def load_mask(path, shape: tuple[int, int]) -> torch.Tensor:
     except FileNotFoundError:
         raise FileNotFoundError(f"mask file {path} does not exist") from None
     except (ValueError, OSError) as error:
-        raise ValueError(f"mask file {path} is not a readable .npy array: {error}") from error
+        raise UsageError(f"mask file {path} is not a readable .npy array: {error}") from error
     if array.shape != tuple(shape):
-        raise ValueError(f"mask file {path} is {array.shape}, the dataset's labels are {tuple(shape)}")
+        raise UsageError(f"mask file {path} is {array.shape}, the dataset's labels are {tuple(shape)}")
     if array.dtype != bool and not np.isin(array, (0, 1)).all():
-        raise ValueError(f"mask file {path} must hold bools or 0/1")
+        raise UsageError(f"mask file {path} must hold bools or 0/1")
     return torch.from_numpy(array.astype(bool))

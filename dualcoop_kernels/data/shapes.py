@@ -2,15 +2,16 @@
 noise, written as a labelled CSV with PNG images, and a tiny open_clip model config to learn it with.
 A first try of the package on a CPU, in a minute (README, "A first try"), and the tests' task.
 
-    python -m dualcoop_kernels.data.shapes FOLDER   # labels.csv, test.csv, images/, tiny-clip.json
+    dualcoop first-try FOLDER   # labels.csv, test.csv, images/, tiny-clip.json
 """
 
-import argparse
 import csv
 import json
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import UsageError
 
 SHAPES = {
     "red square": (220, 30, 30),
@@ -70,17 +71,19 @@ def write_tiny_clip(folder):
     return path
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="where to write the task (made if missing)")
-    parser.add_argument("--train", type=int, default=160, help="training images")
-    parser.add_argument("--test", type=int, default=64, help="test images")
-    args = parser.parse_args(argv)
-    train = write_shapes(args.folder, args.train, seed=0)
-    test = write_shapes(args.folder, args.test, seed=1, name="test.csv")
-    print(f"{train} ({args.train} images), {test} ({args.test} images), {write_tiny_clip(args.folder)}")
-    return 0
+def write_first_try(folder: Path, train: int = 160, test: int = 64) -> str:
+    """The first try's task in ``folder``; what was written, in a line."""
+    for name, count in (("train", train), ("test", test)):
+        if count < 1:
+            raise UsageError(f"--{name} must be at least 1 image, got {count}")
+    train_csv = write_shapes(folder, train, seed=0)
+    test_csv = write_shapes(folder, test, seed=1, name="test.csv")
+    return f"{train_csv} ({train} images), {test_csv} ({test} images), {write_tiny_clip(folder)}"
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # python -m dualcoop_kernels.data.shapes FOLDER: as dualcoop first-try
+    import sys
+
+    from ..cli import main
+
+    raise SystemExit(main(["first-try", *sys.argv[1:]]))

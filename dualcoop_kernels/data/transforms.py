@@ -32,6 +32,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from .._checks import check_choice
+from ..errors import UsageError
 from ..options import AUGMENTATIONS, CLIP_MEAN, CLIP_STD
 from .protocols import check_protocol
 
@@ -121,16 +122,16 @@ class PolicyStep:
 def _policy_step(sub_policy: dict, position: int, ranges: dict, where: str) -> PolicyStep:
     op, probability = sub_policy[f"op{position}"], float(sub_policy[f"p{position}"])
     if op not in POLICY_OPS:
-        raise ValueError(f"{where}: unknown op {op!r} in op{position}; known ops: {', '.join(sorted(POLICY_OPS))}")
+        raise UsageError(f"{where}: unknown op {op!r} in op{position}; known ops: {', '.join(sorted(POLICY_OPS))}")
     if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"{where}: p{position} must lie in [0, 1], got {probability}")
+        raise UsageError(f"{where}: p{position} must lie in [0, 1], got {probability}")
     if op in MAGNITUDE_FREE_OPS:
         return PolicyStep(op, probability, None)
     if op not in ranges:
-        raise ValueError(f"{where}: op {op!r} takes a magnitude, but magnitude_ranges has no range for it")
+        raise UsageError(f"{where}: op {op!r} takes a magnitude, but magnitude_ranges has no range for it")
     index = sub_policy[f"magnitude_index{position}"]
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAGNITUDE_LEVELS:
-        raise ValueError(
+        raise UsageError(
             f"{where}: magnitude_index{position} must be an int in 0..{MAGNITUDE_LEVELS - 1}, got {index!r}"
         )
     low, high = ranges[op]
@@ -157,7 +158,7 @@ def load_policy(policy_file: str | Path | None = None) -> tuple[tuple[PolicyStep
         for i, sub_policy in enumerate(table["sub_policies"])
     )
     if not sub_policies:
-        raise ValueError(f"{name}: the table has no sub-policies")
+        raise UsageError(f"{name}: the table has no sub-policies")
     return sub_policies
 
 
@@ -206,7 +207,7 @@ class RandomCutout(_Transform):
     def __init__(self, fraction: float):
         super().__init__()
         if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must lie in (0, 1] (the cutout's side over the image's), got {fraction!r}")
+            raise UsageError(f"fraction must lie in (0, 1] (the cutout's side over the image's), got {fraction!r}")
         self.fraction = fraction
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
@@ -225,19 +226,19 @@ class RandomCutout(_Transform):
 
 def _check_image_size(image_size) -> int:
     if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int (the square side in pixels), got {image_size!r}")
+        raise UsageError(f"image_size must be a positive int (the square side in pixels), got {image_size!r}")
     return int(image_size)
 
 
 def _check_crop_scale(crop_scale) -> tuple[float, float]:
     message = f"crop_scale must be two numbers 0 < lo <= hi <= 1 (the crop's area fractions), got {crop_scale!r}"
     if not isinstance(crop_scale, Sequence) or len(crop_scale) != 2:
-        raise ValueError(message)
+        raise UsageError(message)
     if any(isinstance(x, bool) or not isinstance(x, numbers.Real) for x in crop_scale):
-        raise ValueError(message)
+        raise UsageError(message)
     low, high = float(crop_scale[0]), float(crop_scale[1])
     if not 0.0 < low <= high <= 1.0:
-        raise ValueError(message)
+        raise UsageError(message)
     return low, high
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from .dataset import DatasetError, MultiLabelDataset
 
 VOC_CLASSES = [
@@ -60,7 +61,7 @@ def _present_classes(path: Path) -> set[str]:
 def read_voc(root, split: str = "trainval") -> MultiLabelDataset:
     """VOC 2007 ``trainval`` (the papers' training set) or ``test`` with +1 / -1 labels."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise UsageError(f"split must be one of {SPLITS}, got {split!r}")
     root = Path(root)
     ids = _image_ids(root / "ImageSets" / "Main" / f"{split}.txt")
     labels = -torch.ones(len(ids), len(VOC_CLASSES), dtype=torch.int8)

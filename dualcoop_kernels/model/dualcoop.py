@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_classnames, check_float, check_tensor
+from ..errors import UsageError
 from ..head import DualCoOpHead
 from ..options import (
     DEFAULT_LOG_SPATIAL_TEMP,
@@ -168,7 +169,7 @@ class DualCoOpPlusPlus(nn.Module):
         """B x 2 x C logits of ``images`` (or of cached ``regions``); with ``classes`` (indices), B x 2 x
         len(classes) logits of those classes only, in that order."""
         if (images is None) == (regions is None):
-            raise ValueError("pass images (B x 3 x H x W) or regions (B x N x D from encode_regions), one of them")
+            raise UsageError("pass images (B x 3 x H x W) or regions (B x N x D from encode_regions), one of them")
         if regions is None:
             regions = self.encode_regions(images)
         else:
@@ -176,7 +177,7 @@ class DualCoOpPlusPlus(nn.Module):
             check_tensor("regions", regions, 3, doc)
             check_float("regions", regions)
             if regions.shape[-1] != self.embed_dim:
-                raise ValueError(f"regions must have shape {doc}, got {tuple(regions.shape)}")
+                raise UsageError(f"regions must have shape {doc}, got {tuple(regions.shape)}")
         texts = self.text_features(classes)
         # the head computes in float32 (float64 for float64 regions), also when the encoders ran in
         # fp16 or bf16 under autocast
@@ -257,10 +258,10 @@ class DualCoOpPlusPlus(nn.Module):
         """Load what :meth:`prompt_state_dict` returned; the names and shapes must match this model's."""
         own = dict((name, p) for name, p in self.named_parameters() if p.requires_grad)
         if set(state) != set(own):
-            raise ValueError(f"prompt state has {sorted(state)}, this model learns {sorted(own)}")
+            raise UsageError(f"prompt state has {sorted(state)}, this model learns {sorted(own)}")
         for name, value in state.items():
             if value.shape != own[name].shape:
-                raise ValueError(f"{name}: shape {tuple(value.shape)} in the state, {tuple(own[name].shape)} here")
+                raise UsageError(f"{name}: shape {tuple(value.shape)} in the state, {tuple(own[name].shape)} here")
         with torch.no_grad():
             for name, value in state.items():
                 own[name].copy_(value)

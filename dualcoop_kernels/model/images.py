@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .._checks import check_tensor, has_values
+from ..errors import UsageError, UsageTypeError
 from ..options import CLIP_MEAN, CLIP_STD
 
 # Normalised images lie within about [-1.8, 2.2]; pixels in 0..255 are far outside
@@ -27,14 +28,14 @@ def _as_rgb(image):
             return np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=2)
         if image.ndim == 3 and image.shape[2] in (3, 4):
             return image[:, :, :3]
-        raise ValueError(f"a NumPy image must be H x W, H x W x 1, 3 or 4 (RGB or RGBA), got shape {image.shape}")
+        raise UsageError(f"a NumPy image must be H x W, H x W x 1, 3 or 4 (RGB or RGBA), got shape {image.shape}")
     if isinstance(image, torch.Tensor):
         if image.dim() in (3, 4) and image.shape[-3] == 3:
             return image
-        raise ValueError(f"an image tensor must be 3 x H x W or B x 3 x H x W (uint8), got {tuple(image.shape)}")
+        raise UsageError(f"an image tensor must be 3 x H x W or B x 3 x H x W (uint8), got {tuple(image.shape)}")
     opened = isinstance(image, (str, os.PathLike))
     hint = ": open the file first (PIL.Image.open, or dualcoop_kernels.data.load_image)" if opened else ""
-    raise TypeError(
+    raise UsageTypeError(
         "the image transform takes an image (a PIL image, an H x W x 3 NumPy array or a 3 x H x W uint8 "
         f"tensor), got {type(image).__name__}{hint}"
     )
@@ -46,11 +47,11 @@ def check_images(images) -> None:
     hint = "model.image_transform() turns PIL images or uint8 tensors into them"
     check_tensor("images", images, 4, "B x 3 x H x W")
     if images.shape[1] != 3:
-        raise ValueError(f"images must have shape B x 3 x H x W (RGB), got {tuple(images.shape)}")
+        raise UsageError(f"images must have shape B x 3 x H x W (RGB), got {tuple(images.shape)}")
     if not images.is_floating_point():
-        raise TypeError(f"images must be normalised floating tensors, got {images.dtype}: {hint}")
+        raise UsageTypeError(f"images must be normalised floating tensors, got {images.dtype}: {hint}")
     if has_values(images) and images.numel() and float(images.abs().amax()) > MAX_NORMALISED_PIXEL:
-        raise ValueError(
+        raise UsageError(
             f"images must be normalised with CLIP's mean and std (values within about [-2, 2.5]), got values "
             f"up to {float(images.abs().amax()):.4g}, as 0..255 pixels would be: {hint}"
         )
@@ -63,7 +64,7 @@ def clip_image_transform(visual: nn.Module, image_size: int | None = None):
     from torchvision.transforms import InterpolationMode, v2
 
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"image_size must be a positive number of pixels (an int), or None, got {image_size!r}")
+        raise UsageError(f"image_size must be a positive number of pixels (an int), or None, got {image_size!r}")
     side = image_size or visual.image_size
     side = side if isinstance(side, int) else side[0]
     mean = getattr(visual, "image_mean", None) or CLIP_MEAN

@@ -16,6 +16,7 @@ import socket
 from torch import nn
 
 from .._checks import error_gist
+from ..errors import UsageError
 
 MODEL_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what every open_clip model config holds
 
@@ -66,10 +67,10 @@ def registered_name(model: str) -> str:
         with open(model, encoding="utf-8") as file:
             config = json.load(file)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"open_clip model config {model} is not readable JSON ({error})") from error
+        raise UsageError(f"open_clip model config {model} is not readable JSON ({error})") from error
     missing = [key for key in MODEL_CONFIG_KEYS if not isinstance(config, dict) or key not in config]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"open_clip model config {model} lacks {missing}: it must be a JSON object with embed_dim, "
             "vision_cfg and text_cfg, as open_clip's model configs are (docs/training.md shows one)"
         )
@@ -88,7 +89,7 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
     open_clip = open_clip_module()
     model_name = registered_name(model_name)
     if model_name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model_name!r}; e.g. RN50, RN101, RN50x4, ViT-B-16, ViT-L-14")
+        raise UsageError(f"unknown open_clip model {model_name!r}; e.g. RN50, RN101, RN50x4, ViT-B-16, ViT-L-14")
     if pretrained is None:
         with _without_random_weights_warning():
             return open_clip.create_model(model_name)
@@ -96,12 +97,12 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
         try:
             return open_clip.create_model(model_name, pretrained=pretrained)
         except Exception as error:  # not a checkpoint, or one of another model: torch's and pickle's errors
-            raise ValueError(
+            raise UsageError(
                 f"pretrained file {pretrained} is not a checkpoint of {model_name} ({error_gist(error)}); it "
                 "must hold the model's state dict (a torch .pt/.bin or .safetensors file, as open_clip saves them)"
             ) from error
     if pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
-        raise ValueError(
+        raise UsageError(
             f"pretrained={pretrained!r} is neither a file nor an open_clip tag of {model_name}; "
             f"tags: {open_clip.list_pretrained_tags_by_model(model_name)}"
         )

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from .._atomic import atomic_open, atomic_write_text, load_torch_file
+from ..errors import UsageError
+from ..version import __version__
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 FORMAT = "dualcoop_kernels prompts"
@@ -61,12 +62,12 @@ def save_pretrained(model, folder, settings: dict, **info) -> Path:
     from safetensors.torch import save
 
     if settings.get("pretrained") in (None, "none") and settings.get("seed") is None:
-        raise ValueError(
+        raise UsageError(
             "the model's CLIP has random weights, which the receiver can rebuild only from their seed: build "
             "it under torch.manual_seed(seed) and pass settings={'seed': seed}"
         )
     if not settings.get("clip"):
-        raise ValueError("settings must name the open_clip model (clip=...): a CLIP given as a module has no name")
+        raise UsageError("settings must name the open_clip model (clip=...): a CLIP given as a module has no name")
 
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.prompt_state_dict().items()}
     weights = save(state, metadata={"format": "pt"})
@@ -104,7 +105,7 @@ def load_pretrained(source, *, clip=None, pretrained: str | None = None):
     try:
         model.load_prompt_state_dict(state)
     except ValueError as error:
-        raise ValueError(
+        raise UsageError(
             f"{folder} holds {describe_prompts(state, classnames)}, but its settings ask for "
             f"{describe_settings(settings, len(classnames))}: the prompts are another run's ({error})"
         ) from error
@@ -133,9 +134,9 @@ def read_config(folder: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} cannot be read as JSON ({error})") from error
+        raise UsageError(f"{path} cannot be read as JSON ({error})") from error
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f'{path} is not the config of dualcoop_kernels prompts (no "format": "{FORMAT}")')
+        raise UsageError(f'{path} is not the config of dualcoop_kernels prompts (no "format": "{FORMAT}")')
     return config
 
 
@@ -148,9 +149,9 @@ def _shared_folder(folder: Path) -> tuple[dict, list[str], dict]:
         weights = (folder / WEIGHTS).read_bytes()
         state = load(weights)
     except (OSError, SafetensorError) as error:
-        raise ValueError(f"{folder / WEIGHTS} cannot be read as safetensors ({error})") from error
+        raise UsageError(f"{folder / WEIGHTS} cannot be read as safetensors ({error})") from error
     if hashlib.sha256(weights).hexdigest() != config.get("weights_sha256"):
-        raise ValueError(
+        raise UsageError(
             f"{folder}: {WEIGHTS} is not the file {CONFIG} was written with (a save stopped half-way?); "
             "save the prompts again"
         )
@@ -162,12 +163,12 @@ def _old_run(folder: Path) -> tuple[dict, list[str], dict]:
     try:
         settings = json.loads((folder / CONFIG).read_text()) if (folder / CONFIG).is_file() else None
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{folder / CONFIG} cannot be read as JSON ({error})") from error
+        raise UsageError(f"{folder / CONFIG} cannot be read as JSON ({error})") from error
     if not isinstance(settings, dict):
-        raise ValueError(f"{folder} holds {OLD_PROMPTS} but no config.json of its run's settings")
+        raise UsageError(f"{folder} holds {OLD_PROMPTS} but no config.json of its run's settings")
     best = load_torch_file(folder / OLD_PROMPTS, "learned prompts")
     if not isinstance(best, dict) or not {"prompts", "classnames"} <= set(best):
-        raise ValueError(f"{folder / OLD_PROMPTS} is not a prompts file of dualcoop_kernels")
+        raise UsageError(f"{folder / OLD_PROMPTS} is not a prompts file of dualcoop_kernels")
     return settings, best["classnames"], best["prompts"]
 
 

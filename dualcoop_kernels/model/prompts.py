@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .._checks import check_classnames
+from ..errors import UsageError
 
 DEFAULT_N_CTX = 21  # DualCoOp++'s context length
 PLACEHOLDER = "X"  # stands for a learned context token in the tokenized prompt
@@ -43,7 +44,7 @@ class PromptLearner(nn.Module):
             phrase_tokens = tokenizer([ctx_init])[0]
             length = int(phrase_tokens.argmax()) - 1  # between [SOS] and [EOS] (the largest id)
             if n_ctx not in (None, length):
-                raise ValueError(f"ctx_init {ctx_init!r} has {length} tokens but n_ctx is {n_ctx}")
+                raise UsageError(f"ctx_init {ctx_init!r} has {length} tokens but n_ctx is {n_ctx}")
             n_ctx, phrase = length, ctx_init
             with torch.no_grad():
                 start = embedding(phrase_tokens[None, 1 : 1 + n_ctx].to(embedding.weight.device))[0]
@@ -53,7 +54,7 @@ class PromptLearner(nn.Module):
             start = None
         context_length = clip_model.positional_embedding.shape[0]
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 1 <= n_ctx <= context_length - 4:
-            raise ValueError(
+            raise UsageError(
                 f"n_ctx must be an integer from 1 to {context_length - 4} (the text context holds "
                 f"{context_length} tokens, of which [SOS], the class name, '.' and [EOS] take at least 4), "
                 f"got {n_ctx!r}"
@@ -85,7 +86,7 @@ class PromptLearner(nn.Module):
         """These shared contexts around other class names: the same parameters (not copies), so the
         new learner follows every update of this one. Class-specific contexts are refused."""
         if self.csc:
-            raise ValueError(
+            raise UsageError(
                 "class-specific contexts exist only for the classes they were trained on; only contexts "
                 "shared by all classes (csc=False) can score other class names"
             )
@@ -117,7 +118,7 @@ def _tokenize_whole(tokenizer, texts, classnames, n_ctx, context_length) -> torc
     if too_long:
         name = classnames[too_long[0]]
         needed = int(tokenizer([texts[too_long[0]]], context_length=4 * context_length)[0].argmax()) + 1
-        raise ValueError(
+        raise UsageError(
             f"class name {name!r} does not fit the text context: its prompt needs {needed} tokens with "
             f"n_ctx={n_ctx}, and the context holds {context_length} ({len(too_long)} class(es) too long); "
             "shorten the name or lower n_ctx"

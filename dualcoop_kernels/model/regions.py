@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError, UsageTypeError
+
 
 def is_resnet(visual: nn.Module) -> bool:
     return hasattr(visual, "attnpool") and hasattr(visual, "layer4")
@@ -96,7 +98,7 @@ def region_grid(regions: int, height: int, width: int) -> tuple[int, int]:
     pixels (row-major, as both towers flatten their feature maps)."""
     rows = max(1, round(math.sqrt(regions * height / width)))
     if regions % rows:
-        raise ValueError(f"{regions} regions do not form a grid for a {height} x {width} image")
+        raise UsageError(f"{regions} regions do not form a grid for a {height} x {width} image")
     return rows, regions // rows
 
 
@@ -108,7 +110,7 @@ def check_image_side(visual: nn.Module, side: int) -> None:
     patch = visual.conv1.stride[0]
     if side % patch:
         below = side - side % patch
-        raise ValueError(
+        raise UsageError(
             f"image_size {side} is not a multiple of the ViT's patch size {patch}: its last {side % patch} rows "
             f"and columns of pixels would be left out; use {below or patch} or {below + patch}"
         )
@@ -117,9 +119,11 @@ def check_image_side(visual: nn.Module, side: int) -> None:
 def region_features(visual: nn.Module, images: torch.Tensor, with_positions: bool = False) -> torch.Tensor:
     """Region features of any supported open_clip image tower (ResNet or ViT); see the module doc."""
     if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must have shape B x 3 x H x W, got {tuple(images.shape)}")
+        raise UsageError(f"images must have shape B x 3 x H x W, got {tuple(images.shape)}")
     if is_resnet(visual):
         return resnet_regions(visual, images, with_positions)
     if is_vit(visual):
         return vit_regions(visual, images)
-    raise TypeError(f"unsupported image tower {type(visual).__name__}: expected an open_clip ModifiedResNet or ViT")
+    raise UsageTypeError(
+        f"unsupported image tower {type(visual).__name__}: expected an open_clip ModifiedResNet or ViT"
+    )

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError, UsageTypeError
+
 # tokens x width per chunk of classes without autograd: about 50 MB of activations at any width
 # (2,048 tokens at CLIP's 512), enough to keep the matrix products efficient
 NO_GRAD_CHUNK_ELEMENTS = 2**20
@@ -48,10 +50,12 @@ class TextEncoder(nn.Module):
         parts = ("transformer", "attn_mask", "token_embedding", "positional_embedding", "ln_final", "text_projection")
         for part in parts:
             if not hasattr(clip_model, part):
-                raise TypeError(f"the CLIP model has no {part}: only open_clip CLIP models (not CustomTextCLIP) work")
+                raise UsageTypeError(
+                    f"the CLIP model has no {part}: only open_clip CLIP models (not CustomTextCLIP) work"
+                )
         pooling = getattr(clip_model, "text_pool_type", "argmax")
         if pooling != "argmax":
-            raise ValueError(
+            raise UsageError(
                 f"the CLIP model pools its text features by {pooling!r}; prompts are read at their [EOS] token "
                 "(text pool type 'argmax', as in OpenAI's CLIP)"
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from ..options import DEFAULT_LOGIT_SCALE, DEFAULT_WTA_GAMMA, WTA_MODES, WTA_WEIGHTS
 from .upcast import upcast_low_precision
 
@@ -30,7 +31,7 @@ def wta_weights(sim_pos: torch.Tensor, mode: str, gamma: float) -> tuple[torch.T
     reaches exactly one element, as in docs/math.md, Backward.
     """
     if mode not in WTA_WEIGHTS:
-        raise ValueError(f"wta must be one of {WTA_MODES}, got {mode!r}")
+        raise UsageError(f"wta must be one of {WTA_MODES}, got {mode!r}")
     kinds = WTA_WEIGHTS[mode]
     coefficients = (sim_pos.max(dim=-1, keepdim=True).values, sim_pos.min(dim=-1, keepdim=True).values)
     return tuple(

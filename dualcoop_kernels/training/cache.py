@@ -23,6 +23,7 @@ import torch
 from .._atomic import atomic_write_text
 from ..data import MultiLabelDataset
 from ..data.transforms import train_transform
+from ..errors import UsageError
 from . import distributed
 from .config import TrainConfig
 from .datasets import training_split
@@ -85,7 +86,7 @@ class FeatureCache:
                 f"feature cache {self.folder}: no manifest.json (not a cache, or not started)"
             ) from None
         except json.JSONDecodeError as error:
-            raise ValueError(f"feature cache {self.folder}: manifest.json is not valid JSON ({error})") from error
+            raise UsageError(f"feature cache {self.folder}: manifest.json is not valid JSON ({error})") from error
 
     def chunks(self, manifest: dict) -> int:
         return math.ceil(manifest["count"] / manifest["chunk_images"])
@@ -115,20 +116,20 @@ class FeatureCache:
         mismatched = {key: (manifest.get(key), value) for key, value in expected.items() if manifest.get(key) != value}
         if mismatched:
             listing = "; ".join(_mismatch(key, got, want) for key, (got, want) in mismatched.items())
-            raise ValueError(f"feature cache {self.folder} was made otherwise than this run needs ({listing})")
+            raise UsageError(f"feature cache {self.folder} was made otherwise than this run needs ({listing})")
         missing = sorted(set(range(self.chunks(manifest))) - self.done())
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"feature cache {self.folder} is incomplete: {len(missing)} chunks missing "
                 "(run the same dualcoop cache command again to finish it)"
             )
         try:
             features = self.open(manifest, "r")
         except (OSError, ValueError) as error:
-            raise ValueError(f"feature cache {self.folder}: features.npy cannot be read ({error})") from error
+            raise UsageError(f"feature cache {self.folder}: features.npy cannot be read ({error})") from error
         wanted = (manifest["views"], manifest["count"], manifest["regions"], manifest["width"])
         if features.shape != wanted:
-            raise ValueError(
+            raise UsageError(
                 f"feature cache {self.folder}: features.npy is {features.shape}, the manifest says {wanted}"
             )
         return features
@@ -161,10 +162,10 @@ def extract(
     torchrun rank 0 creates the cache and every rank writes its own chunks (``rank``, ``rank + world``,
     ...)."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        raise UsageError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     augment = augment and config.augment != "none"
     if isinstance(views, bool) or not isinstance(views, int) or views < 1 or (views > 1 and not augment):
-        raise ValueError(f"views must be a positive int, and 1 without augmentation (--augment), got {views!r}")
+        raise UsageError(f"views must be a positive int, and 1 without augmentation (--augment), got {views!r}")
     cache = FeatureCache(folder)
     device = device or next(model.parameters()).device
     model.eval()
@@ -207,7 +208,7 @@ def _create_or_check(cache: FeatureCache, manifest: dict, ranks: Ranks) -> None:
         found = cache.manifest()
         if found != manifest:
             different = sorted(key for key in manifest if found.get(key) != manifest[key])
-            raise ValueError(
+            raise UsageError(
                 f"{cache.folder} holds a cache made otherwise (differs in {different}); choose another --out"
             )
     elif ranks.main:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._atomic import atomic_write_text
+from ..errors import UsageError, UsageTypeError
 from ..options import (
     AUGMENTATIONS,
     DATASETS,
@@ -179,14 +180,14 @@ class TrainConfig:
         ]
         for passed, message in checks:
             if not passed:
-                raise ValueError(message)
+                raise UsageError(message)
         for name, value in WTA_TRAINING_ALIASES.get(self.wta, {}).items():  # a mode and a setting
             setattr(self, name, value)
         self.wta = WTA_ALIASES.get(self.wta, self.wta)
         if self.val_images is not None and self.val_images < 1:
-            raise ValueError(f"val_images must be at least 1, got {self.val_images}")
+            raise UsageError(f"val_images must be at least 1, got {self.val_images}")
         if self.select_on == "val" and self.val_fraction == 0 and self.val_images is None:
-            raise ValueError("select_on='val' needs val_fraction > 0 (or select_on='test', the authors' way)")
+            raise UsageError("select_on='val' needs val_fraction > 0 (or select_on='test', the authors' way)")
 
     def _check_types(self) -> None:
         """Settings of the wrong type fail here, naming the setting, not later inside the run."""
@@ -199,9 +200,9 @@ class TrainConfig:
             if expected is None or (value is None and "None" in item.type):
                 continue
             if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
-                raise TypeError(f"{item.name} must be {item.type}, got {value!r}")
+                raise UsageTypeError(f"{item.name} must be {item.type}, got {value!r}")
         if len(self.crop_scale) != 2 or not all(isinstance(v, (int, float)) for v in self.crop_scale):
-            raise TypeError(f"crop_scale must be two numbers (low, high), got {self.crop_scale!r}")
+            raise UsageTypeError(f"crop_scale must be two numbers (low, high), got {self.crop_scale!r}")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -214,11 +215,11 @@ class TrainConfig:
         try:
             values = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read the run's configuration {path}: {error}") from error
+            raise UsageError(f"cannot read the run's configuration {path}: {error}") from error
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown settings {unknown}")
+            raise UsageError(f"{path}: unknown settings {unknown}")
         return cls(**values)
 
 
@@ -245,5 +246,5 @@ PRESETS = {
 def preset_config(name: str) -> dict:
     """The settings of a preset, to be overridden as needed."""
     if name not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+        raise UsageError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
     return dict(PRESETS[name])

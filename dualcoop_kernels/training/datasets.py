@@ -25,6 +25,7 @@ from ..data import (
     read_voc,
     save_mask,
 )
+from ..errors import UsageError
 from .config import TrainConfig
 
 VALIDATION_SEED = 0  # the held-out images are the same for every run and proportion
@@ -65,7 +66,7 @@ def _splits(config: TrainConfig) -> tuple[MultiLabelDataset, dict[str, MultiLabe
     root = config.root
     if config.dataset == "bigearthnet":
         if config.zero_shot:
-            raise ValueError("BigEarthNet has no zero-shot split; zero-shot runs use coco, nuswide or csv")
+            raise UsageError("BigEarthNet has no zero-shot split; zero-shot runs use coco, nuswide or csv")
         options = dict(classes=config.bigearthnet_classes, rgb_max=config.rgb_max)
         return read_bigearthnet(root, "train", **options), {"test": read_bigearthnet(root, "test", **options)}
     if config.dataset == "coco":
@@ -73,7 +74,7 @@ def _splits(config: TrainConfig) -> tuple[MultiLabelDataset, dict[str, MultiLabe
         test = read_coco(root, "val", protocol=config.protocol)
         if config.zero_shot:
             if len(train.classnames) != len(COCO_CLASSES):
-                raise ValueError(
+                raise UsageError(
                     f"COCO's zero-shot split indexes its 80 classes; {root} lists {len(train.classnames)} categories"
                 )
             unseen, everything = test.classes(COCO_UNSEEN), test.classes(COCO_SEEN + COCO_UNSEEN)
@@ -89,21 +90,21 @@ def _splits(config: TrainConfig) -> tuple[MultiLabelDataset, dict[str, MultiLabe
         return read_nuswide(root, "train"), {"test": read_nuswide(root, "test")}
     if config.dataset == "voc":
         if config.zero_shot:
-            raise ValueError("VOC has no zero-shot split; zero-shot runs use coco, nuswide or csv")
+            raise UsageError("VOC has no zero-shot split; zero-shot runs use coco, nuswide or csv")
         return read_voc(root, "trainval"), {"test": read_voc(root, "test")}
     train = read_csv_labels(root)
     if config.test_root is None:
         if config.zero_shot:
-            raise ValueError("a zero-shot csv run needs test_root: a CSV whose header names the unseen classes")
+            raise UsageError("a zero-shot csv run needs test_root: a CSV whose header names the unseen classes")
         return train, {}
     test = read_csv_labels(config.test_root)
     if not config.zero_shot:
         if test.classnames != train.classnames:
-            raise ValueError(f"{config.test_root}: its classes differ from the training CSV's {train.classnames}")
+            raise UsageError(f"{config.test_root}: its classes differ from the training CSV's {train.classnames}")
         return train, {"test": test}
     unseen = [i for i, name in enumerate(test.classnames) if name not in train.classnames]
     if not unseen:
-        raise ValueError(f"{config.test_root}: a zero-shot test CSV must name classes the training CSV lacks")
+        raise UsageError(f"{config.test_root}: a zero-shot test CSV must name classes the training CSV lacks")
     return train, {"zsl": test.classes(unseen), "gzsl": test}
 
 
@@ -122,7 +123,7 @@ def validation_indices(count: int, fraction: float, images: int | None = None) -
     held = max(1, round(fraction * count)) if images is None else images
     if held >= count:
         asked = f"--val-fraction {fraction}" if images is None else f"--val-images {images}"
-        raise ValueError(f"{asked} leaves no training images of {count}")
+        raise UsageError(f"{asked} leaves no training images of {count}")
     return np.sort(np.random.RandomState(VALIDATION_SEED).permutation(count)[:held])
 
 
@@ -159,7 +160,7 @@ def _check_disjoint(train: MultiLabelDataset, others: dict[str, MultiLabelDatase
             path for path in (other.image_paths if other is not None else []) if os.path.abspath(path) in training
         ]
         if shared:
-            raise ValueError(
+            raise UsageError(
                 f"the {name} images ({other.name}) share {len(shared)} image(s) with the training images, "
                 f"e.g. {shared[0]}: a score on them would not be a held-out score"
             )

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from .._atomic import atomic_open
 from ..data import load_image
 from ..data.transforms import test_transform
+from ..errors import UsageError
 from ..metrics import average_precision, evaluate, ranking_scores, top_k_metrics
 from .config import TrainConfig
 from .datasets import load_run_data
@@ -38,7 +39,7 @@ def model_for(model, config: TrainConfig, classnames: list[str]):
     if classnames == model.prompts.classnames:
         return model
     if config.csc:
-        raise ValueError(
+        raise UsageError(
             "scoring other classes needs a run trained with contexts shared by all classes (--zero-shot or "
             "--shared-contexts); this run learned class-specific contexts, which exist only for its own classes"
         )
@@ -123,14 +124,14 @@ def load_scores(path) -> dict:
                 classnames=saved["classnames"].tolist(),
             )
     except (OSError, KeyError, ValueError) as error:
-        raise ValueError(f"scores file {path} cannot be read ({error})") from error
+        raise UsageError(f"scores file {path} cannot be read ({error})") from error
 
 
 def evaluate_run(run, splits: list[str] | None = None, device: str | None = None, workers: int | None = None) -> dict:
     """A finished run's best prompts on ``splits`` (test, zsl, gzsl, val; by default its test sets, or
     its held-out images where it has none): each split's metrics, by name."""
     if workers is not None and workers < 0:
-        raise ValueError(f"--workers must be >= 0 (data-loading processes), got {workers}")
+        raise UsageError(f"--workers must be >= 0 (data-loading processes), got {workers}")
     config, model, resolved = load_best(run, device)
     if workers is not None:
         config.workers = workers
@@ -141,7 +142,7 @@ def evaluate_run(run, splits: list[str] | None = None, device: str | None = None
     chosen = splits or [name for name in sets if name != "val"] or ["val"]
     unknown = [name for name in chosen if name not in sets]
     if unknown:
-        raise ValueError(f"--split {unknown[0]!r}: this run's splits are {sorted(sets)}")
+        raise UsageError(f"--split {unknown[0]!r}: this run's splits are {sorted(sets)}")
     return {name: evaluate_split(model, sets[name], config, resolved) for name in chosen}
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
 from .._atomic import atomic_write_text
+from ..errors import UsageError
+from ..version import __version__
 from .config import PRESETS, TrainConfig, preset_config
 from .evaluation import METRIC_MEANINGS, SUMMARY_COLUMNS, TOP_K_COLUMNS, load_scores
 from .maps import jpeg_bytes, overlay
@@ -104,7 +105,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} cannot be read ({error}): has the run finished?") from error
+        raise UsageError(f"{path} cannot be read ({error}): has the run finished?") from error
 
 
 def _is_split(value) -> bool:

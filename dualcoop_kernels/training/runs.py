@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import traceback
 from pathlib import Path
 
 import torch
 
 from .._atomic import load_torch_file
+from ..errors import UsageError
 from ..model import DualCoOpPlusPlus
 from ..model.pretrained import SETTINGS, build_from_settings, load_pretrained, read_config, save_pretrained
 from .config import TrainConfig
@@ -34,9 +36,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from error
+        raise UsageError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
+        raise UsageError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
     return device
 
 
@@ -51,7 +53,7 @@ def resumed_config(run: Path, runtime: dict) -> TrainConfig:
     runtime settings given (``workers``, ``device``) replacing the saved ones."""
     unknown = sorted(set(runtime) - set(RUNTIME_SETTINGS))
     if unknown:
-        raise ValueError(f"a resumed run may change only {list(RUNTIME_SETTINGS)}, not {unknown}")
+        raise UsageError(f"a resumed run may change only {list(RUNTIME_SETTINGS)}, not {unknown}")
     return dataclasses.replace(TrainConfig.load(Path(run) / "config.json"), **runtime)
 
 
@@ -66,7 +68,7 @@ def refuse_other_settings(run: Path, config: TrainConfig, asked: dict) -> None:
         if not item.metadata["runtime"] and getattr(wanted, item.name) != getattr(config, item.name)
     ]
     if different:
-        raise ValueError(
+        raise UsageError(
             f"--resume continues {run} as its config.json says, and these settings differ: "
             f"{', '.join(different)}; drop them (only --workers and --device may change)"
         )
@@ -92,11 +94,11 @@ def open_run(config: TrainConfig, run: Path, resume: bool, ranks: Ranks) -> dict
         )
     saved = load_torch_file(checkpoint, "checkpoint")
     if not isinstance(saved, dict) or "config" not in saved:
-        raise ValueError(f"{checkpoint} is not a checkpoint of this version of dualcoop_kernels; start the run again")
+        raise UsageError(f"{checkpoint} is not a checkpoint of this version of dualcoop_kernels; start the run again")
     made_with = dataclasses.replace(TrainConfig(**saved["config"]), **{n: getattr(config, n) for n in RUNTIME_SETTINGS})
     if made_with != config:
         different = [n for n in saved["config"] if getattr(made_with, n) != getattr(config, n)]
-        raise ValueError(f"{run}: its checkpoint was made with other settings than these (they differ in {different})")
+        raise UsageError(f"{run}: its checkpoint was made with other settings than these (they differ in {different})")
     return saved
 
 
@@ -138,7 +140,7 @@ def load_best(run: Path, device: str | None = None) -> tuple[TrainConfig, DualCo
         if saved.get("clip") not in (config.clip, Path(config.clip).stem):
             different.insert(0, "clip")
         if different:
-            raise ValueError(
+            raise UsageError(
                 f"{folder} holds another run's prompts: its settings differ from {run}/config.json in {different}"
             )
     resolved = resolve_device(config.device)
@@ -159,7 +161,7 @@ def run_log(run: Path, ranks: Ranks):
         yield
     except BaseException as error:
         with contextlib.suppress(OSError), open(Path(run) / LOG, "a", encoding="utf-8") as file:
-            file.write(f"rank {ranks.rank} stopped: {type(error).__name__}: {error}\n")
+            file.write(f"rank {ranks.rank} stopped: {type(error).__name__}: {error}\n{traceback.format_exc()}")
         raise
     finally:
         if handler is not None:

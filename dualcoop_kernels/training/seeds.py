@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import UsageError
+
 # Each stream's tag follows its numbers and keeps its seeds apart from the other streams'. The first two
 # streams have none (they differ in how many numbers they take), as before tags existed: runs keep their
 # numbers.
@@ -22,7 +24,7 @@ def derived_seed(stream: str, seed: int, *numbers: int) -> int:
     """A 63-bit seed for a draw of ``stream`` (a key of ``STREAM_TAGS``), from the run's ``seed`` and
     the ``numbers`` that identify the draw."""
     if stream not in STREAM_TAGS:
-        raise ValueError(f"stream must be one of {tuple(STREAM_TAGS)}, got {stream!r}")
+        raise UsageError(f"stream must be one of {tuple(STREAM_TAGS)}, got {stream!r}")
     entropy = [int(seed), *(int(n) for n in numbers), *STREAM_TAGS[stream]]
     # shifted as a Python int: numpy 1.x refuses np.uint64 >> int
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from .._atomic import atomic_write_text
 from ..data import MultiLabelDataset
 from ..data.transforms import train_transform
+from ..errors import UsageError
 from ..loss import AsymmetricLoss
 from ..model import DualCoOpPlusPlus
 from ..model.regions import check_image_side
@@ -103,7 +104,7 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
 def set_up(config: TrainConfig, run: Path, ranks: Ranks, device, checkpoint: dict | None, show_progress) -> Session:
     """The run's data, model and optimizer, at the state of ``checkpoint`` when it resumes."""
     if ranks.world > 1 and config.batch_size % ranks.world:
-        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {ranks.world} processes")
+        raise UsageError(f"batch_size {config.batch_size} must be a multiple of the {ranks.world} processes")
     data = load_run_data(config, run if ranks.main else None)
     model = build_model(config, data.train.classnames).to(device)
     check_image_side(model.clip.visual, config.image_size)
@@ -124,12 +125,12 @@ def set_up(config: TrainConfig, run: Path, ranks: Ranks, device, checkpoint: dic
         state.load_state_dict(checkpoint)
     steps_per_epoch = len(data.train) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise UsageError(
             f"batch_size {config.batch_size} exceeds the {len(data.train)} training images (batches drop the last)"
         )
     selection_set = data.validation if data.validation is not None else data.tests.get("zsl", data.tests.get("test"))
     if selection_set is None:
-        raise ValueError("select_on='test' needs a test set")
+        raise UsageError("select_on='test' needs a test set")
     return Session(
         config=config,
         run=run,
@@ -217,12 +218,12 @@ def train_step(session: Session, epoch: int, images: torch.Tensor, labels: torch
         logits = session.network(**inputs, classes=subset)
     loss = session.config.loss_weight * session.loss_fn(logits.float(), targets, mask)
     if not torch.isfinite(loss) and session.config.features and not torch.isfinite(images).all():
-        raise ValueError(
+        raise UsageError(
             f"the feature cache {session.config.features} holds NaN or infinite features (epoch {epoch}, step "
             f"{session.state.step}): it is damaged; make it again with dualcoop cache"
         )
     if not torch.isfinite(loss):
-        raise ValueError(
+        raise UsageError(
             f"training diverged at epoch {epoch}, step {session.state.step}: the loss is {loss.item()}; lower --lr "
             "or --loss-weight"
             + (

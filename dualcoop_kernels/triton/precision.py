@@ -23,6 +23,8 @@ import os
 import torch
 import triton.language as tl
 
+from ..errors import UsageError
+
 EMULATIONS = ("tf32", "tf32x3", "bf16")
 # GPUs whose TF32 tensor rate is about their float32 FMA rate (compute capabilities)
 TF32_NO_FASTER = {(8, 6), (8, 9), (12, 0)}
@@ -41,7 +43,7 @@ def dot_precision(compute: torch.dtype, capability: tuple[int, int] | None) -> s
 def interpreter_precision() -> str:
     emulation = os.environ.get("DUALCOOP_EMULATE_DOTS", "")
     if emulation and emulation not in EMULATIONS:
-        raise ValueError(f"DUALCOOP_EMULATE_DOTS must be one of {EMULATIONS} or unset, got {emulation!r}")
+        raise UsageError(f"DUALCOOP_EMULATE_DOTS must be one of {EMULATIONS} or unset, got {emulation!r}")
     return f"emulate-{emulation}" if emulation else "ieee"
 
 
