@@ -198,22 +198,22 @@ def compare(section, case, model, ways, backward, args) -> list[dict]:
     return rows
 
 
-def build(args, clip_name: str, names: list[str], n_ctx: int, csc: bool, clips: dict):
+def build(args, clip_name: str, names: list[str], n_ctx: int, shared_contexts: bool, clips: dict):
     """A model of the given prompts on a CLIP loaded once per name (the tiny one with --quick)."""
     if clip_name not in clips:
         clips[clip_name] = open_clip_module().model.CLIP(**TINY_CLIP) if args.quick else load_clip(clip_name)
-    model = dk.DualCoOpPlusPlus(clips[clip_name], names, n_ctx=n_ctx, csc=csc, head_backend="auto")
+    model = dk.DualCoOpPlusPlus(clips[clip_name], names, n_ctx=n_ctx, shared_contexts=shared_contexts)
     return model.to(args.device)
 
 
 def forward_backward_rows(section: str, cases, ways: list[str], args, clips) -> list[dict]:
-    """The text encoder's forward+backward on each way, at each (case, CLIP, classes, n_ctx, csc)."""
+    """The text encoder's forward+backward on each way, at each (case, CLIP, classes, n_ctx, shared contexts)."""
     rows = []
-    for case, clip_name, classes, n_ctx, csc in cases:
+    for case, clip_name, classes, n_ctx, shared_contexts in cases:
         names = class_names(QUICK[section] if args.quick else classes, case)
-        kind = "class-specific" if csc else "shared"
+        kind = "shared" if shared_contexts else "class-specific"
         progress(f"{section} {case}: {len(names)} classes, {n_ctx} {kind} contexts, forward+backward")
-        model = build(args, clip_name, names, n_ctx, csc, clips)
+        model = build(args, clip_name, names, n_ctx, shared_contexts, clips)
         rows += compare(section, case, model, ways, True, args)
     return rows
 

@@ -39,8 +39,10 @@ CONFIGS = {  # the zero-shot ones with their presets' class names (bench_text.cl
     "quick": dict(clip="RN50", image_size=224, batch=16, classes=80),
     "coco": dict(clip="RN101", image_size=448, batch=64, classes=80),
     "nuswide": dict(clip="RN101", image_size=448, batch=192, classes=81),
-    "coco-zsl": dict(clip="RN50", image_size=224, batch=32, classes=48, n_ctx=64, csc=False, wta="pos_norm"),
-    "nuswide-zsl": dict(clip="RN50", image_size=224, batch=32, classes=100, n_ctx=64, csc=False, wta="pos_softmax"),
+    "coco-zsl": dict(clip="RN50", image_size=224, batch=32, classes=48, n_ctx=64, wta="pos_norm", shared_contexts=True),
+    "nuswide-zsl": dict(
+        clip="RN50", image_size=224, batch=32, classes=100, n_ctx=64, wta="pos_softmax", shared_contexts=True
+    ),
 }
 COCO_STEPS_PER_EPOCH = 1293  # 82,783 images in batches of 64, the last dropped
 WAYS = {
@@ -88,7 +90,7 @@ def bench_way(name, way, shape, device, precision, repeats, warm_up) -> dict:
         shape["classnames"],
         text_encoding=way["text_encoding"],
         head_backend=way["head_backend"],
-        **{key: shape[key] for key in ("n_ctx", "csc", "wta") if key in shape},
+        **{key: shape[key] for key in ("n_ctx", "shared_contexts", "wta") if key in shape},
     ).to(device)
     model.text_encoder.shared_prefix &= way.get("shared_prefix", True)
     optimizer = torch.optim.SGD(model.learnable_parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
@@ -173,7 +175,7 @@ def run(args) -> list[dict]:
     for config in args.config or ["quick"]:
         shape = dict(CONFIGS[config])
         shape.update({k: v for k, v in dict(clip=args.clip, image_size=args.image_size, batch=args.batch).items() if v})
-        shared = not shape.get("csc", True)
+        shared = shape.get("shared_contexts", False)
         shape["classnames"] = (
             class_names(shape["classes"], config) if shared else [f"class {i}" for i in range(shape["classes"])]
         )

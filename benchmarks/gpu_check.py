@@ -207,7 +207,7 @@ def run_loss(args, out: Path) -> None:
 def run_train(args, out: Path) -> None:
     """A whole training step, the authors' way and the package's (needs open_clip: carried as wheels)."""
     if importlib.util.find_spec("open_clip") is None:
-        save_step(out, "train", dict(error="open_clip_torch is not installed (README: bring it as wheels)"))
+        save_step(out, "train", dict(error="open_clip_torch is not installed (benchmarks/NOTES.md: bring wheels)"))
         return
     configs = ["quick", "nuswide-zsl"] if args.dry_run else ["coco", "nuswide", "nuswide-zsl", "coco-zsl"]
     arguments = []
@@ -224,7 +224,7 @@ def run_train(args, out: Path) -> None:
 def run_text(args, out: Path) -> None:
     """Text features: full, short and the shared prefix (needs open_clip: carried as wheels)."""
     if importlib.util.find_spec("open_clip") is None:
-        save_step(out, "text", dict(error="open_clip_torch is not installed (README: bring it as wheels)"))
+        save_step(out, "text", dict(error="open_clip_torch is not installed (benchmarks/NOTES.md: bring wheels)"))
         return
     rows = []
     for section in bench_text.SECTIONS:

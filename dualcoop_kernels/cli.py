@@ -43,7 +43,7 @@ def _shown_default(item: dataclasses.Field) -> str:
         return item.metadata["shown"]
     value = item.default
     if isinstance(value, bool):
-        return "on" if value != item.metadata["negated"] else "off"
+        return "on" if value else "off"
     if isinstance(value, tuple):
         return " ".join(map(str, value))
     return "none" if value is None else str(value)
@@ -80,7 +80,7 @@ def _add_settings(parser) -> None:
             options.update(ARGUMENT_TYPES.get(item.type, {}), choices=item.metadata["choices"])
         if item.metadata["bare"] is not None:
             options.update(nargs="?", const=item.metadata["bare"])
-        group.add_argument(flag, **options)
+        group.add_argument(flag, *item.metadata["aliases"], **options)
     parser.add_argument("--quiet", action="store_true", help="no progress bars, no log lines (log.txt has them)")
 
 
@@ -94,9 +94,7 @@ def _given_settings(args) -> dict:
         value = getattr(args, item.name)
         if value is None:
             continue
-        if item.metadata["negated"]:
-            value = not value
-        elif item.type == "dict":
+        if item.type == "dict":
             value = dict(value)
         elif item.type.startswith("tuple"):
             value = tuple(value)

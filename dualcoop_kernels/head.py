@@ -93,7 +93,7 @@ class DualCoOpHead(nn.Module):
     Args:
         wta, wta_gamma, logit_scale, backend: as in :func:`dualcoop_head`.
         spatial_temp_init: initial theta (log temperature); 3.0 as in DualCoOp++, so tau starts at ~20.
-        learn_temperature: False freezes theta at ``spatial_temp_init`` (``requires_grad`` False): with
+        freeze_temperature: keeps theta at ``spatial_temp_init`` (``requires_grad`` False): with
             ``wta="pos_norm"``, the authors' ``pos_norm_det``.
 
     ``forward(features, text_evidence, text_pos, text_neg)`` takes B x N x D regions and three C x D
@@ -107,7 +107,7 @@ class DualCoOpHead(nn.Module):
         logit_scale: float = DEFAULT_LOGIT_SCALE,
         spatial_temp_init: float = DEFAULT_LOG_SPATIAL_TEMP,
         backend: str = "auto",
-        learn_temperature: bool = True,
+        freeze_temperature: bool = False,
     ):
         super().__init__()
         HEAD_BACKENDS.check_known(backend)
@@ -116,7 +116,7 @@ class DualCoOpHead(nn.Module):
         self.logit_scale = positive_scale(logit_scale)
         self.backend = backend
         theta = torch.tensor(finite_number("spatial_temp_init", spatial_temp_init))
-        self.log_spatial_temp = nn.Parameter(theta, requires_grad=bool(learn_temperature))
+        self.log_spatial_temp = nn.Parameter(theta, requires_grad=not freeze_temperature)
 
     def forward(
         self,
@@ -140,5 +140,5 @@ class DualCoOpHead(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"wta={self.wta!r}, wta_gamma={self.wta_gamma}, logit_scale={self.logit_scale:.4f}, "
-            f"backend={self.backend!r}, learn_temperature={self.log_spatial_temp.requires_grad}"
+            f"backend={self.backend!r}, freeze_temperature={not self.log_spatial_temp.requires_grad}"
         )

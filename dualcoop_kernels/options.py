@@ -27,8 +27,8 @@ WTA_ALIASES = {
     "pos_neg_test": "pos_neg_pure_softmax",
 }
 # The authors' pos_norm_det is pos_norm with the log temperature frozen at its start: a WTA mode plus
-# a training option (learn_temperature of DualCoOpHead and DualCoOpPlusPlus), so no mode of the head.
-WTA_TRAINING_ALIASES = {"pos_norm_det": dict(wta="pos_norm", learn_temperature=False)}
+# a training option (freeze_temperature of DualCoOpHead and DualCoOpPlusPlus), so no mode of the head.
+WTA_TRAINING_ALIASES = {"pos_norm_det": dict(wta="pos_norm", freeze_temperature=True)}
 WTA_CHOICES = (*WTA_MODES, *WTA_ALIASES, *WTA_TRAINING_ALIASES)  # every name a run's --wta accepts
 WTA_WEIGHT_CODES = {"one": 0, "norm": 1, "one_plus_softmax": 2, "softmax": 3}  # the Triton kernels' constexprs
 
@@ -42,7 +42,10 @@ REDUCTIONS = {"sum": 1, "mean": 2, "none": 0}  # of the loss, with the C++ exten
 DEFAULT_GAMMA_NEG, DEFAULT_GAMMA_POS, DEFAULT_CLIP, DEFAULT_EPS = 4.0, 1.0, 0.05, 1e-8
 
 # The rest of a run's choices (docs/training.md), read by the model, the data, the settings and the command line.
-PROTOCOLS = ("dualcoop++", "dualcoop")  # also the model's variants: DualCoOp++ (the default), the original DualCoOp
+PROTOCOLS = (
+    "dualcoop++",
+    "dualcoop",
+)  # whose code a run and its model follow: DualCoOp++ (the default), the original DualCoOp
 DATASETS = ("coco", "voc", "nuswide", "bigearthnet", "csv")
 SELECT_ON = ("val", "test")  # where the best epoch is picked: held-out training images, or the authors' test set
 PRECISIONS = ("fp32", "tf32", "bf16")  # of the encoders: float32, TF32 matmuls, bf16 autocast

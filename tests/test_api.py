@@ -80,8 +80,8 @@ def test_wta_accepts_the_authors_names(authors, ours):
 
 
 def test_the_authors_pos_norm_det_is_a_mode_and_a_frozen_temperature():
-    """pos_norm_det is refused as a mode, with what to pass instead: pos_norm and learn_temperature=False."""
-    message = r"'pos_norm_det' .* is wta='pos_norm', learn_temperature=False"
+    """pos_norm_det is refused as a mode, with what to pass instead: pos_norm and freeze_temperature=True."""
+    message = r"'pos_norm_det' .* is wta='pos_norm', freeze_temperature=True"
     with pytest.raises(ValueError, match=message):
         dk.dualcoop_head(**_head_args(), wta="pos_norm_det")
     with pytest.raises(ValueError, match=message):
@@ -89,7 +89,7 @@ def test_the_authors_pos_norm_det_is_a_mode_and_a_frozen_temperature():
     assert set(WTA_CHOICES) == set(WTA_MODES) | set(WTA_ALIASES) | set(WTA_TRAINING_ALIASES)
     head = dk.DualCoOpHead(**WTA_TRAINING_ALIASES["pos_norm_det"], spatial_temp_init=2.5)
     assert not head.log_spatial_temp.requires_grad and head.log_spatial_temp.item() == 2.5
-    assert "learn_temperature=False" in repr(head)
+    assert "freeze_temperature=True" in repr(head)
     features, te, tp, tn, _ = head_inputs(2, 7, 6, 5, dtype=torch.float32)
     head(features, te, tp, tn).sum().backward()
     assert head.log_spatial_temp.grad is None and te.grad is not None

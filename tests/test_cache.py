@@ -22,7 +22,7 @@ from dualcoop_kernels.training.distributed import Ranks
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     config = TrainConfig(
-        dataset="csv", root=str(write_shapes(root, 40, seed=0)), clip=str(write_tiny_clip(root)), pretrained=None,
+        dataset="csv", root=str(write_shapes(root, 40, seed=0)), backbone=str(write_tiny_clip(root)), pretrained=None,
         image_size=48, n_ctx=4, batch_size=8, workers=0,
     )  # fmt: skip
     dataset = training_split(config)
@@ -105,7 +105,7 @@ def test_a_mismatched_corrupted_or_truncated_cache_is_refused(setup, tmp_path):
 @pytest.mark.slow
 def test_training_from_a_cache_through_the_command_line(setup, tmp_path, capsys):
     config, _, _ = setup
-    common = ["--dataset", "csv", "--root", config.root, "--clip", config.clip, "--pretrained", "none"]
+    common = ["--dataset", "csv", "--root", config.root, "--clip", config.backbone, "--pretrained", "none"]
     common += ["--image-size", "48", "--n-ctx", "4", "--batch-size", "8", "--workers", "0", "--quiet"]
     assert main(["cache", *common, "--augment", "--views", "2", "--out", str(tmp_path / "cache")]) == 0
     assert "is complete; train with --features" in capsys.readouterr().out

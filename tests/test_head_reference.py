@@ -198,7 +198,7 @@ def test_every_authors_mode_is_spelled_here():
     assert {wta for wta, _ in AUTHORS_MODES.values()} == set(WTA_MODES) - {"none"}
     for name, (wta, frozen) in AUTHORS_MODES.items():
         if name in WTA_TRAINING_ALIASES:
-            assert WTA_TRAINING_ALIASES[name] == dict(wta=wta, learn_temperature=not frozen)
+            assert WTA_TRAINING_ALIASES[name] == dict(wta=wta, freeze_temperature=frozen)
         else:
             assert WTA_ALIASES.get(name, name) == wta and not frozen
 

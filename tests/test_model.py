@@ -182,7 +182,7 @@ def test_parameter_count_of_coco_with_rn101():
     """3 * n_ctx * width * C + 1 = 3 * 21 * 512 * 80 + 1."""
     model = dk.DualCoOpPlusPlus("RN101", [f"class {i}" for i in range(80)])
     assert sum(p.numel() for p in model.learnable_parameters()) == 2_580_481
-    shared = dk.DualCoOpPlusPlus(model.clip, ["cat", "dog"], csc=False)
+    shared = dk.DualCoOpPlusPlus(model.clip, ["cat", "dog"], shared_contexts=True)
     assert sum(p.numel() for p in shared.learnable_parameters()) == 3 * 21 * 512 + 1
 
 
@@ -208,16 +208,16 @@ def test_prompt_state_round_trip(rn50, tmp_path):
 
 
 def test_a_frozen_temperature_is_neither_learned_nor_saved(rn50):
-    """learn_temperature=False (with wta="pos_norm": the authors' pos_norm_det) keeps theta at its start,
+    """freeze_temperature=True (with wta="pos_norm": the authors' pos_norm_det) keeps theta at its start,
     out of the learnable parameters and the prompt state, which still round-trips."""
-    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4, learn_temperature=False, spatial_temp_init=2.5)
+    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4, freeze_temperature=True, spatial_temp_init=2.5)
     assert set(model.prompt_state_dict()) == {"prompts.ctx_evidence", "prompts.ctx_pos", "prompts.ctx_neg"}
     assert all(p is not model.head.log_spatial_temp for p in model.learnable_parameters())
     regions = model.encode_regions(torch.randn(2, 3, 64, 64))
     model(regions=regions).sum().backward()
     assert model.head.log_spatial_temp.grad is None and model.head.log_spatial_temp.item() == 2.5
     assert model.prompts.ctx_pos.grad is not None
-    fresh = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4, learn_temperature=False, spatial_temp_init=2.5)
+    fresh = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4, freeze_temperature=True, spatial_temp_init=2.5)
     fresh.load_prompt_state_dict(model.prompt_state_dict())
     torch.testing.assert_close(fresh(regions=regions), model(regions=regions))
     with pytest.raises(ValueError, match="this model learns"):
@@ -249,8 +249,8 @@ def test_bad_model_and_pretrained_arguments():
         dk.DualCoOpPlusPlus("RN51", CLASSES)
     with pytest.raises(ValueError, match="neither a file nor an open_clip tag"):
         dk.DualCoOpPlusPlus("RN50", CLASSES, pretrained="/no/such/file.pt")
-    with pytest.raises(ValueError, match="variant"):
-        dk.DualCoOpPlusPlus("RN50", CLASSES, variant="dualcoop+++")
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        dk.DualCoOpPlusPlus("RN50", CLASSES, protocol="dualcoop+++")
 
 
 def test_an_unreachable_download_fails_at_once(monkeypatch):
@@ -274,7 +274,7 @@ def test_context_options(rn50):
 
 
 def test_original_dualcoop_variant(rn50):
-    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4, variant="dualcoop")
+    model = dk.DualCoOpPlusPlus(rn50, CLASSES, n_ctx=4, protocol="dualcoop")
     assert sum(p.numel() for p in model.learnable_parameters()) == 2 * 4 * 512 * 3  # no temperature
     images = torch.randn(2, 3, 64, 64)
     regions = model.encode_regions(images)

@@ -244,7 +244,7 @@ def test_a_foreign_prompts_file_is_described(shared_run, task, tmp_path, capsys)
     shutil.rmtree(broken / "model")
     shutil.copytree(other / "model", broken / "model")
     error = error_of(capsys, ["predict", str(broken), images])
-    assert "holds another run's prompts: its settings differ from" in error and "['n_ctx', 'csc']" in error
+    assert "holds another run's prompts: its settings differ from" in error and "['n_ctx', 'shared_contexts']" in error
     shutil.rmtree(broken / "model")  # an older run's layout: prompts.pt beside the run's settings
     old = torch.load(other / "checkpoints" / "last.pt", weights_only=True)
     torch.save(dict(prompts=old["best_prompts"], classnames=old["classnames"]), broken / "prompts.pt")
@@ -429,7 +429,7 @@ def test_what_review_found(shared_run, task, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(shared_run, copy)
     error = error_of(capsys, [*arguments(task, copy, "--shared-contexts", "--wta", "pos_norm_det"), "--resume"])
-    assert "learn_temperature False (the run's: True)" in error  # what the alias implies is compared too
+    assert "freeze_temperature True (the run's: False)" in error  # what the alias implies is compared too
     specific = tmp_path / "specific"
     assert main(arguments(task, specific, epochs=1)) == 0  # class-specific contexts
     capsys.readouterr()

@@ -47,7 +47,7 @@ def run(task, tmp_path_factory):
 def learnable(settings: dict, classes: int, width: int = 512) -> int:
     """#P: every prompt set's contexts (per class when class-specific) and the log temperature."""
     sets = 2 if settings.get("protocol") == "dualcoop" else 3
-    return sets * settings["n_ctx"] * width * (classes if settings.get("csc", True) else 1) + 1
+    return sets * settings["n_ctx"] * width * (1 if settings.get("shared_contexts") else classes) + 1
 
 
 def test_the_docs_give_each_presets_learnable_parameters():
@@ -140,15 +140,40 @@ def test_runs_of_older_versions_still_load(run, tmp_path):
         torch.testing.assert_close(loaded(images), model(images))
 
 
+def as_written_by_0_1_0(path: Path) -> None:
+    """A config.json as 0.1.0 wrote it: the CLIP as ``clip``, ``csc`` and ``learn_temperature`` (negated)."""
+    config = json.loads(path.read_text())
+    config["clip"] = config.pop("backbone")
+    config["csc"] = not config.pop("shared_contexts")
+    config["learn_temperature"] = not config.pop("freeze_temperature")
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.slow
+def test_runs_and_folders_written_by_0_1_0_still_load(run, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    as_written_by_0_1_0(old / "config.json")
+    as_written_by_0_1_0(old / "model" / "config.json")
+    model = dk.DualCoOpPlusPlus.from_pretrained(run)
+    loaded = dk.DualCoOpPlusPlus.from_pretrained(old / "model")
+    assert loaded.settings == model.settings
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))
+    assert TrainConfig.load(old / "config.json") == TrainConfig.load(run / "config.json")
+    assert main(["eval", str(old), "--json"]) == 0  # the run's own config.json and its model/ agree
+
+
 def test_a_half_written_folder_is_refused(tmp_path):
     model = dk.DualCoOpPlusPlus(str(write_tiny_clip(tmp_path)), ["cat", "dog"], n_ctx=2)
     with pytest.raises(ValueError, match="random weights, which the receiver can rebuild only from their seed"):
         model.save_pretrained(tmp_path / "shared")
-    model.save_pretrained(tmp_path / "shared", settings={"seed": 0})
+    model.save_pretrained(tmp_path / "shared", seed=0)
     other = dk.DualCoOpPlusPlus(str(tmp_path / "tiny-clip.json"), ["cat", "dog"], n_ctx=2)
     with torch.no_grad():
         other.prompts.ctx_pos.add_(1.0)
-    other.save_pretrained(tmp_path / "second", settings={"seed": 0})
+    other.save_pretrained(tmp_path / "second", seed=0)
     shutil.copy(tmp_path / "second" / "model.safetensors", tmp_path / "shared" / "model.safetensors")
     with pytest.raises(ValueError, match=r"is not the file config\.json was written with"):
         dk.DualCoOpPlusPlus.from_pretrained(tmp_path / "shared")

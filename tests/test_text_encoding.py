@@ -63,11 +63,11 @@ def context_gradients(model, classes=None, seed=1):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n_ctx", [1, 64])
-@pytest.mark.parametrize("variant", ["dualcoop++", "dualcoop"])  # three prompt sets, two
+@pytest.mark.parametrize("protocol", ["dualcoop++", "dualcoop"])  # three prompt sets, two
 @pytest.mark.parametrize("tower", ["rn", "vit"])
-def test_shared_prefix_features_and_gradients(tower, variant, n_ctx, dtype):
+def test_shared_prefix_features_and_gradients(tower, protocol, n_ctx, dtype):
     clip = tiny_clip(tower, dtype)
-    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=n_ctx, csc=False, variant=variant).to(dtype)
+    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=n_ctx, shared_contexts=True, protocol=protocol).to(dtype)
     assert model.text_encoder.shared_prefix
     tokens = with_token_contexts(model)
     with torch.no_grad():
@@ -94,18 +94,20 @@ def test_shared_prefix_on_clip_text_towers(name):
     """The real towers' sizes (width 512, 12 blocks) with the zero-shot presets' 64 contexts."""
     torch.manual_seed(0)
     clip = open_clip.create_model(name).eval()
-    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=64, csc=False)
+    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=64, shared_contexts=True)
     tokens = with_token_contexts(model)
     with torch.no_grad():
         for got, ids in zip(model.text_features(), tokens):
             torch.testing.assert_close(got, clip.encode_text(ids), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("csc", [False, True])
+@pytest.mark.parametrize("shared_contexts", [True, False])
 @pytest.mark.parametrize("text_encoding", ["short", "full"])
-def test_every_path_equals_encode_text(text_encoding, csc):
+def test_every_path_equals_encode_text(text_encoding, shared_contexts):
     clip = tiny_clip("rn", torch.float64)
-    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=5, csc=csc, text_encoding=text_encoding).to(torch.float64)
+    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=5, shared_contexts=shared_contexts, text_encoding=text_encoding).to(
+        torch.float64
+    )
     assert model.text_encoder.shared_prefix == (text_encoding == "short")  # used only where contexts are shared
     tokens = with_token_contexts(model)
     with torch.no_grad():
@@ -121,7 +123,7 @@ def test_every_path_equals_encode_text(text_encoding, csc):
 def test_non_standard_blocks_fall_back_to_open_clips_transformer():
     """qk_norm makes open_clip build its custom blocks, which the fused paths do not compute."""
     clip = tiny_clip("vit", torch.float64, qk_norm=True)
-    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=3, csc=False).to(torch.float64)
+    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=3, shared_contexts=True).to(torch.float64)
     assert not model.text_encoder.fused and not model.text_encoder.shared_prefix
     tokens = with_token_contexts(model)
     with torch.no_grad():
@@ -149,11 +151,11 @@ class SequenceFirst(torch.nn.Module):
 @pytest.mark.parametrize("tower", ["rn", "vit"])
 def test_a_sequence_first_transformer_falls_back_to_it_with_sequence_first_input(tower):
     clip = tiny_clip(tower, torch.float64)
-    tokens = with_token_contexts(dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=3, csc=False).to(torch.float64))
+    tokens = with_token_contexts(dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=3, shared_contexts=True).to(torch.float64))
     with torch.no_grad():
         expected = [clip.encode_text(ids) for ids in tokens]
     clip.transformer = SequenceFirst(clip.transformer)
-    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=3, csc=False).to(torch.float64)
+    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=3, shared_contexts=True).to(torch.float64)
     assert not model.text_encoder.fused and not model.text_encoder.shared_prefix
     assert torch.equal(with_token_contexts(model), tokens)
     with torch.no_grad():
@@ -165,7 +167,9 @@ def test_a_sequence_first_transformer_falls_back_to_it_with_sequence_first_input
 def test_a_text_tower_without_causal_mask_runs_all_77_tokens(text_encoding):
     """Without the mask the feature at [EOS] depends on the padding after it: no shorter path is exact."""
     clip = tiny_clip("rn", torch.float64, no_causal_mask=True)
-    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=3, csc=False, text_encoding=text_encoding).to(torch.float64)
+    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=3, shared_contexts=True, text_encoding=text_encoding).to(
+        torch.float64
+    )
     assert model.text_encoder.full_length and not model.text_encoder.fused
     tokens = with_token_contexts(model)
     with torch.no_grad():
@@ -179,7 +183,7 @@ def test_a_text_tower_pooled_other_than_at_eos_is_refused():
 
 
 def test_the_fallback_equals_the_shared_prefix_on_standard_blocks():
-    model = dk.DualCoOpPlusPlus(tiny_clip("rn", torch.float64), NAMES, n_ctx=7, csc=False).to(torch.float64)
+    model = dk.DualCoOpPlusPlus(tiny_clip("rn", torch.float64), NAMES, n_ctx=7, shared_contexts=True).to(torch.float64)
     fast = [f.detach() for f in model.text_features()], context_gradients(model)
     model.text_encoder.fused = model.text_encoder.shared_prefix = False  # open_clip's transformer, mask sliced
     slow = [f.detach() for f in model.text_features()], context_gradients(model)
@@ -187,11 +191,13 @@ def test_the_fallback_equals_the_shared_prefix_on_standard_blocks():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("text_encoding, csc", [("short", False), ("short", True), ("full", False)])
-def test_chunks_of_classes_without_autograd_equal_one_batch(text_encoding, csc, monkeypatch):
+@pytest.mark.parametrize("text_encoding, shared_contexts", [("short", True), ("short", False), ("full", True)])
+def test_chunks_of_classes_without_autograd_equal_one_batch(text_encoding, shared_contexts, monkeypatch):
     clip = tiny_clip("vit", torch.float64)
     names = NAMES + [f"{word} {index}" for index, word in enumerate(NAMES * 3)]  # 1 to 7 tokens
-    model = dk.DualCoOpPlusPlus(clip, names, n_ctx=4, csc=csc, text_encoding=text_encoding).to(torch.float64)
+    model = dk.DualCoOpPlusPlus(clip, names, n_ctx=4, shared_contexts=shared_contexts, text_encoding=text_encoding).to(
+        torch.float64
+    )
     tracked = [f.detach() for f in model.text_features()]  # autograd on: one batch per suffix length
     monkeypatch.setattr(text_module, "NO_GRAD_CHUNK_ELEMENTS", 3 * 32 * 12)  # 12 tokens a set: a few classes
     with torch.no_grad():
@@ -202,7 +208,7 @@ def test_chunks_of_classes_without_autograd_equal_one_batch(text_encoding, csc, 
 
 def test_the_head_without_autograd_in_chunks_of_images(monkeypatch):
     clip = tiny_clip("vit")
-    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=4, csc=False, head_backend="reference")
+    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=4, shared_contexts=True, head_backend="reference")
     regions = torch.randn(7, 5, 24)
     with torch.no_grad():
         whole = model(regions=regions)
@@ -217,7 +223,7 @@ def test_the_head_without_autograd_in_chunks_of_images(monkeypatch):
 
 def test_for_classes_shares_clip_contexts_and_head():
     clip = tiny_clip("vit")
-    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=4, csc=False, head_backend="reference")
+    model = dk.DualCoOpPlusPlus(clip, NAMES, n_ctx=4, shared_contexts=True, head_backend="reference")
     regions = torch.randn(3, 5, 24)
     reordered = model.for_classes(NAMES[::-1])
     assert reordered.clip is model.clip and reordered.head is model.head
@@ -246,7 +252,7 @@ def high_water_mib():
 config, count, images = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
 clip = open_clip.model.CLIP(**config).eval()
-model = dk.DualCoOpPlusPlus(clip, ["cat", "dog"], n_ctx=16, csc=False, head_backend="reference").eval()
+model = dk.DualCoOpPlusPlus(clip, ["cat", "dog"], n_ctx=16, shared_contexts=True, head_backend="reference").eval()
 pictures = torch.randn(images, 3, config["vision_cfg"]["image_size"], config["vision_cfg"]["image_size"])
 with torch.no_grad():
     model(pictures)  # a model in use: one-time allocations of the libraries are made

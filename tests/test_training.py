@@ -211,9 +211,9 @@ def test_zero_shot_batches_train_on_a_random_subset_of_the_seen_classes(task, tm
     monkeypatch.setattr(DualCoOpPlusPlus, "forward", spy)
     seen = write_shapes(tmp_path / "seen", 64, seed=2, classes=dict(list(SHAPES.items())[:3]))
     config = TrainConfig(
-        dataset="csv", root=str(seen), test_root=str(task["test"]), clip=str(task["clip"]), pretrained=None,
-        image_size=48, n_ctx=4,
-        zero_shot=True, csc=False, max_train_classes=2, epochs=2, batch_size=16, workers=0, val_fraction=0.25,
+        dataset="csv", root=str(seen), test_root=str(task["test"]), backbone=str(task["clip"]), pretrained=None,
+        image_size=48, n_ctx=4, zero_shot=True, shared_contexts=True, max_train_classes=2, epochs=2, batch_size=16,
+        workers=0, val_fraction=0.25,
     )  # fmt: skip
     train(config, tmp_path / "run", show_progress=False)
     assert asked and all(len(subset) == 2 and subset == sorted(set(subset)) for subset in asked)
@@ -292,7 +292,7 @@ def test_schedule_is_the_authors():
 
 def test_settings_of_the_wrong_type_are_refused():
     for settings, message in [
-        (dict(csc="False"), "csc must be bool"),
+        (dict(shared_contexts="False"), "shared_contexts must be bool"),
         (dict(epochs=1.5), "epochs must be int"),
         (dict(crop_scale="0.5,1"), "crop_scale must be two numbers"),
         (dict(lr=float("inf")), "must be finite"),
@@ -306,7 +306,7 @@ def test_settings_of_the_wrong_type_are_refused():
 
 def test_presets_hold_the_papers_settings():
     coco = TrainConfig(**preset_config("coco"), root="x")
-    assert (coco.clip, coco.image_size, coco.batch_size, coco.lr, coco.epochs, coco.wta) == (
+    assert (coco.backbone, coco.image_size, coco.batch_size, coco.lr, coco.epochs, coco.wta) == (
         "RN101",
         448,
         64,
@@ -314,14 +314,21 @@ def test_presets_hold_the_papers_settings():
         50,
         "pos_norm",
     )
-    assert (coco.n_ctx, coco.csc, coco.loss_weight, coco.momentum, coco.weight_decay) == (21, True, 0.02, 0.9, 5e-4)
+    assert (coco.n_ctx, coco.shared_contexts, coco.loss_weight, coco.momentum, coco.weight_decay) == (
+        21,
+        False,
+        0.02,
+        0.9,
+        5e-4,
+    )
     voc = TrainConfig(**preset_config("voc"), root="x")
     assert (voc.image_size, voc.wta) == (512, "pos_softmax")
     nus = TrainConfig(**preset_config("nuswide"), root="x")
     assert (nus.batch_size, nus.crop_scale) == (192, (0.6, 1.0))
     zsl = TrainConfig(**preset_config("coco-zsl"), root="x")
-    assert (zsl.zero_shot, zsl.clip, zsl.image_size, zsl.n_ctx, zsl.csc, zsl.batch_size, zsl.lr, zsl.loss_weight) == (
-        True, "RN50", 224, 64, False, 32, 0.002, 0.01
+    zsl_values = (zsl.zero_shot, zsl.backbone, zsl.image_size, zsl.n_ctx, zsl.shared_contexts, zsl.batch_size, zsl.lr)
+    assert (*zsl_values, zsl.loss_weight) == (
+        True, "RN50", 224, 64, True, 32, 0.002, 0.01
     )  # fmt: skip
     assert set(PRESETS) == {"coco", "voc", "nuswide", "bigearthnet", "coco-zsl", "nuswide-zsl"}
 
@@ -409,7 +416,7 @@ def test_the_module_runs_as_the_command():
 def test_zero_shot_runs_pick_by_f1_at_k_when_it_can_change():
     from dualcoop_kernels.training.evaluation import selection_metric
 
-    zero_shot = TrainConfig(root="x", zero_shot=True, csc=False)
+    zero_shot = TrainConfig(root="x", zero_shot=True, shared_contexts=True)
     assert selection_metric(zero_shot, 48) == "F1@3" and selection_metric(zero_shot, 3) == "mAP"
     assert selection_metric(TrainConfig(root="x"), 80) == "mAP"
 
@@ -431,7 +438,7 @@ def other_value(item: dataclasses.Field):
         "int": lambda: default + 1,
         "int | None": lambda: 7,
         "float": lambda: default / 2,
-        "str": lambda: {"clip": "RN50", "device": "cpu"}.get(item.name, "data.csv"),
+        "str": lambda: {"backbone": "RN50", "device": "cpu"}.get(item.name, "data.csv"),
         "str | None": lambda: "none" if item.name == "pretrained" else "given.file",
         "tuple[float, float]": lambda: (0.25, 0.5),
         "dict": lambda: {"note": "a=b"},
@@ -458,12 +465,11 @@ def test_every_setting_has_a_documented_flag_that_round_trips(capsys, monkeypatc
         flag = item.metadata["flag"] or "--" + item.name.replace("_", "-")
         assert re.search(rf"^  {re.escape(flag)}\b.*\n.*\(default: ", help_text, re.M | re.S), flag
         wanted = other_value(item)
-        negated = item.metadata["negated"]  # --shared-contexts turns class-specific contexts off
-        given = parsed_settings(*as_arguments(flag, not wanted if negated else wanted))
+        given = parsed_settings(*as_arguments(flag, wanted))
         if item.metadata["path"] == "always":
             wanted = str(tmp_path / wanted)
         assert given == {item.name: wanted}, (flag, given)
-        needs = {"zero_shot": {"csc": False}, "mask_file": {}}.get(item.name, {})
+        needs = {"zero_shot": {"shared_contexts": True}, "mask_file": {}}.get(item.name, {})
         config = TrainConfig(**{"root": "x", **needs, **given})
         assert getattr(config, item.name) == wanted
 
@@ -480,7 +486,7 @@ def test_a_presets_boolean_can_be_switched_off():
 
     arguments = ["--preset", "coco-zsl", "--root", "x", "--no-zero-shot", "--no-shared-contexts", "--out", "RUN"]
     config = _config_from(_parser().parse_args(["train", *arguments]))
-    assert (config.zero_shot, config.csc, config.n_ctx) == (False, True, 64)
+    assert (config.zero_shot, config.shared_contexts, config.n_ctx) == (False, False, 64)
 
 
 def test_the_run_state_round_trips_through_a_safe_checkpoint(tmp_path):

@@ -1,12 +1,13 @@
 """DualCoOp++ on a frozen open_clip model: region features, learned prompts, the head.
 
 Only the prompt contexts (and, in DualCoOp++, the log spatial temperature) learn; the CLIP weights are
-frozen and stay in eval mode. The original DualCoOp (NeurIPS 2022) is ``variant="dualcoop"``.
+frozen and stay in eval mode. The original DualCoOp (NeurIPS 2022) is ``protocol="dualcoop"``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import torch
@@ -24,9 +25,11 @@ from ..options import (
 )
 from ..reference.head import dualcoop_head_regions
 from .images import check_images, clip_image_transform
-from .loading import load_clip, open_clip_module, registered_name
+from .loading import load_clip, open_clip_module, registered_config, registered_name
+from .pretrained import describe_prompts, describe_settings, read_folder, write_folder
 from .prompts import PromptLearner
 from .regions import region_features, region_grid
+from .settings import ModelSettings
 from .text import TextEncoder
 
 # Without autograd the head scores chunks of images whose B x N x C intermediates hold about this many
@@ -43,14 +46,15 @@ class DualCoOpPlusPlus(nn.Module):
         pretrained: with a model name: a checkpoint file or an open_clip tag (e.g. ``"openai"``); None
             leaves the CLIP weights random (for tests).
         n_ctx: context tokens per prompt (21); ctx_init: a phrase to start every context from (its token
-            count is then n_ctx); csc: class-specific contexts (True) or one shared by all classes.
+            count is then n_ctx); shared_contexts: one set of contexts for all classes (it can score other
+            class names: :meth:`for_classes`) instead of one per class.
         wta: the head's winner-take-all mode; head_backend: the head's backend (``"auto"``, ``"triton"``,
             ``"reference"``).
-        variant: ``"dualcoop++"`` (three prompts, learned temperature starting at ``spatial_temp_init``,
+        protocol: ``"dualcoop++"`` (three prompts, learned temperature starting at ``spatial_temp_init``,
             logit scale e^3, WTA) or ``"dualcoop"`` (two prompts, the positive one as evidence, tau 20,
             logit scale 100, no WTA, mean token and positional embedding in the ResNet tokens).
-        learn_temperature: False keeps DualCoOp++'s log temperature at ``spatial_temp_init`` (not
-            learned, not in :meth:`prompt_state_dict`): with ``wta="pos_norm"``, the authors' ``pos_norm_det``.
+        freeze_temperature: keeps DualCoOp++'s log temperature at ``spatial_temp_init`` (not learned,
+            not in :meth:`prompt_state_dict`): with ``wta="pos_norm"``, the authors' ``pos_norm_det``.
         text_encoding: ``"short"`` runs the causal text transformer on the tokens up to the last [EOS]
             only, with fused attention, and with shared contexts computes their common prefix once per
             prompt set (the same features to rounding, several to many times faster: model/text.py);
@@ -70,21 +74,19 @@ class DualCoOpPlusPlus(nn.Module):
         pretrained: str | None = None,
         n_ctx: int | None = None,
         ctx_init: str | None = None,
-        csc: bool = True,
+        shared_contexts: bool = False,
         wta: str = "pos_norm",
         head_backend: str = "auto",
-        variant: str = "dualcoop++",
+        protocol: str = "dualcoop++",
         spatial_temp_init: float = DEFAULT_LOG_SPATIAL_TEMP,
         text_encoding: str = "short",
-        learn_temperature: bool = True,
+        freeze_temperature: bool = False,
     ):
         super().__init__()
-        check_choice("variant", variant, PROTOCOLS)
+        check_choice("protocol", protocol, PROTOCOLS)
         check_choice("text_encoding", text_encoding, TEXT_ENCODINGS)
         classnames = check_classnames(classnames)  # before loading CLIP, which takes a while
-        # what rebuilds this model (model/pretrained.py): a CLIP given as a module cannot be named
-        self.settings = dict(clip=clip if isinstance(clip, str) else None, pretrained=pretrained, seed=None)
-        self.settings.update(csc=csc, protocol=variant, learn_temperature=learn_temperature)
+        backbone = clip if isinstance(clip, str) else None  # a CLIP given as a module has no name
         if isinstance(clip, str):
             name = registered_name(clip)
             clip = load_clip(name, pretrained)  # first: it names an unknown model in a ValueError
@@ -92,10 +94,10 @@ class DualCoOpPlusPlus(nn.Module):
         else:
             tokenizer = open_clip_module().get_tokenizer("RN50")  # the CLIP BPE tokenizer that every CLIP model uses
         self.clip = clip.requires_grad_(False).eval()
-        self.variant = variant
-        original = variant == "dualcoop"
+        self.protocol = protocol
+        original = protocol == "dualcoop"
         prompt_sets = ("pos", "neg") if original else ("evidence", "pos", "neg")
-        self.prompts = PromptLearner(clip, tokenizer, classnames, prompt_sets, n_ctx, ctx_init, csc)
+        self.prompts = PromptLearner(clip, tokenizer, classnames, prompt_sets, n_ctx, ctx_init, shared_contexts)
         self.text_encoder = TextEncoder(clip, full_length=text_encoding == "full")
         if original:  # the same head: the positive prompts as evidence, a fixed temperature, no WTA
             self.head = DualCoOpHead(
@@ -103,14 +105,45 @@ class DualCoOpPlusPlus(nn.Module):
                 logit_scale=ORIGINAL_LOGIT_SCALE,
                 spatial_temp_init=math.log(ORIGINAL_TEMPERATURE),
                 backend=head_backend,
-                learn_temperature=False,
+                freeze_temperature=True,
             )
         else:
             self.head = DualCoOpHead(
-                wta=wta, spatial_temp_init=spatial_temp_init, backend=head_backend, learn_temperature=learn_temperature
+                wta=wta,
+                spatial_temp_init=spatial_temp_init,
+                backend=head_backend,
+                freeze_temperature=freeze_temperature,
             )
         self._text_cache: tuple | None = None
-        self.settings.update(n_ctx=self.prompts.n_ctx, wta=self.head.wta)
+        # what rebuilds this model (from_settings, save_pretrained)
+        self.settings = ModelSettings(
+            backbone=backbone, pretrained=pretrained, n_ctx=self.prompts.n_ctx, shared_contexts=shared_contexts,
+            wta=self.head.wta, protocol=protocol, freeze_temperature=freeze_temperature,
+        )  # fmt: skip
+
+    @classmethod
+    def from_settings(cls, settings: ModelSettings, classnames: list[str], clip: nn.Module | None = None):
+        """The model ``settings`` describe, for ``classnames``, its random parts (CLIP weights without a
+        tag, the initial contexts) drawn from ``settings.seed``; ``clip`` reuses an already loaded CLIP."""
+        backbone = settings.backbone
+        if clip is None and settings.clip_config:  # an open_clip config kept in full: registered first
+            backbone = registered_config(backbone, settings.clip_config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed or 0)
+            model = cls(
+                clip if clip is not None else backbone,
+                classnames,
+                pretrained=settings.pretrained if clip is None else None,
+                n_ctx=settings.n_ctx,
+                shared_contexts=settings.shared_contexts,
+                wta=settings.wta,
+                protocol=settings.protocol,
+                freeze_temperature=settings.freeze_temperature,
+            )
+        # the names and seed given, whatever was loaded; the values the model resolved (aliases, n_ctx)
+        given = dict(backbone=settings.backbone, pretrained=settings.pretrained, seed=settings.seed)
+        model.settings = dataclasses.replace(model.settings, **given, clip_config=settings.clip_config)
+        return model
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -142,7 +175,7 @@ class DualCoOpPlusPlus(nn.Module):
         """B x 3 x H x W normalised images (see :meth:`image_transform`) -> B x N x D region features
         of the frozen CLIP (cacheable: they never change while the prompts learn)."""
         check_images(images)
-        return region_features(self.clip.visual, images, with_positions=self.variant == "dualcoop")
+        return region_features(self.clip.visual, images, with_positions=self.protocol == "dualcoop")
 
     def text_features(self, classes: torch.Tensor | None = None) -> list[torch.Tensor]:
         """One C x D tensor per prompt set (only the classes at the indices ``classes`` when given).
@@ -224,21 +257,25 @@ class DualCoOpPlusPlus(nn.Module):
         text encoder (shared, not copied: the new model follows this one's training), prompts around
         ``classnames``. Only their token ids are stored (C x 77), and without autograd the text
         features are computed in chunks of classes and the head in chunks of images, so 10,000 names
-        cost little beyond their C x D features. Needs contexts shared by all classes (``csc=False``).
+        cost little beyond their C x D features. Needs contexts shared by all classes (``shared_contexts``).
         WTA compares the classes scored together: logits depend on the list they are scored with."""
         other = copy.copy(self)  # every setting; the submodules' table is its own (prompts replaced)
         other.__dict__.update(_modules=dict(self._modules), _text_cache=None)
         other.prompts = self.prompts.for_classes(classnames)
         return other
 
-    def save_pretrained(self, folder, settings: dict | None = None, **info):
+    def save_pretrained(self, folder, *, backbone: str | None = None, seed: int | None = None, **info):
         """Write the learned prompts as a folder to share (``config.json`` and ``model.safetensors``,
-        the layout of a Hugging Face ``PyTorchModelHubMixin`` model), with ``info`` (an epoch, scores)
-        beside them. ``settings`` (how to rebuild the model: clip, pretrained, seed, ...) default to
-        what this model was built with; a CLIP given as a module must be named there."""
-        from .pretrained import save_pretrained
-
-        return save_pretrained(self, folder, {**self.settings, **(settings or {})}, **info)
+        the layout of a Hugging Face ``PyTorchModelHubMixin`` model) with :attr:`settings` and ``info``
+        (an epoch, scores) beside them. A CLIP given as a module must be named (``backbone``), and
+        random CLIP weights need the ``seed`` they were drawn from."""
+        settings = self.settings
+        if backbone is not None or seed is not None:
+            given = {key: value for key, value in dict(backbone=backbone, seed=seed).items() if value is not None}
+            settings = dataclasses.replace(settings, **given)
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.prompt_state_dict().items()}
+        info = dict(info, learnable_parameters=self.learnable_parameter_count())
+        return write_folder(folder, settings, list(self.prompts.classnames), state, info)
 
     @classmethod
     def from_pretrained(cls, source, *, clip=None, pretrained: str | None = None) -> DualCoOpPlusPlus:
@@ -246,9 +283,18 @@ class DualCoOpPlusPlus(nn.Module):
         ``model/``), or a run folder of an older version (``prompts.pt``), read without running any
         code; CLIP is built from the name and weights the folder records (``clip``: an already loaded
         CLIP instead; ``pretrained``: another copy of its weights)."""
-        from .pretrained import load_pretrained
-
-        return load_pretrained(source, clip=clip, pretrained=pretrained)
+        settings, classnames, state, folder = read_folder(source)
+        if pretrained is not None:
+            settings = dataclasses.replace(settings, pretrained=pretrained)
+        model = cls.from_settings(settings, classnames, clip)
+        try:
+            model.load_prompt_state_dict(state)
+        except ValueError as error:
+            raise UsageError(
+                f"{folder} holds {describe_prompts(state, classnames)}, but its settings ask for "
+                f"{describe_settings(settings, len(classnames))}: the prompts are another run's ({error})"
+            ) from error
+        return model.eval()
 
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """The learned state alone (the contexts, and the log temperature), without the CLIP weights."""

@@ -21,7 +21,7 @@ class FrozenScorer(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.visual = model.clip.visual
-        self.with_positions = model.variant == "dualcoop"
+        self.with_positions = model.protocol == "dualcoop"
         with torch.no_grad():
             texts = [t.detach().float().clone() for t in model.text_features()]
         evidence, positive, negative = texts if len(texts) == 3 else (texts[0], *texts)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 
 from torch import nn
 
@@ -76,6 +77,15 @@ def registered_name(model: str) -> str:
         )
     open_clip_module().add_model_config(model)
     return os.path.splitext(os.path.basename(model))[0]
+
+
+def registered_config(name: str, config: dict) -> str:
+    """Register an open_clip model config kept in full (a shared folder's) under ``name``; returns the name."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, f"{name}.json")
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump(config, file)
+        return registered_name(path)
 
 
 def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:

@@ -15,101 +15,62 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
+from dataclasses import replace
 from pathlib import Path
-
-import torch
 
 from .._atomic import atomic_open, atomic_write_text, load_torch_file
 from ..errors import UsageError
 from ..version import __version__
+from .settings import ModelSettings
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 FORMAT = "dualcoop_kernels prompts"
-OLD_PROMPTS = "prompts.pt"  # what runs wrote before: a torch file of the prompts and class names
-# what rebuilds a model (the keys of a run's settings that build_from_settings reads)
-SETTINGS = ("clip", "pretrained", "n_ctx", "csc", "wta", "protocol", "seed", "learn_temperature")
+OLD_PROMPTS = "prompts.pt"  # what runs of 0.1.0 wrote at first: a torch file of the prompts and class names
 
 
-def build_from_settings(settings: dict, classnames: list[str], clip=None):
-    """The model that ``settings`` describe (a run's config.json, or a shared folder's), for
-    ``classnames``, its random parts (CLIP weights without a tag, the initial contexts) drawn from
-    ``settings["seed"]``; ``clip`` reuses an already loaded CLIP."""
-    from .dualcoop import DualCoOpPlusPlus
-
-    pretrained = settings.get("pretrained")
-    pretrained = None if pretrained in (None, "none") else pretrained
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.get("seed") or 0)
-        model = DualCoOpPlusPlus(
-            clip if clip is not None else _registered_clip(settings),
-            classnames,
-            pretrained=pretrained if clip is None else None,
-            n_ctx=settings["n_ctx"],
-            csc=settings["csc"],
-            wta=settings["wta"],
-            variant=settings.get("protocol", "dualcoop++"),
-            learn_temperature=settings.get("learn_temperature") is not False,
-        )
-    model.settings.update({key: settings.get(key) for key in (*SETTINGS, "clip_config") if key in settings})
-    return model
-
-
-def save_pretrained(model, folder, settings: dict, **info) -> Path:
-    """Write ``model``'s learned prompts and ``settings`` (:data:`SETTINGS`; a CLIP model config file
-    is kept in full) with ``info`` (epoch, metrics, image size, ...) into ``folder``; returns it."""
-    folder = Path(folder)
+def write_folder(folder, settings: ModelSettings, classnames: list[str], state: dict, info: dict) -> Path:
+    """Write learned prompts (``state``, CPU tensors) with their ``settings``, ``classnames`` and
+    ``info`` (epoch, metrics, image size, ...) into ``folder``; returns it. A CLIP model config file
+    named by ``settings.backbone`` is kept in full."""
     from safetensors.torch import save
 
-    if settings.get("pretrained") in (None, "none") and settings.get("seed") is None:
+    folder = Path(folder)
+    if settings.pretrained in (None, "none") and settings.seed is None:
         raise UsageError(
             "the model's CLIP has random weights, which the receiver can rebuild only from their seed: build "
-            "it under torch.manual_seed(seed) and pass settings={'seed': seed}"
+            "it under torch.manual_seed(seed) and pass seed=seed"
         )
-    if not settings.get("clip"):
-        raise UsageError("settings must name the open_clip model (clip=...): a CLIP given as a module has no name")
-
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.prompt_state_dict().items()}
+    if not settings.backbone:
+        raise UsageError("a CLIP given as a module has no name: pass backbone=<its open_clip model name>")
+    backbone = str(settings.backbone)
+    if backbone.endswith(".json") and Path(backbone).is_file():
+        settings = replace(settings, backbone=Path(backbone).stem, clip_config=json.loads(Path(backbone).read_text()))
     weights = save(state, metadata={"format": "pt"})
     with atomic_open(folder / WEIGHTS, "wb") as file:
         file.write(weights)
-    config = dict(format=FORMAT, package_version=__version__, classnames=list(model.prompts.classnames))
-    config.update({key: settings.get(key) for key in SETTINGS})
-    clip = str(settings.get("clip"))
-    if clip.endswith(".json") and Path(clip).is_file():
-        config.update(clip=Path(clip).stem, clip_config=json.loads(Path(clip).read_text()))
-    elif settings.get("clip_config"):  # a model built from a shared folder, shared again
-        config.update(clip_config=settings["clip_config"])
-    config.update(learnable_parameters=model.learnable_parameter_count(), **info)
-    config.update(weights_sha256=hashlib.sha256(weights).hexdigest())
+    config = dict(format=FORMAT, package_version=__version__, classnames=list(classnames), **settings.as_dict())
+    config.update(info, weights_sha256=hashlib.sha256(weights).hexdigest())
     atomic_write_text(folder / CONFIG, json.dumps(config, indent=2) + "\n")
     return folder
 
 
-def load_pretrained(source, *, clip=None, pretrained: str | None = None):
-    """The model saved in ``source``: a folder of :func:`save_pretrained`, a run folder (its ``model/``),
-    or a run folder of an older version (``prompts.pt``, read weights-only). ``clip`` (a loaded CLIP)
-    or ``pretrained`` (another copy of the CLIP weights) stand in for those the folder names."""
+def read_folder(source) -> tuple[ModelSettings, list[str], dict, Path]:
+    """What ``source`` holds: a folder of :func:`write_folder`, a run folder (its ``model/``), or a run
+    folder of 0.1.0 with ``prompts.pt`` (read weights-only). Returns the settings, the class names,
+    the prompts' state and the folder they came from."""
     folder = Path(source)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder of trained prompts or a run folder")
     if (folder / "model" / CONFIG).is_file():
         folder = folder / "model"
     if not (folder / WEIGHTS).is_file() and (folder / OLD_PROMPTS).is_file():
-        settings, classnames, state = _old_run(folder)
-    else:
-        settings, classnames, state = _shared_folder(folder)
-    if pretrained is not None:
-        settings = dict(settings, pretrained=pretrained)
-    model = build_from_settings(settings, classnames, clip)
-    try:
-        model.load_prompt_state_dict(state)
-    except ValueError as error:
-        raise UsageError(
-            f"{folder} holds {describe_prompts(state, classnames)}, but its settings ask for "
-            f"{describe_settings(settings, len(classnames))}: the prompts are another run's ({error})"
-        ) from error
-    return model.eval()
+        return (*_old_run(folder), folder)
+    if not (folder / WEIGHTS).is_file() and not (folder / CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a model: it holds neither {CONFIG} and {WEIGHTS} (save_pretrained, or a run "
+            "folder's model/) nor a run's prompts"
+        )
+    return (*_shared_folder(folder), folder)
 
 
 def describe_prompts(prompts: dict, classnames: list[str]) -> str:
@@ -123,10 +84,10 @@ def describe_prompts(prompts: dict, classnames: list[str]) -> str:
     return f"{len(contexts)} prompt sets of {kind} of {shape[-2]} tokens, for {len(classnames)} classes ({names})"
 
 
-def describe_settings(settings: dict, classes: int) -> str:
-    kind = "class-specific contexts" if settings["csc"] else "contexts shared by all classes"
-    sets = 2 if settings.get("protocol") == "dualcoop" else 3
-    return f"{sets} prompt sets of {kind} of {settings['n_ctx']} tokens, for {classes} classes"
+def describe_settings(settings: ModelSettings, classes: int) -> str:
+    kind = "contexts shared by all classes" if settings.shared_contexts else "class-specific contexts"
+    sets = 2 if settings.protocol == "dualcoop" else 3
+    return f"{sets} prompt sets of {kind} of {settings.n_ctx} tokens, for {classes} classes"
 
 
 def read_config(folder: Path) -> dict:
@@ -140,7 +101,7 @@ def read_config(folder: Path) -> dict:
     return config
 
 
-def _shared_folder(folder: Path) -> tuple[dict, list[str], dict]:
+def _shared_folder(folder: Path) -> tuple[ModelSettings, list[str], dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -155,11 +116,11 @@ def _shared_folder(folder: Path) -> tuple[dict, list[str], dict]:
             f"{folder}: {WEIGHTS} is not the file {CONFIG} was written with (a save stopped half-way?); "
             "save the prompts again"
         )
-    return config, config["classnames"], state
+    return ModelSettings.from_dict(config, str(folder / CONFIG)), config["classnames"], state
 
 
-def _old_run(folder: Path) -> tuple[dict, list[str], dict]:
-    """A run folder of an older version: its settings (config.json) and its prompts.pt, weights-only."""
+def _old_run(folder: Path) -> tuple[ModelSettings, list[str], dict]:
+    """A run folder of 0.1.0's first format: its settings (config.json) and its prompts.pt, weights-only."""
     try:
         settings = json.loads((folder / CONFIG).read_text()) if (folder / CONFIG).is_file() else None
     except (OSError, json.JSONDecodeError) as error:
@@ -169,16 +130,4 @@ def _old_run(folder: Path) -> tuple[dict, list[str], dict]:
     best = load_torch_file(folder / OLD_PROMPTS, "learned prompts")
     if not isinstance(best, dict) or not {"prompts", "classnames"} <= set(best):
         raise UsageError(f"{folder / OLD_PROMPTS} is not a prompts file of dualcoop_kernels")
-    return settings, best["classnames"], best["prompts"]
-
-
-def _registered_clip(settings: dict) -> str:
-    """The open_clip model name; a model config kept in full is registered with open_clip first."""
-    if not settings.get("clip_config"):
-        return settings["clip"]
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"{settings['clip']}.json"
-        path.write_text(json.dumps(settings["clip_config"]))
-        from .loading import registered_name
-
-        return registered_name(str(path))
+    return ModelSettings.from_dict(settings, str(folder / CONFIG)), best["classnames"], best["prompts"]

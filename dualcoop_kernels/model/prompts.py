@@ -2,8 +2,8 @@
 
 A prompt is ``[SOS] ctx_1 ... ctx_n classname . [EOS]``: the class name at the end (CoOp's "end"
 position), the ``n`` context vectors learned. DualCoOp++ learns three sets (evidential, positive,
-negative), the original DualCoOp two (positive, negative); each class has its own contexts (``csc``,
-the default) or all classes share one.
+negative), the original DualCoOp two (positive, negative); each class has its own contexts (the
+default) or all classes share one (``shared_contexts``).
 """
 
 from __future__ import annotations
@@ -29,13 +29,16 @@ class PromptLearner(nn.Module):
         n_ctx: context tokens per prompt (21 when None); with ``ctx_init`` it must match the phrase's
             token count, or be None.
         ctx_init: a phrase (e.g. "a photo of a") whose token embeddings start every context; None: N(0, 0.02).
-        csc: class-specific contexts (C x n_ctx x width) rather than one shared (n_ctx x width).
+        shared_contexts: one context set for all classes (n_ctx x width) rather than one per class
+            (C x n_ctx x width).
 
     Only the C x 77 token ids are kept per class (the text encoder embeds them as it needs), so even
     10,000 classes cost little: see :meth:`for_classes`.
     """
 
-    def __init__(self, clip_model, tokenizer, classnames, prompt_sets, n_ctx=None, ctx_init=None, csc=True):
+    def __init__(
+        self, clip_model, tokenizer, classnames, prompt_sets, n_ctx=None, ctx_init=None, shared_contexts=False
+    ):
         super().__init__()
         classnames = check_classnames(classnames)
         embedding = clip_model.token_embedding
@@ -59,9 +62,9 @@ class PromptLearner(nn.Module):
                 f"{context_length} tokens, of which [SOS], the class name, '.' and [EOS] take at least 4), "
                 f"got {n_ctx!r}"
             )
-        self.n_ctx, self.csc, self.prompt_sets = n_ctx, csc, tuple(prompt_sets)
+        self.n_ctx, self.shared_contexts, self.prompt_sets = n_ctx, shared_contexts, tuple(prompt_sets)
         self.tokenizer, self.phrase, self.context_length = tokenizer, phrase, context_length
-        shape = (len(classnames), n_ctx, width) if csc else (n_ctx, width)
+        shape = (n_ctx, width) if shared_contexts else (len(classnames), n_ctx, width)
         for name in self.prompt_sets:
             context = torch.empty(shape, dtype=embedding.weight.dtype)
             if start is None:
@@ -85,15 +88,15 @@ class PromptLearner(nn.Module):
     def for_classes(self, classnames: list[str]) -> PromptLearner:
         """These shared contexts around other class names: the same parameters (not copies), so the
         new learner follows every update of this one. Class-specific contexts are refused."""
-        if self.csc:
+        if not self.shared_contexts:
             raise UsageError(
                 "class-specific contexts exist only for the classes they were trained on; only contexts "
-                "shared by all classes (csc=False) can score other class names"
+                "shared by all classes (shared_contexts=True) can score other class names"
             )
         classnames = check_classnames(classnames)
         other = PromptLearner.__new__(PromptLearner)
         nn.Module.__init__(other)
-        for name in ("n_ctx", "csc", "prompt_sets", "tokenizer", "phrase", "context_length"):
+        for name in ("n_ctx", "shared_contexts", "prompt_sets", "tokenizer", "phrase", "context_length"):
             setattr(other, name, getattr(self, name))
         for name, context in self.contexts().items():
             other.register_parameter(f"ctx_{name}", context)
@@ -107,7 +110,7 @@ class PromptLearner(nn.Module):
         contexts = list(self.contexts().values())
         if classes is None:
             return contexts, self.tokenized
-        return [c[classes] if self.csc else c for c in contexts], self.tokenized[classes]
+        return [c if self.shared_contexts else c[classes] for c in contexts], self.tokenized[classes]
 
 
 def _tokenize_whole(tokenizer, texts, classnames, n_ctx, context_length) -> torch.Tensor:

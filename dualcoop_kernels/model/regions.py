@@ -46,7 +46,7 @@ def _resize_grid(positions: torch.Tensor, height: int, width: int) -> torch.Tens
 def resnet_regions(visual: nn.Module, images: torch.Tensor, with_positions: bool = False) -> torch.Tensor:
     """B x 3 x H x W images -> B x (H/32 * W/32) x D region features of an open_clip ModifiedResNet.
 
-    ``with_positions`` is the original DualCoOp's variant: the mean token and the positional
+    ``with_positions`` is the original DualCoOp's protocol: the mean token and the positional
     embedding are added to the tokens before the projections (the mean token is then dropped).
     """
     x = visual.stem(images.to(visual.conv1.weight.dtype))

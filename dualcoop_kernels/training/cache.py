@@ -56,7 +56,7 @@ def expected_manifest(config: TrainConfig, model, dataset: MultiLabelDataset, vi
     """What the features of ``dataset`` under ``config`` are made of; a cache must match it. ``augment``:
     views of the run's training augmentation (``config.augment``), else the test transform."""
     return dict(
-        clip=str(config.clip),
+        clip=str(config.backbone),  # the key of 0.1.0's caches, which stay valid
         image_weights=weights_checksum(model.clip.visual),
         image_size=config.image_size,
         protocol=config.protocol,

@@ -17,17 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._atomic import atomic_write_text
+from .._checks import wta_mode
 from ..errors import UsageError, UsageTypeError
-from ..options import (
-    AUGMENTATIONS,
-    DATASETS,
-    PRECISIONS,
-    PROTOCOLS,
-    SELECT_ON,
-    WTA_ALIASES,
-    WTA_CHOICES,
-    WTA_TRAINING_ALIASES,
-)
+from ..model.settings import ModelSettings, renamed_settings
+from ..options import AUGMENTATIONS, DATASETS, PRECISIONS, PROTOCOLS, SELECT_ON, WTA_CHOICES, WTA_TRAINING_ALIASES
 
 MAX_IMAGE_SIZE = 2048
 DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -36,18 +29,18 @@ _TYPES = {"str": str, "str | None": str, "int": int, "int | None": int, "float":
 
 
 def setting(
-    default, help: str, *, flag=None, choices=None, negated=False, path=None, runtime=False, shown=None, bare=None
+    default, help: str, *, flag=None, aliases=(), choices=None, path=None, runtime=False, shown=None, bare=None
 ):
     """A field of :class:`TrainConfig` with what the command line needs to offer it.
 
-    ``flag``: the option's name (``--`` and the field's name with dashes by default); ``choices``: the
-    values allowed; ``negated``: a boolean whose flag turns it off (``--shared-contexts`` sets ``csc``
-    False); ``path``: "always" a file or folder, or a name or a path ("if it exists"); paths are made
-    absolute, so that the run folder works from any working folder;
-    ``runtime``: may change when a run resumes (it does not change the run's numbers); ``shown``: the
-    default in the user's words, for ``--help``; ``bare``: the value of the flag given without one."""
+    ``flag``: the option's name (``--`` and the field's name with dashes by default); ``aliases``: other
+    names of the flag; ``choices``: the values allowed; ``path``: "always" a file or folder, or a name
+    or a path ("if it exists"); paths are made absolute, so that the run folder works from any working
+    folder; ``runtime``: may change when a run resumes (it does not change the run's numbers);
+    ``shown``: the default in the user's words, for ``--help``; ``bare``: the value of the flag given
+    without one."""
     metadata = dict(
-        help=help, flag=flag, choices=choices, negated=negated, path=path, runtime=runtime, shown=shown, bare=bare
+        help=help, flag=flag, aliases=aliases, choices=choices, path=path, runtime=runtime, shown=shown, bare=bare
     )
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
@@ -77,19 +70,18 @@ class TrainConfig:
     zero_shot: bool = setting(False, "train on the seen classes; evaluate on the unseen (zsl) and all (gzsl)")
     bigearthnet_classes: int = setting(19, "BigEarthNet: 19 classes, or the 43 original ones (v1.0)", choices=(19, 43))
     rgb_max: float = setting(2000, "BigEarthNet: the reflectance (x 10,000) that the RGB composite maps to 255")
-    clip: str = setting(
-        "RN101", "an open_clip model name, or an open_clip model config file (.json)", path="if it exists"
-    )
+    backbone: str = setting(
+        "RN101", "an open_clip model name, or an open_clip model config file (.json)", aliases=("--clip",),
+        path="if it exists",
+    )  # fmt: skip
     pretrained: str | None = setting(
         "openai", "an open_clip tag, a checkpoint file, or 'none' for random weights", path="if it exists"
     )
     image_size: int = setting(448, "image side in pixels")
     n_ctx: int = setting(21, "learned context tokens per prompt")
-    csc: bool = setting(
-        True,
+    shared_contexts: bool = setting(
+        False,
         "one set of contexts shared by all classes (zero-shot runs need it; it can score unseen names)",
-        flag="--shared-contexts",
-        negated=True,
         shown="off: class-specific contexts",
     )
     wta: str = setting(
@@ -97,11 +89,9 @@ class TrainConfig:
         "winner-take-all across classes (the authors' names too: pos_norm_det freezes the temperature)",
         choices=WTA_CHOICES,
     )
-    learn_temperature: bool = setting(
-        True,
+    freeze_temperature: bool = setting(
+        False,
         "keep the spatial temperature at its start instead of learning it (the authors' pos_norm_det)",
-        flag="--freeze-temperature",
-        negated=True,
         shown="off: the temperature learns",
     )
     epochs: int = setting(50, "epochs (the first at the warm-up rate)")
@@ -170,7 +160,7 @@ class TrainConfig:
                 f"image_size must be at most {MAX_IMAGE_SIZE} pixels, got {self.image_size}",
             ),
             (
-                not (self.zero_shot and self.csc),
+                not (self.zero_shot and not self.shared_contexts),
                 "zero-shot runs need contexts shared by all classes (--shared-contexts, as the zero-shot presets set)",
             ),
             (
@@ -183,7 +173,7 @@ class TrainConfig:
                 raise UsageError(message)
         for name, value in WTA_TRAINING_ALIASES.get(self.wta, {}).items():  # a mode and a setting
             setattr(self, name, value)
-        self.wta = WTA_ALIASES.get(self.wta, self.wta)
+        self.wta = wta_mode(self.wta)
         if self.val_images is not None and self.val_images < 1:
             raise UsageError(f"val_images must be at least 1, got {self.val_images}")
         if self.select_on == "val" and self.val_fraction == 0 and self.val_images is None:
@@ -207,6 +197,14 @@ class TrainConfig:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def model_settings(self) -> ModelSettings:
+        """What builds this run's model."""
+        return ModelSettings(
+            backbone=self.backbone, pretrained=None if self.pretrained in (None, "none") else self.pretrained,
+            n_ctx=self.n_ctx, shared_contexts=self.shared_contexts, wta=self.wta, protocol=self.protocol,
+            freeze_temperature=self.freeze_temperature, seed=self.seed,
+        )  # fmt: skip
+
     def save(self, path: Path) -> None:
         atomic_write_text(path, json.dumps(self.as_dict(), indent=2) + "\n")
 
@@ -216,10 +214,19 @@ class TrainConfig:
             values = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise UsageError(f"cannot read the run's configuration {path}: {error}") from error
+        return cls.from_dict(values, path)
+
+    @classmethod
+    def from_dict(cls, values, source) -> TrainConfig:
+        """The settings in ``values`` (a config.json's or a checkpoint's, 0.1.0's keys mapped); ``source``
+        names where they come from in an error."""
+        if not isinstance(values, dict):
+            raise UsageError(f"{source}: expected the run's settings as a JSON object, got {type(values).__name__}")
+        values = renamed_settings(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise UsageError(f"{path}: unknown settings {unknown}")
+            raise UsageError(f"{source}: unknown settings {unknown}")
         return cls(**values)
 
 
@@ -227,10 +234,11 @@ def _choice_error(item: dataclasses.Field, value) -> str:
     return f"{item.name} must be one of {item.metadata['choices']}, got {value!r}"
 
 
-_PARTIAL = dict(clip="RN101", n_ctx=21, csc=True, epochs=50, lr=0.005, loss_weight=0.02)
+_PARTIAL = dict(backbone="RN101", n_ctx=21, shared_contexts=False, epochs=50, lr=0.005, loss_weight=0.02)
 _ZERO_SHOT = dict(
-    zero_shot=True, clip="RN50", image_size=224, n_ctx=64, csc=False, batch_size=32, lr=0.002, loss_weight=0.01
-)
+    zero_shot=True, backbone="RN50", image_size=224, n_ctx=64, shared_contexts=True, batch_size=32, lr=0.002,
+    loss_weight=0.01,
+)  # fmt: skip
 PRESETS = {
     "coco": dict(_PARTIAL, dataset="coco", image_size=448, batch_size=64, wta="pos_norm"),
     "voc": dict(_PARTIAL, dataset="voc", image_size=512, batch_size=64, wta="pos_softmax"),

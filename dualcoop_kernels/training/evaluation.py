@@ -38,7 +38,7 @@ def model_for(model, config: TrainConfig, classnames: list[str]):
     features in chunks), which only contexts shared by all classes can give."""
     if classnames == model.prompts.classnames:
         return model
-    if config.csc:
+    if not config.shared_contexts:
         raise UsageError(
             "scoring other classes needs a run trained with contexts shared by all classes (--zero-shot or "
             "--shared-contexts); this run learned class-specific contexts, which exist only for its own classes"

@@ -44,8 +44,9 @@ REFERENCE_RESULTS = {
 }
 REFERENCE_SOURCE = "the first author's run logs (github.com/kjmillerCURIS/dualcoopstarstar), test mAP at the best epoch"
 SETTINGS_SHOWN = (
-    "dataset", "root", "test_root", "protocol", "partial", "zero_shot", "clip", "pretrained", "image_size", "n_ctx",
-    "csc", "wta", "epochs", "batch_size", "lr", "loss_weight", "augment", "select_on", "seed", "features",
+    "dataset", "root", "test_root", "protocol", "partial", "zero_shot", "backbone", "pretrained", "image_size",
+    "n_ctx", "shared_contexts", "wta", "epochs", "batch_size", "lr", "loss_weight", "augment", "select_on", "seed",
+    "features",
 )  # fmt: skip
 WORST_CLASSES, THUMBNAILS, THUMBNAIL_SIDE = 3, 4, 112
 SMALL_MULTIPLES = 24  # precision-recall curves drawn: every class up to this many, else the worst and best
@@ -196,7 +197,8 @@ def reference_result(config: TrainConfig) -> float | None:
     if config.dataset not in PRESETS or config.pretrained != "openai" or config.protocol != "dualcoop++":
         return None
     preset = TrainConfig(**{**preset_config(config.dataset), "root": config.root, "partial": config.partial})
-    same = ("clip", "image_size", "n_ctx", "csc", "wta", "learn_temperature", "epochs", "batch_size", "lr")
+    same = ("backbone", "image_size", "n_ctx", "shared_contexts", "wta", "freeze_temperature", "epochs", "batch_size")
+    same += ("lr",)
     same += ("warmup_lr", "momentum", "weight_decay", "gamma_neg", "gamma_pos", "asl_clip", "loss_weight")
     same += ("crop_scale", "augment", "zero_shot", "features")
     if any(getattr(config, name) != getattr(preset, name) for name in same):

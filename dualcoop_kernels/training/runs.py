@@ -18,7 +18,6 @@ import torch
 from .._atomic import load_torch_file
 from ..errors import UsageError
 from ..model import DualCoOpPlusPlus
-from ..model.pretrained import SETTINGS, build_from_settings, load_pretrained, read_config, save_pretrained
 from .config import TrainConfig
 from .distributed import Ranks
 
@@ -45,7 +44,7 @@ def resolve_device(name: str) -> torch.device:
 def build_model(config: TrainConfig, classnames: list[str], clip=None) -> DualCoOpPlusPlus:
     """The run's model for ``classnames``, its random parts (CLIP weights without a tag, the initial
     contexts) from the run's seed: the same for every rebuild; ``clip`` reuses a loaded CLIP."""
-    return build_from_settings(config.as_dict(), classnames, clip)
+    return DualCoOpPlusPlus.from_settings(config.model_settings(), classnames, clip)
 
 
 def resumed_config(run: Path, runtime: dict) -> TrainConfig:
@@ -95,9 +94,11 @@ def open_run(config: TrainConfig, run: Path, resume: bool, ranks: Ranks) -> dict
     saved = load_torch_file(checkpoint, "checkpoint")
     if not isinstance(saved, dict) or "config" not in saved:
         raise UsageError(f"{checkpoint} is not a checkpoint of this version of dualcoop_kernels; start the run again")
-    made_with = dataclasses.replace(TrainConfig(**saved["config"]), **{n: getattr(config, n) for n in RUNTIME_SETTINGS})
+    made_with = TrainConfig.from_dict(saved["config"], checkpoint)
+    made_with = dataclasses.replace(made_with, **{n: getattr(config, n) for n in RUNTIME_SETTINGS})
     if made_with != config:
-        different = [n for n in saved["config"] if getattr(made_with, n) != getattr(config, n)]
+        names = [item.name for item in dataclasses.fields(config)]
+        different = [name for name in names if getattr(made_with, name) != getattr(config, name)]
         raise UsageError(f"{run}: its checkpoint was made with other settings than these (they differ in {different})")
     return saved
 
@@ -120,7 +121,7 @@ def _refuse_other_files(run: Path) -> None:
 def save_best_model(run: Path, model: DualCoOpPlusPlus, config: TrainConfig, **info) -> None:
     """The best epoch's prompts as a folder to share as it is: ``RUN/model`` (config.json and
     model.safetensors, model/pretrained.py), with ``info`` (the epoch, its scores)."""
-    save_pretrained(model, Path(run) / MODEL, config.as_dict(), image_size=config.image_size, **info)
+    model.save_pretrained(Path(run) / MODEL, image_size=config.image_size, **info)
 
 
 def load_best(run: Path, device: str | None = None) -> tuple[TrainConfig, DualCoOpPlusPlus, torch.device]:
@@ -133,18 +134,17 @@ def load_best(run: Path, device: str | None = None) -> tuple[TrainConfig, DualCo
             f"{run} holds no trained prompts yet ({MODEL}/ appears when the first epoch ends): "
             "dualcoop train --resume --out RUN continues it"
         )
-    if (folder / "config.json").is_file():
-        saved = read_config(folder)
-        ours = config.as_dict()
-        different = [key for key in SETTINGS if key != "clip" and saved.get(key) != ours.get(key)]
-        if saved.get("clip") not in (config.clip, Path(config.clip).stem):
-            different.insert(0, "clip")
-        if different:
-            raise UsageError(
-                f"{folder} holds another run's prompts: its settings differ from {run}/config.json in {different}"
-            )
+    model = DualCoOpPlusPlus.from_pretrained(run)
+    saved, ours = model.settings, config.model_settings()
+    different = [key for key in ours.differences(saved) if key != "backbone"]
+    if saved.backbone not in (ours.backbone, Path(ours.backbone).stem):  # a config file's is kept by its stem
+        different.insert(0, "backbone")
+    if different:
+        raise UsageError(
+            f"{folder} holds another run's prompts: its settings differ from {run}/config.json in {different}"
+        )
     resolved = resolve_device(config.device)
-    return config, load_pretrained(run).to(resolved), resolved
+    return config, model.to(resolved), resolved
 
 
 @contextlib.contextmanager

@@ -160,7 +160,7 @@ def announce(session: Session, resumed: bool) -> None:
     parameters = session.model.learnable_parameter_count()
     LOGGER.info(
         "%s: %d classes; images: %s; labels known: %s; %s on %s; %s learnable parameters",
-        *(session.run, len(data.train.classnames), counts, known, config.clip, session.device, f"{parameters:,}"),
+        *(session.run, len(data.train.classnames), counts, known, config.backbone, session.device, f"{parameters:,}"),
     )
     if resumed and session.state.epoch >= config.epochs:
         LOGGER.info("the run had finished its %d epochs: its best epoch is evaluated again", config.epochs)
