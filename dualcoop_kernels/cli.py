@@ -273,7 +273,7 @@ def _predict(args) -> int:
 
 
 def _report(args) -> int:
-    from .training.report import write_report
+    from .reports.report import write_report
 
     out = _writable_file(args.out)
     print(f"dualcoop report: {write_report(args.run, out)}")
@@ -303,8 +303,8 @@ def _check_top_k(top_k: int | None, classes: int) -> None:
 
 
 def _explain(args) -> int:
+    from .reports.maps import write_explanations
     from .training.evaluation import scoring
-    from .training.maps import write_explanations
     from .training.runs import load_best
 
     _writable_folder(args.out, f"--out {args.out}")

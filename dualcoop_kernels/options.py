@@ -41,15 +41,8 @@ REDUCTIONS = {"sum": 1, "mean": 2, "none": 0}  # of the loss, with the C++ exten
 # The loss's defaults are the ASL library's; DualCoOp++ trains with gamma_neg 2 and scales the sum by 0.02.
 DEFAULT_GAMMA_NEG, DEFAULT_GAMMA_POS, DEFAULT_CLIP, DEFAULT_EPS = 4.0, 1.0, 0.05, 1e-8
 
-# The rest of a run's choices (docs/training.md), read by the model, the data, the settings and the command line.
-PROTOCOLS = (
-    "dualcoop++",
-    "dualcoop",
-)  # whose code a run and its model follow: DualCoOp++ (the default), the original DualCoOp
-DATASETS = ("coco", "voc", "nuswide", "bigearthnet", "csv")
-SELECT_ON = ("val", "test")  # where the best epoch is picked: held-out training images, or the authors' test set
-PRECISIONS = ("fp32", "tf32", "bf16")  # of the encoders: float32, TF32 matmuls, bf16 autocast
-AUGMENTATIONS = ("authors", "crop-flip", "none")  # of training images: the authors', crop and flip only, none
-TEXT_ENCODINGS = ("short", "full")  # up to the last [EOS] (exact, faster), or all 77 tokens (the authors')
+# Whose code a run and its model follow: DualCoOp++ (the default), or the original DualCoOp (read by the
+# model and the data; a run's other choices live with their owners: training/config.py, data/transforms.py)
+PROTOCOLS = ("dualcoop++", "dualcoop")
 # CLIP's image normalisation (OpenAI's), for the transforms and for models that carry none of their own
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -304,7 +304,7 @@ def test_a_loaded_model_can_be_shared_again(run, tmp_path):
 
 
 def test_the_published_number_is_shown_only_for_the_published_experiment():
-    from dualcoop_kernels.training.report import reference_result
+    from dualcoop_kernels.reports.report import reference_result
 
     coco = dict(PRESETS["coco"], root="COCO", partial=0.3)
     assert reference_result(TrainConfig(**coco)) == 84.0

@@ -4,13 +4,13 @@ Every reader returns a :class:`MultiLabelDataset` (image paths, N x C labels in 
 names) that loads images lazily. docs/data.md states the rules each reader follows.
 """
 
+from ..options import PROTOCOLS
 from .bigearthnet import read_bigearthnet
 from .coco import COCO_CLASSES, read_coco
 from .csv_labels import read_csv_labels
 from .dataset import DatasetError, MultiLabelDataset, load_image
 from .nuswide import NUSWIDE_CONCEPTS, read_nuswide, read_nuswide_tags
 from .partial import known_mask, load_mask, partial_labels, save_mask
-from .protocols import PROTOCOLS
 from .voc import VOC_CLASSES, read_voc
 from .zero_shot import COCO_SEEN, COCO_UNSEEN
 

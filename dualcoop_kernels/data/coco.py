@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from .._checks import check_choice
 from ..errors import UsageError
+from ..options import PROTOCOLS
 from .dataset import DatasetError, MultiLabelDataset
-from .protocols import check_protocol
 
 # COCO's 80 category names ordered by id (the zero-shot splits index this list)
 COCO_CLASSES = [
@@ -53,7 +54,7 @@ def read_coco(root, split: str = "train", *, protocol: str = "dualcoop++") -> Mu
     """COCO 2014 ``train`` or ``val`` as a :class:`MultiLabelDataset` with +1 / -1 labels."""
     if split not in SPLITS:
         raise UsageError(f"split must be one of {SPLITS}, got {split!r}")
-    check_protocol(protocol)
+    check_choice("protocol", protocol, PROTOCOLS)
     root = Path(root)
     path = root / "annotations" / f"instances_{split}2014.json"
     content = _read_json(path)

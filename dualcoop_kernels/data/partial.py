@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_open
-from .._checks import finite_number
+from .._checks import check_choice, finite_number
 from ..errors import UsageError
-from .protocols import check_protocol
+from ..options import PROTOCOLS
 
 
 def known_mask(shape: tuple[int, int], proportion, *, seed: int) -> torch.Tensor:
@@ -34,7 +34,7 @@ def known_mask(shape: tuple[int, int], proportion, *, seed: int) -> torch.Tensor
 
 def partial_labels(labels, proportion, *, seed: int, protocol: str = "dualcoop++") -> torch.Tensor:
     """N x C labels of +1 / -1 to +1 / -1 / 0 (0 = unknown), keeping each with probability ``proportion``."""
-    check_protocol(protocol)
+    check_choice("protocol", protocol, PROTOCOLS)
     labels = torch.as_tensor(labels)
     if labels.dim() != 2:
         raise UsageError(f"labels must be N x C, got shape {tuple(labels.shape)}")

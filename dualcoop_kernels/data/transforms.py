@@ -33,8 +33,9 @@ from torchvision.transforms.v2 import functional as F
 
 from .._checks import check_choice
 from ..errors import UsageError
-from ..options import AUGMENTATIONS, CLIP_MEAN, CLIP_STD
-from .protocols import check_protocol
+from ..options import CLIP_MEAN, CLIP_STD, PROTOCOLS
+
+AUGMENTATIONS = ("authors", "crop-flip", "none")  # of training images: the authors', crop and flip only, none
 
 CROP_PROBABILITY = 0.5  # DualCoOp++: the RandomResizedCrop view, else the resized image with a cutout
 CUTOUT_FRACTIONS = {"dualcoop++": 0.4, "dualcoop": 0.5}  # the cutout's side, as a fraction of the image's
@@ -250,7 +251,8 @@ def test_transform(image_size: int, protocol: str = "dualcoop++", mean=CLIP_MEAN
     """The evaluation transform: a resize to ``image_size`` x ``image_size`` (bicubic for DualCoOp++,
     bilinear for the original DualCoOp), then float32 normalised with ``mean`` and ``std``; no crop."""
     side = _check_image_size(image_size)
-    interpolation = TEST_INTERPOLATIONS[check_protocol(protocol)]
+    check_choice("protocol", protocol, PROTOCOLS)
+    interpolation = TEST_INTERPOLATIONS[protocol]
     return v2.Compose([v2.RGB(), v2.Resize((side, side), interpolation=interpolation), *_normalised_tensor(mean, std)])
 
 
@@ -274,7 +276,7 @@ def train_transform(
     if augmentation == "none":
         return test_transform(image_size, protocol, mean, std)
     side = _check_image_size(image_size)
-    protocol = check_protocol(protocol)
+    check_choice("protocol", protocol, PROTOCOLS)
     crop = v2.RandomResizedCrop(
         side, scale=_check_crop_scale(crop_scale), ratio=(3 / 4, 4 / 3), interpolation=InterpolationMode.BICUBIC
     )

@@ -16,13 +16,7 @@ from torch import nn
 from .._checks import check_choice, check_classnames, check_float, check_tensor
 from ..errors import UsageError
 from ..head import DualCoOpHead
-from ..options import (
-    DEFAULT_LOG_SPATIAL_TEMP,
-    ORIGINAL_LOGIT_SCALE,
-    ORIGINAL_TEMPERATURE,
-    PROTOCOLS,
-    TEXT_ENCODINGS,
-)
+from ..options import DEFAULT_LOG_SPATIAL_TEMP, ORIGINAL_LOGIT_SCALE, ORIGINAL_TEMPERATURE, PROTOCOLS
 from ..reference.head import dualcoop_head_regions
 from .images import check_images, clip_image_transform
 from .loading import load_clip, open_clip_module, registered_config, registered_name
@@ -30,7 +24,7 @@ from .pretrained import describe_prompts, describe_settings, read_folder, write_
 from .prompts import PromptLearner
 from .regions import region_features, region_grid
 from .settings import ModelSettings
-from .text import TextEncoder
+from .text import TEXT_ENCODINGS, TextEncoder
 
 # Without autograd the head scores chunks of images whose B x N x C intermediates hold about this many
 # numbers (the head must see all classes at once for WTA): 4 MiB each in float32, whatever the vocabulary

@@ -28,6 +28,8 @@ from torch import nn
 
 from ..errors import UsageError, UsageTypeError
 
+TEXT_ENCODINGS = ("short", "full")  # up to the last [EOS] (exact, faster), or all 77 tokens (the authors')
+
 # tokens x width per chunk of classes without autograd: about 50 MB of activations at any width
 # (2,048 tokens at CLIP's 512), enough to keep the matrix products efficient
 NO_GRAD_CHUNK_ELEMENTS = 2**20

@@ -18,10 +18,14 @@ from pathlib import Path
 
 from .._atomic import atomic_write_text
 from .._checks import wta_mode
+from ..data.transforms import AUGMENTATIONS
 from ..errors import UsageError, UsageTypeError
 from ..model.settings import ModelSettings, renamed_settings
-from ..options import AUGMENTATIONS, DATASETS, PRECISIONS, PROTOCOLS, SELECT_ON, WTA_CHOICES, WTA_TRAINING_ALIASES
+from ..options import PROTOCOLS, WTA_CHOICES, WTA_TRAINING_ALIASES
 
+DATASETS = ("coco", "voc", "nuswide", "bigearthnet", "csv")
+SELECT_ON = ("val", "test")  # where the best epoch is picked: held-out training images, or the authors' test set
+PRECISIONS = ("fp32", "tf32", "bf16")  # of the encoders: float32, TF32 matmuls, bf16 autocast
 MAX_IMAGE_SIZE = 2048
 DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 # the types settings may take, by their annotation

@@ -23,11 +23,11 @@ import numpy as np
 
 from .._atomic import atomic_write_text
 from ..errors import UsageError
+from ..training.config import PRESETS, TrainConfig, preset_config
+from ..training.evaluation import METRIC_MEANINGS, SUMMARY_COLUMNS, TOP_K_COLUMNS, load_scores
+from ..training.plots import selection_key
 from ..version import __version__
-from .config import PRESETS, TrainConfig, preset_config
-from .evaluation import METRIC_MEANINGS, SUMMARY_COLUMNS, TOP_K_COLUMNS, load_scores
 from .maps import jpeg_bytes, overlay
-from .plots import selection_key
 
 # Published test mAP (%) of DualCoOp++ at the best epoch, by (dataset, image side, partial); the first
 # author's run logs (kjmillerCURIS/dualcoopstarstar), RN101, the authors' protocol.
