@@ -122,11 +122,8 @@ def test_interpreted_triton_sets_the_interpreter(tmp_path):
 
 
 def test_recorded_gpu_results_are_summarised(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from harness import recorded_results
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from harness import recorded_results
+
     assert recorded_results(tmp_path) == []
     report = dict(
         environment=dict(device="NVIDIA H100 80GB HBM3", date="2026-12-01T10:00:00+00:00"),
@@ -171,3 +168,19 @@ def test_bench_text_quick(tmp_path):
     shared = next(row for row in rows if (row["section"], row["way"]) == ("training", "shared"))
     short = next(row for row in rows if (row["section"], row["way"]) == ("training", "short"))
     assert shared["tokens"] < short["tokens"] / 5  # 64 shared contexts: the prefix once, not per class
+
+
+def test_benchmark_ratios_read_the_same_way():
+    import bench_asl
+    import bench_head
+    import harness
+
+    rows = [
+        dict(backend="eager", case=1, time_ms=4.0, peak_mib=100.0),
+        dict(backend="triton", case=1, time_ms=1.0, peak_mib=10.0),
+    ]
+    harness.add_ratios(rows, same=("case",))
+    assert rows[1]["speedup"] == 4.0 and rows[1]["memory_saving"] == 10.0  # both: above 1 beats eager
+    assert "above 1: better than eager, for both" in harness.RATIO_LEGEND
+    for columns in (bench_head.BENCH_COLUMNS, bench_asl.COLUMNS):
+        assert ("speedup", "x faster") in columns and ("memory_saving", "x less mem") in columns

@@ -118,10 +118,6 @@ def test_v2_metadata_table(tmp_path):
 @pytest.mark.slow
 def test_training_on_bigearthnet_through_the_command_line(tmp_path, capsys):
     pytest.importorskip("open_clip")
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from dualcoop_kernels.cli import main
     from dualcoop_kernels.data.shapes import write_tiny_clip
 

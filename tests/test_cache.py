@@ -129,3 +129,9 @@ def test_training_from_a_cache_through_the_command_line(setup, tmp_path, capsys)
         == 2
     )
     assert "made otherwise than this run needs" in capsys.readouterr().err
+
+
+def test_a_mismatched_cache_speaks_of_augment_choices():
+    from dualcoop_kernels.training.cache import _mismatch
+
+    assert _mismatch("transform", "crop-flip", "train") == "augment: cache 'crop-flip', run 'authors'"

@@ -324,3 +324,10 @@ def test_the_package_and_its_data_readers_import_without_the_clip_extra():
     )
     finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert finished.stdout.strip() == "ok", finished.stderr[-2000:]
+
+
+def test_repeated_images_are_refused_with_their_lines(tmp_path):
+    csv = tmp_path / "labels.csv"
+    csv.write_text("image,cat\na.png,1\nb.png,0\na.png,1\n")
+    with pytest.raises(ValueError, match=r"labels.csv, line 4: image a.png is listed again \(first on line 2\)"):
+        read_csv_labels(csv)

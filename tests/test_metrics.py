@@ -267,3 +267,20 @@ def test_threshold_and_logits_errors():
         ranking_scores(torch.zeros(2, 3, 4))
     with pytest.raises(TypeError, match=r"logits must be a torch\.Tensor or numpy array"):
         ranking_scores([[[0.0], [1.0]]])
+
+
+def test_threshold_and_top_k_metrics_count_known_labels_only():
+    scores = np.array([[2.0, 1.0, -1.0], [-1.0, 3.0, 0.5], [1.0, -2.0, 2.0]])
+    labels = np.array([[1, 0, -1], [-1, 1, 0], [0, -1, 1]])  # 0: unknown
+    known = labels != 0
+    # the unknown cells are dropped: the same as the metrics of the known cells alone
+    complete = np.where(known, labels, -1)
+    masked = threshold_metrics(scores, labels, known=known)  # each class: its one known positive found
+    assert masked["per_class_recall"].tolist() == [100.0, 100.0, 100.0]
+    assert masked["per_class_precision"].tolist() == [100.0, 100.0, 100.0]  # no known negative is predicted
+    assert threshold_metrics(scores, complete)["per_class_precision"][1] == 50.0  # unknown read as negative
+    top = top_k_metrics(scores, labels, k=1, known=known)
+    assert top == pytest.approx({"precision": 100.0, "recall": 100.0, "f1": 100.0})
+    assert top_k_metrics(scores, labels, k=2, known=known)["precision"] == 100.0  # the second picks are unknown
+    assert top_k_metrics(scores, labels, k=2)["precision"] == 50.0  # read as negatives, they would count wrong
+    assert evaluate(scores, labels, k=1, known=known)["CP"] == 100.0

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -391,3 +392,18 @@ def test_offline_set_after_import_takes_effect(tmp_path):
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "not in the download cache and HF_HUB_OFFLINE is set" in finished.stdout, finished.stdout
     assert float(finished.stdout.split("SECONDS")[1]) < 15
+
+
+def test_image_transform_takes_rgba_arrays_and_refuses_paths():
+    import open_clip
+
+    from dualcoop_kernels.model.images import clip_image_transform
+
+    transform = clip_image_transform(open_clip.create_model("RN50").visual, 32)
+    rgba = np.zeros((40, 30, 4), dtype=np.uint8)
+    rgba[..., :3] = 120
+    assert torch.equal(transform(rgba), transform(rgba[..., :3]))
+    with pytest.raises(TypeError, match="got str: open the file first"):
+        transform("photo.png")
+    with pytest.raises(ValueError, match=r"a NumPy image must be H x W, H x W x 1, 3 or 4"):
+        transform(np.zeros((4, 4, 5), dtype=np.uint8))

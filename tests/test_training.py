@@ -5,6 +5,7 @@ and the schedule and settings."""
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -16,14 +17,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("open_clip")
 
 from dualcoop_kernels.cli import main
+from dualcoop_kernels.data import MultiLabelDataset, read_csv_labels
 from dualcoop_kernels.data.shapes import SHAPES, write_shapes, write_tiny_clip
-from dualcoop_kernels.training import PRESETS, TrainConfig, learning_rate, preset_config
+from dualcoop_kernels.training import PRESETS, TrainConfig, evaluation, learning_rate, preset_config
+from dualcoop_kernels.training.datasets import known_fractions, load_run_data, validation_indices
 
 
 @pytest.fixture(scope="module")
@@ -578,3 +582,112 @@ def test_ten_thousand_names_through_predict_in_bounded_memory(task, tmp_path):
     one_tensor_kib = 256 * regions * 10_000 * 4 / 1024  # B x N x C float32 over the vocabulary
     print(f"peak {own / 1024:.0f} MiB with the run's classes, {vocabulary / 1024:.0f} MiB with 10,000 names")
     assert vocabulary - own < one_tensor_kib / 2
+
+
+# What a run reads and reports (moved from the new user's tests: the conftest's small task)
+
+
+def test_test_images_that_are_training_images_are_refused(small_task, tmp_path):
+    config = TrainConfig(
+        dataset="csv", root=str(small_task["train"]), test_root=str(small_task["train"]), val_fraction=0.25
+    )
+    with pytest.raises(ValueError, match=r"the test images \(labels.csv\) share \d+ image\(s\) with the training"):
+        load_run_data(config, None)
+
+
+def fake_split(monkeypatch, scores, labels, classnames):
+    monkeypatch.setattr(evaluation, "scores_of", lambda *args, **kwargs: np.asarray(scores, dtype=float))
+    monkeypatch.setattr(evaluation, "model_for", lambda model, config, names: model)
+    images = [Path(f"{i}.png") for i in range(len(labels))]
+    return MultiLabelDataset(images, torch.tensor(labels), classnames, name="test.csv")
+
+
+def test_blank_labels_are_left_out_of_every_metric_and_the_table_says_so(monkeypatch):
+    dataset = fake_split(monkeypatch, [[2.0, -1.0], [1.0, 3.0]], [[1, 0], [0, 1]], ["cat", "dog"])
+    results = evaluation.evaluate_split(None, dataset, TrainConfig(root="x", top_k=1), None)
+    assert results["CP"] == results["OP"] == 100.0 and results["images"] == 2
+    assert "50.0 % of the labels are unknown: every metric counts the known ones" in results["unknown_labels"]
+    table = evaluation.results_table({"test": results})
+    assert "test: 50.0 % of the labels are unknown" in table
+    assert "\nmAP: each class's average precision (images ranked by P+ - P-)" in table
+    assert "\nCP CR CF1: precision, recall and F1 of the predictions P+ > P-" in table
+    assert "\nOP OR OF1: the same over every (image, class) pair pooled" in table
+    assert "\nP@k R@k F1@k: each image's k highest-scoring classes" in table  # the run asked for top-k
+
+
+def test_top_k_keeps_k_and_says_when_it_is_trivial(monkeypatch, caplog):
+    dataset = fake_split(monkeypatch, [[2.0, -1.0], [1.0, 3.0]], [[1, -1], [-1, 1]], ["cat", "dog"])
+    with caplog.at_level(logging.WARNING, logger="dualcoop_kernels"):
+        results = evaluation.evaluate_split(None, dataset, TrainConfig(root="x"), None)
+    assert results["top_k"]["k"] == 3 and results["top_k"]["recall"] == 100.0 and "trivial" in results["top_k"]
+    assert "top-3 metrics are trivial with 2 classes" in caplog.text
+    assert "P@3" in evaluation.results_table({"zsl": results})
+
+
+def test_classes_without_a_positive_are_named_and_a_second_map_leaves_them_out(monkeypatch, caplog):
+    dataset = fake_split(monkeypatch, [[2.0, -1.0], [1.0, 3.0]], [[1, -1], [-1, -1]], ["cat", "dog"])
+    with caplog.at_level(logging.WARNING, logger="dualcoop_kernels"):
+        results = evaluation.evaluate_split(None, dataset, TrainConfig(root="x", top_k=1), None)
+    assert results["mAP"] == 50.0 and results["mAP_classes_with_positives"] == 100.0  # the papers' rule stays
+    assert results["classes_without_positives"] == ["dog"]
+    assert "1 class(es) without a positive count 0 in the mAP, the papers' rule (dog)" in caplog.text
+
+
+def test_the_mask_never_marks_a_blank_label_known(small_task, tmp_path):
+    rows = small_task["train"].read_text().splitlines()
+    blanked = [rows[0]] + [re.sub(r",[01]$", ",", row) if i % 2 else row for i, row in enumerate(rows[1:])]
+    csv = small_task["root"] / "blanks.csv"
+    csv.write_text("\n".join(blanked) + "\n")
+    config = TrainConfig(dataset="csv", root=str(csv), partial=0.5, val_fraction=0.25)
+    data = load_run_data(config, tmp_path)
+    labels = read_csv_labels(csv).labels
+    mask = np.load(tmp_path / "mask.npy")
+    assert not mask[labels.numpy() == 0].any()  # a blank is never known
+    assert mask.mean() < (labels != 0).float().mean().item()  # and the draw keeps about half of the rest
+    assert torch.equal(data.mask, torch.from_numpy(mask))
+    fractions = known_fractions(data)  # what the run's first line prints
+    assert fractions["overall"] == pytest.approx(mask.mean())
+    for name, split in [("train", data.train), ("validation", data.validation)]:
+        assert fractions[name] == pytest.approx((split.labels != 0).float().mean().item()) and fractions[name] < 0.5
+
+
+def test_val_images_sets_the_held_out_count_and_extends_smaller_draws():
+    assert len(validation_indices(100, 0.05, images=40)) == 40
+    assert set(validation_indices(100, 0.05, images=10)) <= set(validation_indices(100, 0.0, images=40))
+    with pytest.raises(ValueError, match="val_images must be at least 1"):
+        TrainConfig(root="x", val_images=0)
+
+
+def test_workers_default_to_what_the_machine_has():
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert TrainConfig(root="x").workers == min(4, cores)
+
+
+@pytest.mark.slow
+def test_pictures_mark_the_picked_epoch_and_tell_unseen_classes_apart(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from dualcoop_kernels.training.plots import plot_run
+
+    marks, legends = [], []
+    monkeypatch.setattr(Axes, "axvline", lambda self, x, **kw: marks.append(x))
+    monkeypatch.setattr(Axes, "legend", lambda self, *a, **kw: legends.append(a[1] if len(a) > 1 else kw))
+    history = [dict(epoch=e, train_loss=1.0 / (e + 1), val_mAP=10.0 * e) for e in range(3)]
+    zsl = dict(mAP=50.0, per_class_AP={"kite": 50.0})
+    gzsl = dict(mAP=60.0, per_class_AP={"cat": 70.0, "kite": 50.0})
+    written = plot_run(tmp_path, history, dict(best_epoch=2, zsl=zsl, gzsl=gzsl))
+    assert [path.name for path in written] == ["curves.png", "ap_zsl.png", "ap_gzsl.png"]
+    assert marks == [2, 2] and ["seen", "unseen"] in legends
+
+
+def test_messages_name_the_option_given(small_task, tmp_path):
+    config = TrainConfig(dataset="csv", root=str(small_task["train"]), val_images=500)
+    with pytest.raises(ValueError, match="--val-images 500 leaves no training images of 96"):
+        load_run_data(config, None)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("image,cat\nx.png,1\nsub/../x.png,0\n")
+    with pytest.raises(ValueError, match=r"line 3: image sub/../x.png is listed again \(first on line 2\)"):
+        read_csv_labels(csv)

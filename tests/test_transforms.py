@@ -346,3 +346,17 @@ def test_the_package_transforms_answer_both_torchvision_apis(make):
     torch.manual_seed(3)
     old = transform._transform(image, transform._get_params([image]))
     assert torch.equal(new, old)
+
+
+def test_crop_flip_keeps_colours_that_the_authors_augmentation_changes():
+    from PIL import Image
+
+    from dualcoop_kernels.data.transforms import train_transform
+
+    image = Image.new("RGB", (40, 40), (200, 40, 40))
+    torch.manual_seed(0)
+    kept = [train_transform(32, augmentation="crop-flip")(image) for _ in range(8)]
+    assert all(torch.allclose(view, kept[0]) for view in kept)  # a flat colour stays that colour
+    authors = [train_transform(32)(image) for _ in range(16)]
+    assert any(not torch.allclose(view, kept[0], atol=1e-3) for view in authors)
+    assert torch.equal(train_transform(32, augmentation="none")(image), kept[0])

@@ -274,7 +274,7 @@ class DualCoOpPlusPlus(nn.Module):
     @classmethod
     def from_pretrained(cls, source, *, clip=None, pretrained: str | None = None) -> DualCoOpPlusPlus:
         """The trained model in ``source``: a folder of :meth:`save_pretrained`, a run folder (its
-        ``model/``), or a run folder of an older version (``prompts.pt``), read without running any
+        ``model/``), or a run folder written by 0.1.0 before model/ (``prompts.pt``), read without running any
         code; CLIP is built from the name and weights the folder records (``clip``: an already loaded
         CLIP instead; ``pretrained``: another copy of its weights)."""
         settings, classnames, state, folder = read_folder(source)

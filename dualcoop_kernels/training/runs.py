@@ -126,7 +126,7 @@ def save_best_model(run: Path, model: DualCoOpPlusPlus, config: TrainConfig, **i
 
 def load_best(run: Path, device: str | None = None) -> tuple[TrainConfig, DualCoOpPlusPlus, torch.device]:
     """A finished run's settings and its best epoch's model, on ``device`` (the run's own when None).
-    Runs of older versions hold ``prompts.pt`` instead of ``model/``: read weights-only."""
+    Runs of 0.1.0 may hold ``prompts.pt`` instead of ``model/``: read weights-only."""
     config = resumed_config(run, {"device": device} if device else {})
     folder = Path(run) / MODEL
     if not (folder / "model.safetensors").is_file() and not (Path(run) / "prompts.pt").is_file():
