@@ -198,6 +198,9 @@ def _class_list(given: str) -> list[str]:
         names = [name.strip() for name in given.split(",") if name.strip()]
     if not names:
         raise UsageError(f"--classes {given!r} names no class (give names separated by commas, or a file of names)")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UsageError(f"--classes names {repeated} more than once: each class is one column of the output")
     return names
 
 

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -341,3 +342,25 @@ def test_what_review_found(shared_run, task, tmp_path, capsys):
     capsys.readouterr()
     assert main(["predict", str(specific), image, "--classes", "blue bar,red square"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "image,blue bar,red square,present"  # the run's columns
+
+
+def test_classes_named_twice_are_refused():
+    """Each class is one column of predict's output, as ``for_classes`` refuses repeated names."""
+    with pytest.raises(UsageError, match=r"--classes names \['a'\] more than once"):
+        cli._class_list("a, b,a")
+
+
+@needs_open_clip
+@pytest.mark.slow
+def test_eval_says_which_epoch_it_scored_and_that_a_run_is_unfinished(shared_run, tmp_path, capsys):
+    assert main(["eval", str(shared_run)]) == 0
+    printed = capsys.readouterr().out
+    epoch = json.loads((shared_run / "model" / "config.json").read_text())["epoch"]
+    assert printed.startswith(f"scored: epoch {epoch} (epochs count from 0), the best of the run's 2\n")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(shared_run, unfinished)
+    config = json.loads((unfinished / "config.json").read_text())
+    (unfinished / "config.json").write_text(json.dumps(dict(config, epochs=50)))  # as if stopped at 2 of 50
+    assert main(["eval", str(unfinished), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)["scored"]
+    assert "the run is unfinished (2 of 50 epochs; dualcoop train --resume --out" in scored

@@ -407,3 +407,10 @@ def test_image_transform_takes_rgba_arrays_and_refuses_paths():
         transform("photo.png")
     with pytest.raises(ValueError, match=r"a NumPy image must be H x W, H x W x 1, 3 or 4"):
         transform(np.zeros((4, 4, 5), dtype=np.uint8))
+
+
+def test_a_backbone_file_that_is_no_model_config_is_named(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,cat\n")
+    with pytest.raises(ValueError, match=r"labels.csv is a file but not an open_clip model config: give a model name"):
+        dk.DualCoOpPlusPlus(str(labels), CLASSES)

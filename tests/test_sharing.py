@@ -311,3 +311,14 @@ def test_the_published_number_is_shown_only_for_the_published_experiment():
     assert reference_result(TrainConfig(**dict(coco, partial=0.4))) is None  # not a published proportion
     for changed in (dict(pretrained="none"), dict(epochs=2), dict(lr=0.01), dict(augment="none")):
         assert reference_result(TrainConfig(**{**coco, **changed})) is None, changed
+
+
+def test_a_folder_that_is_no_model_is_named_as_such(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(
+        FileNotFoundError, match=r"is not a model: it holds neither config\.json and model\.safetensors"
+    ):
+        dk.DualCoOpPlusPlus.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match=r"is not the config of dualcoop_kernels prompts"):
+        dk.DualCoOpPlusPlus.from_pretrained(tmp_path)

@@ -27,7 +27,12 @@ from dualcoop_kernels.cli import main
 from dualcoop_kernels.data import MultiLabelDataset, read_csv_labels
 from dualcoop_kernels.data.shapes import SHAPES, write_shapes, write_tiny_clip
 from dualcoop_kernels.training import PRESETS, TrainConfig, evaluation, learning_rate, preset_config
-from dualcoop_kernels.training.datasets import known_fractions, load_run_data, validation_indices
+from dualcoop_kernels.training.datasets import (
+    degenerate_class_warnings,
+    known_fractions,
+    load_run_data,
+    validation_indices,
+)
 
 
 @pytest.fixture(scope="module")
@@ -691,3 +696,13 @@ def test_messages_name_the_option_given(small_task, tmp_path):
     csv.write_text("image,cat\nx.png,1\nsub/../x.png,0\n")
     with pytest.raises(ValueError, match=r"line 3: image sub/../x.png is listed again \(first on line 2\)"):
         read_csv_labels(csv)
+
+
+def test_classes_training_cannot_teach_are_named():
+    labels = torch.tensor([[1, -1, 1], [-1, -1, 1], [1, -1, 0]])  # dog: never present; bird: never absent
+    dataset = MultiLabelDataset([Path(f"{i}.png") for i in range(3)], labels, ["cat", "dog", "bird"])
+    warnings = degenerate_class_warnings(dataset)
+    assert warnings[0].startswith("1 class(es) have no known positive training label (dog)")
+    assert warnings[1].startswith("1 class(es) have no known negative training label (bird)")
+    both = MultiLabelDataset([Path("0.png"), Path("1.png")], torch.tensor([[1, -1], [-1, 1]]), ["cat", "dog"])
+    assert degenerate_class_warnings(both) == []

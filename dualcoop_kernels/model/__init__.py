@@ -3,7 +3,8 @@
 ``dualcoop.py`` the model; ``prompts.py`` the learned prompts; ``text.py`` the text encoder (full, short,
 shared prefix); ``regions.py`` dense region features of CLIP's image towers; ``images.py`` CLIP's
 preprocessing and the image check; ``loading.py`` open_clip models by name, with weights from a file or a tag;
-``pretrained.py`` folders of trained prompts to share (``save_pretrained``, ``from_pretrained``);
+``settings.py`` ``ModelSettings``, what rebuilds a model; ``pretrained.py`` the files of a folder of
+trained prompts to share (read and written for ``save_pretrained`` and ``from_pretrained``);
 ``export.py`` the inference model as a ``torch.export`` program.
 """
 

@@ -61,6 +61,11 @@ def registered_name(model: str) -> str:
     """The open_clip name of a model given by name or by the path of its config (.json), which this
     registers with open_clip under the file's stem."""
     if not str(model).endswith(".json"):
+        if os.path.isfile(model):
+            raise UsageError(
+                f"{model} is a file but not an open_clip model config: give a model name (RN50, ViT-B-16, ...) or "
+                "a .json file holding embed_dim, vision_cfg and text_cfg"
+            )
         return model
     if not os.path.isfile(model):
         raise FileNotFoundError(f"open_clip model config {model} does not exist")

@@ -172,3 +172,18 @@ def known_fractions(data: RunData) -> dict[str, float]:
     splits = {"train": data.train, "validation": data.validation, **data.tests}
     fractions.update({name: float((d.labels != 0).float().mean()) for name, d in splits.items() if d is not None})
     return fractions
+
+
+def degenerate_class_warnings(train: MultiLabelDataset) -> list[str]:
+    """What a training split cannot teach: classes with no known positive, and with no known negative,
+    by name (their prompts never see the class present, or never see it absent)."""
+    warnings = []
+    for value, side in ((1, "positive"), (-1, "negative")):
+        names = [name for name, count in zip(train.classnames, (train.labels == value).sum(dim=0)) if count == 0]
+        if names:
+            shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            warnings.append(
+                f"{len(names)} class(es) have no known {side} training label ({shown}): the prompts never see "
+                f"them {'present' if value == 1 else 'absent'}, so their scores are not learned"
+            )
+    return warnings

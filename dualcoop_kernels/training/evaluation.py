@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..metrics import average_precision, evaluate, ranking_scores, top_k_metrics
 from .config import TrainConfig
 from .datasets import load_run_data
-from .runs import load_best
+from .runs import load_best, scored_epoch
 
 SUMMARY_COLUMNS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")
 TOP_K_COLUMNS = (("P", "precision"), ("R", "recall"), ("F1", "f1"))
@@ -128,8 +128,9 @@ def load_scores(path) -> dict:
 
 
 def evaluate_run(run, splits: list[str] | None = None, device: str | None = None, workers: int | None = None) -> dict:
-    """A finished run's best prompts on ``splits`` (test, zsl, gzsl, val; by default its test sets, or
-    its held-out images where it has none): each split's metrics, by name."""
+    """A run's best prompts on ``splits`` (test, zsl, gzsl, val; by default its test sets, or its
+    held-out images where it has none): each split's metrics, by name, after ``scored``, which epoch
+    that is and whether the run finished."""
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be >= 0 (data-loading processes), got {workers}")
     config, model, resolved = load_best(run, device)
@@ -143,7 +144,8 @@ def evaluate_run(run, splits: list[str] | None = None, device: str | None = None
     unknown = [name for name in chosen if name not in sets]
     if unknown:
         raise UsageError(f"--split {unknown[0]!r}: this run's splits are {sorted(sets)}")
-    return {name: evaluate_split(model, sets[name], config, resolved) for name in chosen}
+    results = {"scored": scored_epoch(run, config)}
+    return results | {name: evaluate_split(model, sets[name], config, resolved) for name in chosen}
 
 
 def selection_metric(config: TrainConfig, classes: int) -> str:

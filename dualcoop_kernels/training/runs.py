@@ -18,6 +18,7 @@ import torch
 from .._atomic import load_torch_file
 from ..errors import UsageError
 from ..model import DualCoOpPlusPlus
+from ..model.pretrained import read_config
 from .config import TrainConfig
 from .distributed import Ranks
 
@@ -145,6 +146,20 @@ def load_best(run: Path, device: str | None = None) -> tuple[TrainConfig, DualCo
         )
     resolved = resolve_device(config.device)
     return config, model.to(resolved), resolved
+
+
+def scored_epoch(run: Path, config: TrainConfig) -> str:
+    """Which epoch the run's prompts (``model/``) are, and whether the run finished its epochs, in words."""
+    saved = read_config(Path(run) / MODEL) if (Path(run) / MODEL / "config.json").is_file() else {}
+    history = Path(run) / "metrics.jsonl"
+    done = len(history.read_text().splitlines()) if history.is_file() else 0
+    picked = f"epoch {saved['epoch']}" if isinstance(saved.get("epoch"), int) else "the saved epoch"
+    if done >= config.epochs:
+        return f"{picked} (epochs count from 0), the best of the run's {config.epochs}"
+    return (
+        f"{picked} (epochs count from 0), the best of {done} trained: the run is unfinished ({done} of "
+        f"{config.epochs} epochs; dualcoop train --resume --out {run} continues it)"
+    )
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from ..model.regions import check_image_side
 from . import distributed
 from .cache import CachedRegions, FeatureCache
 from .config import TrainConfig
-from .datasets import RunData, known_fractions, load_run_data, training_split
+from .datasets import RunData, degenerate_class_warnings, known_fractions, load_run_data, training_split
 from .distributed import Ranks
 from .evaluation import evaluate_split, results_table, selection_metric, selection_score
 from .plots import plot_run
@@ -173,6 +173,8 @@ def announce(session: Session, resumed: bool) -> None:
             "epochs 1 trains nothing at the base rate: epoch 0 is the warm-up at %g; ask for 2 or more",
             config.warmup_lr,
         )
+    for warning in degenerate_class_warnings(data.train):
+        LOGGER.warning(warning)
     positives = (session.selection_set.labels == 1).sum(dim=0).float().median().item()
     if session.metric == "mAP" and positives < MIN_SELECTION_POSITIVES:
         LOGGER.warning(
