@@ -53,9 +53,9 @@ WAYS = {  # the text encoder's switches: which path each way runs
     "shared-sdpa": dict(full_length=False, fused=True, shared_prefix=True),
     "grouped": dict(full_length=False, fused=True, shared_prefix=False),
 }
-# (case, CLIP, classes, n_ctx, class-specific); the tiny CLIP's sizes with --quick
-TRAINING = [("nuswide-zsl", "RN50", 100, 64, False), ("coco-zsl", "RN50", 48, 64, False)]
-GROUPING = [("coco", "RN101", 80, 21, True), ("nuswide", "RN101", 81, 21, True)]
+# (case, CLIP, classes, n_ctx, shared contexts); the tiny CLIP's sizes with --quick
+TRAINING = [("nuswide-zsl", "RN50", 100, 64, True), ("coco-zsl", "RN50", 48, 64, True)]
+GROUPING = [("coco", "RN101", 80, 21, False), ("nuswide", "RN101", 81, 21, False)]
 FEATURE_CLASSES = (1006, 10_000)
 OPEN_NAMES, OPEN_IMAGES, OPEN_SIDE = 10_000, 16, 224
 QUICK = dict(training=13, grouping=11, features=(37, 101), open_names=300, open_images=4, open_side=48)
@@ -224,7 +224,7 @@ def feature_rows(args, clips) -> list[dict]:
             ways = ["shared"]
             progress(f"features {classes}: full and short left out on the CPU (--all runs them)")
         progress(f"features {classes} classes without autograd: {ways}")
-        model = build(args, "RN50", names, 64, False, clips)
+        model = build(args, "RN50", names, 64, True, clips)
         rows += compare("features", f"{classes} classes", model, ways, False, args)
     return rows
 
@@ -237,7 +237,7 @@ def open_vocabulary_rows(args, clips) -> list[dict]:
         else (OPEN_NAMES, OPEN_IMAGES, OPEN_SIDE)
     )
     names = class_names(count, "open")
-    model = build(args, "RN50", ["cat", "dog"], 64, False, clips).eval()
+    model = build(args, "RN50", ["cat", "dog"], 64, True, clips).eval()
     pictures = torch.randn(images, 3, side, side, device=args.device)
 
     def score():

@@ -188,7 +188,10 @@ def _class_list(given: str) -> list[str]:
     with a path separator or a file suffix is a path, and the file must exist)."""
     path = Path(given)
     if path.is_file():
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except UnicodeDecodeError as error:
+            raise UsageError(f"--classes file {path} is not UTF-8 text ({error})") from error
     elif "/" in given or os.sep in given or path.suffix.lower() in CLASS_FILE_SUFFIXES:
         raise FileNotFoundError(
             f"--classes {given!r} reads as a file of class names (it has a path separator or a file suffix), "
@@ -293,11 +296,9 @@ def _first_try(args) -> int:
 
 
 def _build_extension(args) -> int:
-    from .extension import build_extension
+    from .extension.build import build_and_print
 
-    status = build_extension()
-    print(json.dumps(status.as_dict(), indent=2))
-    return 0 if status.cpu_built else 1
+    return build_and_print()
 
 
 def _check_top_k(top_k: int | None, classes: int) -> None:
@@ -410,6 +411,14 @@ STOPPED = {  # what Ctrl-C leaves, where the command has nothing more to say
 }
 
 
+OUT_OF_MEMORY = {  # what to change when a command runs out of memory
+    "train": "try a smaller --batch-size (a new run: --resume keeps the run's own) or --precision bf16",
+    "cache": "try a smaller --batch-size",
+    "predict": "try a smaller --batch-size, or --device cpu",
+    "eval": "try --device cpu",
+}
+
+
 def _rank() -> int:
     """This process's rank under torchrun (0 without it)."""
     return int(os.environ.get("RANK", "0"))
@@ -457,7 +466,10 @@ def main(argv=None) -> int:
         return 2
     except Exception as error:
         if type(error).__name__ == "OutOfMemoryError":  # torch's, CUDA or not: the sizes asked for
-            print(f"dualcoop {args.command}: error: {error_gist(error)}: try a smaller --batch-size", file=sys.stderr)
+            if os.environ.get("DUALCOOP_DEBUG") == "1":
+                traceback.print_exc()
+            advice = OUT_OF_MEMORY.get(args.command, "free the GPU's memory (other processes), or use a larger GPU")
+            print(f"dualcoop {args.command}: error: {error_gist(error)}: {advice}", file=sys.stderr)
             return 2
         traceback.print_exc()
         print(

@@ -12,3 +12,7 @@ class UsageError(ValueError):
 
 class UsageTypeError(UsageError, TypeError):
     """A :class:`UsageError` about an argument's type: also a ``TypeError``, as Python's own are."""
+
+
+class MissingExtra(UsageError, ImportError):
+    """A :class:`UsageError` for an optional dependency that is not installed; also an ``ImportError``."""

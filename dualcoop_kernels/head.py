@@ -107,6 +107,7 @@ class DualCoOpHead(nn.Module):
         logit_scale: float = DEFAULT_LOGIT_SCALE,
         spatial_temp_init: float = DEFAULT_LOG_SPATIAL_TEMP,
         backend: str = "auto",
+        *,
         freeze_temperature: bool = False,
     ):
         super().__init__()

@@ -64,6 +64,8 @@ def test_a_value_error_the_package_did_not_mean_is_a_bug(tmp_path, capsys, monke
 
 
 def test_running_out_of_memory_says_what_to_change(tmp_path, capsys, monkeypatch):
+    """Advice the command can take: eval has no --batch-size, predict has."""
+
     def too_big(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
@@ -71,9 +73,21 @@ def test_running_out_of_memory_says_what_to_change(tmp_path, capsys, monkeypatch
     assert cli.main(["eval", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert error.strip() == (
-        "dualcoop eval: error: OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB: "
-        "try a smaller --batch-size"
+        "dualcoop eval: error: OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB: try --device cpu"
     )
+    monkeypatch.setattr(cli, "_predict", too_big)
+    assert cli.main(["predict", str(tmp_path), "x.png"]) == 2
+    assert "try a smaller --batch-size, or --device cpu" in capsys.readouterr().err
+
+
+def test_a_missing_extra_is_the_users_to_install(monkeypatch):
+    from dualcoop_kernels.errors import MissingExtra
+    from dualcoop_kernels.model.loading import open_clip_module
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if not installed
+    with pytest.raises(MissingExtra, match=r"pip install 'dualcoop_kernels\[clip\]'") as raised:
+        open_clip_module()
+    assert isinstance(raised.value, UsageError) and isinstance(raised.value, ImportError)
 
 
 def test_usage_errors_are_the_errors_python_users_catch():

@@ -322,3 +322,21 @@ def test_a_folder_that_is_no_model_is_named_as_such(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match=r"is not the config of dualcoop_kernels prompts"):
         dk.DualCoOpPlusPlus.from_pretrained(tmp_path)
+
+
+def test_save_pretrained_names_a_clip_given_as_a_module(tmp_path):
+    config = str(write_tiny_clip(tmp_path))
+    model = dk.DualCoOpPlusPlus(config, ["cat", "dog"], n_ctx=2)
+    given = dk.DualCoOpPlusPlus(model.clip, ["cat", "dog"], n_ctx=2)
+    with pytest.raises(ValueError, match="a CLIP given as a module has no name"):
+        given.save_pretrained(tmp_path / "unnamed", seed=0)
+    with pytest.raises(ValueError, match=r"\['n_ctx'\] are written from the model's settings, not as info"):
+        given.save_pretrained(tmp_path / "clash", backbone=config, seed=0, n_ctx=5)
+    given.save_pretrained(tmp_path / "named", backbone=config, pretrained="my-weights.pt", seed=0, epoch=3)
+    saved = json.loads((tmp_path / "named" / "config.json").read_text())
+    assert (saved["backbone"], saved["pretrained"], saved["seed"], saved["epoch"]) == (
+        "tiny-clip",
+        "my-weights.pt",
+        0,
+        3,
+    )

@@ -706,3 +706,17 @@ def test_classes_training_cannot_teach_are_named():
     assert warnings[1].startswith("1 class(es) have no known negative training label (bird)")
     both = MultiLabelDataset([Path("0.png"), Path("1.png")], torch.tensor([[1, -1], [-1, 1]]), ["cat", "dog"])
     assert degenerate_class_warnings(both) == []
+
+
+def test_hand_edited_settings_are_named_and_old_blanks_take_the_default(tmp_path):
+    with pytest.raises(TypeError, match=r"crop_scale must be two numbers \(low, high\), got None"):
+        TrainConfig(root="x", crop_scale=None)
+    old = TrainConfig.from_dict(dict(root="x", clip="RN50", csc=True, learn_temperature=None), "config.json")
+    assert (old.backbone, old.shared_contexts, old.freeze_temperature) == ("RN50", False, False)
+
+
+def test_a_label_file_that_is_not_utf8_is_named(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes("image,caf\xe9\na.png,1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"labels.csv is not UTF-8 text .*save it as UTF-8"):
+        read_csv_labels(labels)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from ..errors import MissingExtra, UsageError
 from .dataset import DatasetError, MultiLabelDataset
 
 CLASSES_43 = [
@@ -145,7 +145,9 @@ def _read_v2(root: Path, split: str, classes: int) -> tuple[list[Path], torch.Te
     try:
         import pyarrow.parquet as parquet
     except ImportError as error:
-        raise ImportError("reading BigEarthNet v2.0's metadata.parquet needs pyarrow: pip install pyarrow") from error
+        raise MissingExtra(
+            "reading BigEarthNet v2.0's metadata.parquet needs pyarrow: pip install 'dualcoop_kernels[bigearthnet]'"
+        ) from error
     path = root / "metadata.parquet"
     try:
         table = parquet.read_table(path, columns=["patch_id", "labels", "split"]).to_pydict()

@@ -29,8 +29,11 @@ def read_csv_labels(path) -> MultiLabelDataset:
         )
     if not path.is_file():
         raise FileNotFoundError(f"label file {path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as file:
-        rows = list(csv.reader(file))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            rows = list(csv.reader(file))
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path} is not UTF-8 text ({error}): save it as UTF-8 (Excel: CSV UTF-8)") from error
     if not rows or not rows[0] or rows[0][0].strip() != "image" or len(rows[0]) < 2:
         raise DatasetError(f"{path}, line 1: the header must be image,<class 1>,<class 2>,...")
     classnames = [name.strip() for name in rows[0][1:]]

@@ -91,5 +91,5 @@ def load_image(path: Path, dataset: str = "dataset"):
             return image.convert("RGB")
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{dataset}: image {path} does not exist") from error
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise DatasetError(f"{dataset}: image {path} cannot be read as an image ({error})") from error

@@ -34,7 +34,10 @@ NUSWIDE_CONCEPTS = [
 def _lines(path: Path, what: str) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"NUS-WIDE {what} {path} does not exist")
-    return [line.strip() for line in path.read_text(errors="strict").splitlines()]
+    try:
+        return [line.strip() for line in path.read_text(errors="strict").splitlines()]
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"NUS-WIDE {what} {path} is not UTF-8 text ({error})") from error
 
 
 def _concepts_file(root: Path) -> Path:

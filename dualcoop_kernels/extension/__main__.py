@@ -1,8 +1,8 @@
-"""``python -m dualcoop_kernels.extension``: the same as ``dualcoop build-extension`` (cli.py)."""
+"""``python -m dualcoop_kernels.extension``: ``dualcoop build-extension`` with torch alone installed."""
 
 import sys
 
-from ..cli import main
+from .build import build_and_print
 
 if __name__ == "__main__":
-    sys.exit(main(["build-extension"]))
+    sys.exit(build_and_print())

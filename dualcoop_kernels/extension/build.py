@@ -20,6 +20,7 @@ import ctypes.util
 import functools
 import glob
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -320,8 +321,16 @@ _LOADER = _Loader()
 
 def build_extension() -> ExtensionStatus:
     """Build (or load from the cache) every part this machine can build, and say what happened.
-    The same as ``python -m dualcoop_kernels.extension``."""
+    ``dualcoop build-extension`` prints it."""
     return _LOADER.load(build=PARTS)
+
+
+def build_and_print() -> int:
+    """``dualcoop build-extension`` (and ``python -m dualcoop_kernels.extension``, which needs torch
+    alone): build, print the status as JSON; 1 when the CPU part could not be built."""
+    status = build_extension()
+    print(json.dumps(status.as_dict(), indent=2))
+    return 0 if status.cpu_built else 1
 
 
 def extension_status() -> dict:

@@ -91,7 +91,9 @@ class DualCoOpPlusPlus(nn.Module):
         self.protocol = protocol
         original = protocol == "dualcoop"
         prompt_sets = ("pos", "neg") if original else ("evidence", "pos", "neg")
-        self.prompts = PromptLearner(clip, tokenizer, classnames, prompt_sets, n_ctx, ctx_init, shared_contexts)
+        self.prompts = PromptLearner(
+            clip, tokenizer, classnames, prompt_sets, n_ctx, ctx_init, shared_contexts=shared_contexts
+        )
         self.text_encoder = TextEncoder(clip, full_length=text_encoding == "full")
         if original:  # the same head: the positive prompts as evidence, a fixed temperature, no WTA
             self.head = DualCoOpHead(
@@ -120,6 +122,8 @@ class DualCoOpPlusPlus(nn.Module):
         """The model ``settings`` describe, for ``classnames``, its random parts (CLIP weights without a
         tag, the initial contexts) drawn from ``settings.seed``; ``clip`` reuses an already loaded CLIP."""
         backbone = settings.backbone
+        if clip is None and not backbone:
+            raise UsageError("settings name no backbone: give its open_clip name, or pass clip=<a loaded CLIP>")
         if clip is None and settings.clip_config:  # an open_clip config kept in full: registered first
             backbone = registered_config(backbone, settings.clip_config)
         with torch.random.fork_rng(devices=[]):
@@ -258,15 +262,17 @@ class DualCoOpPlusPlus(nn.Module):
         other.prompts = self.prompts.for_classes(classnames)
         return other
 
-    def save_pretrained(self, folder, *, backbone: str | None = None, seed: int | None = None, **info):
+    def save_pretrained(
+        self, folder, *, backbone: str | None = None, pretrained: str | None = None, seed: int | None = None, **info
+    ):
         """Write the learned prompts as a folder to share (``config.json`` and ``model.safetensors``,
         the layout of a Hugging Face ``PyTorchModelHubMixin`` model) with :attr:`settings` and ``info``
-        (an epoch, scores) beside them. A CLIP given as a module must be named (``backbone``), and
-        random CLIP weights need the ``seed`` they were drawn from."""
-        settings = self.settings
-        if backbone is not None or seed is not None:
-            given = {key: value for key, value in dict(backbone=backbone, seed=seed).items() if value is not None}
-            settings = dataclasses.replace(settings, **given)
+        (an epoch, scores) beside them. A CLIP given as a module must be named (``backbone``, and its
+        weights' tag or file, ``pretrained``); random CLIP weights need the ``seed`` they were drawn from."""
+        given = dict(backbone=backbone, pretrained=pretrained, seed=seed)
+        settings = dataclasses.replace(
+            self.settings, **{key: value for key, value in given.items() if value is not None}
+        )
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.prompt_state_dict().items()}
         info = dict(info, learnable_parameters=self.learnable_parameter_count())
         return write_folder(folder, settings, list(self.prompts.classnames), state, info)

@@ -17,7 +17,7 @@ import tempfile
 from torch import nn
 
 from .._checks import error_gist
-from ..errors import UsageError
+from ..errors import MissingExtra, UsageError
 
 MODEL_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what every open_clip model config holds
 
@@ -26,7 +26,7 @@ def open_clip_module():
     try:
         import open_clip
     except ImportError as error:
-        raise ImportError("the CLIP model needs open_clip_torch: pip install 'dualcoop_kernels[clip]'") from error
+        raise MissingExtra("the CLIP model needs open_clip_torch: pip install 'dualcoop_kernels[clip]'") from error
     return open_clip
 
 
@@ -102,12 +102,17 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
     with ``HF_HUB_OFFLINE=1`` open_clip looks in its cache only.
     """
     open_clip = open_clip_module()
-    model_name = registered_name(model_name)
+    given, model_name = model_name, registered_name(model_name)
     if model_name not in open_clip.list_models():
         raise UsageError(f"unknown open_clip model {model_name!r}; e.g. RN50, RN101, RN50x4, ViT-B-16, ViT-L-14")
     if pretrained is None:
-        with _without_random_weights_warning():
-            return open_clip.create_model(model_name)
+        try:
+            with _without_random_weights_warning():
+                return open_clip.create_model(model_name)
+        except (TypeError, ValueError, KeyError) as error:  # a config file's values open_clip cannot build
+            if given == model_name:
+                raise
+            raise UsageError(f"open_clip cannot build a model from the config {given} ({error_gist(error)})") from error
     if os.path.isfile(pretrained):
         try:
             return open_clip.create_model(model_name, pretrained=pretrained)

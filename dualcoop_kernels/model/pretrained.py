@@ -35,7 +35,10 @@ def write_folder(folder, settings: ModelSettings, classnames: list[str], state: 
     from safetensors.torch import save
 
     folder = Path(folder)
-    if settings.pretrained in (None, "none") and settings.seed is None:
+    reserved = sorted(set(info) & {*settings.as_dict(), "format", "package_version", "classnames", "weights_sha256"})
+    if reserved:
+        raise UsageError(f"{reserved} are written from the model's settings, not as info: pass them by their own name")
+    if settings.pretrained is None and settings.seed is None:
         raise UsageError(
             "the model's CLIP has random weights, which the receiver can rebuild only from their seed: build "
             "it under torch.manual_seed(seed) and pass seed=seed"

@@ -37,7 +37,7 @@ class PromptLearner(nn.Module):
     """
 
     def __init__(
-        self, clip_model, tokenizer, classnames, prompt_sets, n_ctx=None, ctx_init=None, shared_contexts=False
+        self, clip_model, tokenizer, classnames, prompt_sets, n_ctx=None, ctx_init=None, *, shared_contexts=False
     ):
         super().__init__()
         classnames = check_classnames(classnames)

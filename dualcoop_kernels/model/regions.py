@@ -74,7 +74,7 @@ def _value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def vit_regions(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """B x 3 x H x W images -> B x (H/p * W/p) x D patch features of an open_clip VisionTransformer."""
     if getattr(visual, "attn_pool", None) is not None:
-        raise NotImplementedError("ViTs with an attentional pooler (CoCa) are not supported")
+        raise UsageError("ViTs with an attentional pooler (CoCa) are not supported: use a CLIP ViT or ResNet")
     x = visual.conv1(images.to(visual.conv1.weight.dtype))
     height, width = x.shape[-2:]
     x = x.flatten(2).transpose(1, 2)  # B x HW x width

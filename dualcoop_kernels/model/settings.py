@@ -36,6 +36,10 @@ class ModelSettings:
     seed: int | None = None
     clip_config: dict | None = None
 
+    def __post_init__(self):  # random weights are None, however named ("none": the command line's word)
+        if self.pretrained == "none":
+            object.__setattr__(self, "pretrained", None)
+
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -48,11 +52,7 @@ class ModelSettings:
         settings = cls(**{key: value for key, value in values.items() if key in known})
         if not isinstance(settings.n_ctx, int) or isinstance(settings.n_ctx, bool) or settings.n_ctx < 1:
             raise UsageError(f"{source}: n_ctx must be a positive integer, got {settings.n_ctx!r}")
-        # as a run's config.json says random weights ("none"), and 0.1.0's files a learned temperature (None)
-        pretrained = None if settings.pretrained == "none" else settings.pretrained
-        return dataclasses.replace(
-            settings, pretrained=pretrained, freeze_temperature=bool(settings.freeze_temperature)
-        )
+        return settings
 
     def differences(self, other: ModelSettings) -> list[str]:
         """The settings (seed and CLIP config aside) in which ``other`` differs."""
@@ -79,5 +79,7 @@ def renamed_settings(values: dict) -> dict:
     for old, (new, negated) in OLD_KEYS.items():
         if old in renamed and new not in renamed:
             value = renamed.pop(old)
+            if negated and value is None:  # 0.1.0 read a missing value as the default: so does this
+                continue
             renamed[new] = (not value) if negated and isinstance(value, bool) else value
     return renamed

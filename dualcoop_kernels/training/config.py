@@ -195,7 +195,8 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
                 raise UsageTypeError(f"{item.name} must be {item.type}, got {value!r}")
-        if len(self.crop_scale) != 2 or not all(isinstance(v, (int, float)) for v in self.crop_scale):
+        pair = isinstance(self.crop_scale, (tuple, list)) and len(self.crop_scale) == 2
+        if not pair or not all(isinstance(v, (int, float)) for v in self.crop_scale):
             raise UsageTypeError(f"crop_scale must be two numbers (low, high), got {self.crop_scale!r}")
 
     def as_dict(self) -> dict:
@@ -216,7 +217,7 @@ class TrainConfig:
     def load(cls, path: Path) -> TrainConfig:
         try:
             values = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise UsageError(f"cannot read the run's configuration {path}: {error}") from error
         return cls.from_dict(values, path)
 

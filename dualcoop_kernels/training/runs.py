@@ -18,7 +18,7 @@ import torch
 from .._atomic import load_torch_file
 from ..errors import UsageError
 from ..model import DualCoOpPlusPlus
-from ..model.pretrained import read_config
+from ..model.pretrained import read_config, read_folder
 from .config import TrainConfig
 from .distributed import Ranks
 
@@ -135,8 +135,7 @@ def load_best(run: Path, device: str | None = None) -> tuple[TrainConfig, DualCo
             f"{run} holds no trained prompts yet ({MODEL}/ appears when the first epoch ends): "
             "dualcoop train --resume --out RUN continues it"
         )
-    model = DualCoOpPlusPlus.from_pretrained(run)
-    saved, ours = model.settings, config.model_settings()
+    saved, ours = read_folder(run)[0], config.model_settings()  # compared before a CLIP is loaded
     different = [key for key in ours.differences(saved) if key != "backbone"]
     if saved.backbone not in (ours.backbone, Path(ours.backbone).stem):  # a config file's is kept by its stem
         different.insert(0, "backbone")
@@ -145,7 +144,7 @@ def load_best(run: Path, device: str | None = None) -> tuple[TrainConfig, DualCo
             f"{folder} holds another run's prompts: its settings differ from {run}/config.json in {different}"
         )
     resolved = resolve_device(config.device)
-    return config, model.to(resolved), resolved
+    return config, DualCoOpPlusPlus.from_pretrained(run).to(resolved), resolved
 
 
 def scored_epoch(run: Path, config: TrainConfig) -> str:
