@@ -141,7 +141,8 @@ def top_k_metrics(scores, targets, k: int = 3, known=None) -> dict:
 def evaluate(scores, targets, classnames=None, k: int | None = None, known=None) -> dict:
     """A JSON-serialisable summary in percent (plain floats, lists and dicts).
 
-    ``mAP``; ``per_class_AP``, a dict name -> AP when ``classnames`` (C distinct strings) are given, else a
+    ``mAP`` and ``chance_mAP`` (what a random ranking would score, :func:`chance_average_precision`);
+    ``per_class_AP``, a dict name -> AP when ``classnames`` (C distinct strings) are given, else a
     list in class order; the summary values of :func:`threshold_metrics` at threshold 0 (``CP``, ``CR``,
     ``CF1``, ``CF1_harmonic``, ``OP``, ``OR``, ``OF1``); and, when ``k`` is given, ``top_k``: ``k`` with the
     ``precision``, ``recall`` and ``f1`` of :func:`top_k_metrics`. Beside the mAP (the papers': a class
@@ -162,10 +163,18 @@ def evaluate(scores, targets, classnames=None, k: int | None = None, known=None)
         100.0 * float(average_precisions[with_positive].mean()) if with_positive.any() else 0.0
     )
     summary["classes_without_positives"] = [names[c] for c in np.flatnonzero(~with_positive)]
+    summary["chance_mAP"] = 100.0 * float(chance_average_precision(positives, known).mean())
     summary.update({key: thresholded[key] for key in THRESHOLD_SUMMARY})
     if k is not None:
         summary["top_k"] = {**top_k_metrics(scores, targets, k, known=known), "k": int(k)}
     return summary
+
+
+def chance_average_precision(positives: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+    """Each class's AP under a random ranking, in expectation about its prevalence: the share of
+    positives among its known labels (0 for a class without a known label)."""
+    counted = np.ones_like(positives, dtype=bool) if known is None else known
+    return (positives & counted).sum(axis=0) / np.maximum(counted.sum(axis=0), 1)
 
 
 def _as_numpy(name: str, value, kinds: str) -> np.ndarray:

@@ -284,3 +284,14 @@ def test_threshold_and_top_k_metrics_count_known_labels_only():
     assert top_k_metrics(scores, labels, k=2, known=known)["precision"] == 100.0  # the second picks are unknown
     assert top_k_metrics(scores, labels, k=2)["precision"] == 50.0  # read as negatives, they would count wrong
     assert evaluate(scores, labels, k=1, known=known)["CP"] == 100.0
+
+
+def test_chance_is_the_mean_share_of_known_positives():
+    """A random ranking's AP is about the class's prevalence among its known labels."""
+    labels = np.array([[1, -1], [-1, 0], [-1, 1], [-1, -1]])  # class 0: 1 of 4; class 1: 1 of 3 known
+    scores = np.zeros((4, 2))
+    assert evaluate(scores, labels, known=labels != 0)["chance_mAP"] == pytest.approx(100 * (1 / 4 + 1 / 3) / 2)
+    rng = np.random.default_rng(0)
+    many = np.where(rng.random((4000, 3)) < [0.1, 0.3, 0.6], 1, -1)
+    random_ap = evaluate(rng.random((4000, 3)), many)
+    assert random_ap["mAP"] == pytest.approx(random_ap["chance_mAP"], abs=2.0)

@@ -720,3 +720,21 @@ def test_a_label_file_that_is_not_utf8_is_named(tmp_path):
     labels.write_bytes("image,caf\xe9\na.png,1\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"labels.csv is not UTF-8 text .*save it as UTF-8"):
         read_csv_labels(labels)
+
+
+def test_a_ranking_at_chance_and_predictions_that_ignore_the_image_are_said(monkeypatch, caplog):
+    labels = [[1, -1], [-1, 1], [1, -1], [-1, 1]]
+    dataset = fake_split(monkeypatch, [[0.5, 0.9], [0.9, 0.5], [0.4, 0.8], [0.8, 0.4]], labels, ["cat", "dog"])
+    with caplog.at_level(logging.WARNING, logger="dualcoop_kernels"):
+        results = evaluation.evaluate_split(None, dataset, TrainConfig(root="x", top_k=1), None)
+    assert results["chance_mAP"] == 50.0 and results["mAP"] < 50.0
+    assert results["findings"] == [
+        f"mAP {results['mAP']:.1f} is below chance (50.0, what a random ranking scores): the prompts rank images "
+        "little better than at random",
+        "every class is predicted present in every image: CR is 100 and CP the prevalence",
+    ]
+    assert "test.csv: every class is predicted present in every image" in caplog.text
+    table = evaluation.results_table({"test": results})
+    assert " chance " in table.splitlines()[0] and "test: every class is predicted present" in table
+    good = fake_split(monkeypatch, [[2.0, -1.0], [-1.0, 2.0], [2.0, -1.0], [-1.0, 2.0]], labels, ["cat", "dog"])
+    assert evaluation.evaluate_split(None, good, TrainConfig(root="x", top_k=1), None)["findings"] == []

@@ -25,7 +25,7 @@ TOP_K_COLUMNS = (("P", "precision"), ("R", "recall"), ("F1", "f1"))
 LOGGER = logging.getLogger(__name__)
 METRIC_MEANINGS = (
     "mAP: each class's average precision (images ranked by P+ - P-), averaged over classes; a class without a "
-    "positive counts 0",
+    "positive counts 0; chance: the mAP of a random ranking (each class's share of positives among its known labels)",
     "CP CR CF1: precision, recall and F1 of the predictions P+ > P-, per class, averaged over classes",
     "OP OR OF1: the same over every (image, class) pair pooled",
     "P@k R@k F1@k: each image's k highest-scoring classes taken as its predictions, pooled over images",
@@ -90,6 +90,9 @@ def evaluate_split(model, dataset, config: TrainConfig, device, progress=None, s
             "%s: top-%d metrics are trivial with %d classes (every class is in every image's top %d)",
             *(dataset.name, config.top_k, classes, config.top_k),
         )
+    results["findings"] = split_findings(results, scores, labels, known)
+    for finding in results["findings"]:
+        LOGGER.warning("%s: %s", dataset.name, finding)
     missing = results["classes_without_positives"]
     if missing:
         LOGGER.warning(
@@ -98,6 +101,25 @@ def evaluate_split(model, dataset, config: TrainConfig, device, progress=None, s
             *(dataset.name, len(missing), ", ".join(map(str, missing[:10])), results["mAP_classes_with_positives"]),
         )
     return results
+
+
+def split_findings(results: dict, scores: np.ndarray, labels: np.ndarray, known: np.ndarray) -> list[str]:
+    """What makes a split's numbers worth less than they look, in words: a ranking near or below
+    chance, and predictions (P+ > P-) that do not depend on the image."""
+    findings = []
+    mean_ap, chance = results["mAP"], results["chance_mAP"]
+    if mean_ap <= chance + max(2.0, 0.1 * chance):
+        where = "below" if mean_ap < chance else "near"
+        findings.append(
+            f"mAP {mean_ap:.1f} is {where} chance ({chance:.1f}, what a random ranking scores): the prompts rank "
+            "images little better than at random"
+        )
+    predicted = scores[known] > 0
+    if predicted.size and predicted.all():
+        findings.append("every class is predicted present in every image: CR is 100 and CP the prevalence")
+    elif predicted.size and not predicted.any():
+        findings.append("no class is predicted present in any image: CP, CR and the F1s are 0")
+    return findings
 
 
 def save_scores(path, scores: np.ndarray, dataset) -> None:
@@ -188,14 +210,15 @@ def results_table(results: dict) -> str:
     if not splits:
         return "\n".join(lines)
     k = next((m["top_k"]["k"] for m in splits.values() if m.get("top_k")), None)
-    columns = [*SUMMARY_COLUMNS, *([f"{label}@{k}" for label, _ in TOP_K_COLUMNS] if k else [])]
+    columns = ["mAP", "chance", *SUMMARY_COLUMNS[1:], *([f"{label}@{k}" for label, _ in TOP_K_COLUMNS] if k else [])]
     lines.append(f"{'split':>6} {'images':>7} " + " ".join(f"{column:>6}" for column in columns))
     for name, metrics in splits.items():
-        values = [metrics[column] for column in SUMMARY_COLUMNS]
+        values = [metrics["mAP"], metrics.get("chance_mAP", math.nan), *(metrics[c] for c in SUMMARY_COLUMNS[1:])]
         if k:
             values += [metrics["top_k"][key] if metrics.get("top_k") else math.nan for _, key in TOP_K_COLUMNS]
         lines.append(f"{name:>6} {metrics.get('images', ''):>7} " + " ".join(f"{value:6.2f}" for value in values))
     lines += [f"{name}: {m['unknown_labels']}" for name, m in splits.items() if "unknown_labels" in m]
+    lines += [f"{name}: {finding}" for name, m in splits.items() for finding in m.get("findings", [])]
     lines += [
         f"{name}: top-k {m['top_k']['trivial']}" for name, m in splits.items() if m.get("top_k", {}).get("trivial")
     ]
