@@ -87,7 +87,7 @@ def write_report(run, out=None, *, model=None) -> Path:
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     splits = {name: load_scores(run / "scores" / f"{name}.npz") for name, value in results.items() if _is_split(value)}
     if model is None:
-        from .runs import load_best
+        from ..training.runs import load_best
 
         _, model, _ = load_best(run, "cpu")
     sections = [
@@ -316,7 +316,7 @@ def _pr_curves(scores, labels, classnames, ap, side=120) -> str:
 
 def _worst_classes(split: str, scored: dict, ap, positives, model, config: TrainConfig) -> str:
     """The worst classes' most confident false positives and their lowest-scored positives."""
-    from .evaluation import model_for
+    from ..training.evaluation import model_for
 
     scores, labels, paths, classnames = scored["scores"], scored["labels"], scored["paths"], scored["classnames"]
     scoring = model_for(model, config, classnames)
