@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from utils import train_arguments_on
+
 from dualcoop_kernels import cli
 from dualcoop_kernels.cli import main
 from dualcoop_kernels.data.shapes import TINY_CLIP
@@ -107,15 +109,6 @@ needs_open_clip = pytest.mark.skipif(
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
-def arguments(task, out, *extra, epochs=2):
-    return [
-        "train", "--dataset", "csv", "--root", str(task["train"]), "--test-root", str(task["test"]),
-        "--clip", str(task["clip"]), "--pretrained", "none", "--image-size", "48", "--n-ctx", "4",
-        "--epochs", str(epochs), "--batch-size", "16", "--val-fraction", "0.25", "--workers", "0", "--quiet",
-        "--out", str(out), *extra,
-    ]  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def task(small_task):
     return small_task
@@ -124,7 +117,7 @@ def task(small_task):
 @pytest.fixture(scope="module")
 def shared_run(task, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "shared"
-    assert main(arguments(task, run, "--shared-contexts")) == 0
+    assert main(train_arguments_on(task, run, "--shared-contexts")) == 0
     return run
 
 
@@ -151,7 +144,7 @@ def test_a_missing_class_file_is_not_a_class_name(shared_run, task, capsys):
 @pytest.mark.slow
 def test_a_run_states_what_it_trains_on_and_warns_of_what_makes_it_meaningless(task, tmp_path, capsys):
     run = tmp_path / "one"
-    assert main(arguments(task, run, "--val-fraction", "0.1", epochs=1)) == 0
+    assert main(train_arguments_on(task, run, "--val-fraction", "0.1", epochs=1)) == 0
     log = (run / "log.txt").read_text()
     assert re.search(r"4 classes; images: train 86, validation 10, test 32; labels known: overall 100.0 %", log)
     assert re.search(r"learnable parameters", log) and "on cpu" in log
@@ -169,7 +162,7 @@ def test_a_run_whose_best_epoch_is_the_warm_up_says_so(task, tmp_path, monkeypat
 
     scores = iter([50.0, 40.0])  # the trained epoch scores worse than the untrained prompts
     monkeypatch.setattr(trainer, "selection_score", lambda *args: next(scores))
-    assert main(arguments(task, tmp_path / "run")) == 0
+    assert main(train_arguments_on(task, tmp_path / "run")) == 0
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "the best epoch is epoch 0, the warm-up at 1e-05: no trained epoch scored better than the untrained" in log
 
@@ -178,7 +171,7 @@ def test_a_run_whose_best_epoch_is_the_warm_up_says_so(task, tmp_path, monkeypat
 @pytest.mark.slow
 def test_augmentation_choice_for_training_and_caches(task, tmp_path):
     run = tmp_path / "run"
-    assert main(arguments(task, run, "--augment", "crop-flip")) == 0
+    assert main(train_arguments_on(task, run, "--augment", "crop-flip")) == 0
     assert TrainConfig.load(run / "config.json").augment == "crop-flip"
     common = ["--dataset", "csv", "--root", str(task["train"]), "--clip", str(task["clip"]), "--pretrained", "none"]
     common += ["--image-size", "48", "--n-ctx", "4", "--batch-size", "16", "--workers", "0", "--quiet"]
@@ -213,7 +206,7 @@ def test_a_foreign_prompts_file_is_described(shared_run, task, tmp_path, capsys)
     (broken / "model" / "model.safetensors").write_text("not prompts")
     assert "model.safetensors cannot be read as safetensors" in error_of(capsys, ["predict", str(broken), images])
     other = tmp_path / "other"
-    assert main(arguments(task, other, "--n-ctx", "6", epochs=1)) == 0  # class-specific, 6 tokens
+    assert main(train_arguments_on(task, other, "--n-ctx", "6", epochs=1)) == 0  # class-specific, 6 tokens
     shutil.rmtree(broken / "model")
     shutil.copytree(other / "model", broken / "model")
     error = error_of(capsys, ["predict", str(broken), images])
@@ -297,7 +290,7 @@ def test_predict_scores_the_readable_images_and_lists_the_others(shared_run, tas
 
 @needs_open_clip
 def test_an_image_side_that_the_vit_patches_do_not_tile_is_refused(task, tmp_path, capsys):
-    error = error_of(capsys, arguments(task, tmp_path / "run", "--image-size", "50"))
+    error = error_of(capsys, train_arguments_on(task, tmp_path / "run", "--image-size", "50"))
     assert "image_size 50 is not a multiple of the ViT's patch size 8" in error and "use 48 or 56" in error
 
 
@@ -326,9 +319,9 @@ def test_resume_accepts_the_same_command_line_and_names_what_differs(shared_run,
 
     run = tmp_path / "copy"
     shutil.copytree(shared_run, run)
-    same = arguments(task, run, "--shared-contexts")
+    same = train_arguments_on(task, run, "--shared-contexts")
     assert main([*same, "--resume"]) == 0
-    error = error_of(capsys, [*arguments(task, run, "--shared-contexts", "--lr", "0.1", epochs=3), "--resume"])
+    error = error_of(capsys, [*train_arguments_on(task, run, "--shared-contexts", "--lr", "0.1", epochs=3), "--resume"])
     assert "these settings differ: epochs 3 (the run's: 2), lr 0.1 (the run's: 0.005)" in error
 
 
@@ -349,10 +342,12 @@ def test_what_review_found(shared_run, task, tmp_path, capsys):
     assert "holds no trained prompts yet" in error_of(capsys, ["predict", str(unfinished), image])
     copy = tmp_path / "copy"
     shutil.copytree(shared_run, copy)
-    error = error_of(capsys, [*arguments(task, copy, "--shared-contexts", "--wta", "pos_norm_det"), "--resume"])
+    error = error_of(
+        capsys, [*train_arguments_on(task, copy, "--shared-contexts", "--wta", "pos_norm_det"), "--resume"]
+    )
     assert "freeze_temperature True (the run's: False)" in error  # what the alias implies is compared too
     specific = tmp_path / "specific"
-    assert main(arguments(task, specific, epochs=1)) == 0  # class-specific contexts
+    assert main(train_arguments_on(task, specific, epochs=1)) == 0  # class-specific contexts
     capsys.readouterr()
     assert main(["predict", str(specific), image, "--classes", "blue bar,red square"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "image,blue bar,red square,present"  # the run's columns

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from utils import train_arguments_on
+
 pytest.importorskip("open_clip")
 
 import dualcoop_kernels as dk
@@ -34,13 +36,7 @@ def task(small_task):
 def run(task, tmp_path_factory):
     """A 3-epoch run on the synthetic task."""
     out = tmp_path_factory.mktemp("runs") / "shapes"
-    arguments = [
-        "train", "--dataset", "csv", "--root", str(task["train"]), "--test-root", str(task["test"]),
-        "--clip", str(task["clip"]), "--pretrained", "none", "--image-size", "48", "--n-ctx", "4",
-        "--epochs", "3", "--batch-size", "16", "--lr", "0.002", "--val-fraction", "0.25", "--workers", "0",
-        "--quiet", "--out", str(out),
-    ]  # fmt: skip
-    assert main(arguments) == 0
+    assert main(train_arguments_on(task, out, "--lr", "0.002", epochs=3)) == 0
     return out
 
 

@@ -36,3 +36,13 @@ def asl_inputs(B, C, two_way, dtype=torch.float64, unknown_fraction=0.3, scale=2
     targets = (torch.rand(B, C) < 0.4).to(dtype)
     mask = torch.rand(B, C) >= unknown_fraction
     return logits, targets, mask
+
+
+def train_arguments_on(task, out, *extra, epochs=2):
+    """``dualcoop train`` on a synthetic task (the conftest's ``small_task``) with the tiny random CLIP."""
+    return [
+        "train", "--dataset", "csv", "--root", str(task["train"]), "--test-root", str(task["test"]),
+        "--clip", str(task["clip"]), "--pretrained", "none", "--image-size", "48", "--n-ctx", "4",
+        "--epochs", str(epochs), "--batch-size", "16", "--val-fraction", "0.25", "--workers", "0", "--quiet",
+        "--out", str(out), *extra,
+    ]  # fmt: skip
