@@ -126,6 +126,8 @@ class DualCoOpHead(nn.Module):
         text_pos: torch.Tensor,
         text_neg: torch.Tensor,
     ) -> torch.Tensor:
+        """B x 2 x C logits of B x N x D ``features`` and three C x D prompt sets: ``dualcoop_head`` with this
+        module's temperature and options."""
         return dualcoop_head(
             features,
             text_evidence,
@@ -139,6 +141,8 @@ class DualCoOpHead(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        """The options the module's ``repr`` shows: WTA mode and sharpness, logit scale, backend, and whether
+        the temperature is frozen."""
         return (
             f"wta={self.wta!r}, wta_gamma={self.wta_gamma}, logit_scale={self.logit_scale:.4f}, "
             f"backend={self.backend!r}, freeze_temperature={not self.log_spatial_temp.requires_grad}"

@@ -92,9 +92,12 @@ class AsymmetricLoss(nn.Module):
         self.options = dict(**numbers, focal_grad=focal_grad, reduction=reduction, backend=backend)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of ``logits`` against ``targets``, known where ``mask`` is True (everywhere when None):
+        ``asymmetric_loss`` with this module's options."""
         return asymmetric_loss(logits, targets, mask, **self.options)
 
     def extra_repr(self) -> str:
+        """The options the module's ``repr`` shows, as the constructor took them."""
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
 
 

@@ -348,3 +348,77 @@ def test_loss_rejects_bad_options(options, message):
 
 def test_logit_scale_default_is_e_cubed():
     assert dk.DualCoOpHead().logit_scale == pytest.approx(math.exp(3.0))
+
+
+def test_every_name_the_api_reference_documents_has_a_docstring():
+    """docs/reference.md renders the docstrings of the objects its ``::: path`` lines name and of their
+    public members (mkdocs.yml's ``filters``, or a block's own ``options``), and mkdocstrings leaves out a
+    member without a docstring, silently: every such function, class and method must have one."""
+    import dataclasses
+    import importlib
+    import inspect
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    pytest.importorskip("torchvision")  # the training settings' module needs the clip extra
+    root = Path(__file__).resolve().parents[1]
+    handler = yaml.safe_load((root / "mkdocs.yml").read_text())["plugins"]
+    handler = next(p["mkdocstrings"] for p in handler if isinstance(p, dict) and "mkdocstrings" in p)
+    defaults = handler["handlers"]["python"]["options"]
+    page = (root / "docs" / "reference.md").read_text()
+    blocks = re.findall(r"^::: ([\w.]+)\n((?:[ \t]+\S.*\n)*)", page, re.M)
+    assert len(blocks) >= 10, "docs/reference.md documents (almost) nothing"
+
+    def shown(name: str, options: dict) -> bool:  # mkdocstrings' rule: the last filter that matches decides
+        if options.get("members") is not None and not isinstance(options["members"], bool):
+            return name in options["members"]
+        if options.get("members") is False:
+            return False
+        filters = [(re.compile(f.lstrip("!")), f.startswith("!")) for f in options.get("filters", [])]
+        matches = [not exclude for regex, exclude in filters if regex.search(name)]
+        return matches[-1] if matches else {exclude for _, exclude in filters} != {False}
+
+    def resolve(path: str):
+        parts = path.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                target = importlib.import_module(".".join(parts[:cut]))
+            except ModuleNotFoundError as error:
+                if error.name != ".".join(parts[:cut]):  # a module it needs, not a name inside one
+                    raise
+                continue
+            for attribute in parts[cut:]:
+                target = getattr(target, attribute)
+            return target
+        raise AssertionError(f"docs/reference.md documents {path}, which does not import")
+
+    missing, seen = [], 0
+
+    def check(label: str, obj, options: dict) -> None:
+        nonlocal seen
+        seen += 1
+        function = obj.__func__ if isinstance(obj, (classmethod, staticmethod)) else obj
+        function = function.fget if isinstance(function, property) else function
+        doc = (function.__doc__ or "").strip()
+        if not doc or (dataclasses.is_dataclass(obj) and doc.startswith(f"{obj.__name__}(")):  # the generated one
+            missing.append(label)
+        if inspect.ismodule(obj):
+            members = {n: m for n, m in vars(obj).items() if getattr(m, "__module__", None) == obj.__name__}
+        elif inspect.isclass(obj):
+            members = vars(obj)  # its own members: inherited ones are not shown
+        else:
+            return
+        for name, member in members.items():
+            if not shown(name, options):
+                continue
+            routine = inspect.isroutine(member) or isinstance(member, (classmethod, staticmethod, property))
+            if routine or inspect.isclass(member):
+                check(f"{label}.{name}", member, options)
+
+    for path, indented in blocks:
+        options = dict(defaults, **((yaml.safe_load(indented) or {}).get("options") or {}))
+        check(path, resolve(path), options)
+    assert seen >= 40, f"only {seen} objects were checked: is the walk right?"
+    assert not missing, f"{len(missing)} objects docs/reference.md documents have no docstring: {missing}"

@@ -228,6 +228,8 @@ class ExtensionStatus:
     why_not: dict = field(default_factory=dict)  # part -> reason it is missing
 
     def as_dict(self) -> dict:
+        """The status as a plain dict: what :func:`extension_status` returns and ``dualcoop build-extension``
+        prints as JSON."""
         return asdict(self)
 
 

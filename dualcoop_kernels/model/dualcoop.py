@@ -144,15 +144,19 @@ class DualCoOpPlusPlus(nn.Module):
         return model
 
     def train(self, mode: bool = True):
+        """Training (or, with ``mode=False``, eval) mode for the prompts and the head, as ``nn.Module.train``;
+        the frozen CLIP stays in eval mode, its batch norm statistics included. Returns the model."""
         super().train(mode)
         self.clip.eval()  # frozen, batch norm statistics included
         return self
 
     def learnable_parameters(self) -> list[nn.Parameter]:
+        """The parameters that learn, for the optimizer: the contexts, and the log temperature unless it is
+        frozen."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def learnable_parameter_count(self) -> int:
-        """#P, as the papers count it: the numbers that learn (contexts, and the log temperature)."""
+        """The papers' #P: how many numbers learn (contexts, and the log temperature)."""
         return sum(p.numel() for p in self.learnable_parameters())
 
     @property

@@ -41,6 +41,8 @@ class ModelSettings:
             object.__setattr__(self, "pretrained", None)
 
     def as_dict(self) -> dict:
+        """The settings as a JSON-serialisable dict, one key a field: a shared folder's config.json holds
+        them beside the class names."""
         return dataclasses.asdict(self)
 
     @classmethod
