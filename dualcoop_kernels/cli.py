@@ -34,6 +34,7 @@ from ._checks import error_gist
 from .errors import UsageError
 from .version import __version__
 
+LOGGER = logging.getLogger("dualcoop_kernels.cli")
 CLASS_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".lst", ".list", ".names")  # --classes: a value ending so is a file
 
 
@@ -118,7 +119,7 @@ def _config_from(args):
 def _resumed_config(args):
     """A resumed run's settings: its own (its config.json, read once). The same settings given again
     (the first command line, say) are welcome; other values are refused, each named with the run's,
-    except those of --workers and --device, which may change."""
+    except those of --workers, --device and --report-to, which may change."""
     from .training import preset_config
     from .training.runs import RUNTIME_SETTINGS, refuse_other_settings, resumed_config
 
@@ -251,6 +252,7 @@ def _prediction_row(path, probabilities, classnames: list[str], top_k: int | Non
 
 def _predict(args) -> int:
     from ._atomic import atomic_open
+    from .data.image_check import MIN_SIDE
     from .training.evaluation import image_probabilities, scoring
     from .training.runs import load_best
 
@@ -262,14 +264,21 @@ def _predict(args) -> int:
     model, columns = scoring(model, config, None if args.classes is None else _class_list(args.classes))
     classnames = [model.prompts.classnames[c] for c in columns]
     _check_top_k(args.top_k, len(classnames))
-    unreadable = {}
+    unreadable, small = {}, {}
+    scored_batches = image_probabilities(model, paths, config, device, args.batch_size, unreadable, small)
     with atomic_open(out, "w") if out else contextlib.nullcontext(sys.stdout) as file:
         writer = csv.writer(file, lineterminator="\n")  # row by row: a vocabulary's rows are not all kept
         writer.writerow(_prediction_header(classnames, args.top_k))
-        for scored, probabilities in image_probabilities(model, paths, config, device, args.batch_size, unreadable):
+        for scored, probabilities in scored_batches:
             writer.writerows(
                 _prediction_row(path, row[columns], classnames, args.top_k) for path, row in zip(scored, probabilities)
             )
+    if small:
+        listing = ", ".join(f"{path} ({width} x {height})" for path, (width, height) in list(small.items())[:5])
+        LOGGER.warning(
+            "%d image(s) have a side under %d pixels (%s): upsampled to the model's side, their scores say little",
+            *(len(small), MIN_SIDE, listing),
+        )
     if unreadable:
         listing = "; ".join(f"{path} ({reason})" for path, reason in list(unreadable.items())[:10])
         raise UsageError(
@@ -307,6 +316,7 @@ def _check_top_k(top_k: int | None, classes: int) -> None:
 
 
 def _explain(args) -> int:
+    from .data.image_check import check_images
     from .reports.maps import write_explanations
     from .training.evaluation import scoring
     from .training.runs import load_best
@@ -314,6 +324,8 @@ def _explain(args) -> int:
     _writable_folder(args.out, f"--out {args.out}")
     config, model, _ = load_best(args.run, "cpu")
     paths = _images(args.images)
+    for warning in check_images(paths):
+        LOGGER.warning(warning)
     model, columns = scoring(model, config, None if args.classes is None else _class_list(args.classes))
     _check_top_k(args.top_k, len(model.prompts.classnames))
     named = columns if args.classes is not None else None  # else each image's top k

@@ -22,6 +22,12 @@ def pytest_report_header(config):
     )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def user_cache(tmp_path_factory):
+    """The record of checked images (data/image_check.py) goes to a folder of the tests', not the user's."""
+    os.environ["DUALCOOP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     """Every test draws fresh random inputs from a known seed, so a failure can be replayed."""

@@ -112,7 +112,10 @@ def test_training_from_a_cache_through_the_command_line(setup, tmp_path, capsys)
     run = tmp_path / "run"
     assert main(["train", *common, "--features", str(tmp_path / "cache"), "--epochs", "2", "--out", str(run)]) == 0
     assert json.loads((run / "config.json").read_text())["features"] == str(tmp_path / "cache")
-    assert "val" in json.loads((run / "eval.json").read_text())
+    results = json.loads((run / "eval.json").read_text())
+    assert (
+        "val" in results and results["augmentation"] == f"authors (2 cached views of each image, {tmp_path / 'cache'})"
+    )
     assert (
         main(
             [
@@ -129,6 +132,16 @@ def test_training_from_a_cache_through_the_command_line(setup, tmp_path, capsys)
         == 2
     )
     assert "made otherwise than this run needs" in capsys.readouterr().err
+
+
+def test_the_augmentation_a_run_had_is_the_caches(tmp_path):
+    """A cache made with the test transform means no augmentation, whatever --augment says."""
+    from dualcoop_kernels.training.cache import applied_augmentation
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"transform": "test", "views": 1}))
+    config = TrainConfig(root="x", augment="authors", features=str(tmp_path))
+    assert applied_augmentation(config) == f"none (cached features of the test transform, {tmp_path})"
+    assert applied_augmentation(TrainConfig(root="x", augment="crop-flip")) == "crop-flip"
 
 
 def test_a_mismatched_cache_speaks_of_augment_choices():

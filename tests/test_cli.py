@@ -289,6 +289,38 @@ def test_predict_scores_the_readable_images_and_lists_the_others(shared_run, tas
 
 
 @needs_open_clip
+@pytest.mark.slow
+def test_tiny_and_unreadable_images_are_said_by_predict_and_explain(shared_run, tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (1, 1), "red").save(tmp_path / "dot.png")
+    (tmp_path / "text.png").write_text("not an image")
+    capsys.readouterr()
+    assert main(["predict", str(shared_run), str(tmp_path / "dot.png")]) == 0
+    assert "1 image(s) have a side under 32 pixels" in capsys.readouterr().err
+    error = error_of(capsys, ["explain", str(shared_run), str(tmp_path / "text.png"), "--out", str(tmp_path / "m")])
+    assert f"1 image(s) cannot be used: {tmp_path / 'text.png'} cannot be read as an image" in error
+    assert main(["explain", str(shared_run), str(tmp_path / "dot.png"), "--out", str(tmp_path / "m")]) == 0
+    assert "1 image(s) have a side under 32 pixels" in capsys.readouterr().err
+
+
+@needs_open_clip
+def test_unreadable_training_images_stop_the_run_before_it_trains(task, tmp_path, capsys):
+    """Each named with its CSV line, in one message, instead of a DataLoader traceback mid-epoch."""
+    data = tmp_path / "data"
+    shutil.copytree(task["root"] / "images", data / "images")
+    (data / "images" / "0_3.png").write_text("not an image")
+    (data / "images" / "0_7.png").unlink()
+    (data / "labels.csv").write_text(task["train"].read_text())
+    arguments = train_arguments_on(task, tmp_path / "run")
+    arguments[arguments.index("--root") + 1] = str(data / "labels.csv")
+    error = error_of(capsys, arguments)
+    assert error.startswith("dualcoop train: error: 2 image(s) cannot be used: labels.csv line 5: ")
+    assert "labels.csv line 9: " in error and "does not exist" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@needs_open_clip
 def test_an_image_side_that_the_vit_patches_do_not_tile_is_refused(task, tmp_path, capsys):
     error = error_of(capsys, train_arguments_on(task, tmp_path / "run", "--image-size", "50"))
     assert "image_size 50 is not a multiple of the ViT's patch size 8" in error and "use 48 or 56" in error
@@ -371,5 +403,7 @@ def test_eval_says_which_epoch_it_scored_and_that_a_run_is_unfinished(shared_run
     config = json.loads((unfinished / "config.json").read_text())
     (unfinished / "config.json").write_text(json.dumps(dict(config, epochs=50)))  # as if stopped at 2 of 50
     assert main(["eval", str(unfinished), "--json"]) == 0
-    scored = json.loads(capsys.readouterr().out)["scored"]
+    printed_json = capsys.readouterr().out
+    scored = json.loads(printed_json)["scored"]
     assert "the run is unfinished (2 of 50 epochs; dualcoop train --resume --out" in scored
+    assert "the run is unfinished: 2 of its 50 epochs trained" in json.loads(printed_json)["findings"]

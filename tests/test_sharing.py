@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +38,25 @@ def run(task, tmp_path_factory):
     """A 3-epoch run on the synthetic task."""
     out = tmp_path_factory.mktemp("runs") / "shapes"
     assert main(train_arguments_on(task, out, "--lr", "0.002", epochs=3)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def chance_run(task, tmp_path_factory):
+    """A run whose test images are 32 copies of one image, the positives of each class listed last:
+    whatever the prompts learned, they rank the test images no better than chance."""
+    root = tmp_path_factory.mktemp("chance")
+    (root / "images").mkdir()
+    classes = (task["test"].read_text().splitlines()[0]).split(",")[1:]
+    rows = ["image," + ",".join(classes)]
+    for i in range(32):
+        shutil.copy(task["root"] / "images" / "1_0.png", root / "images" / f"same_{i}.png")
+        rows.append(f"images/same_{i}.png," + ",".join(str(int(i >= 32 - 6 - 4 * c)) for c in range(len(classes))))
+    (root / "test.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path_factory.mktemp("runs") / "at-chance"
+    arguments = train_arguments_on(task, out, epochs=2)
+    arguments[arguments.index("--test-root") + 1] = str(root / "test.csv")
+    assert main(arguments) == 0
     return out
 
 
@@ -96,9 +116,44 @@ def test_explain_writes_a_picture_per_image(run, task, tmp_path):
     assert main(["explain", str(run), *images, "--top-k", "2", "--out", str(tmp_path / "maps")]) == 0
     pictures = sorted((tmp_path / "maps").glob("*.png"))
     assert [p.name for p in pictures] == ["1_0.png", "1_1.png", "1_2.png"]
-    assert Image.open(pictures[0]).size == (3 * 224, 224 + 24)  # the image and two classes
+    assert Image.open(pictures[0]).size == (3 * 224, 224 + 40 + 44)  # the image, two classes; captions, scale
     assert main(["explain", str(run), images[0], "--classes", "blue bar", "--out", str(tmp_path / "one")]) == 0
-    assert Image.open(tmp_path / "one" / "1_0.png").size == (2 * 224, 224 + 24)
+    assert Image.open(tmp_path / "one" / "1_0.png").size == (2 * 224, 224 + 40 + 44)
+
+
+def test_maps_share_one_scale_on_which_uniform_evidence_stays_faint():
+    from PIL import Image
+
+    from dualcoop_kernels.reports.maps import SCALE_TOP, evidence_summary, overlay
+
+    grey = Image.new("RGB", (70, 70), (128, 128, 128))
+    uniform = torch.full((7, 7), 1 / 49)
+    uniform[0, 0] *= 1.03  # 3 % off uniform: still pointing nowhere
+    peaked = torch.full((7, 7), 0.5 / 48)
+    peaked[3, 3] = 0.5  # half the evidence in one region of 49: 24.5 times uniform
+    assert evidence_summary(uniform).startswith("near uniform (within 3 %)")
+    assert evidence_summary(peaked) == "peak 24.5x uniform"
+    red = [np.asarray(overlay(grey, weights, 70))[..., 0].astype(int) - 128 for weights in (uniform, peaked)]
+    assert red[0].max() < 20  # a faint, even veil: about 1 / SCALE_TOP of the full one
+    assert red[1][35, 35] > 60 and red[1][5, 5] < red[0].max() + 1  # full red on the peak only
+    assert SCALE_TOP > 1
+
+
+@pytest.mark.slow
+def test_a_run_at_chance_says_so_in_every_output(chance_run, capsys):
+    results = json.loads((chance_run / "eval.json").read_text())
+    test = results["test"]
+    assert test["mAP"] < test["chance_mAP"] and "below chance" in test["findings"][0]
+    log = (chance_run / "log.txt").read_text()
+    assert f"test.csv: mAP {test['mAP']:.1f} is below chance ({test['chance_mAP']:.1f}" in log
+    assert main(["eval", str(chance_run)]) == 0
+    printed = capsys.readouterr().out
+    assert f"test: mAP {test['mAP']:.1f} is below chance" in printed and " chance " in printed
+    assert main(["report", str(chance_run)]) == 0
+    page = (chance_run / "report.html").read_text()
+    assert "<th>chance mAP</th>" in page and f"<td data-value='{test['chance_mAP']}'>" in page
+    assert "<h2 id='findings'>Findings</h2>" in page and "is below chance" in page
+    assert "labels known: overall" in page and "<th class='sortable'>chance AP (prevalence %)</th>" in page
 
 
 @pytest.mark.slow
@@ -236,8 +291,11 @@ def test_the_report_is_small_and_self_contained(run):
     assert (run / "report.html").stat().st_size < 5e6
     assert "http://" not in page and "https://" not in page.replace("github.com/kjmillerCURIS", "")
     for expected in ("learnable parameters (#P)", "Learning curves", "AP against chance", "Precision-recall",
-                     "most confident false positives", "data:image/jpeg;base64,"):  # fmt: skip
+                     "most confident false positives", "data:image/jpeg;base64,", "chance mAP",
+                     "evidence, in multiples of uniform", "probability", "(P+ - P- "):  # fmt: skip
         assert expected in page, expected
+    assert "augment</td><td data-value='authors (--augment authors)'>" in page  # images augmented afresh
+    assert ">red square</text>" in page  # the AP chart names its bars
 
 
 @pytest.mark.slow

@@ -738,3 +738,17 @@ def test_a_ranking_at_chance_and_predictions_that_ignore_the_image_are_said(monk
     assert " chance " in table.splitlines()[0] and "test: every class is predicted present" in table
     good = fake_split(monkeypatch, [[2.0, -1.0], [-1.0, 2.0], [2.0, -1.0], [-1.0, 2.0]], labels, ["cat", "dog"])
     assert evaluation.evaluate_split(None, good, TrainConfig(root="x", top_k=1), None)["findings"] == []
+
+
+def test_a_pick_that_does_not_carry_over_to_the_test_set_is_said(small_task):
+    config = TrainConfig(dataset="csv", root=str(small_task["train"]), test_root=str(small_task["test"]), epochs=2)
+    config.val_fraction = 0.1  # about 10 images: a median of 4 positives per class
+    data = load_run_data(config, None)
+    far = evaluation.run_findings(config, data, {"best_epoch": 1, "test": {"mAP": 40.0}}, picked=75.0)
+    assert "validation mAP 75.0 at the picked epoch against test mAP 40.0: the two are far apart" in far[-1]
+    near = evaluation.run_findings(config, data, {"best_epoch": 1, "test": {"mAP": 70.0}}, picked=75.0)
+    assert not any("far apart" in finding for finding in near)
+    warm_up = evaluation.run_findings(config, data, {"best_epoch": 0, "test": {"mAP": 70.0}}, picked=75.0)
+    assert "the best epoch is epoch 0, the warm-up at 1e-05" in warm_up[-1]
+    noisy = [finding for finding in far if "the pick is mostly noise" in finding]
+    assert noisy and "validation images that pick the best epoch hold a median of" in noisy[0]

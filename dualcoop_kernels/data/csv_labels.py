@@ -63,3 +63,11 @@ def read_csv_labels(path) -> MultiLabelDataset:
     if not images:
         raise DatasetError(f"{path}: no images listed")
     return MultiLabelDataset(images, torch.tensor(labels, dtype=torch.int8), classnames, name=path.name)
+
+
+def listed_lines(path) -> dict[str, str]:
+    """Where each image of a labelled CSV file is listed ("labels.csv line 5"), by its path as the
+    dataset holds it: for messages about the images."""
+    with open(path, newline="", encoding="utf-8-sig") as file:
+        rows = enumerate(csv.reader(file), 1)
+        return {str(Path(path).parent / row[0].strip()): f"{Path(path).name} line {n}" for n, row in rows if row}

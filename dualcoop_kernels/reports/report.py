@@ -24,10 +24,10 @@ import numpy as np
 from .._atomic import atomic_write_text
 from ..errors import UsageError
 from ..training.config import PRESETS, TrainConfig, preset_config
-from ..training.evaluation import METRIC_MEANINGS, SUMMARY_COLUMNS, TOP_K_COLUMNS, load_scores
+from ..training.evaluation import METRIC_MEANINGS, SUMMARY_COLUMNS, TOP_K_COLUMNS, is_split, load_scores
 from ..training.plots import selection_key
 from ..version import __version__
-from .maps import jpeg_bytes, overlay
+from .maps import SCALE_TICKS, SCALE_TOP, VEIL, VEIL_OPACITY, evidence_summary, jpeg_bytes, overlay
 
 # Published test mAP (%) of DualCoOp++ at the best epoch, by (dataset, image side, partial); the first
 # author's run logs (kjmillerCURIS/dualcoopstarstar), RN101, the authors' protocol.
@@ -85,13 +85,14 @@ def write_report(run, out=None, *, model=None) -> Path:
     config = TrainConfig.load(run / "config.json")
     results = _read_json(run / "eval.json")
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    splits = {name: load_scores(run / "scores" / f"{name}.npz") for name, value in results.items() if _is_split(value)}
+    splits = {name: load_scores(run / "scores" / f"{name}.npz") for name, value in results.items() if is_split(value)}
     if model is None:
         from ..training.runs import load_best
 
         _, model, _ = load_best(run, "cpu")
     sections = [
         _settings_section(config, results),
+        _findings_section(results),
         _curves_section(history, results.get("best_epoch")),
         _metrics_section(config, results),
         *(_classes_section(name, scored, results[name], model, config) for name, scored in splits.items()),
@@ -107,10 +108,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise UsageError(f"{path} cannot be read ({error}): has the run finished?") from error
-
-
-def _is_split(value) -> bool:
-    return isinstance(value, dict) and "per_class_AP" in value
 
 
 def _page(title: str, body: str) -> str:
@@ -139,13 +136,39 @@ def _cell(value, digits: int = 2) -> tuple[str, float]:
 
 
 def _settings_section(config: TrainConfig, results: dict) -> str:
-    values = config.as_dict()
-    rows = [[name, html.escape(str(values[name]))] for name in SETTINGS_SHOWN]
+    """The settings as the run had them: beside ``partial`` the labels actually known, and the
+    augmentation the training images actually had (none from a cache of the test transform)."""
+    values = {name: str(value) for name, value in config.as_dict().items()}
+    known = results.get("labels_known")
+    if known:
+        values["partial"] += "; labels known: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in known.items())
+    if results.get("augmentation"):
+        values["augment"] = f"{results['augmentation']} (--augment {config.augment})"
+    rows = [[name, html.escape(values[name])] for name in SETTINGS_SHOWN]
     parameters = results.get("learnable_parameters")
     rows.insert(0, ["learnable parameters (#P)", f"{parameters:,}" if parameters else "-"])
     picked = f"epoch {results.get('best_epoch')}, by {results.get('selection_metric')} on {results.get('selected_on')}"
     rows.insert(1, ["picked", picked])
     return "<h2>Settings</h2>" + _table(["setting", "value"], rows)
+
+
+def _findings_section(results: dict) -> str:
+    """What makes the run's numbers worth less than they look, from the run and from each split:
+    the warnings the run gave at its start and its end, in one list."""
+    findings = [html.escape(finding) for finding in results.get("findings", [])]
+    for name, metrics in results.items():
+        if is_split(metrics):
+            findings += [f"{html.escape(name)}: {html.escape(finding)}" for finding in metrics.get("findings", [])]
+    if not findings:
+        return (
+            "<h2 id='findings'>Findings</h2><p>None: every split's mAP is clearly above chance, the predictions "
+            "depend on the image, and the data and the pick raised no warning.</p>"
+        )
+    items = "".join(f"<li>{finding}</li>" for finding in findings)
+    return (
+        "<h2 id='findings'>Findings</h2><p class='note'>What makes the numbers below worth less than they look "
+        f"(the run's warnings).</p><ul class='findings'>{items}</ul>"
+    )
 
 
 def _curves_section(history: list[dict], best_epoch) -> str:
@@ -210,20 +233,21 @@ def _metrics_section(config: TrainConfig, results: dict) -> str:
     reference = reference_result(config)
     rows = []
     for name, metrics in results.items():
-        if not _is_split(metrics):
+        if not is_split(metrics):
             continue
         top = metrics.get("top_k") or {}
-        values = [metrics.get(key) for key in SUMMARY_COLUMNS] + [top.get(key) for _, key in TOP_K_COLUMNS]
+        values = [metrics.get("mAP"), metrics.get("chance_mAP"), *(metrics.get(key) for key in SUMMARY_COLUMNS[1:])]
+        values += [top.get(key) for _, key in TOP_K_COLUMNS]
         published = _cell(reference) if reference is not None and name == "test" else ("-", -1)
         rows.append([name, metrics.get("images", "-"), *(_cell(v) for v in values), published])
-    k = next((m["top_k"]["k"] for m in results.values() if _is_split(m) and m.get("top_k")), 3)
+    k = next((m["top_k"]["k"] for m in results.values() if is_split(m) and m.get("top_k")), 3)
     top_k_headers = [f"{label}@{k}" for label, _ in TOP_K_COLUMNS]
-    headers = ["split", "images", *SUMMARY_COLUMNS, *top_k_headers, "published mAP"]
+    headers = ["split", "images", "mAP", "chance mAP", *SUMMARY_COLUMNS[1:], *top_k_headers, "published mAP"]
     notes = [f"<li>{html.escape(line)}</li>" for line in METRIC_MEANINGS]
     notes += [
         f"<li>{html.escape(name)}: {html.escape(m['unknown_labels'])}</li>"
         for name, m in results.items()
-        if _is_split(m) and m.get("unknown_labels")
+        if is_split(m) and m.get("unknown_labels")
     ]
     source = (
         f"published mAP: {REFERENCE_SOURCE}"
@@ -249,7 +273,8 @@ def _classes_section(name: str, scored: dict, metrics: dict, model, config: Trai
         + [_cell(thresholded[f"per_class_{key}"][i], 1) for key in ("precision", "recall", "f1")]
         for i, c in enumerate(classnames)
     ]
-    table = _table(["class", "AP", "positives", "prevalence %", "precision", "recall", "F1"], rows, sortable=True)
+    headers = ["class", "AP", "positives", "chance AP (prevalence %)", "precision", "recall", "F1"]
+    table = _table(headers, rows, sortable=True)
     chart = _ap_chart(classnames, ap, 100 * prevalence)
     curves = _pr_curves(scores, labels, classnames, ap)
     worst = _worst_classes(name, scored, ap, positives, model, config)
@@ -260,25 +285,33 @@ def _classes_section(name: str, scored: dict, metrics: dict, model, config: Trai
     )
 
 
-def _ap_chart(classnames, ap, chance, height=220) -> str:
-    """Bars of each class's AP, best first, with a tick at chance (a random ranking's AP: the prevalence)."""
+def _ap_chart(classnames, ap, chance, height=220, named_up_to=100) -> str:
+    """Bars of each class's AP, best first, each named below its bar (up to ``named_up_to`` classes;
+    beyond, in the bars' tooltips), with a red tick at chance (a random ranking's AP: the prevalence)."""
     order = np.argsort(-ap, kind="stable")
-    bar = max(2, min(24, 1000 // max(len(order), 1)))
-    width, bottom = max(320, 40 + bar * len(order)), 20
-    parts = [f"<svg width='{width}' height='{height}' role='img' aria-label='AP per class'>"]
+    named = len(order) <= named_up_to
+    bar = max(12 if named else 2, min(24, 1000 // max(len(order), 1)))
+    axis, names = height - 20, 110 if named else 0
+    width = max(320, 40 + bar * len(order))
+    parts = [f"<svg width='{width}' height='{height + names}' role='img' aria-label='AP per class'>"]
     for slot, i in enumerate(order):
-        x, h = 40 + slot * bar, (height - bottom) * ap[i] / 100
-        tick = height - bottom - (height - bottom) * chance[i] / 100
+        x, h = 40 + slot * bar, axis * ap[i] / 100
+        tick = axis - axis * chance[i] / 100
         parts.append(
-            f"<rect x='{x}' y='{height - bottom - h:.1f}' width='{bar - 1}' height='{h:.1f}' fill='#1f77b4'>"
+            f"<rect x='{x}' y='{axis - h:.1f}' width='{bar - 1}' height='{h:.1f}' fill='#1f77b4'>"
             f"<title>{html.escape(classnames[i])}: AP {ap[i]:.1f}, chance {chance[i]:.1f}</title></rect>"
             f"<line x1='{x}' x2='{x + bar - 1}' y1='{tick:.1f}' y2='{tick:.1f}' stroke='red' stroke-width='2'/>"
         )
-    parts.append(
-        f"<text x='2' y='12' font-size='11'>100</text><text x='2' y='{height - bottom}' font-size='11'>0</text>"
-    )
-    parts.append(f"<text x='40' y='{height - 4}' font-size='11'>classes, best AP first; red: chance</text></svg>")
-    return "".join(parts)
+        if named:
+            centre = x + bar / 2 + 3
+            parts.append(
+                f"<text x='{centre:.1f}' y='{axis + 8}' font-size='10' text-anchor='end' "
+                f"transform='rotate(-60 {centre:.1f} {axis + 8})'>{html.escape(classnames[i][:20])}</text>"
+            )
+    caption = "classes, best AP first; red: chance" + ("" if named else " (names in the bars' tooltips)")
+    parts.append(f"<text x='2' y='12' font-size='11'>100</text><text x='2' y='{axis}' font-size='11'>0</text>")
+    parts.append(f"<text x='40' y='{height + names - 4}' font-size='11'>{caption}</text></svg>")
+    return f"<div style='overflow-x:auto'>{''.join(parts)}</div>"
 
 
 def _pr_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -326,25 +359,40 @@ def _worst_classes(split: str, scored: dict, ap, positives, model, config: Train
         negatives, hits = np.flatnonzero(labels[:, c] == -1), np.flatnonzero(labels[:, c] == 1)
         false = negatives[np.argsort(-scores[negatives, c], kind="stable")][:THUMBNAILS]
         missed = hits[np.argsort(scores[hits, c], kind="stable")][:THUMBNAILS]
-        row = "".join(
-            _thumbnail(paths[i], scoring, c, config, f"false positive, score {scores[i, c]:.2f}") for i in false
-        )
-        row += "".join(_thumbnail(paths[i], scoring, c, config, f"positive, score {scores[i, c]:.2f}") for i in missed)
+        row = "".join(_thumbnail(paths[i], scoring, c, config, "false positive", scores[i, c]) for i in false)
+        row += "".join(_thumbnail(paths[i], scoring, c, config, "positive", scores[i, c]) for i in missed)
         blocks.append(f"<h4>{html.escape(classnames[c])} (AP {ap[c]:.1f})</h4><div class='grid'>{row}</div>")
     intro = (
         f"<h3>The worst classes of {html.escape(split)}: their most confident false positives and lowest-scored "
-        "positives</h3><p class='note'>Red: where the class finds its evidence (the softmax over regions that "
-        "weighs the region logits).</p>"
+        "positives</h3><p class='note'>Under each image: its probability of the class, sigmoid(P+ - P-), with "
+        "the score P+ - P- that ranks it. Red: where the class finds its evidence (the softmax over regions that "
+        "weighs the region logits), on the scale below, the one dualcoop explain draws.</p>" + _colour_bar()
     )
     return intro + "".join(blocks) if blocks else ""
 
 
-def _thumbnail(path: str, model, class_index: int, config: TrainConfig, caption: str) -> str:
-    """A small JPEG of the image with the class's evidence map over it, inlined; a placeholder when the
-    image cannot be read (moved since the run)."""
+def _colour_bar() -> str:
+    """The veils' scale (reports/maps.py) as a CSS gradient with its ticks, in multiples of uniform."""
+    red = ",".join(str(round((1 - VEIL_OPACITY) * 160 + VEIL_OPACITY * value)) for value in VEIL)  # over grey
+    ticks = "".join(
+        f"<span style='position:absolute;left:{100 * t / SCALE_TOP:.1f}%'>{t}{'+' if t == SCALE_TOP else ''}</span>"
+        for t in SCALE_TICKS
+    )
+    return (
+        "<div class='note' style='width:320px;margin:.5em 0 1.5em'>evidence, in multiples of uniform (1: spread "
+        f"evenly over the regions)<div style='height:12px;background:linear-gradient(to right,rgb(160,160,160),"
+        f"rgb({red}))'></div><div style='position:relative;height:1.2em'>{ticks}</div></div>"
+    )
+
+
+def _thumbnail(path: str, model, class_index: int, config: TrainConfig, kind: str, score: float) -> str:
+    """A small JPEG of the image with the class's evidence map over it, inlined, captioned with what it
+    is (a false positive, a positive), its probability and its score; a placeholder when the image
+    cannot be read (moved since the run)."""
     from ..data import load_image
     from ..data.transforms import test_transform
 
+    caption = f"{kind}: probability {1 / (1 + math.exp(-score)):.2f} (P+ - P- {score:.2f})"
     try:
         image = load_image(Path(path), "report")
     except (OSError, ValueError):
@@ -357,5 +405,6 @@ def _thumbnail(path: str, model, class_index: int, config: TrainConfig, caption:
     data = base64.b64encode(jpeg_bytes(overlay(image, evidence, THUMBNAIL_SIDE))).decode()
     return (
         f"<figure><img width='{THUMBNAIL_SIDE}' height='{THUMBNAIL_SIDE}' alt='{html.escape(Path(path).name)}' "
-        f"src='data:image/jpeg;base64,{data}'>{html.escape(Path(path).name)}<br>{html.escape(caption)}</figure>"
+        f"src='data:image/jpeg;base64,{data}'>{html.escape(Path(path).name)}<br>{html.escape(caption)}<br>"
+        f"{html.escape(evidence_summary(evidence))}</figure>"
     )

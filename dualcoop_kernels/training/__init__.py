@@ -6,7 +6,8 @@ the final evaluation; ``state.py`` where a run stands, its checkpoint and random
 ``evaluation.py`` scoring, split metrics, epoch selection, other class lists; ``runs.py`` run folders:
 the device, the run's model, new runs, resuming, the best prompts, log.txt; ``seeds.py`` seeds derived
 from the run's; ``cache.py`` feature caches; ``distributed.py`` several processes under torchrun;
-``plots.py`` the pictures a run writes (curves, per-class AP). The HTML report and the evidence maps
+``plots.py`` the pictures a run writes (curves, per-class AP); ``tracking.py`` where else a run
+reports (summary.csv, TensorBoard, W&B: ``--report-to``). The HTML report and the evidence maps
 read runs from their own wing, ``reports/``.
 """
 

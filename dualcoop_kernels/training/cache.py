@@ -70,6 +70,17 @@ def expected_manifest(config: TrainConfig, model, dataset: MultiLabelDataset, vi
     )
 
 
+def applied_augmentation(config: TrainConfig) -> str:
+    """The augmentation the run's training images had, in --augment's words: a feature cache's own, which
+    is none for one made with the test transform whatever the run's --augment says."""
+    if not config.features:
+        return config.augment
+    manifest = FeatureCache(config.features).manifest()
+    if manifest.get("transform") == "test":
+        return f"none (cached features of the test transform, {config.features})"
+    return f"{config.augment} ({manifest.get('views')} cached views of each image, {config.features})"
+
+
 class FeatureCache:
     def __init__(self, folder):
         self.folder = Path(folder)

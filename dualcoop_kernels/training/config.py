@@ -1,7 +1,7 @@
 """What defines a run: every setting in one JSON-serialisable record, with the authors' values per preset.
 
 docs/training.md says where each value comes from. Every field can be overridden (``dualcoop train
---lr 0.002``, or ``TrainConfig(**preset_config("coco"), lr=0.002)``): the command line's settings are
+--lr 0.002``, or ``TrainConfig(**{**preset_config("coco"), "lr": 0.002})``): the command line's settings are
 generated from the fields' metadata (:func:`setting`), so a field, its flag, its help and its choices are
 written once, here.
 """
@@ -32,6 +32,23 @@ DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_geta
 _TYPES = {"str": str, "str | None": str, "int": int, "int | None": int, "float": (int, float), "bool": bool}
 
 
+class _CommaSeparated(tuple):
+    """The names a setting may list, comma-separated: a value is "in" them when each of its names is
+    (argparse and TrainConfig check a value with ``in``); "" lists none."""
+
+    def __contains__(self, value) -> bool:
+        return isinstance(value, str) and all(tuple.__contains__(self, name) for name in listed(value))
+
+
+def listed(value: str) -> list[str]:
+    """The names in a comma-separated setting's value, each once, in order."""
+    return list(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+
+
+# where a run reports its epochs besides metrics.jsonl and log.txt (training/tracking.py)
+REPORT_TO = _CommaSeparated(("tensorboard", "wandb", "csv"))
+
+
 def setting(
     default, help: str, *, flag=None, aliases=(), choices=None, path=None, runtime=False, shown=None, bare=None
 ):
@@ -53,6 +70,14 @@ def setting(
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run, in one JSON-serialisable record (a run's config.json).
+
+    Each field is made with :func:`setting`, so its flag, help, choices and default are written once:
+    ``dualcoop train --help`` lists them all, and docs/training.md says where each value comes from.
+    ``TrainConfig(**{**preset_config("coco"), "lr": 0.002})`` overrides a preset's value. The values are
+    checked when the record is made: a wrong value or type raises a ``UsageError`` that names the setting.
+    """
+
     dataset: str = setting("coco", "the dataset's reader", choices=DATASETS)
     root: str = setting("", "the dataset's folder (csv: the training CSV file)", path="always", shown="none; needed")
     test_root: str | None = setting(
@@ -133,11 +158,19 @@ class TrainConfig:
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", runtime=True, shown="auto: a GPU where there is one")
     precision: str = setting("fp32", "of the encoders: float32, TF32 matmuls or bf16 autocast", choices=PRECISIONS)
     compile_text: bool = setting(False, "torch.compile the text encoder")
+    report_to: str = setting(
+        "",
+        "where else the run reports its epochs, comma-separated: tensorboard, wandb, csv (summary.csv)",
+        choices=REPORT_TO,
+        runtime=True,
+        shown="none: metrics.jsonl and log.txt only",
+    )
     extra: dict = setting({}, "free-form notes kept with the run (KEY=VALUE, repeatable)", shown="none")  # noqa: RUF009 (a field with a default factory)
 
     def __post_init__(self):
         self._check_types()
         self.crop_scale = tuple(self.crop_scale)
+        self.report_to = ",".join(listed(self.report_to))
         checks = [
             (getattr(self, item.name) in item.metadata["choices"], _choice_error(item, getattr(self, item.name)))
             for item in dataclasses.fields(self)
@@ -200,6 +233,7 @@ class TrainConfig:
             raise UsageTypeError(f"crop_scale must be two numbers (low, high), got {self.crop_scale!r}")
 
     def as_dict(self) -> dict:
+        """The settings as a JSON-serialisable dict, one key a field: what :meth:`save` writes."""
         return dataclasses.asdict(self)
 
     def model_settings(self) -> ModelSettings:
@@ -211,10 +245,14 @@ class TrainConfig:
         )  # fmt: skip
 
     def save(self, path: Path) -> None:
+        """Write the settings to ``path`` as indented JSON (a run's config.json), atomically: a crash
+        leaves the old file or the new one, never half of one."""
         atomic_write_text(path, json.dumps(self.as_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
+        """The settings :meth:`save` wrote to ``path`` (0.1.0's keys mapped); an unreadable file, an unknown
+        setting or a wrong value is a ``UsageError``."""
         try:
             values = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

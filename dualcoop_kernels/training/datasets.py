@@ -25,6 +25,8 @@ from ..data import (
     read_voc,
     save_mask,
 )
+from ..data.csv_labels import listed_lines
+from ..data.image_check import check_images
 from ..errors import UsageError
 from .config import TrainConfig
 
@@ -164,6 +166,18 @@ def _check_disjoint(train: MultiLabelDataset, others: dict[str, MultiLabelDatase
                 f"the {name} images ({other.name}) share {len(shared)} image(s) with the training images, "
                 f"e.g. {shared[0]}: a score on them would not be a held-out score"
             )
+
+
+def check_run_images(config: TrainConfig, data: RunData, progress=None) -> list[str]:
+    """Every image of the run's splits opened before training (data/image_check.py): one error naming
+    each unreadable image with its CSV line; warnings for tiny images."""
+    splits = [data.train, data.validation, *data.tests.values()]
+    paths = [path for split in splits if split is not None and split.loader is None for path in split.image_paths]
+    where = {}
+    if config.dataset == "csv":
+        for listed in filter(None, (config.root, config.test_root)):
+            where.update(listed_lines(listed))
+    return check_images(paths, where=where, workers=config.workers, progress=progress)
 
 
 def known_fractions(data: RunData) -> dict[str, float]:

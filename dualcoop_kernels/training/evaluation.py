@@ -1,5 +1,6 @@
 """Scoring and evaluating a run's model: the papers' metrics of a split, the score that picks the best
-epoch, and the learned prompts around other class lists (zero-shot splits, open-vocabulary names)."""
+epoch, the learned prompts around other class lists (zero-shot splits, open-vocabulary names), and the
+findings that say what the numbers are worth (chance, a noisy pick, classes the data cannot teach)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,19 @@ from torch.utils.data import DataLoader
 
 from .._atomic import atomic_open
 from ..data import load_image
+from ..data.image_check import MIN_SIDE
 from ..data.transforms import test_transform
 from ..errors import UsageError
 from ..metrics import average_precision, evaluate, ranking_scores, top_k_metrics
 from .config import TrainConfig
-from .datasets import load_run_data
-from .runs import load_best, scored_epoch
+from .datasets import degenerate_class_warnings, load_run_data
+from .runs import epochs_trained, load_best, saved_model_info, scored_epoch
 
 SUMMARY_COLUMNS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")
 TOP_K_COLUMNS = (("P", "precision"), ("R", "recall"), ("F1", "f1"))
 LOGGER = logging.getLogger(__name__)
+MIN_SELECTION_POSITIVES = 10  # a median of fewer known positives per class makes a picking mAP mostly noise
+FAR_APART = 15.0  # mAP points between the picking images and the test images that say the pick did not carry over
 METRIC_MEANINGS = (
     "mAP: each class's average precision (images ranked by P+ - P-), averaged over classes; a class without a "
     "positive counts 0; chance: the mAP of a random ranking (each class's share of positives among its known labels)",
@@ -151,8 +155,8 @@ def load_scores(path) -> dict:
 
 def evaluate_run(run, splits: list[str] | None = None, device: str | None = None, workers: int | None = None) -> dict:
     """A run's best prompts on ``splits`` (test, zsl, gzsl, val; by default its test sets, or its
-    held-out images where it has none): each split's metrics, by name, after ``scored``, which epoch
-    that is and whether the run finished."""
+    held-out images where it has none): each split's metrics, by name, after ``scored`` (which epoch
+    that is and whether the run finished) and the run's ``findings`` (:func:`run_findings`)."""
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be >= 0 (data-loading processes), got {workers}")
     config, model, resolved = load_best(run, device)
@@ -167,7 +171,64 @@ def evaluate_run(run, splits: list[str] | None = None, device: str | None = None
     if unknown:
         raise UsageError(f"--split {unknown[0]!r}: this run's splits are {sorted(sets)}")
     results = {"scored": scored_epoch(run, config)}
-    return results | {name: evaluate_split(model, sets[name], config, resolved) for name in chosen}
+    results |= {name: evaluate_split(model, sets[name], config, resolved) for name in chosen}
+    info = saved_model_info(run)
+    picked = next(iter(info.get("selection", {}).values()), None)
+    results["findings"] = run_findings(config, data, {"best_epoch": info.get("epoch"), **results}, picked)
+    done = epochs_trained(run)
+    if done < config.epochs:
+        results["findings"].append(f"the run is unfinished: {done} of its {config.epochs} epochs trained")
+    for finding in results["findings"]:
+        LOGGER.warning(finding)
+    return results
+
+
+def selection_split(data):
+    """The images that pick the best epoch: the held-out ones, else the zero-shot or the test split."""
+    chosen = data.validation if data.validation is not None else data.tests.get("zsl", data.tests.get("test"))
+    if chosen is None:
+        raise UsageError("select_on='test' needs a test set")
+    return chosen
+
+
+def training_findings(config: TrainConfig, data) -> list[str]:
+    """What a run's data and settings make of it before it trains, in words: classes it cannot learn,
+    a best epoch picked on too few positives, a single epoch (the warm-up alone)."""
+    findings = degenerate_class_warnings(data.train)
+    selection = selection_split(data)
+    positives = (selection.labels == 1).sum(dim=0).float().median().item()
+    if selection_metric(config, len(selection.classnames)) == "mAP" and positives < MIN_SELECTION_POSITIVES:
+        findings.append(
+            f"the {len(selection)} {'validation' if config.select_on == 'val' else 'test'} images that pick the best "
+            f"epoch hold a median of {positives:.0f} known positives per class: the pick is mostly noise; hold out "
+            "more with --val-fraction or --val-images"
+        )
+    if config.epochs == 1:
+        findings.append(
+            f"epochs 1 trains nothing at the base rate: epoch 0 is the warm-up at {config.warmup_lr:g}; ask for 2 "
+            "or more"
+        )
+    return findings
+
+
+def run_findings(config: TrainConfig, data, results: dict, picked: float | None) -> list[str]:
+    """The run's findings beyond each split's, in words: :func:`training_findings`, a best epoch that
+    is the untrained warm-up, and a picking score (``picked``, the validation mAP of the best epoch)
+    far from the test mAP."""
+    findings = training_findings(config, data)
+    if results.get("best_epoch") == 0 and config.epochs > 1:
+        findings.append(
+            f"the best epoch is epoch 0, the warm-up at {config.warmup_lr:g}: no trained epoch scored better than "
+            f"the untrained prompts on the {config.select_on} images (train longer, or hold out more images)"
+        )
+    test = results.get("test")
+    by_map = config.select_on == "val" and selection_metric(config, len(data.train.classnames)) == "mAP"
+    if picked is not None and test and by_map and abs(picked - test["mAP"]) > FAR_APART:
+        findings.append(
+            f"validation mAP {picked:.1f} at the picked epoch against test mAP {test['mAP']:.1f}: the two are far "
+            "apart, so the validation images do not predict the test score (too few, or unlike the test images)"
+        )
+    return findings
 
 
 def selection_metric(config: TrainConfig, classes: int) -> str:
@@ -185,41 +246,69 @@ def selection_score(model, dataset, config: TrainConfig, device, progress=None) 
 
 
 @torch.no_grad()
-def image_probabilities(model, paths, config: TrainConfig, device, batch_size: int, unreadable: dict):
+def image_probabilities(model, paths, config: TrainConfig, device, batch_size: int, unreadable: dict, small: dict):
     """Each image's class probabilities ``sigmoid(P+ - P-)``, batch by batch: (paths, B x C) pairs.
-    Images that cannot be read are left out, with the reason, in ``unreadable``."""
+    Images that cannot be read are left out, with the reason, in ``unreadable``; those with a side
+    under MIN_SIDE pixels are scored and noted, with their size, in ``small``."""
     model.eval()
     transform = test_transform(config.image_size, config.protocol)
     for start in range(0, len(paths), batch_size):
         chunk, images = [], []
         for path in paths[start : start + batch_size]:
             try:
-                images.append(transform(load_image(path, "predict")))
-                chunk.append(path)
+                image = load_image(path, "predict")
             except (OSError, ValueError) as error:
                 unreadable[path] = str(error)
+                continue
+            if min(image.size) < MIN_SIDE:
+                small[path] = image.size
+            images.append(transform(image))
+            chunk.append(path)
         if chunk:
             yield chunk, torch.sigmoid(ranking_scores(model(torch.stack(images).to(device)).float())).cpu()
 
 
+def is_split(value) -> bool:
+    """Whether a value of a run's results is a split's metrics (not its settings or findings)."""
+    return isinstance(value, dict) and "mAP" in value
+
+
 def results_table(results: dict) -> str:
-    """A readable table of evaluated splits, one row each with its image count, then what each metric
-    family means (and, per split, whether unknown labels were left out)."""
-    splits = {name: metrics for name, metrics in results.items() if isinstance(metrics, dict) and "mAP" in metrics}
-    lines = [f"{name}: {value}" for name, value in results.items() if name not in splits]
-    if not splits:
-        return "\n".join(lines)
-    k = next((m["top_k"]["k"] for m in splits.values() if m.get("top_k")), None)
-    columns = ["mAP", "chance", *SUMMARY_COLUMNS[1:], *([f"{label}@{k}" for label, _ in TOP_K_COLUMNS] if k else [])]
-    lines.append(f"{'split':>6} {'images':>7} " + " ".join(f"{column:>6}" for column in columns))
-    for name, metrics in splits.items():
-        values = [metrics["mAP"], metrics.get("chance_mAP", math.nan), *(metrics[c] for c in SUMMARY_COLUMNS[1:])]
-        if k:
-            values += [metrics["top_k"][key] if metrics.get("top_k") else math.nan for _, key in TOP_K_COLUMNS]
-        lines.append(f"{name:>6} {metrics.get('images', ''):>7} " + " ".join(f"{value:6.2f}" for value in values))
+    """A readable table of evaluated splits, one row each with its image count, after the results'
+    other entries, then the findings and what each metric family means."""
+    splits = {name: metrics for name, metrics in results.items() if is_split(metrics)}
+    others = {name: value for name, value in results.items() if name not in splits and name != "findings"}
+    lines = [f"{name}: {_in_words(value)}" for name, value in others.items()]
+    if splits:
+        lines += _split_rows(splits)
     lines += [f"{name}: {m['unknown_labels']}" for name, m in splits.items() if "unknown_labels" in m]
+    lines += [f"finding: {finding}" for finding in results.get("findings", [])]
     lines += [f"{name}: {finding}" for name, m in splits.items() for finding in m.get("findings", [])]
     lines += [
         f"{name}: top-k {m['top_k']['trivial']}" for name, m in splits.items() if m.get("top_k", {}).get("trivial")
     ]
-    return "\n".join([*lines, *METRIC_MEANINGS[: 3 + bool(k)]])
+    k = _top_k(splits)
+    return "\n".join([*lines, *(METRIC_MEANINGS[: 3 + bool(k)] if splits else [])])
+
+
+def _top_k(splits: dict) -> int | None:
+    return next((m["top_k"]["k"] for m in splits.values() if m.get("top_k")), None)
+
+
+def _split_rows(splits: dict) -> list[str]:
+    k = _top_k(splits)
+    columns = ["mAP", "chance", *SUMMARY_COLUMNS[1:], *([f"{label}@{k}" for label, _ in TOP_K_COLUMNS] if k else [])]
+    rows = [f"{'split':>6} {'images':>7} " + " ".join(f"{column:>6}" for column in columns)]
+    for name, metrics in splits.items():
+        values = [metrics["mAP"], metrics.get("chance_mAP", math.nan), *(metrics[c] for c in SUMMARY_COLUMNS[1:])]
+        if k:
+            values += [metrics["top_k"][key] if metrics.get("top_k") else math.nan for _, key in TOP_K_COLUMNS]
+        rows.append(f"{name:>6} {metrics.get('images', ''):>7} " + " ".join(f"{value:6.2f}" for value in values))
+    return rows
+
+
+def _in_words(value) -> str:
+    """A results entry as a line: fractions (the known labels by split) as percentages."""
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {100 * share:.1f} %" for key, share in value.items())
+    return str(value)

@@ -70,7 +70,7 @@ def refuse_other_settings(run: Path, config: TrainConfig, asked: dict) -> None:
     if different:
         raise UsageError(
             f"--resume continues {run} as its config.json says, and these settings differ: "
-            f"{', '.join(different)}; drop them (only --workers and --device may change)"
+            f"{', '.join(different)}; drop them (only --workers, --device and --report-to may change)"
         )
 
 
@@ -147,11 +147,19 @@ def load_best(run: Path, device: str | None = None) -> tuple[TrainConfig, DualCo
     return config, DualCoOpPlusPlus.from_pretrained(run).to(resolved), resolved
 
 
+def saved_model_info(run: Path) -> dict:
+    """What the run saved beside its best prompts (``model/config.json``): the epoch and its selection score."""
+    return read_config(Path(run) / MODEL) if (Path(run) / MODEL / "config.json").is_file() else {}
+
+
+def epochs_trained(run: Path) -> int:
+    history = Path(run) / "metrics.jsonl"
+    return len(history.read_text().splitlines()) if history.is_file() else 0
+
+
 def scored_epoch(run: Path, config: TrainConfig) -> str:
     """Which epoch the run's prompts (``model/``) are, and whether the run finished its epochs, in words."""
-    saved = read_config(Path(run) / MODEL) if (Path(run) / MODEL / "config.json").is_file() else {}
-    history = Path(run) / "metrics.jsonl"
-    done = len(history.read_text().splitlines()) if history.is_file() else 0
+    saved, done = saved_model_info(run), epochs_trained(run)
     picked = f"epoch {saved['epoch']}" if isinstance(saved.get("epoch"), int) else "the saved epoch"
     if done >= config.epochs:
         return f"{picked} (epochs count from 0), the best of the run's {config.epochs}"

@@ -32,20 +32,27 @@ from ..errors import UsageError
 from ..loss import AsymmetricLoss
 from ..model import DualCoOpPlusPlus
 from ..model.regions import check_image_side
-from . import distributed
-from .cache import CachedRegions, FeatureCache
+from . import distributed, tracking
+from .cache import CachedRegions, FeatureCache, applied_augmentation
 from .config import TrainConfig
-from .datasets import RunData, degenerate_class_warnings, known_fractions, load_run_data, training_split
+from .datasets import RunData, check_run_images, known_fractions, load_run_data, training_split
 from .distributed import Ranks
-from .evaluation import evaluate_split, results_table, selection_metric, selection_score
+from .evaluation import (
+    evaluate_split,
+    is_split,
+    results_table,
+    run_findings,
+    selection_metric,
+    selection_score,
+    selection_split,
+    training_findings,
+)
 from .plots import plot_run
 from .runs import CHECKPOINT, build_model, open_run, resolve_device, run_log, save_best_model
 from .seeds import augmented, derived_generator
 from .state import RunState, save_checkpoint
 
 LOGGER = logging.getLogger(__name__)
-# fewer known positives per class (the median) in the images that pick the epoch make the pick noise
-MIN_SELECTION_POSITIVES = 10
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -76,6 +83,8 @@ class Session:
     metric: str
     state: RunState
     progress: Callable | None  # tqdm, on the first rank, unless the run is quiet
+    image_warnings: list[str]  # what the check of the images before training found
+    trackers: tuple = ()  # where else the run reports (--report-to: tracking.py), on the first rank
 
 
 def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress: bool = True) -> dict:
@@ -84,8 +93,9 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
     ranks, device = distributed.start(resolve_device(config.device))
     try:
         checkpoint = open_run(config, run, resume, ranks)
-        with run_log(run, ranks):
+        with run_log(run, ranks), tracking.trackers(config, run, ranks) as trackers:
             session = set_up(config, run, ranks, device, checkpoint, show_progress)
+            session.trackers = trackers
             if ranks.main:
                 announce(session, resumed=checkpoint is not None)
             with _Interrupt() as interrupt:
@@ -108,6 +118,7 @@ def set_up(config: TrainConfig, run: Path, ranks: Ranks, device, checkpoint: dic
     data = load_run_data(config, run if ranks.main else None)
     model = build_model(config, data.train.classnames).to(device)
     check_image_side(model.clip.visual, config.image_size)
+    image_warnings = check_run_images(config, data, _tqdm() if show_progress and ranks.main else None)
     if config.compile_text:
         model.text_encoder = torch.compile(model.text_encoder)
     network = model
@@ -128,9 +139,7 @@ def set_up(config: TrainConfig, run: Path, ranks: Ranks, device, checkpoint: dic
         raise UsageError(
             f"batch_size {config.batch_size} exceeds the {len(data.train)} training images (batches drop the last)"
         )
-    selection_set = data.validation if data.validation is not None else data.tests.get("zsl", data.tests.get("test"))
-    if selection_set is None:
-        raise UsageError("select_on='test' needs a test set")
+    selection_set = selection_split(data)
     return Session(
         config=config,
         run=run,
@@ -148,6 +157,7 @@ def set_up(config: TrainConfig, run: Path, ranks: Ranks, device, checkpoint: dic
         metric=selection_metric(config, len(selection_set.classnames)),
         state=state,
         progress=_tqdm() if show_progress and ranks.main else None,
+        image_warnings=image_warnings,
     )
 
 
@@ -168,20 +178,8 @@ def announce(session: Session, resumed: bool) -> None:
         LOGGER.info(
             "resuming at epoch %d, step %d of %d", session.state.epoch, session.state.step, session.steps_per_epoch
         )
-    if config.epochs == 1:
-        LOGGER.warning(
-            "epochs 1 trains nothing at the base rate: epoch 0 is the warm-up at %g; ask for 2 or more",
-            config.warmup_lr,
-        )
-    for warning in degenerate_class_warnings(data.train):
-        LOGGER.warning(warning)
-    positives = (session.selection_set.labels == 1).sum(dim=0).float().median().item()
-    if session.metric == "mAP" and positives < MIN_SELECTION_POSITIVES:
-        LOGGER.warning(
-            "the %d %s images that pick the best epoch hold a median of %d known positives per class: the pick "
-            "is mostly noise; hold out more with --val-fraction or --val-images",
-            *(len(session.selection_set), "validation" if config.select_on == "val" else "test", positives),
-        )
+    for finding in session.image_warnings + training_findings(config, data):
+        LOGGER.warning(finding)
 
 
 def train_one_epoch(session: Session, epoch: int, interrupt: _Interrupt) -> None:
@@ -259,6 +257,8 @@ def end_epoch(session: Session, epoch: int, started: float, interrupt: _Interrup
             save_best_model(session.run, session.model, session.config, epoch=epoch, selection={key: score})
         _save(session)
         atomic_write_text(session.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in session.state.history))
+        for tracker in session.trackers:
+            tracker.log_epoch(session.state.history)
         LOGGER.info(
             "epoch %d: lr %.2e, training loss %.4f, %s %.2f, %.1f s (best: epoch %d)",
             *(epoch, record["lr"], record["train_loss"], key.replace("_", " "), score, record["seconds"]),
@@ -282,17 +282,20 @@ def final_evaluation(session: Session) -> dict:
     results = dict(
         best_epoch=session.state.best_epoch, selected_on=session.config.select_on, selection_metric=session.metric
     )
-    results.update(learnable_parameters=parameters)
+    results.update(learnable_parameters=parameters, labels_known=known_fractions(session.data))
+    results.update(augmentation=applied_augmentation(session.config))
     reported = session.data.tests or ({"val": session.data.validation} if session.data.validation is not None else {})
     for name, dataset in reported.items():
         scores_file = session.run / "scores" / f"{name}.npz"
         results[name] = evaluate_split(
             session.model, dataset, session.config, session.device, session.progress, scores_file
         )
+    picked = session.state.best_score if session.metric == "mAP" else None
+    results["findings"] = session.image_warnings + run_findings(session.config, session.data, results, picked)
     atomic_write_text(session.run / "eval.json", json.dumps(results, indent=2) + "\n")
-    summary = {
-        name: {key: m[key] for key in ("mAP", "CF1", "OF1")} for name, m in results.items() if isinstance(m, dict)
-    }
+    for tracker in session.trackers:
+        tracker.log_final(results)
+    summary = {name: {key: m[key] for key in ("mAP", "CF1", "OF1")} for name, m in results.items() if is_split(m)}
     save_best_model(
         session.run,
         session.model,
@@ -302,13 +305,9 @@ def final_evaluation(session: Session) -> dict:
         metrics=summary,
     )
     plot_run(session.run, session.state.history, results)
-    if session.state.best_epoch == 0 and session.config.epochs > 1:
-        LOGGER.warning(
-            "the best epoch is epoch 0, the warm-up at %g: no trained epoch scored better than the untrained "
-            "prompts on the %s images (train longer, or hold out more images to pick on)",
-            *(session.config.warmup_lr, session.config.select_on),
-        )
-    splits = {name: metrics for name, metrics in results.items() if isinstance(metrics, dict)}
+    for finding in results["findings"]:
+        LOGGER.warning(finding)
+    splits = {name: metrics for name, metrics in results.items() if is_split(metrics) or name == "findings"}
     LOGGER.info(  # the command prints the table itself
         "best epoch %d, picked by %s on %s\n%s",
         *(session.state.best_epoch, session.metric, session.config.select_on, results_table(splits)),
