@@ -266,6 +266,32 @@ def test_an_unreachable_download_fails_at_once(monkeypatch):
     assert time.monotonic() - started < 15
 
 
+OPEN_CLIP_LOGGING = """
+import logging, open_clip
+from dualcoop_kernels.model import loading
+
+def create_model(name, pretrained=None):  # open_clip's way: on the root logger, itself unconfigured
+    logging.warning("a warning of open_clip's")
+    logging.error("an error open_clip raises after")
+    return "model"
+
+create_model.__code__ = create_model.__code__.replace(co_filename=open_clip.__file__)
+open_clip.create_model = create_model
+logging.getLogger("dualcoop_kernels").addHandler(logging.StreamHandler())
+assert loading.load_clip("RN50") == "model"
+logging.warning("the application's own warning, after")
+"""
+
+
+def test_open_clips_log_lines_are_said_in_the_packages_log():
+    """Not as stray 'WARNING:root:' lines, and without configuring the application's root logger."""
+    done = subprocess.run([sys.executable, "-c", OPEN_CLIP_LOGGING], capture_output=True, text=True, check=True)
+    assert done.stderr.splitlines() == [
+        "open_clip: a warning of open_clip's",
+        "WARNING:root:the application's own warning, after",
+    ]
+
+
 def test_context_options(rn50):
     assert dk.DualCoOpPlusPlus(rn50, CLASSES).prompts.n_ctx == 21
     with pytest.raises(ValueError, match="has 4 tokens but n_ctx is 6"):

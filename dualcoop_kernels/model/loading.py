@@ -19,6 +19,7 @@ from torch import nn
 from .._checks import error_gist
 from ..errors import MissingExtra, UsageError
 
+LOGGER = logging.getLogger(__name__)
 MODEL_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what every open_clip model config holds
 
 
@@ -42,19 +43,28 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights that cannot be had here (offline, not in the cache)."""
 
 
+class _OpenClipWarnings(logging.Handler):
+    """open_clip's warnings, said in this package's log with its name; its errors are dropped (it raises
+    after them, and so does this package, in words), and so is its note that no pretrained weights were
+    loaded, which random weights ask for."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        ours = "open_clip" in record.pathname and record.levelno == logging.WARNING
+        if ours and "No pretrained weights loaded" not in message:
+            LOGGER.warning("open_clip: %s", message)
+
+
 @contextlib.contextmanager
-def _without_random_weights_warning():
-    """open_clip warns that no pretrained weights were loaded, which random weights ask for."""
-
-    def keep(record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
-
-    root = logging.getLogger()
-    root.addFilter(keep)
+def _open_clip_logs():
+    """open_clip logs on the root logger, which, left unconfigured, prints its lines as 'WARNING:root:...'
+    and stays configured after: a handler of its own on the root while open_clip runs prevents both."""
+    handler, root = _OpenClipWarnings(), logging.getLogger()
+    root.addHandler(handler)
     try:
         yield
     finally:
-        root.removeFilter(keep)
+        root.removeHandler(handler)
 
 
 def registered_name(model: str) -> str:
@@ -107,7 +117,7 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
         raise UsageError(f"unknown open_clip model {model_name!r}; e.g. RN50, RN101, RN50x4, ViT-B-16, ViT-L-14")
     if pretrained is None:
         try:
-            with _without_random_weights_warning():
+            with _open_clip_logs():
                 return open_clip.create_model(model_name)
         except (TypeError, ValueError, KeyError) as error:  # a config file's values open_clip cannot build
             if given == model_name:
@@ -115,7 +125,8 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
             raise UsageError(f"open_clip cannot build a model from the config {given} ({error_gist(error)})") from error
     if os.path.isfile(pretrained):
         try:
-            return open_clip.create_model(model_name, pretrained=pretrained)
+            with _open_clip_logs():
+                return open_clip.create_model(model_name, pretrained=pretrained)
         except Exception as error:  # not a checkpoint, or one of another model: torch's and pickle's errors
             raise UsageError(
                 f"pretrained file {pretrained} is not a checkpoint of {model_name} ({error_gist(error)}); it "
@@ -133,7 +144,7 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
             "Pass pretrained=<a checkpoint file> (--pretrained FILE on the command line), or set HF_HUB_OFFLINE=1 "
             "to use open_clip's download cache."
         )
-    with _hub_offline_now(offline):
+    with _hub_offline_now(offline), _open_clip_logs():
         try:
             return open_clip.create_model(model_name, pretrained=pretrained)
         except Exception as error:
