@@ -252,7 +252,7 @@ def _prediction_row(path, probabilities, classnames: list[str], top_k: int | Non
 
 def _predict(args) -> int:
     from ._atomic import atomic_open
-    from .data.image_check import MIN_SIDE
+    from .data.image_check import small_images_warning
     from .training.evaluation import image_probabilities, scoring
     from .training.runs import load_best
 
@@ -264,8 +264,8 @@ def _predict(args) -> int:
     model, columns = scoring(model, config, None if args.classes is None else _class_list(args.classes))
     classnames = [model.prompts.classnames[c] for c in columns]
     _check_top_k(args.top_k, len(classnames))
-    unreadable, small = {}, {}
-    scored_batches = image_probabilities(model, paths, config, device, args.batch_size, unreadable, small)
+    unreadable, sizes = {}, {}
+    scored_batches = image_probabilities(model, paths, config, device, args.batch_size, unreadable, sizes)
     with atomic_open(out, "w") if out else contextlib.nullcontext(sys.stdout) as file:
         writer = csv.writer(file, lineterminator="\n")  # row by row: a vocabulary's rows are not all kept
         writer.writerow(_prediction_header(classnames, args.top_k))
@@ -273,12 +273,8 @@ def _predict(args) -> int:
             writer.writerows(
                 _prediction_row(path, row[columns], classnames, args.top_k) for path, row in zip(scored, probabilities)
             )
-    if small:
-        listing = ", ".join(f"{path} ({width} x {height})" for path, (width, height) in list(small.items())[:5])
-        LOGGER.warning(
-            "%d image(s) have a side under %d pixels (%s): upsampled to the model's side, their scores say little",
-            *(len(small), MIN_SIDE, listing),
-        )
+    for warning in small_images_warning(sizes):
+        LOGGER.warning(warning)
     if unreadable:
         listing = "; ".join(f"{path} ({reason})" for path, reason in list(unreadable.items())[:10])
         raise UsageError(
@@ -316,7 +312,7 @@ def _check_top_k(top_k: int | None, classes: int) -> None:
 
 
 def _explain(args) -> int:
-    from .data.image_check import check_images
+    from .data.image_check import check_image_files
     from .reports.maps import write_explanations
     from .training.evaluation import scoring
     from .training.runs import load_best
@@ -324,7 +320,7 @@ def _explain(args) -> int:
     _writable_folder(args.out, f"--out {args.out}")
     config, model, _ = load_best(args.run, "cpu")
     paths = _images(args.images)
-    for warning in check_images(paths):
+    for warning in check_image_files(paths):
         LOGGER.warning(warning)
     model, columns = scoring(model, config, None if args.classes is None else _class_list(args.classes))
     _check_top_k(args.top_k, len(model.prompts.classnames))

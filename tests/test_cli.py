@@ -405,5 +405,8 @@ def test_eval_says_which_epoch_it_scored_and_that_a_run_is_unfinished(shared_run
     assert main(["eval", str(unfinished), "--json"]) == 0
     printed_json = capsys.readouterr().out
     scored = json.loads(printed_json)["scored"]
-    assert "the run is unfinished (2 of 50 epochs; dualcoop train --resume --out" in scored
-    assert "the run is unfinished: 2 of its 50 epochs trained" in json.loads(printed_json)["findings"]
+    assert scored.endswith("the best of the 2 trained of the run's 50")
+    findings = json.loads(printed_json)["findings"]
+    assert (
+        f"the run is unfinished (2 of 50 epochs): dualcoop train --resume --out {unfinished} continues it" in findings
+    )

@@ -267,29 +267,39 @@ def test_an_unreachable_download_fails_at_once(monkeypatch):
 
 
 OPEN_CLIP_LOGGING = """
-import logging, open_clip
+import logging, sys, open_clip
 from dualcoop_kernels.model import loading
 
-def create_model(name, pretrained=None):  # open_clip's way: on the root logger, itself unconfigured
+def create_model(name, pretrained=None):  # open_clip's way: on the root logger
     logging.warning("a warning of open_clip's")
+    logging.warning("No pretrained weights loaded for model")
     logging.error("an error open_clip raises after")
     return "model"
 
 create_model.__code__ = create_model.__code__.replace(co_filename=open_clip.__file__)
 open_clip.create_model = create_model
-logging.getLogger("dualcoop_kernels").addHandler(logging.StreamHandler())
+if sys.argv[1] == "configured":
+    logging.basicConfig(format="application: %(message)s")
+else:
+    logging.getLogger("dualcoop_kernels").addHandler(logging.StreamHandler())
 assert loading.load_clip("RN50") == "model"
 logging.warning("the application's own warning, after")
 """
 
 
-def test_open_clips_log_lines_are_said_in_the_packages_log():
-    """Not as stray 'WARNING:root:' lines, and without configuring the application's root logger."""
-    done = subprocess.run([sys.executable, "-c", OPEN_CLIP_LOGGING], capture_output=True, text=True, check=True)
-    assert done.stderr.splitlines() == [
-        "open_clip: a warning of open_clip's",
-        "WARNING:root:the application's own warning, after",
-    ]
+@pytest.mark.parametrize("root", ["unconfigured", "configured"])
+def test_open_clips_log_lines_are_said_in_the_packages_log(root):
+    """Not as stray 'WARNING:root:' lines, nor its note on random weights, and without configuring the
+    application's root logger (open_clip logs on it)."""
+    run = [sys.executable, "-c", OPEN_CLIP_LOGGING, root]
+    lines = subprocess.run(run, capture_output=True, text=True, check=True).stderr.splitlines()
+    if root == "unconfigured":
+        assert lines == ["open_clip: a warning of open_clip's", "WARNING:root:the application's own warning, after"]
+    else:  # the package's line reaches the application's handler, once
+        assert lines == [
+            "application: open_clip: a warning of open_clip's",
+            "application: the application's own warning, after",
+        ]
 
 
 def test_context_options(rn50):

@@ -149,6 +149,8 @@ def test_a_run_at_chance_says_so_in_every_output(chance_run, capsys):
     assert main(["eval", str(chance_run)]) == 0
     printed = capsys.readouterr().out
     assert f"test: mAP {test['mAP']:.1f} is below chance" in printed and " chance " in printed
+    assert main(["eval", str(chance_run), "--json"]) == 0  # the run's findings, found again
+    assert json.loads(capsys.readouterr().out)["findings"] == results["findings"]
     assert main(["report", str(chance_run)]) == 0
     page = (chance_run / "report.html").read_text()
     assert "<th>chance mAP</th>" in page and f"<td data-value='{test['chance_mAP']}'>" in page
@@ -296,6 +298,21 @@ def test_the_report_is_small_and_self_contained(run):
         assert expected in page, expected
     assert "augment</td><td data-value='authors (--augment authors)'>" in page  # images augmented afresh
     assert ">red square</text>" in page  # the AP chart names its bars
+
+
+@pytest.mark.slow
+def test_the_report_of_a_run_evaluated_before_findings_says_it_was_not_checked(run, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    results = json.loads((old / "eval.json").read_text())
+    for key in ("findings", "labels_known", "augmentation"):
+        del results[key]
+    for key in ("findings", "chance_mAP"):
+        del results["test"][key]
+    (old / "eval.json").write_text(json.dumps(results))
+    assert main(["report", str(old)]) == 0
+    page = (old / "report.html").read_text()
+    assert "Not checked: the run was evaluated by a version before 0.2.0" in page and "<h2>Results</h2>" in page
 
 
 @pytest.mark.slow

@@ -123,15 +123,15 @@ def test_an_unknown_name_is_refused_with_the_valid_ones(small_task, tmp_path, ca
     assert stopped.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--report-to: invalid choice: 'csv,tensorbord'" in error and "'tensorboard', 'wandb', 'csv'" in error
-    with pytest.raises(UsageError, match=r"report_to must be one of \('tensorboard', 'wandb', 'csv'\)"):
-        TrainConfig(root="x", report_to="tensorbord")
+    with pytest.raises(UsageError, match=r"report_to names \['tb'\]: its names, separated by commas, must be among"):
+        TrainConfig(root="x", report_to="csv,tb")
     run = tmp_path / "edited"  # a hand-edited config.json: one line from the command, exit code 2
     TrainConfig(dataset="csv", root=str(small_task["train"])).save(run / "config.json")
     settings = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**settings, "report_to": "tensorbord"}))
     assert main(["train", "--resume", "--out", str(run)]) == 2
     error = capsys.readouterr().err
-    assert len(error.strip().splitlines()) == 1 and "report_to must be one of" in error
+    assert len(error.strip().splitlines()) == 1 and "report_to names ['tensorbord']" in error
 
 
 def test_names_are_a_comma_separated_list_and_old_configs_report_nowhere():
@@ -156,7 +156,7 @@ def test_a_missing_package_stops_the_run_before_it_trains(name, module, small_ta
 
 def test_only_the_first_rank_reports(tmp_path):
     config = TrainConfig(root="x", report_to="csv")
-    with tracking.trackers(config, tmp_path, Ranks(rank=1, world=2)) as made:
+    with tracking.trackers(config, tmp_path, Ranks(rank=1, world=2), tracking.packages(config)) as made:
         assert made == ()
-    with tracking.trackers(config, tmp_path, Ranks(rank=0, world=2)) as made:
+    with tracking.trackers(config, tmp_path, Ranks(rank=0, world=2), tracking.packages(config)) as made:
         assert [type(tracker) for tracker in made] == [tracking.CsvTracker]

@@ -1,9 +1,11 @@
-"""Every image opened before a run uses it: one error that lists every unreadable image (with its CSV
-line where it has one), warnings for images too small to hold a region, and a record of the images
-found good (by path, size and modification time) so that the next run over them does not pay again."""
+"""Image files opened before a run uses them: one error that lists every unreadable image (with its CSV
+line where it has one), a warning for images too small to hold a region, and a record of the images
+found good (by path, size and modification time) so that the next run over them does not pay again.
+One record per list of images (a dataset's), so that each stays the size of its dataset."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,10 +20,12 @@ MIN_SIDE = 32  # under every CLIP's patch (ViT-B/32's is 32 pixels): the image i
 LISTED = 20  # unreadable images named in the error; the rest are counted
 
 
-def checked_images_file() -> Path:
-    """Where the images found good are recorded: DUALCOOP_CACHE, else the user's cache folder."""
+def record_file(paths: list[str]) -> Path:
+    """Where the images of ``paths`` found good are recorded: DUALCOOP_CACHE, else the user's cache
+    folder, in a file named after the list."""
     cache = os.environ.get("DUALCOOP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(cache) / "dualcoop_kernels" / "checked_images.json"
+    digest = hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()[:24]
+    return Path(cache) / "dualcoop_kernels" / "checked_images" / f"{digest}.json"
 
 
 def check_image(path: str) -> tuple[int, int] | str:
@@ -41,30 +45,38 @@ def check_image(path: str) -> tuple[int, int] | str:
         return f"cannot be read as an image ({error})"
 
 
-def check_images(paths, *, where=None, workers: int = 0, progress=None, what: str = "image") -> list[str]:
+def check_image_files(paths, *, where=None, workers: int = 0, progress=None) -> list[str]:
     """Open every image of ``paths`` (in ``workers`` processes) unless the record says it was found
-    good as it is now. Raises one DatasetError naming every unreadable image (``where``: a path's CSV
-    line, when known); returns a warning for the images with a side under MIN_SIDE pixels."""
-    record_file, where = checked_images_file(), where or {}
-    record = _read_record(record_file)
-    stamps = {str(path): _stamp(path) for path in dict.fromkeys(map(str, paths))}
-    todo = [path for path, stamp in stamps.items() if stamp is None or record.get(path, [None])[:2] != stamp]
+    good as it is now. Raises one DatasetError naming every unreadable image (``where()``: each path's
+    CSV line, asked for only then); returns a warning for images with a side under MIN_SIDE pixels."""
+    paths = list(dict.fromkeys(map(str, paths)))
+    stored = record_file(paths)
+    record = _read_record(stored)
+    stamps = {path: _stamp(path) for path in paths}
+    todo = [path for path in paths if stamps[path] is None or record.get(path, [None])[:2] != stamps[path]]
     results = dict(zip(todo, _checked(todo, workers, progress)))
-    bad = {path: result for path, result in results.items() if isinstance(result, str)}
+    bad = {path: why for path, why in results.items() if isinstance(why, str)}
     if bad:
-        named = [f"{where[path]}: {path} {why}" if path in where else f"{path} {why}" for path, why in bad.items()]
-        named = named[:LISTED]
+        lines = where() if where else {}
+        named = [f"{lines[path]}: {path} {why}" if path in lines else f"{path} {why}" for path, why in bad.items()]
         more = f"; and {len(bad) - LISTED} more" if len(bad) > LISTED else ""
-        raise DatasetError(f"{len(bad)} {what}(s) cannot be used: " + "; ".join(named) + more)
-    record.update({path: [*stamps[path], *size] for path, size in results.items()})
+        raise DatasetError(f"{len(bad)} image(s) cannot be used: " + "; ".join(named[:LISTED]) + more)
+    record = {path: record[path] for path in paths if path not in results} | {
+        path: [*stamps[path], *size] for path, size in results.items()
+    }
     if results:
-        _write_record(record_file, record)
-    small = [path for path in stamps if min(record[path][2:]) < MIN_SIDE]
+        _write_record(stored, record)
+    return small_images_warning({path: tuple(record[path][2:]) for path in paths})
+
+
+def small_images_warning(sizes: dict) -> list[str]:
+    """A warning naming the images (path: (width, height)) with a side under MIN_SIDE pixels; none if none."""
+    small = {path: size for path, size in sizes.items() if min(size) < MIN_SIDE}
     if not small:
         return []
-    shown = ", ".join(f"{path} ({record[path][2]} x {record[path][3]})" for path in small[:5])
+    shown = ", ".join(f"{path} ({width} x {height})" for path, (width, height) in list(small.items())[:5])
     return [
-        f"{len(small)} {what}(s) have a side under {MIN_SIDE} pixels ({shown}{', ...' if len(small) > 5 else ''}): "
+        f"{len(small)} image(s) have a side under {MIN_SIDE} pixels ({shown}{', ...' if len(small) > 5 else ''}): "
         "upsampled to the model's side, they hold little a region can find"
     ]
 
@@ -89,11 +101,19 @@ def _checked(paths: list[str], workers: int, progress):
 
 
 def _read_record(path: Path) -> dict:
+    """The record's entries that are what this module writes ([size, mtime, width, height]); none when
+    it is missing or damaged, so that every image is checked again."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}  # none yet, or unreadable: every image is checked again
-    return record if isinstance(record, dict) else {}
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    return {
+        path: entry
+        for path, entry in record.items()
+        if isinstance(entry, list) and len(entry) == 4 and all(type(value) is int for value in entry)
+    }
 
 
 def _write_record(path: Path, record: dict) -> None:

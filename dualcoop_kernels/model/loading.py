@@ -43,28 +43,39 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights that cannot be had here (offline, not in the cache)."""
 
 
-class _OpenClipWarnings(logging.Handler):
-    """open_clip's warnings, said in this package's log with its name; its errors are dropped (it raises
-    after them, and so does this package, in words), and so is its note that no pretrained weights were
-    loaded, which random weights ask for."""
+class _OpenClipLogs(logging.Filter):
+    """On the root logger while open_clip runs: open_clip's warnings said in this package's log, by
+    name; its other lines dropped (its errors come before an exception this package words itself, and
+    its note that no pretrained weights were loaded is what random weights ask for)."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        ours = "open_clip" in record.pathname and record.levelno == logging.WARNING
-        if ours and "No pretrained weights loaded" not in message:
-            LOGGER.warning("open_clip: %s", message)
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "root" or not record.pathname.startswith(self.folder):
+            return True
+        if record.levelno == logging.WARNING and "No pretrained weights loaded" not in record.getMessage():
+            LOGGER.warning("open_clip: %s", record.getMessage())
+        return False
 
 
 @contextlib.contextmanager
-def _open_clip_logs():
+def _open_clip_logs(open_clip):
     """open_clip logs on the root logger, which, left unconfigured, prints its lines as 'WARNING:root:...'
-    and stays configured after: a handler of its own on the root while open_clip runs prevents both."""
-    handler, root = _OpenClipWarnings(), logging.getLogger()
-    root.addHandler(handler)
+    and stays configured after: its lines are filtered (:class:`_OpenClipLogs`), and an unconfigured
+    root gets a silent handler meanwhile, which keeps ``logging.warning`` from configuring it."""
+    root, log_filter = logging.getLogger(), _OpenClipLogs(os.path.dirname(open_clip.__file__))
+    silent = logging.NullHandler() if not root.handlers else None
+    root.addFilter(log_filter)
+    if silent:
+        root.addHandler(silent)
     try:
         yield
     finally:
-        root.removeHandler(handler)
+        root.removeFilter(log_filter)
+        if silent:
+            root.removeHandler(silent)
 
 
 def registered_name(model: str) -> str:
@@ -117,7 +128,7 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
         raise UsageError(f"unknown open_clip model {model_name!r}; e.g. RN50, RN101, RN50x4, ViT-B-16, ViT-L-14")
     if pretrained is None:
         try:
-            with _open_clip_logs():
+            with _open_clip_logs(open_clip):
                 return open_clip.create_model(model_name)
         except (TypeError, ValueError, KeyError) as error:  # a config file's values open_clip cannot build
             if given == model_name:
@@ -125,7 +136,7 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
             raise UsageError(f"open_clip cannot build a model from the config {given} ({error_gist(error)})") from error
     if os.path.isfile(pretrained):
         try:
-            with _open_clip_logs():
+            with _open_clip_logs(open_clip):
                 return open_clip.create_model(model_name, pretrained=pretrained)
         except Exception as error:  # not a checkpoint, or one of another model: torch's and pickle's errors
             raise UsageError(
@@ -144,7 +155,7 @@ def load_clip(model_name: str, pretrained: str | None = None) -> nn.Module:
             "Pass pretrained=<a checkpoint file> (--pretrained FILE on the command line), or set HF_HUB_OFFLINE=1 "
             "to use open_clip's download cache."
         )
-    with _hub_offline_now(offline), _open_clip_logs():
+    with _hub_offline_now(offline), _open_clip_logs(open_clip):
         try:
             return open_clip.create_model(model_name, pretrained=pretrained)
         except Exception as error:

@@ -155,7 +155,12 @@ def _settings_section(config: TrainConfig, results: dict) -> str:
 def _findings_section(results: dict) -> str:
     """What makes the run's numbers worth less than they look, from the run and from each split:
     the warnings the run gave at its start and its end, in one list."""
-    findings = [html.escape(finding) for finding in results.get("findings", [])]
+    if "findings" not in results:
+        return (
+            "<h2 id='findings'>Findings</h2><p>Not checked: the run was evaluated by a version before 0.2.0, "
+            "which looked for none. <code>dualcoop eval RUN</code> checks it now.</p>"
+        )
+    findings = [html.escape(finding) for finding in results["findings"]]
     for name, metrics in results.items():
         if is_split(metrics):
             findings += [f"{html.escape(name)}: {html.escape(finding)}" for finding in metrics.get("findings", [])]

@@ -274,7 +274,11 @@ class TrainConfig:
 
 
 def _choice_error(item: dataclasses.Field, value) -> str:
-    return f"{item.name} must be one of {item.metadata['choices']}, got {value!r}"
+    choices = item.metadata["choices"]
+    if isinstance(choices, _CommaSeparated) and isinstance(value, str):
+        unknown = [name for name in listed(value) if name not in choices]
+        return f"{item.name} names {unknown}: its names, separated by commas, must be among {tuple(choices)}"
+    return f"{item.name} must be one of {choices}, got {value!r}"
 
 
 _PARTIAL = dict(backbone="RN101", n_ctx=21, shared_contexts=False, epochs=50, lr=0.005, loss_weight=0.02)

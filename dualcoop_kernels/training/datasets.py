@@ -26,9 +26,11 @@ from ..data import (
     save_mask,
 )
 from ..data.csv_labels import listed_lines
-from ..data.image_check import check_images
+from ..data.dataset import DatasetError
+from ..data.image_check import check_image_files
 from ..errors import UsageError
 from .config import TrainConfig
+from .distributed import Ranks
 
 VALIDATION_SEED = 0  # the held-out images are the same for every run and proportion
 
@@ -168,16 +170,33 @@ def _check_disjoint(train: MultiLabelDataset, others: dict[str, MultiLabelDatase
             )
 
 
-def check_run_images(config: TrainConfig, data: RunData, progress=None) -> list[str]:
-    """Every image of the run's splits opened before training (data/image_check.py): one error naming
-    each unreadable image with its CSV line; warnings for tiny images."""
-    splits = [data.train, data.validation, *data.tests.values()]
-    paths = [path for split in splits if split is not None and split.loader is None for path in split.image_paths]
-    where = {}
+def check_run_images(config: TrainConfig, data: RunData, ranks: Ranks, progress=None) -> list[str]:
+    """Every image file the run will read, opened by the first rank before training
+    (data/image_check.py): one error on every rank naming each unreadable image with its CSV line, or
+    the warnings (tiny images). A run on cached features reads no training image, and checks none."""
+    outcome = None
+    if ranks.main:
+        splits = [None if config.features else data.train, data.validation, *data.tests.values()]
+        files = [path for split in splits if split is not None and split.loader is None for path in split.image_paths]
+        try:
+            outcome = check_image_files(
+                files, where=lambda: csv_lines(config), workers=config.workers, progress=progress
+            )
+        except DatasetError as error:
+            outcome = error
+    outcome = ranks.shared(outcome)
+    if isinstance(outcome, DatasetError):
+        raise outcome
+    return outcome
+
+
+def csv_lines(config: TrainConfig) -> dict[str, str]:
+    """Where a csv run's CSV files list each image ("labels.csv line 5"); nothing for other datasets."""
+    lines = {}
     if config.dataset == "csv":
         for listed in filter(None, (config.root, config.test_root)):
-            where.update(listed_lines(listed))
-    return check_images(paths, where=where, workers=config.workers, progress=progress)
+            lines.update(listed_lines(listed))
+    return lines
 
 
 def known_fractions(data: RunData) -> dict[str, float]:

@@ -33,6 +33,14 @@ class Ranks:
         dist.all_reduce(summed)
         return summed.tolist()
 
+    def shared(self, value):
+        """The first rank's ``value`` (any picklable object) on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def slice(self, batch: list[int]) -> list[int]:
         """This rank's part of a global batch."""
         share = len(batch) // self.world

@@ -14,13 +14,12 @@ from torch.utils.data import DataLoader
 
 from .._atomic import atomic_open
 from ..data import load_image
-from ..data.image_check import MIN_SIDE
 from ..data.transforms import test_transform
 from ..errors import UsageError
 from ..metrics import average_precision, evaluate, ranking_scores, top_k_metrics
 from .config import TrainConfig
 from .datasets import degenerate_class_warnings, load_run_data
-from .runs import epochs_trained, load_best, saved_model_info, scored_epoch
+from .runs import load_best, saved_model_info, scored_epoch, unfinished
 
 SUMMARY_COLUMNS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")
 TOP_K_COLUMNS = (("P", "precision"), ("R", "recall"), ("F1", "f1"))
@@ -173,11 +172,9 @@ def evaluate_run(run, splits: list[str] | None = None, device: str | None = None
     results = {"scored": scored_epoch(run, config)}
     results |= {name: evaluate_split(model, sets[name], config, resolved) for name in chosen}
     info = saved_model_info(run)
-    picked = next(iter(info.get("selection", {}).values()), None)
+    picked = info.get("selection", {}).get("val_mAP")  # the key the run saved its pick under
     results["findings"] = run_findings(config, data, {"best_epoch": info.get("epoch"), **results}, picked)
-    done = epochs_trained(run)
-    if done < config.epochs:
-        results["findings"].append(f"the run is unfinished: {done} of its {config.epochs} epochs trained")
+    results["findings"] += unfinished(run, config)
     for finding in results["findings"]:
         LOGGER.warning(finding)
     return results
@@ -213,8 +210,8 @@ def training_findings(config: TrainConfig, data) -> list[str]:
 
 def run_findings(config: TrainConfig, data, results: dict, picked: float | None) -> list[str]:
     """The run's findings beyond each split's, in words: :func:`training_findings`, a best epoch that
-    is the untrained warm-up, and a picking score (``picked``, the validation mAP of the best epoch)
-    far from the test mAP."""
+    is the untrained warm-up, and the validation mAP that picked the best epoch (``picked``; None
+    when something else picked it) far from the test mAP."""
     findings = training_findings(config, data)
     if results.get("best_epoch") == 0 and config.epochs > 1:
         findings.append(
@@ -222,8 +219,7 @@ def run_findings(config: TrainConfig, data, results: dict, picked: float | None)
             f"the untrained prompts on the {config.select_on} images (train longer, or hold out more images)"
         )
     test = results.get("test")
-    by_map = config.select_on == "val" and selection_metric(config, len(data.train.classnames)) == "mAP"
-    if picked is not None and test and by_map and abs(picked - test["mAP"]) > FAR_APART:
+    if picked is not None and test and abs(picked - test["mAP"]) > FAR_APART:
         findings.append(
             f"validation mAP {picked:.1f} at the picked epoch against test mAP {test['mAP']:.1f}: the two are far "
             "apart, so the validation images do not predict the test score (too few, or unlike the test images)"
@@ -246,10 +242,10 @@ def selection_score(model, dataset, config: TrainConfig, device, progress=None) 
 
 
 @torch.no_grad()
-def image_probabilities(model, paths, config: TrainConfig, device, batch_size: int, unreadable: dict, small: dict):
+def image_probabilities(model, paths, config: TrainConfig, device, batch_size: int, unreadable: dict, sizes: dict):
     """Each image's class probabilities ``sigmoid(P+ - P-)``, batch by batch: (paths, B x C) pairs.
-    Images that cannot be read are left out, with the reason, in ``unreadable``; those with a side
-    under MIN_SIDE pixels are scored and noted, with their size, in ``small``."""
+    Images that cannot be read are left out, with the reason, in ``unreadable``; the others' (width,
+    height) go to ``sizes``."""
     model.eval()
     transform = test_transform(config.image_size, config.protocol)
     for start in range(0, len(paths), batch_size):
@@ -260,8 +256,7 @@ def image_probabilities(model, paths, config: TrainConfig, device, batch_size: i
             except (OSError, ValueError) as error:
                 unreadable[path] = str(error)
                 continue
-            if min(image.size) < MIN_SIDE:
-                small[path] = image.size
+            sizes[path] = image.size
             images.append(transform(image))
             chunk.append(path)
         if chunk:

@@ -158,15 +158,22 @@ def epochs_trained(run: Path) -> int:
 
 
 def scored_epoch(run: Path, config: TrainConfig) -> str:
-    """Which epoch the run's prompts (``model/``) are, and whether the run finished its epochs, in words."""
+    """Which epoch the run's prompts (``model/``) are, of how many trained, in words."""
     saved, done = saved_model_info(run), epochs_trained(run)
     picked = f"epoch {saved['epoch']}" if isinstance(saved.get("epoch"), int) else "the saved epoch"
     if done >= config.epochs:
         return f"{picked} (epochs count from 0), the best of the run's {config.epochs}"
-    return (
-        f"{picked} (epochs count from 0), the best of {done} trained: the run is unfinished ({done} of "
-        f"{config.epochs} epochs; dualcoop train --resume --out {run} continues it)"
-    )
+    return f"{picked} (epochs count from 0), the best of the {done} trained of the run's {config.epochs}"
+
+
+def unfinished(run: Path, config: TrainConfig) -> list[str]:
+    """That the run stopped before its last epoch, with what continues it, as a finding; none if it did not."""
+    done = epochs_trained(run)
+    if done >= config.epochs:
+        return []
+    return [
+        f"the run is unfinished ({done} of {config.epochs} epochs): dualcoop train --resume --out {run} continues it"
+    ]
 
 
 @contextlib.contextmanager

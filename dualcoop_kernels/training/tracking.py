@@ -172,16 +172,19 @@ def _module(name: str):
         ) from error
 
 
+def packages(config: TrainConfig) -> dict:
+    """What each of the run's destinations writes with, imported: a missing package stops the run
+    before it sets up (every rank asks)."""
+    return {name: _module(name) for name in listed(config.report_to)}
+
+
 @contextlib.contextmanager
-def trackers(config: TrainConfig, run: Path, ranks: Ranks):
-    """The run's trackers (``config.report_to``), closed when the run ends; the first rank's, none on
-    the others. Every rank checks their packages first, so that a missing one stops the run before it
-    trains."""
-    names = listed(config.report_to)
-    modules = {name: _module(name) for name in names}
+def trackers(config: TrainConfig, run: Path, ranks: Ranks, modules: dict):
+    """The run's trackers (``config.report_to``, with :func:`packages`' modules), closed when the run
+    ends; the first rank's, none on the others."""
     with contextlib.ExitStack() as stack:
         made = []
-        for name in names if ranks.main else []:
+        for name in modules if ranks.main else []:
             made.append(TRACKERS[name](config, Path(run), modules[name]))
             stack.callback(made[-1].close)
         yield tuple(made)

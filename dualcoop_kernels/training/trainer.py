@@ -86,6 +86,11 @@ class Session:
     image_warnings: list[str]  # what the check of the images before training found
     trackers: tuple = ()  # where else the run reports (--report-to: tracking.py), on the first rank
 
+    @property
+    def score_name(self) -> str:
+        """What the epochs' score is recorded as (val_mAP, test_F1@3, ...)."""
+        return f"{self.config.select_on}_{self.metric}"
+
 
 def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress: bool = True) -> dict:
     """Train, pick the best epoch, evaluate it on the test set(s); returns what ``eval.json`` holds."""
@@ -93,12 +98,12 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
     ranks, device = distributed.start(resolve_device(config.device))
     try:
         checkpoint = open_run(config, run, resume, ranks)
-        with run_log(run, ranks), tracking.trackers(config, run, ranks) as trackers:
+        with run_log(run, ranks):
+            modules = tracking.packages(config)
             session = set_up(config, run, ranks, device, checkpoint, show_progress)
-            session.trackers = trackers
             if ranks.main:
                 announce(session, resumed=checkpoint is not None)
-            with _Interrupt() as interrupt:
+            with tracking.trackers(config, run, ranks, modules) as session.trackers, _Interrupt() as interrupt:
                 epochs = _epochs(session)
                 for epoch in epochs:
                     started = time.perf_counter()
@@ -106,7 +111,7 @@ def train(config: TrainConfig, run: Path, *, resume: bool = False, show_progress
                     score = end_epoch(session, epoch, started, interrupt)
                     if session.progress is not None:
                         epochs.set_postfix(score=f"{score:.2f}", best=f"epoch {session.state.best_epoch}")
-            return final_evaluation(session)
+                return final_evaluation(session)
     finally:
         distributed.stop(ranks)
 
@@ -118,7 +123,7 @@ def set_up(config: TrainConfig, run: Path, ranks: Ranks, device, checkpoint: dic
     data = load_run_data(config, run if ranks.main else None)
     model = build_model(config, data.train.classnames).to(device)
     check_image_side(model.clip.visual, config.image_size)
-    image_warnings = check_run_images(config, data, _tqdm() if show_progress and ranks.main else None)
+    image_warnings = check_run_images(config, data, ranks, _tqdm() if show_progress and ranks.main else None)
     if config.compile_text:
         model.text_encoder = torch.compile(model.text_encoder)
     network = model
@@ -245,7 +250,7 @@ def end_epoch(session: Session, epoch: int, started: float, interrupt: _Interrup
     score = math.nan
     if session.ranks.main:
         score = selection_score(session.model, session.selection_set, session.config, session.device, session.progress)
-        key = f"{session.config.select_on}_{session.metric}"
+        key = session.score_name
         record = dict(
             epoch=epoch,
             lr=learning_rate(session.config, epoch),
@@ -290,7 +295,7 @@ def final_evaluation(session: Session) -> dict:
         results[name] = evaluate_split(
             session.model, dataset, session.config, session.device, session.progress, scores_file
         )
-    picked = session.state.best_score if session.metric == "mAP" else None
+    picked = session.state.best_score if (session.metric, session.config.select_on) == ("mAP", "val") else None
     results["findings"] = session.image_warnings + run_findings(session.config, session.data, results, picked)
     atomic_write_text(session.run / "eval.json", json.dumps(results, indent=2) + "\n")
     for tracker in session.trackers:
@@ -301,7 +306,7 @@ def final_evaluation(session: Session) -> dict:
         session.model,
         session.config,
         epoch=session.state.best_epoch,
-        selection={session.metric: session.state.best_score},
+        selection={session.score_name: session.state.best_score},
         metrics=summary,
     )
     plot_run(session.run, session.state.history, results)
