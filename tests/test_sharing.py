@@ -301,6 +301,25 @@ def test_the_report_is_small_and_self_contained(run):
 
 
 @pytest.mark.slow
+def test_a_run_that_predicts_every_class_everywhere_says_so(task, tmp_path):
+    """Trained on labels that all say present (one epoch at a high rate), the prompts call every class
+    present in every test image: the findings say so, and that the labels could not teach absence."""
+    lines = task["train"].read_text().splitlines()
+    rows = [lines[0], *(f"{task['root'] / line.split(',')[0]},1,1,1,1" for line in lines[1:])]
+    (tmp_path / "all-present.csv").write_text("\n".join(rows) + "\n")
+    arguments = train_arguments_on(task, tmp_path / "run", "--warmup-lr", "1.0", epochs=1)
+    arguments[arguments.index("--root") + 1] = str(tmp_path / "all-present.csv")
+    assert main(arguments) == 0
+    results = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert (
+        "every class is predicted present in every image: CR is 100 and CP the prevalence"
+        in results["test"]["findings"]
+    )
+    assert results["test"]["CR"] == 100.0
+    assert results["findings"][0].startswith("4 class(es) have no known negative training label (red square, ")
+
+
+@pytest.mark.slow
 def test_the_report_of_a_run_evaluated_before_findings_says_it_was_not_checked(run, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(run, old)
@@ -338,6 +357,10 @@ def test_the_report_in_a_real_browser(run, tmp_path):
             "return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length"
         )
         assert driver.execute_script("return document.images.length") > 0 and undecoded == 0
+        assert driver.find_element(By.ID, "findings").is_displayed()
+        results = driver.find_element(By.XPATH, "//h2[text()='Results']/following-sibling::table[1]")
+        headers = [cell.text for cell in results.find_elements(By.CSS_SELECTOR, "th")]
+        assert headers[2:4] == ["mAP", "chance mAP"]
         table = driver.find_element(By.CSS_SELECTOR, "table.sortable")
         first = [row.text.split()[0] for row in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
         table.find_elements(By.CSS_SELECTOR, "th")[1].click()  # AP, descending
