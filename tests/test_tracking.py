@@ -114,7 +114,8 @@ def test_a_resumed_run_logs_each_epoch_once(runs):
     assert [text.step for text in accumulator.Tensors("config/text_summary")] == [0, 1]  # each session's
     wandb_id = (resumed / "wandb-id.txt").read_text().strip()
     sessions = sorted((resumed / "wandb").glob("offline-run-*"))
-    assert len(sessions) == 2 and all(session.name.endswith(wandb_id) for session in sessions)  # one W&B run
+    # offline-run-<time>-<run id>, with "-1" added when both sessions start within the same second
+    assert len(sessions) == 2 and [session.name.split("-")[3] for session in sessions] == [wandb_id] * 2
 
 
 def test_an_unknown_name_is_refused_with_the_valid_ones(small_task, tmp_path, capsys):
