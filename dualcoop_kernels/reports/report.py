@@ -24,6 +24,7 @@ import numpy as np
 from .._atomic import atomic_write_text
 from ..errors import UsageError
 from ..training.config import PRESETS, TrainConfig, preset_config
+from ..training.datasets import fractions_in_words
 from ..training.evaluation import METRIC_MEANINGS, SUMMARY_COLUMNS, TOP_K_COLUMNS, is_split, load_scores
 from ..training.plots import selection_key
 from ..version import __version__
@@ -141,7 +142,7 @@ def _settings_section(config: TrainConfig, results: dict) -> str:
     values = {name: str(value) for name, value in config.as_dict().items()}
     known = results.get("labels_known")
     if known:
-        values["partial"] += "; labels known: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in known.items())
+        values["partial"] += f"; labels known: {fractions_in_words(known)}"
     if results.get("augmentation"):
         values["augment"] = f"{results['augmentation']} (--augment {config.augment})"
     rows = [[name, html.escape(values[name])] for name in SETTINGS_SHOWN]

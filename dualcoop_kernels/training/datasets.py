@@ -207,6 +207,11 @@ def known_fractions(data: RunData) -> dict[str, float]:
     return fractions
 
 
+def fractions_in_words(fractions: dict[str, float]) -> str:
+    """Known-label fractions (:func:`known_fractions`) as one line of percentages."""
+    return ", ".join(f"{name} {100 * share:.1f} %" for name, share in fractions.items())
+
+
 def degenerate_class_warnings(train: MultiLabelDataset) -> list[str]:
     """What a training split cannot teach: classes with no known positive, and with no known negative,
     by name (their prompts never see the class present, or never see it absent)."""

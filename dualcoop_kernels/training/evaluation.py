@@ -18,7 +18,7 @@ from ..data.transforms import test_transform
 from ..errors import UsageError
 from ..metrics import average_precision, evaluate, ranking_scores, top_k_metrics
 from .config import TrainConfig
-from .datasets import degenerate_class_warnings, load_run_data
+from .datasets import degenerate_class_warnings, fractions_in_words, load_run_data
 from .runs import load_best, saved_model_info, scored_epoch, unfinished
 
 SUMMARY_COLUMNS = ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1")
@@ -304,6 +304,4 @@ def _split_rows(splits: dict) -> list[str]:
 
 def _in_words(value) -> str:
     """A results entry as a line: fractions (the known labels by split) as percentages."""
-    if isinstance(value, dict):
-        return ", ".join(f"{key} {100 * share:.1f} %" for key, share in value.items())
-    return str(value)
+    return fractions_in_words(value) if isinstance(value, dict) else str(value)

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from .._atomic import atomic_open
+from .evaluation import is_split
 
 LOGGER = logging.getLogger(__name__)
 LABELLED_CLASSES = 120  # more bars than this get no class names (they could not be read)
@@ -26,7 +27,7 @@ def plot_run(run: Path, history: list[dict], results: dict) -> list[Path]:
     written = [_curves(pyplot, Path(run) / "curves.png", history, results.get("best_epoch"))]
     unseen = set(results["zsl"]["per_class_AP"]) if isinstance(results.get("zsl"), dict) else set()
     for name, evaluated in results.items():
-        if isinstance(evaluated, dict) and isinstance(evaluated.get("per_class_AP"), dict):
+        if is_split(evaluated):
             written.append(_class_aps(pyplot, Path(run) / f"ap_{name}.png", name, evaluated, unseen))
     return written
 

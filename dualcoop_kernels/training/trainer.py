@@ -35,7 +35,7 @@ from ..model.regions import check_image_side
 from . import distributed, tracking
 from .cache import CachedRegions, FeatureCache, applied_augmentation
 from .config import TrainConfig
-from .datasets import RunData, check_run_images, known_fractions, load_run_data, training_split
+from .datasets import RunData, check_run_images, fractions_in_words, known_fractions, load_run_data, training_split
 from .distributed import Ranks
 from .evaluation import (
     evaluate_split,
@@ -171,7 +171,7 @@ def announce(session: Session, resumed: bool) -> None:
     config, data = session.config, session.data
     sets = {"train": data.train, "validation": data.validation, **data.tests}
     counts = ", ".join(f"{name} {len(dataset)}" for name, dataset in sets.items() if dataset is not None)
-    known = ", ".join(f"{name} {100 * value:.1f} %" for name, value in known_fractions(data).items())
+    known = fractions_in_words(known_fractions(data))
     parameters = session.model.learnable_parameter_count()
     LOGGER.info(
         "%s: %d classes; images: %s; labels known: %s; %s on %s; %s learnable parameters",
